@@ -1,0 +1,234 @@
+"""The router's HTTP API: publishing, subscriptions, queues, stats, dead letters, pattern tests."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from router import cloudevents
+from router.bus import Bus
+from router.metrics import RouterMetrics
+from router.models import (
+    AckIn,
+    CountOut,
+    DeliveryIn,
+    ExtendIn,
+    NackIn,
+    PatternTestIn,
+    PatternTestOut,
+    PublishOut,
+    ReceiptOut,
+    ReceiptsOut,
+    ReceiveIn,
+    StatsOut,
+    SubscriptionIn,
+    SubscriptionList,
+    SubscriptionOut,
+)
+from router.patterns import Pattern, PatternError, compile_pattern
+from router.persistence import Delivery, ReceiptResult, Subscription, SubscriptionSpec
+from router.settings import RouterSettings
+from services.common.body import read_body
+from services.common.errors import InvalidInput
+
+
+def get_bus(request: Request) -> Bus:
+    bus: Bus = request.app.state.bus
+    return bus
+
+
+def get_settings(request: Request) -> RouterSettings:
+    settings: RouterSettings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> RouterMetrics:
+    metrics: RouterMetrics = request.app.state.metrics
+    return metrics
+
+
+BusDep = Annotated[Bus, Depends(get_bus)]
+SettingsDep = Annotated[RouterSettings, Depends(get_settings)]
+MetricsDep = Annotated[RouterMetrics, Depends(get_metrics)]
+SUBSCRIPTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
+
+router = APIRouter()
+
+PUBLISH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            cloudevents.STRUCTURED: {"schema": {"type": "object"}},
+            cloudevents.BATCH: {"schema": {"type": "array", "items": {"type": "object"}}},
+            "*/*": {"schema": {"description": "binary mode: ce-* headers carry the attributes, the body is data"}},
+        },
+    }
+}
+
+
+@router.post("/events", status_code=202, response_model=PublishOut, openapi_extra=PUBLISH_BODY, tags=["events"])
+async def publish(request: Request, bus: BusDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
+    """Publish CloudEvents (structured, batched or binary mode); answered once they are durable."""
+    with metrics.publish_latency.time():
+        body = await read_body(request, settings.max_request_bytes)
+        events = cloudevents.parse(body, request.headers.get("content-type", ""), request.headers, settings.max_event_bytes)
+        results = await bus.publish(events)
+    metrics.published.inc(sum(not r.duplicate for r in results))
+    payload = {"results": [{"id": r.id, "sequence": r.sequence, "duplicate": r.duplicate} for r in results]}
+    return Response(json.dumps(payload, separators=(",", ":")), status_code=202, media_type="application/json")
+
+
+@router.post("/patterns/test", response_model=PatternTestOut, tags=["events"])
+async def test_pattern(body: PatternTestIn) -> PatternTestOut:
+    """Does this pattern match this event? (EventBridge's TestEventPattern.)"""
+    return PatternTestOut(match=_compile(body.pattern).matches(body.event))
+
+
+def _compile(pattern: dict[str, Any]) -> Pattern:
+    try:
+        return compile_pattern(pattern)
+    except PatternError as exc:
+        raise InvalidInput(f"pattern.{exc.path}" if exc.path else "pattern", exc.reason) from None
+
+
+def _out(sub: Subscription) -> SubscriptionOut:
+    spec = sub.spec
+    return SubscriptionOut(
+        name=spec.name,
+        pattern=spec.pattern,
+        target=spec.target,
+        delivery=DeliveryIn.model_validate(spec.delivery, from_attributes=True),
+        start_sequence=sub.start_sequence,
+        created_at=datetime.fromtimestamp(sub.created_at_ms / 1000, UTC).isoformat().replace("+00:00", "Z"),
+        secret=None if spec.is_queue else sub.secret,
+    )
+
+
+@router.put("/subscriptions/{name}", response_model=SubscriptionOut, tags=["subscriptions"])
+async def put_subscription(name: str, body: SubscriptionIn, bus: BusDep) -> JSONResponse:
+    """Create or update a subscription (idempotent); 201 when created, 200 otherwise."""
+    _check_name(name)
+    spec = SubscriptionSpec(
+        name=name,
+        pattern=body.pattern,
+        compiled=None if body.pattern is None else _compile(body.pattern),
+        target=body.target.as_json(),
+        delivery=Delivery(**body.delivery.model_dump()),
+        start=body.start,
+    )
+    sub, created = await bus.put_subscription(spec)
+    return JSONResponse(_out(sub).model_dump(mode="json"), status_code=201 if created else 200)
+
+
+def _check_name(name: str) -> None:
+    if not SUBSCRIPTION_NAME.fullmatch(name):
+        raise InvalidInput("path.name", "1-80 letters, digits, '.', '_' or '-', starting with a letter or digit")
+
+
+@router.get("/subscriptions", response_model=SubscriptionList, tags=["subscriptions"])
+async def list_subscriptions(bus: BusDep) -> SubscriptionList:
+    """Every subscription."""
+    return SubscriptionList(items=[_out(sub) for sub in await bus.list_subscriptions()])
+
+
+@router.get("/subscriptions/{name}", response_model=SubscriptionOut, tags=["subscriptions"])
+async def get_subscription(name: str, bus: BusDep) -> SubscriptionOut:
+    """One subscription."""
+    return _out(await bus.subscription(name))
+
+
+@router.delete("/subscriptions/{name}", status_code=204, tags=["subscriptions"])
+async def delete_subscription(name: str, bus: BusDep) -> Response:
+    """Delete a subscription with its queued messages and dead letters."""
+    await bus.delete_subscription(name)
+    return Response(status_code=204)
+
+
+@router.post("/subscriptions/{name}/receive", tags=["queues"])
+async def receive(name: str, body: ReceiveIn, bus: BusDep) -> Response:
+    """Receive up to `max_messages` (long poll up to `wait_s`); each is hidden for `visibility_timeout_s`."""
+    messages = await bus.receive(name, body.max_messages, body.wait_s, body.visibility_timeout_s)
+    # The stored event JSON is spliced in as it is: no decode and re-encode on the hot path.
+    parts = [
+        b'{"receipt":%s,"attempt":%d,"sequence":%d,"event":%s}'
+        % (json.dumps(m.receipt).encode(), m.attempt, m.sequence, m.event)
+        for m in messages
+    ]
+    return Response(b'{"messages":[' + b",".join(parts) + b"]}", media_type="application/json")
+
+
+def _receipts(results: list[ReceiptResult]) -> ReceiptsOut:
+    return ReceiptsOut(results=[ReceiptOut(receipt=r.receipt, ok=r.ok, error=r.error) for r in results])
+
+
+@router.post("/subscriptions/{name}/ack", response_model=ReceiptsOut, tags=["queues"])
+async def ack(name: str, body: AckIn, bus: BusDep) -> ReceiptsOut:
+    """Delete received messages: the work they asked for is done."""
+    return _receipts(await bus.ack(name, body.receipts))
+
+
+@router.post("/subscriptions/{name}/nack", response_model=ReceiptsOut, tags=["queues"])
+async def nack(name: str, body: NackIn, bus: BusDep) -> ReceiptsOut:
+    """Give received messages back, visible again after `delay_s`."""
+    return _receipts(await bus.nack(name, body.receipts, body.delay_s))
+
+
+@router.post("/subscriptions/{name}/extend", response_model=ReceiptsOut, tags=["queues"])
+async def extend(name: str, body: ExtendIn, bus: BusDep) -> ReceiptsOut:
+    """Keep received messages hidden for another `visibility_timeout_s` from now (a heartbeat)."""
+    return _receipts(await bus.extend(name, body.receipts, body.visibility_timeout_s))
+
+
+@router.get("/subscriptions/{name}/stats", response_model=StatsOut, tags=["queues"])
+async def stats(
+    name: str,
+    bus: BusDep,
+    wait_s: Annotated[float, Query(ge=0, le=20)] = 0,
+    version: int | None = None,
+) -> StatsOut:
+    """Queue numbers; with `version` and `wait_s`, answers as soon as they differ from that version."""
+    numbers, current = await bus.stats(name, wait_s, version)
+    return StatsOut(
+        backlog=numbers.backlog,
+        in_flight=numbers.in_flight,
+        delayed=numbers.delayed,
+        dead_lettered=numbers.dead_lettered,
+        oldest_age_s=numbers.oldest_age_s,
+        version=current,
+        delivered_total=numbers.delivered_total,
+        failed_total=numbers.failed_total,
+    )
+
+
+@router.get("/subscriptions/{name}/dead-letters", tags=["dead letters"])
+async def dead_letters(name: str, bus: BusDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
+    """Messages given up on, with their attempts and last error."""
+    items = [
+        b'{"sequence":%d,"attempts":%d,"last_error":%s,"dead_lettered_at":%s,"event":%s}'
+        % (
+            d.sequence,
+            d.attempts,
+            json.dumps(d.last_error).encode(),
+            json.dumps(datetime.fromtimestamp(d.dead_lettered_at_ms / 1000, UTC).isoformat()).encode(),
+            d.event,
+        )
+        for d in await bus.dead_letters(name, limit)
+    ]
+    return Response(b'{"items":[' + b",".join(items) + b"]}", media_type="application/json")
+
+
+@router.post("/subscriptions/{name}/dead-letters/redrive", response_model=CountOut, tags=["dead letters"])
+async def redrive(name: str, bus: BusDep) -> CountOut:
+    """Put every dead letter back as a fresh message (attempts start again)."""
+    return CountOut(count=await bus.redrive(name))
+
+
+@router.delete("/subscriptions/{name}/dead-letters", response_model=CountOut, tags=["dead letters"])
+async def purge_dead_letters(name: str, bus: BusDep) -> CountOut:
+    """Drop every dead letter of the subscription."""
+    return CountOut(count=await bus.purge_dead_letters(name))

@@ -1,0 +1,56 @@
+"""`create_app(settings)`: the event router as a FastAPI app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from router.api import router as api_router
+from router.bus import Bus
+from router.metrics import RouterMetrics
+from router.settings import RouterSettings
+from router.sqlite import SQLiteEventStore
+from services.common.auth import BearerAuthMiddleware
+from services.common.ops import ops_router
+from services.common.problems import install_problem_handlers
+from services.common.supervisor import Supervisor
+
+DESCRIPTION = """
+CatTube's event router: a durable event bus (CloudEvents 1.0) with content-based subscriptions
+(EventBridge event patterns) delivering to SQS-style queues or, by push, to HTTP consumers.
+"""
+
+
+def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> FastAPI:
+    metrics = RouterMetrics()
+    supervisor = Supervisor(exit_on_failure=exit_on_failure)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = SQLiteEventStore(settings.bus_file, synchronous=settings.sqlite_synchronous)
+        bus = Bus(store, retention_s=settings.retention_s, purge_interval_s=settings.purge_interval_s)
+        await bus.start()
+        app.state.bus = bus
+        app.state.begin_shutdown = bus.stop
+        supervisor.start("bus-writer", bus.run_writer())
+        supervisor.start("retention", bus.run_retention())
+        try:
+            yield
+        finally:
+            bus.stop()
+            await supervisor.drain(timeout_s=10)
+            await bus.close()
+
+    app = FastAPI(title="CatTube router", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_problem_handlers(app)
+    app.include_router(
+        ops_router(metrics.registry, [supervisor.readiness], before_scrape=lambda: metrics.refresh(app.state.bus))
+    )
+    app.include_router(api_router)
+    if settings.token_value:
+        app.add_middleware(BearerAuthMiddleware, token=settings.token_value)
+    return app

@@ -1,0 +1,209 @@
+"""The bus: durable publishing with group commit, subscriptions, and SQS-style queue operations.
+
+`Bus` sits between the HTTP API and an `EventStore`. Publishers hand their events to one writer
+task; whatever has queued up while the previous transaction was committing goes into the next
+one, so concurrent publishers share a transaction (and its fsync) and each is answered only after
+the commit that holds its events. Long polls wait on `Signals`, woken by commits and by the
+moment a hidden message becomes visible, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from router.persistence import (
+    Appended,
+    DeadLetter,
+    EventStore,
+    Message,
+    ReceiptResult,
+    Stats,
+    Subscription,
+    SubscriptionSpec,
+)
+from router.signals import Signals, wait_for
+from services.common.errors import NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS_PER_COMMIT = 10_000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class _Pending:
+    events: Sequence[dict[str, Any]]
+    done: asyncio.Future[list[Appended]]
+
+
+class Bus:
+    def __init__(self, store: EventStore, *, retention_s: float, purge_interval_s: float = 3600) -> None:
+        self.store = store
+        self.retention_s = retention_s
+        self.purge_interval_s = purge_interval_s
+        self.signals = Signals(lambda name: store.next_visible_ms(name, now_ms()))
+        store.listener = self.signals.on_change
+        self._pending: list[_Pending] = []
+        self._work = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.commits = 0
+        """Transactions the writer has committed (a publish benchmark reads events per commit off it)."""
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.open()
+        for sub in await self.store.list_subscriptions():
+            if (at := await self.store.next_visible_ms(sub.spec.name, now_ms())) is not None:
+                self.signals.schedule(sub.spec.name, at)
+
+    async def run_writer(self) -> None:
+        """The group-commit writer: runs until `stop()`, then commits what is still pending."""
+        while True:
+            if not self._pending:
+                if self._stopping.is_set():
+                    return
+                stop = asyncio.ensure_future(self._stopping.wait())
+                work = asyncio.ensure_future(self._work.wait())
+                await asyncio.wait({stop, work}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                work.cancel()
+                self._work.clear()
+                continue
+            batch, count = [], 0
+            while self._pending and (not batch or count + len(self._pending[0].events) <= MAX_EVENTS_PER_COMMIT):
+                item = self._pending.pop(0)
+                batch.append(item)
+                count += len(item.events)
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        flat = [event for item in batch for event in item.events]
+        try:
+            results = await self.store.append(flat, now_ms())
+        except Exception as exc:
+            log.exception("append of %d events failed", len(flat))
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(Unavailable(f"the event store refused the write: {exc}"))
+            return
+        self.commits += 1
+        offset = 0
+        for item in batch:
+            part = results[offset : offset + len(item.events)]
+            offset += len(item.events)
+            if not item.done.done():
+                item.done.set_result(part)
+
+    async def run_retention(self) -> None:
+        """Drop events past the retention window, once an interval (a timer, not a poll)."""
+        while not self._stopping.is_set():
+            try:
+                purged = await self.store.purge_expired(now_ms() - int(self.retention_s * 1000))
+                if purged:
+                    log.info("retention: purged %d events older than %ss", purged, self.retention_s)
+            except Exception:
+                log.exception("retention purge failed; trying again next interval")
+            await wait_for(self._stopping, self.purge_interval_s)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        self.signals.close()
+        await self.store.close()
+
+    # -- publishing -------------------------------------------------------------------------------
+
+    async def publish(self, events: Sequence[dict[str, Any]]) -> list[Appended]:
+        """Append events durably; returns after the commit that holds them."""
+        if self._stopping.is_set():
+            raise Unavailable("the router is shutting down")
+        done: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(events, done))
+        self._work.set()
+        # Shielded: a publisher that goes away must not pull its events out of a shared transaction.
+        return await asyncio.shield(done)
+
+    # -- subscriptions ----------------------------------------------------------------------------
+
+    async def put_subscription(self, spec: SubscriptionSpec) -> tuple[Subscription, bool]:
+        return await self.store.put_subscription(spec, now_ms())
+
+    async def subscription(self, name: str) -> Subscription:
+        sub = await self.store.get_subscription(name)
+        if sub is None:
+            raise NotFound(f"no subscription named {name!r}")
+        return sub
+
+    async def queue(self, name: str) -> Subscription:
+        sub = await self.subscription(name)
+        if not sub.spec.is_queue:
+            raise NotFound(f"subscription {name!r} pushes to a URL; it has no queue to receive from")
+        return sub
+
+    async def list_subscriptions(self) -> list[Subscription]:
+        return await self.store.list_subscriptions()
+
+    async def delete_subscription(self, name: str) -> None:
+        if not await self.store.delete_subscription(name):
+            raise NotFound(f"no subscription named {name!r}")
+        self.signals.forget(name)
+
+    # -- queues -----------------------------------------------------------------------------------
+
+    async def receive(self, name: str, max_messages: int, wait_s: float, visibility_timeout_s: float) -> list[Message]:
+        """Lease up to `max_messages`, waiting up to `wait_s` for the first one to be available."""
+        await self.queue(name)
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            changed = self.signals[name].changed  # captured before the read: no lost wake-ups
+            messages = await self.store.receive(name, max_messages, int(visibility_timeout_s * 1000), now_ms())
+            remaining = deadline - asyncio.get_running_loop().time()
+            if messages or remaining <= 0 or self._stopping.is_set():
+                return messages
+            await wait_for(changed, remaining)
+            await self.queue(name)  # it may have been deleted while we waited
+
+    async def ack(self, name: str, receipts: Sequence[str]) -> list[ReceiptResult]:
+        await self.queue(name)
+        return await self.store.ack(name, receipts, now_ms())
+
+    async def nack(self, name: str, receipts: Sequence[str], delay_s: float) -> list[ReceiptResult]:
+        await self.queue(name)
+        return await self.store.nack(name, receipts, int(delay_s * 1000), now_ms())
+
+    async def extend(self, name: str, receipts: Sequence[str], visibility_timeout_s: float) -> list[ReceiptResult]:
+        await self.queue(name)
+        return await self.store.extend(name, receipts, int(visibility_timeout_s * 1000), now_ms())
+
+    async def stats(self, name: str, wait_s: float = 0, version: int | None = None) -> tuple[Stats, int]:
+        """The subscription's numbers and their version; with `version` equal to the current one,
+        waits up to `wait_s` for them to change first."""
+        await self.subscription(name)
+        signal = self.signals[name]
+        if version is not None and version == signal.version and wait_s > 0 and not self._stopping.is_set():
+            await wait_for(signal.changed, wait_s)
+            await self.subscription(name)
+        current = signal.version
+        return await self.store.stats(name, now_ms()), current
+
+    async def dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
+        await self.subscription(name)
+        return await self.store.dead_letters(name, limit)
+
+    async def redrive(self, name: str) -> int:
+        await self.subscription(name)
+        return await self.store.redrive(name, now_ms())
+
+    async def purge_dead_letters(self, name: str) -> int:
+        await self.subscription(name)
+        return await self.store.purge_dead_letters(name)

@@ -1,0 +1,318 @@
+"""The async client SDK for CatTube's event router: publish, subscribe, consume a queue, watch stats.
+
+Every CatTube service talks to the router through this module and nothing else:
+
+    async with RouterClient("http://127.0.0.1:8700", token=token) as router:
+        await router.ensure_subscription("transcode", pattern={"type": ["cattube.video.uploaded"]},
+                                         target={"queue": {}}, delivery={"max_receive_count": 3})
+        await router.publish(new_event("cattube.video.uploaded", "cattube/upload", {"video_id": "v1"},
+                                       id="v1", partitionkey="v1"))
+        queue = router.queue("transcode")
+        for message in await queue.receive(wait_s=20):
+            ...
+            await queue.ack([message.receipt])
+
+Publishing retries connection errors and 5xx answers with exponential backoff and full jitter.
+That is safe because an event's `source`+`id` are fixed before the first try: the router keeps
+the first copy and answers repeats with `duplicate: true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "PublishResult",
+    "QueueConsumer",
+    "QueueStats",
+    "ReceivedMessage",
+    "RouterClient",
+    "RouterError",
+    "RouterUnavailable",
+    "new_event",
+]
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class RouterError(Exception):
+    """The router refused a request. `status` is the HTTP status, `problem` the problem+json body."""
+
+    def __init__(self, status: int, problem: Mapping[str, Any]) -> None:
+        super().__init__(f"{status} {problem.get('title', '')}: {problem.get('detail', '')}".strip())
+        self.status = status
+        self.problem = dict(problem)
+
+
+class RouterUnavailable(RouterError):
+    """The router could not be reached, or answered 5xx, until the retries ran out."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    id: str
+    sequence: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    receipt: str
+    attempt: int
+    sequence: int
+    event: dict[str, Any]
+
+    @property
+    def data(self) -> Any:
+        return self.event.get("data")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    backlog: int
+    in_flight: int
+    delayed: int
+    dead_lettered: int
+    oldest_age_s: float
+    version: int
+    delivered_total: int
+    failed_total: int
+
+
+def new_event(
+    type: str,
+    source: str,
+    data: Any,
+    *,
+    id: str | None = None,
+    partitionkey: str | None = None,
+    subject: str | None = None,
+    **extensions: str | int | bool,
+) -> dict[str, Any]:
+    """A CloudEvent (structured JSON) with a fixed id, ready to publish.
+
+    Give `id` when the event stands for something with an identity of its own (the video id for
+    `cattube.video.uploaded`), so a repeat publish after a crash is recognized as the same event.
+
+        new_event("cattube.video.uploaded", "cattube/upload", {"video_id": "v1"}, id="v1", partitionkey="v1")
+    """
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": id or str(uuid.uuid4()),
+        "source": source,
+        "type": type,
+        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    if partitionkey is not None:
+        event["partitionkey"] = partitionkey
+    if subject is not None:
+        event["subject"] = subject
+    event.update(extensions)
+    return event
+
+
+class RouterClient:
+    """A connection pool to one router. Use as an async context manager, or call `aclose()`.
+
+    `transport` lets tests run against an in-process router (`httpx.ASGITransport(app)`), and lets a
+    hot path plug in a faster transport (such as `httpx-aiohttp`'s).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        retries: int = 8,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # Long polls wait up to 20 s on the server: the read timeout leaves room for that.
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(timeout_s), transport=transport
+        )
+        self.retries = retries
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+
+    async def __aenter__(self) -> RouterClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    async def _request(self, method: str, path: str, *, retry: bool = False, **kwargs: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                problem: dict[str, Any] = {"title": "Router unreachable", "detail": f"{type(exc).__name__}: {exc}"}
+                status = 503
+            else:
+                if response.status_code < 400:
+                    return response
+                problem = _problem(response)
+                status = response.status_code
+                if status not in RETRYABLE_STATUS:
+                    raise RouterError(status, problem)
+            attempt += 1
+            if not retry or attempt > self.retries:
+                raise RouterUnavailable(status, problem)
+            delay = random.uniform(0, min(self.backoff_max_s, self.backoff_initial_s * 2**attempt))
+            log.debug("router %s %s failed (%s); retrying in %.2fs", method, path, problem.get("detail"), delay)
+            await asyncio.sleep(delay)
+
+    # -- publishing -------------------------------------------------------------------------------
+
+    async def publish(self, event: Mapping[str, Any]) -> PublishResult:
+        """Publish one CloudEvent (see `new_event`); returns once the router has made it durable."""
+        (result,) = await self.publish_batch([event])
+        return result
+
+    async def publish_batch(self, events: Sequence[Mapping[str, Any]]) -> list[PublishResult]:
+        """Publish events atomically in one request (all or none); results in the same order."""
+        response = await self._request(
+            "POST",
+            "/events",
+            retry=True,
+            json=list(events),
+            headers={"Content-Type": "application/cloudevents-batch+json"},
+        )
+        return [PublishResult(r["id"], r["sequence"], r["duplicate"]) for r in response.json()["results"]]
+
+    # -- subscriptions ----------------------------------------------------------------------------
+
+    async def ensure_subscription(
+        self,
+        name: str,
+        *,
+        pattern: Mapping[str, Any] | None,
+        target: Mapping[str, Any],
+        delivery: Mapping[str, Any] | None = None,
+        start: str | int = "latest",
+        wait_for_router: bool = False,
+    ) -> dict[str, Any]:
+        """Create or update a subscription (PUT is idempotent) and return it.
+
+        With `wait_for_router`, keeps retrying (with backoff) until the router answers: what a service
+        does at start-up, so it can start before the router does.
+        """
+        body = {"pattern": pattern, "target": target, "delivery": dict(delivery or {}), "start": start}
+        attempt = 0
+        while True:
+            try:
+                response = await self._request("PUT", f"/subscriptions/{name}", retry=True, json=body)
+                result: dict[str, Any] = response.json()
+                return result
+            except RouterUnavailable:
+                if not wait_for_router:
+                    raise
+                attempt += 1
+                delay = random.uniform(0, min(self.backoff_max_s, self.backoff_initial_s * 2**attempt))
+                log.warning("router not reachable to declare subscription %r; retrying in %.1fs", name, delay)
+                await asyncio.sleep(delay)
+
+    async def get_subscription(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = (await self._request("GET", f"/subscriptions/{name}")).json()
+        return result
+
+    async def delete_subscription(self, name: str) -> None:
+        await self._request("DELETE", f"/subscriptions/{name}")
+
+    def queue(self, name: str) -> QueueConsumer:
+        """The consumer side of a queue subscription."""
+        return QueueConsumer(self, name)
+
+    async def stats(self, name: str, *, wait_s: float = 0, version: int | None = None) -> QueueStats:
+        """A subscription's numbers; with `version`, waits up to `wait_s` for them to change first."""
+        params: dict[str, Any] = {"wait_s": wait_s}
+        if version is not None:
+            params["version"] = version
+        data = (await self._request("GET", f"/subscriptions/{name}/stats", params=params)).json()
+        return QueueStats(**{field: data[field] for field in QueueStats.__dataclass_fields__})
+
+    async def watch_stats(self, name: str, *, wait_s: float = 20) -> AsyncIterator[QueueStats]:
+        """Yield the subscription's numbers now and then every time they change (long polls, no polling).
+
+        Connection errors are retried with backoff; the iterator ends only when the caller stops it.
+        """
+        version: int | None = None
+        failures = 0
+        while True:
+            try:
+                stats = await self.stats(name, wait_s=wait_s if version is not None else 0, version=version)
+            except RouterUnavailable as exc:
+                failures += 1
+                delay = random.uniform(0, min(self.backoff_max_s, self.backoff_initial_s * 2**failures))
+                log.warning("stats of %r unavailable (%s); retrying in %.1fs", name, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            if stats.version != version:
+                version = stats.version
+                yield stats
+
+
+class QueueConsumer:
+    """Receive, ack, nack and extend messages of one queue subscription (SQS semantics)."""
+
+    def __init__(self, client: RouterClient, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    async def receive(
+        self, *, max_messages: int = 1, wait_s: float = 20, visibility_timeout_s: float = 30
+    ) -> list[ReceivedMessage]:
+        """Long-poll for up to `max_messages`; each is hidden from other consumers for `visibility_timeout_s`."""
+        body = {"max_messages": max_messages, "wait_s": wait_s, "visibility_timeout_s": visibility_timeout_s}
+        response = await self.client._request("POST", f"/subscriptions/{self.name}/receive", json=body)
+        return [
+            ReceivedMessage(m["receipt"], m["attempt"], m["sequence"], m["event"]) for m in response.json()["messages"]
+        ]
+
+    async def ack(self, receipts: Sequence[str]) -> list[dict[str, Any]]:
+        """Delete messages whose work is done. Returns one `{receipt, ok, error}` per receipt."""
+        return await self._change("ack", {"receipts": list(receipts)})
+
+    async def nack(self, receipts: Sequence[str], *, delay_s: float = 0) -> list[dict[str, Any]]:
+        """Give messages back, to be received again after `delay_s`."""
+        return await self._change("nack", {"receipts": list(receipts), "delay_s": delay_s})
+
+    async def extend(self, receipts: Sequence[str], *, visibility_timeout_s: float) -> list[dict[str, Any]]:
+        """Keep messages hidden `visibility_timeout_s` longer from now (a heartbeat for long jobs)."""
+        return await self._change("extend", {"receipts": list(receipts), "visibility_timeout_s": visibility_timeout_s})
+
+    async def _change(self, verb: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        response = await self.client._request("POST", f"/subscriptions/{self.name}/{verb}", retry=True, json=body)
+        results: list[dict[str, Any]] = response.json()["results"]
+        return results
+
+
+def _problem(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {"title": response.reason_phrase, "detail": response.text[:500]}
+    return body if isinstance(body, dict) else {"title": response.reason_phrase, "detail": str(body)[:500]}

@@ -1,0 +1,192 @@
+"""The storage port behind the bus: what the router needs from a durable store, and its records.
+
+`EventStore` has an embedded SQLite implementation (`router.sqlite`); a networked one
+(PostgreSQL) implements the same protocol and passes the same contract tests
+(`tests/router/test_store_contract.py`). Times are integer milliseconds since the epoch,
+passed in by the caller so tests can control the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from router.patterns import Pattern, compile_pattern
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """How a subscription's events are handed out (DESIGN.md, Shapes: `delivery`)."""
+
+    max_attempts: int = 185
+    max_age_s: int = 86_400
+    timeout_s: float = 10.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    max_in_flight: int = 16
+    ordered: bool = False
+    max_receive_count: int = 5
+    mode: str = "structured"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionSpec:
+    """What a client PUTs. `pattern` is the raw JSON; `compiled` its compiled form (None = every event)."""
+
+    name: str
+    pattern: dict[str, Any] | None
+    compiled: Pattern | None
+    target: dict[str, Any]
+    delivery: Delivery = field(default_factory=Delivery)
+    start: str | int = "latest"
+
+    @property
+    def is_queue(self) -> bool:
+        return "queue" in self.target
+
+    def same_as(self, other: SubscriptionSpec) -> bool:
+        """Equal in everything a re-PUT can change (the start position only applies on creation)."""
+        return (self.pattern, self.target, self.delivery) == (other.pattern, other.target, other.delivery)
+
+    def matches(self, event: dict[str, Any]) -> bool:
+        return self.compiled is None or self.compiled.matches(event)
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    spec: SubscriptionSpec
+    secret: str
+    created_at_ms: int
+    start_sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    id: str
+    sequence: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    receipt: str
+    attempt: int
+    sequence: int
+    event: bytes
+    """The CloudEvent as stored JSON bytes (spliced into responses without re-encoding)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptResult:
+    receipt: str
+    ok: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    backlog: int
+    in_flight: int
+    delayed: int
+    dead_lettered: int
+    oldest_age_s: float
+    delivered_total: int
+    failed_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    sequence: int
+    event: bytes
+    attempts: int
+    last_error: str
+    dead_lettered_at_ms: int
+
+
+class ChangeListener(Protocol):
+    def __call__(self, touched: set[str], hidden_until: dict[str, int]) -> None:
+        """Called on the event loop after a commit: `touched` subscriptions had their queue change;
+        `hidden_until[name]` is the earliest time a message that was just hidden becomes visible."""
+
+
+class EventStore(Protocol):
+    """A durable, append-only event log with per-subscription message queues.
+
+    Every method commits before it returns: once a call has answered, a crash loses nothing it did.
+    After each commit that changes a queue, the store calls `listener` (set by the bus), which wakes
+    long polls and moves the subscription's stats `version` on.
+    """
+
+    listener: ChangeListener | None
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def append(self, events: Sequence[dict[str, Any]], now_ms: int) -> list[Appended]:
+        """Store events in one transaction, skipping repeats of `source`+`id`, and queue each new one
+        for every subscription whose pattern matches, in the same transaction."""
+        ...
+
+    async def put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
+        """Create or update; returns the subscription and whether it was created. On creation the
+        retained events from the start position are queued for it in the same transaction."""
+        ...
+
+    async def get_subscription(self, name: str) -> Subscription | None: ...
+
+    async def list_subscriptions(self) -> list[Subscription]: ...
+
+    async def delete_subscription(self, name: str) -> bool: ...
+
+    async def receive(
+        self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int
+    ) -> list[Message]:
+        """Lease up to `max_messages` visible messages; a message received `max_receive_count` times
+        already is dead-lettered (and announced on the bus) instead of being handed out again."""
+        ...
+
+    async def ack(self, name: str, receipts: Sequence[str], now_ms: int) -> list[ReceiptResult]: ...
+
+    async def nack(self, name: str, receipts: Sequence[str], delay_ms: int, now_ms: int) -> list[ReceiptResult]: ...
+
+    async def extend(
+        self, name: str, receipts: Sequence[str], visibility_timeout_ms: int, now_ms: int
+    ) -> list[ReceiptResult]: ...
+
+    async def next_visible_ms(self, name: str, now_ms: int) -> int | None:
+        """When the earliest hidden (in flight or delayed) message becomes visible; None if none is hidden."""
+        ...
+
+    async def stats(self, name: str, now_ms: int) -> Stats: ...
+
+    async def dead_letters(self, name: str, limit: int) -> list[DeadLetter]: ...
+
+    async def redrive(self, name: str, now_ms: int) -> int:
+        """Put every dead letter back as a fresh message (attempts start again)."""
+        ...
+
+    async def purge_dead_letters(self, name: str) -> int: ...
+
+    async def purge_expired(self, before_ms: int) -> int:
+        """Drop events older than `before_ms` that no queue still holds; returns how many."""
+        ...
+
+
+def spec_to_json(spec: SubscriptionSpec) -> str:
+    """The stored form of a subscription's definition (the start position is kept apart)."""
+    return json.dumps({"pattern": spec.pattern, "target": spec.target, "delivery": asdict(spec.delivery)})
+
+
+def spec_from_json(name: str, text: str) -> SubscriptionSpec:
+    raw = json.loads(text)
+    pattern = raw["pattern"]
+    return SubscriptionSpec(
+        name=name,
+        pattern=pattern,
+        compiled=None if pattern is None else compile_pattern(pattern),
+        target=raw["target"],
+        delivery=Delivery(**raw["delivery"]),
+    )

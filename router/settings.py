@@ -1,0 +1,25 @@
+"""The router's settings (`CATTUBE_*` variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from services.common.settings import CommonSettings
+
+
+class RouterSettings(CommonSettings):
+    bus_path: Path | None = Field(None, description="SQLite file of the bus; default DATA_DIR/router/bus.db.")
+    retention_s: float = Field(7 * 86_400, gt=0, description="How long the bus keeps events (replay, dedup).")
+    purge_interval_s: float = Field(3600, gt=0, description="How often expired events are purged.")
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="FULL survives power loss; NORMAL survives a process crash only (faster)."
+    )
+    max_event_bytes: int = Field(256 * 1024, gt=0, description="Largest event accepted (413 above).")
+    max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest publish request body.")
+
+    @property
+    def bus_file(self) -> Path:
+        return self.bus_path or self.data_dir / "router" / "bus.db"

@@ -1,0 +1,104 @@
+"""Wake-ups for long polls: one `Signal` per subscription, moved on by every commit that touches it.
+
+Nothing here polls. A waiter captures the current `changed` event *before* it reads the store,
+then awaits it, so a commit that lands between the read and the wait still wakes it. Messages
+hidden by a visibility timeout or a nack delay become visible without any commit, so each signal
+also keeps one timer for the earliest such moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+
+class Signal:
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.changed = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at_ms: int | None = None
+
+    def bump(self) -> None:
+        self.version += 1
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def wake_at(self, at_ms: int, on_fire: Callable[[], None]) -> None:
+        """Fire once at `at_ms` (wall clock, ms), unless an earlier wake-up is already set."""
+        if self._timer_at_ms is not None and self._timer_at_ms <= at_ms:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        delay_s = max(0.0, at_ms / 1000 - time.time()) + 0.001
+        self._timer_at_ms = at_ms
+        self._timer = asyncio.get_running_loop().call_later(delay_s, self._fire, on_fire)
+
+    def _fire(self, on_fire: Callable[[], None]) -> None:
+        self._timer = self._timer_at_ms = None
+        self.bump()
+        on_fire()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._timer_at_ms = None
+        self.bump()  # wakes anyone still waiting on a deleted subscription
+
+
+async def wait_for(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait for `event` at most `timeout_s`; True if it was set."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+class Signals:
+    """The signals of every subscription, plus the loop-side half of the store's change listener."""
+
+    def __init__(self, next_visible: Callable[[str], Awaitable[int | None]]) -> None:
+        self._signals: dict[str, Signal] = {}
+        self._next_visible = next_visible
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Versions start from the clock so a client holding a version from before a restart sees a change.
+        self._epoch = int(time.time() * 1000)
+
+    def __getitem__(self, name: str) -> Signal:
+        signal = self._signals.get(name)
+        if signal is None:
+            signal = self._signals[name] = Signal(self._epoch)
+        return signal
+
+    def on_change(self, touched: set[str], hidden_until: dict[str, int]) -> None:
+        for name in touched:
+            self[name].bump()
+        for name, at_ms in hidden_until.items():
+            self.schedule(name, at_ms)
+
+    def schedule(self, name: str, at_ms: int) -> None:
+        self[name].wake_at(at_ms, lambda: self._reschedule(name))
+
+    def forget(self, name: str) -> None:
+        signal = self._signals.pop(name, None)
+        if signal is not None:
+            signal.cancel()
+
+    def _reschedule(self, name: str) -> None:
+        # After a timer fires, look up the next hidden message of that subscription and wait for it.
+        task = asyncio.get_running_loop().create_task(self._schedule_next(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _schedule_next(self, name: str) -> None:
+        if name in self._signals and (at_ms := await self._next_visible(name)) is not None:
+            self.schedule(name, at_ms)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for signal in self._signals.values():
+            signal.cancel()

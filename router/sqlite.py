@@ -1,0 +1,435 @@
+"""The embedded `EventStore`: one SQLite database in WAL mode, written from one thread.
+
+Every call runs as one transaction on a dedicated thread, so calls are serialized and each
+commits before its coroutine returns. The bus batches concurrent publishes into one `append`
+call (group commit), so one fsync covers many publishers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from router import announcements
+from router.cloudevents import encode
+from router.persistence import (
+    Appended,
+    ChangeListener,
+    DeadLetter,
+    Message,
+    ReceiptResult,
+    Stats,
+    Subscription,
+    SubscriptionSpec,
+    spec_from_json,
+    spec_to_json,
+)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    source TEXT NOT NULL,
+    id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    partitionkey TEXT,
+    appended_at INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    UNIQUE (source, id)
+);
+CREATE INDEX IF NOT EXISTS events_appended_at ON events (appended_at);
+CREATE TABLE IF NOT EXISTS subscriptions (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    start_seq INTEGER NOT NULL,
+    delivered_total INTEGER NOT NULL DEFAULT 0,
+    failed_total INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS messages (
+    msg_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sub TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    enqueued_at INTEGER NOT NULL,
+    visible_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    receipt TEXT,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_by_visibility ON messages (sub, visible_at, msg_id);
+CREATE INDEX IF NOT EXISTS messages_by_seq ON messages (seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    dl_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sub TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_error TEXT NOT NULL,
+    dead_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_sub ON dead_letters (sub, dl_id);
+CREATE INDEX IF NOT EXISTS dead_letters_by_seq ON dead_letters (seq);
+"""
+
+PURGE_CHUNK = 5_000
+STALE_RECEIPT = "unknown receipt, or the message was received again since (its visibility timeout expired)"
+
+
+class SQLiteEventStore:
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.listener: ChangeListener | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._subs: dict[str, Subscription] = {}
+        # Filled on the store's thread during a call, handed to the listener on the loop after commit.
+        self._touched: set[str] = set()
+        self._hidden_until: dict[str, int] = {}
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        result, touched, hidden = await loop.run_in_executor(self._executor, self._call, fn, args)
+        if touched and self.listener is not None:
+            self.listener(touched, hidden)
+        return result
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, set[str], dict[str, int]]:
+        self._touched, self._hidden_until = set(), {}
+        return fn(*args), self._touched, self._hidden_until
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "store is not open"
+        return self._conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            self._touched, self._hidden_until = set(), {}
+            raise
+        conn.execute("COMMIT")
+
+    def _hide(self, sub: str, until_ms: int) -> None:
+        self._touched.add(sub)
+        self._hidden_until[sub] = min(until_ms, self._hidden_until.get(sub, until_ms))
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+        for name, spec, secret, created_at, start_seq in conn.execute(
+            "SELECT name, spec, secret, created_at, start_seq FROM subscriptions"
+        ):
+            self._subs[name] = Subscription(spec_from_json(name, spec), secret, created_at, start_seq)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        self.conn.close()
+        self._conn = None
+
+    # -- the log ----------------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[dict[str, Any]], now_ms: int) -> list[Appended]:
+        return await self._run(self._append, events, now_ms)
+
+    def _append(self, events: Sequence[dict[str, Any]], now_ms: int) -> list[Appended]:
+        with self._transaction() as conn:
+            return self._append_in(conn, events, now_ms)
+
+    def _append_in(self, conn: sqlite3.Connection, events: Sequence[dict[str, Any]], now_ms: int) -> list[Appended]:
+        results: list[Appended] = []
+        fanout: list[tuple[str, int, int, int]] = []
+        subs = list(self._subs.values())
+        for event in events:
+            row = conn.execute(
+                "INSERT INTO events (source, id, type, partitionkey, appended_at, body) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (source, id) DO NOTHING RETURNING seq",
+                (event["source"], event["id"], event["type"], event.get("partitionkey"), now_ms, encode(event)),
+            ).fetchone()
+            if row is None:
+                (seq,) = conn.execute(
+                    "SELECT seq FROM events WHERE source = ? AND id = ?", (event["source"], event["id"])
+                ).fetchone()
+                results.append(Appended(event["id"], seq, duplicate=True))
+                continue
+            seq = row[0]
+            results.append(Appended(event["id"], seq, duplicate=False))
+            for sub in subs:
+                if sub.spec.matches(event):
+                    fanout.append((sub.spec.name, seq, now_ms, now_ms))
+                    self._touched.add(sub.spec.name)
+        if fanout:
+            conn.executemany("INSERT INTO messages (sub, seq, enqueued_at, visible_at) VALUES (?, ?, ?, ?)", fanout)
+        return results
+
+    # -- subscriptions ----------------------------------------------------------------------------
+
+    async def put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
+        return await self._run(self._put_subscription, spec, now_ms)
+
+    def _put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
+        with self._transaction() as conn:
+            existing = self._subs.get(spec.name)
+            if existing is not None:
+                sub = Subscription(spec, existing.secret, existing.created_at_ms, existing.start_sequence)
+                conn.execute("UPDATE subscriptions SET spec = ? WHERE name = ?", (spec_to_json(spec), spec.name))
+                created = False
+            else:
+                (last,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+                start_seq = {"latest": last + 1, "earliest": 0}[spec.start] if isinstance(spec.start, str) else spec.start
+                sub = Subscription(spec, "whsec_" + secrets.token_urlsafe(24), now_ms, start_seq)
+                conn.execute(
+                    "INSERT INTO subscriptions (name, spec, secret, created_at, start_seq) VALUES (?, ?, ?, ?, ?)",
+                    (spec.name, spec_to_json(spec), sub.secret, now_ms, start_seq),
+                )
+                backfill = [
+                    (spec.name, seq, now_ms, now_ms)
+                    for seq, body in conn.execute("SELECT seq, body FROM events WHERE seq >= ? ORDER BY seq", (start_seq,))
+                    if spec.matches(json.loads(body))
+                ]
+                conn.executemany("INSERT INTO messages (sub, seq, enqueued_at, visible_at) VALUES (?, ?, ?, ?)", backfill)
+                self._touched.add(spec.name)
+                created = True
+        self._subs[spec.name] = sub
+        return sub, created
+
+    async def get_subscription(self, name: str) -> Subscription | None:
+        return self._subs.get(name)
+
+    async def list_subscriptions(self) -> list[Subscription]:
+        return sorted(self._subs.values(), key=lambda s: s.spec.name)
+
+    async def delete_subscription(self, name: str) -> bool:
+        return await self._run(self._delete_subscription, name)
+
+    def _delete_subscription(self, name: str) -> bool:
+        if name not in self._subs:
+            return False
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM messages WHERE sub = ?", (name,))
+            conn.execute("DELETE FROM dead_letters WHERE sub = ?", (name,))
+            conn.execute("DELETE FROM subscriptions WHERE name = ?", (name,))
+        del self._subs[name]
+        self._touched.add(name)
+        return True
+
+    # -- queues -----------------------------------------------------------------------------------
+
+    async def receive(self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int) -> list[Message]:
+        return await self._run(self._receive, name, max_messages, visibility_timeout_ms, now_ms)
+
+    def _receive(self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int) -> list[Message]:
+        sub = self._subs[name]
+        limit = sub.spec.delivery.max_receive_count
+        messages: list[Message] = []
+        with self._transaction() as conn:
+            while len(messages) < max_messages:
+                rows = conn.execute(
+                    "SELECT m.msg_id, m.seq, m.attempts, m.last_error, e.body FROM messages m"
+                    " JOIN events e ON e.seq = m.seq"
+                    " WHERE m.sub = ? AND m.visible_at <= ? ORDER BY m.visible_at, m.msg_id LIMIT ?",
+                    (name, now_ms, max_messages - len(messages)),
+                ).fetchall()
+                if not rows:
+                    break
+                for msg_id, seq, attempts, last_error, body in rows:
+                    if attempts >= limit:
+                        reason = last_error or f"received {attempts} times without an ack (max_receive_count {limit})"
+                        self._dead_letter(conn, name, msg_id, seq, attempts, reason, body, now_ms)
+                        continue
+                    receipt = f"{msg_id}.{secrets.token_urlsafe(12)}"
+                    conn.execute(
+                        "UPDATE messages SET receipt = ?, visible_at = ?, attempts = attempts + 1 WHERE msg_id = ?",
+                        (receipt, now_ms + visibility_timeout_ms, msg_id),
+                    )
+                    messages.append(Message(receipt, attempts + 1, seq, body))
+        if messages:
+            self._hide(name, now_ms + visibility_timeout_ms)
+        return messages
+
+    def _dead_letter(
+        self, conn: sqlite3.Connection, sub: str, msg_id: int, seq: int, attempts: int, reason: str, body: bytes, now_ms: int
+    ) -> None:
+        conn.execute("DELETE FROM messages WHERE msg_id = ?", (msg_id,))
+        conn.execute(
+            "INSERT INTO dead_letters (sub, seq, attempts, last_error, dead_at) VALUES (?, ?, ?, ?, ?)",
+            (sub, seq, attempts, reason, now_ms),
+        )
+        conn.execute("UPDATE subscriptions SET failed_total = failed_total + 1 WHERE name = ?", (sub,))
+        self._touched.add(sub)
+        event = json.loads(body)
+        self._append_in(conn, [announcements.dead_lettered(sub, msg_id, event, attempts, reason)], now_ms)
+
+    async def ack(self, name: str, receipts: Sequence[str], now_ms: int) -> list[ReceiptResult]:
+        return await self._run(self._ack, name, receipts)
+
+    def _ack(self, name: str, receipts: Sequence[str]) -> list[ReceiptResult]:
+        results: list[ReceiptResult] = []
+        with self._transaction() as conn:
+            for receipt in receipts:
+                deleted = conn.execute(
+                    "DELETE FROM messages WHERE msg_id = ? AND sub = ? AND receipt = ?",
+                    (_msg_id(receipt), name, receipt),
+                ).rowcount
+                results.append(ReceiptResult(receipt, bool(deleted), None if deleted else STALE_RECEIPT))
+            acked = sum(r.ok for r in results)
+            if acked:
+                conn.execute(
+                    "UPDATE subscriptions SET delivered_total = delivered_total + ? WHERE name = ?", (acked, name)
+                )
+                self._touched.add(name)
+        return results
+
+    async def nack(self, name: str, receipts: Sequence[str], delay_ms: int, now_ms: int) -> list[ReceiptResult]:
+        return await self._run(self._change_visibility, name, receipts, delay_ms, now_ms, True)
+
+    async def extend(
+        self, name: str, receipts: Sequence[str], visibility_timeout_ms: int, now_ms: int
+    ) -> list[ReceiptResult]:
+        return await self._run(self._change_visibility, name, receipts, visibility_timeout_ms, now_ms, False)
+
+    def _change_visibility(
+        self, name: str, receipts: Sequence[str], hide_ms: int, now_ms: int, release: bool
+    ) -> list[ReceiptResult]:
+        # A nack releases the lease (the receipt dies, the message waits `hide_ms` as delayed);
+        # an extend keeps the lease and pushes its visibility timeout out from now, as SQS does.
+        sql = (
+            "UPDATE messages SET receipt = NULL, visible_at = ? WHERE msg_id = ? AND sub = ? AND receipt = ?"
+            if release
+            else "UPDATE messages SET visible_at = ? WHERE msg_id = ? AND sub = ? AND receipt = ?"
+        )
+        results: list[ReceiptResult] = []
+        with self._transaction() as conn:
+            for receipt in receipts:
+                changed = conn.execute(sql, (now_ms + hide_ms, _msg_id(receipt), name, receipt)).rowcount
+                results.append(ReceiptResult(receipt, bool(changed), None if changed else STALE_RECEIPT))
+            changed_count = sum(r.ok for r in results)
+            if release and changed_count:
+                conn.execute(
+                    "UPDATE subscriptions SET failed_total = failed_total + ? WHERE name = ?", (changed_count, name)
+                )
+        if any(r.ok for r in results):
+            self._touched.add(name)
+            if hide_ms > 0:
+                self._hide(name, now_ms + hide_ms)
+        return results
+
+    async def next_visible_ms(self, name: str, now_ms: int) -> int | None:
+        return await self._run(self._next_visible_ms, name, now_ms)
+
+    def _next_visible_ms(self, name: str, now_ms: int) -> int | None:
+        (at,) = self.conn.execute(
+            "SELECT MIN(visible_at) FROM messages WHERE sub = ? AND visible_at > ?", (name, now_ms)
+        ).fetchone()
+        return int(at) if at is not None else None
+
+    async def stats(self, name: str, now_ms: int) -> Stats:
+        return await self._run(self._stats, name, now_ms)
+
+    def _stats(self, name: str, now_ms: int) -> Stats:
+        conn = self.conn
+        backlog, in_flight, delayed, oldest = conn.execute(
+            "SELECT COALESCE(SUM(visible_at <= :now), 0),"
+            " COALESCE(SUM(receipt IS NOT NULL AND visible_at > :now), 0),"
+            " COALESCE(SUM(receipt IS NULL AND visible_at > :now), 0),"
+            " MIN(enqueued_at) FROM messages WHERE sub = :sub",
+            {"now": now_ms, "sub": name},
+        ).fetchone()
+        (dead,) = conn.execute("SELECT COUNT(*) FROM dead_letters WHERE sub = ?", (name,)).fetchone()
+        delivered, failed = conn.execute(
+            "SELECT delivered_total, failed_total FROM subscriptions WHERE name = ?", (name,)
+        ).fetchone()
+        oldest_age_s = max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0
+        return Stats(backlog, in_flight, delayed, dead, oldest_age_s, delivered, failed)
+
+    # -- dead letters -----------------------------------------------------------------------------
+
+    async def dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
+        return await self._run(self._dead_letters, name, limit)
+
+    def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
+        return [
+            DeadLetter(seq, body, attempts, last_error, dead_at)
+            for seq, body, attempts, last_error, dead_at in self.conn.execute(
+                "SELECT d.seq, e.body, d.attempts, d.last_error, d.dead_at FROM dead_letters d"
+                " JOIN events e ON e.seq = d.seq WHERE d.sub = ? ORDER BY d.dl_id LIMIT ?",
+                (name, limit),
+            )
+        ]
+
+    async def redrive(self, name: str, now_ms: int) -> int:
+        return await self._run(self._redrive, name, now_ms)
+
+    def _redrive(self, name: str, now_ms: int) -> int:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO messages (sub, seq, enqueued_at, visible_at)"
+                " SELECT sub, seq, ?, ? FROM dead_letters WHERE sub = ? ORDER BY dl_id",
+                (now_ms, now_ms, name),
+            )
+            count = conn.execute("DELETE FROM dead_letters WHERE sub = ?", (name,)).rowcount
+        if count:
+            self._touched.add(name)
+        return count
+
+    async def purge_dead_letters(self, name: str) -> int:
+        return await self._run(self._purge_dead_letters, name)
+
+    def _purge_dead_letters(self, name: str) -> int:
+        with self._transaction() as conn:
+            count = conn.execute("DELETE FROM dead_letters WHERE sub = ?", (name,)).rowcount
+        if count:
+            self._touched.add(name)
+        return count
+
+    # -- retention --------------------------------------------------------------------------------
+
+    async def purge_expired(self, before_ms: int) -> int:
+        total = 0
+        # In chunks, each its own transaction, so publishes are not held up behind a long purge.
+        while count := await self._run(self._purge_chunk, before_ms):
+            total += count
+        return total
+
+    def _purge_chunk(self, before_ms: int) -> int:
+        with self._transaction() as conn:
+            return conn.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events e WHERE e.appended_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.seq = e.seq)"
+                " AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) LIMIT ?)",
+                (before_ms, PURGE_CHUNK),
+            ).rowcount
+
+
+def _msg_id(receipt: str) -> int:
+    head = receipt.split(".", 1)[0]
+    return int(head) if head.isdigit() else -1

@@ -1,0 +1,38 @@
+"""Settings shared by every service: one value, read from `CATTUBE_*` variables, passed to `create_app`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    """What every CatTube service needs to know: where its data lives, where the router is, the token.
+
+    Build one in `__main__` (it reads the environment then, never at import) and pass it on:
+
+        settings = RouterSettings(data_dir=tmp_path)
+        app = create_app(settings)
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CATTUBE_", extra="ignore")
+
+    data_dir: Path = Field(Path(".cattube"), description="Where every service keeps its files and databases.")
+    token: SecretStr | None = Field(None, description="Bearer token for publishing and managing; unset = open.")
+    host: str = Field("127.0.0.1", description="Interface the service listens on.")
+    router_port: int = Field(8700, ge=1, le=65535)
+    upload_port: int = Field(8701, ge=1, le=65535)
+    processing_port: int = Field(8702, ge=1, le=65535)
+    store_port: int = Field(8703, ge=1, le=65535)
+    router_url: str | None = Field(None, description="Base URL of the router; default http://127.0.0.1:ROUTER_PORT.")
+    log_level: str = Field("info", description="debug, info, warning or error.")
+
+    @property
+    def router_base_url(self) -> str:
+        return (self.router_url or f"http://127.0.0.1:{self.router_port}").rstrip("/")
+
+    @property
+    def token_value(self) -> str | None:
+        return self.token.get_secret_value() if self.token else None

@@ -1,0 +1,45 @@
+"""Fixtures shared by every test: in-process apps with their lifespan entered, and real processes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from router.app import create_app as create_router
+from router.settings import RouterSettings
+
+
+@asynccontextmanager
+async def running(app: FastAPI, base_url: str = "http://testserver") -> AsyncIterator[httpx.AsyncClient]:
+    """Enter the app's lifespan and hand back a client talking to it in-process."""
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as client:
+            yield client
+
+
+@pytest.fixture
+def router_settings(tmp_path: Path) -> Callable[..., RouterSettings]:
+    def make(**overrides: Any) -> RouterSettings:
+        return RouterSettings(data_dir=tmp_path / "data", **overrides)
+
+    return make
+
+
+@pytest.fixture
+async def router_app(router_settings: Callable[..., RouterSettings]) -> AsyncIterator[FastAPI]:
+    app = create_router(router_settings(), exit_on_failure=False)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+async def router(router_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client talking to an in-process router with a fresh bus."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=router_app), base_url="http://router") as client:
+        yield client
