@@ -115,7 +115,10 @@ class Bus:
             await wait_for(self._stopping, self.purge_interval_s)
 
     def stop(self) -> None:
-        self._stopping.set()
+        """Stop taking work: long polls return at once, the writer commits what is pending and ends."""
+        if not self._stopping.is_set():
+            self._stopping.set()
+            self.signals.wake_all()
 
     async def close(self) -> None:
         self.signals.close()

@@ -118,7 +118,8 @@ class _ExactSet:
         return True
 
     def predicate(self) -> Predicate:
-        strings, numbers, booleans, null = frozenset(self.strings), frozenset(self.numbers), self.booleans, self.null
+        strings, numbers, booleans = frozenset(self.strings), frozenset(self.numbers), frozenset(self.booleans)
+        null = self.null
         if not (numbers or booleans or null):
             return lambda v: isinstance(v, str) and v in strings
 
@@ -149,7 +150,7 @@ def _compile_operator(expression: Mapping[str, Any], at: str) -> Predicate:
     if name == "wildcard":
         if not isinstance(operand, str):
             raise PatternError(where, "wildcard match pattern must be a string.")
-        return _strings_only(compile_wildcard(operand, where))
+        return _strings_only(_compile_wildcard(operand, where))
     if name == "numeric":
         return _compile_numeric(operand, where)
     if name == "cidr":
@@ -190,7 +191,7 @@ def _compile_text(name: str, operand: Any, where: str) -> StrPredicate:
     return ends
 
 
-def compile_wildcard(text: str, where: str) -> StrPredicate:
+def _compile_wildcard(text: str, where: str) -> StrPredicate:
     """`*` matches any run of characters; `\\*` is a literal star and `\\\\` a literal backslash.
 
     Matching splits the pattern at its wildcards and finds the literal parts left to right, which
@@ -344,5 +345,5 @@ def _compile_anything_but_operator(operand: Mapping[str, Any], where: str) -> St
     if name == "equals-ignore-case":
         folded = frozenset(text.lower() for text in texts)
         return lambda v: v.lower() in folded
-    wildcards = tuple(compile_wildcard(text, at) for text in texts)
+    wildcards = tuple(_compile_wildcard(text, at) for text in texts)
     return lambda v: any(wildcard(v) for wildcard in wildcards)

@@ -97,6 +97,10 @@ class Signals:
         if name in self._signals and (at_ms := await self._next_visible(name)) is not None:
             self.schedule(name, at_ms)
 
+    def wake_all(self) -> None:
+        for signal in self._signals.values():
+            signal.bump()
+
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()

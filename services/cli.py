@@ -1,0 +1,127 @@
+"""The `cattube` command: run the whole stack on one machine with embedded defaults."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import secrets
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.settings import CommonSettings
+
+# Each service: its name, the module `python -m` runs, and the setting holding its port.
+SERVICES = [
+    ("router", "router", "router_port"),
+    ("upload", "services.upload", "upload_port"),
+    ("processing", "services.processing", "processing_port"),
+    ("store", "services.store", "store_port"),
+]
+RESTART_BACKOFF_MAX_S = 30.0
+
+
+@dataclass
+class Child:
+    name: str
+    module: str
+    port: int
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+
+
+def available() -> list[tuple[str, str, str]]:
+    """The services whose packages are installed with a `__main__` (the stack grows service by service)."""
+    found = []
+    for name, module, port_field in SERVICES:
+        with contextlib.suppress(ModuleNotFoundError):
+            if importlib.util.find_spec(f"{module}.__main__") is not None:
+                found.append((name, module, port_field))
+    return found
+
+
+def settings_help() -> str:
+    lines = ["settings (environment variables; every service reads the ones it needs):"]
+    for field_name, info in CommonSettings.model_fields.items():
+        default = info.default if info.default is not None else "-"
+        lines.append(f"  CATTUBE_{field_name.upper():<22} default {default!s:<24} {info.description or ''}")
+    lines.append("  (each service has more: see `python -m <service> --help` and the README's configuration table)")
+    return "\n".join(lines)
+
+
+async def pump(child: Child, stream: asyncio.StreamReader) -> None:
+    async for raw in stream:
+        sys.stdout.write(f"{child.name:>10} | {raw.decode(errors='replace')}")
+        sys.stdout.flush()
+
+
+async def supervise(child: Child, env: dict[str, str], stopping: asyncio.Event) -> None:
+    """Run one service; restart it with backoff whenever it dies while the stack is up."""
+    while not stopping.is_set():
+        child.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", child.module, "--port", str(child.port),
+            env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        assert child.proc.stdout is not None
+        await pump(child, child.proc.stdout)
+        code = await child.proc.wait()
+        if stopping.is_set():
+            return
+        child.restarts += 1
+        delay = min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** min(child.restarts, 6))
+        print(f"{child.name:>10} | exited with status {code}; restarting in {delay:.1f}s (restart #{child.restarts})")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), delay)
+
+
+async def up(settings: CommonSettings) -> int:
+    env = dict(os.environ)
+    token = settings.token_value or secrets.token_urlsafe(24)
+    env.update(CATTUBE_TOKEN=token, CATTUBE_DATA_DIR=str(settings.data_dir.resolve()))
+    children = [Child(name, module, getattr(settings, port_field)) for name, module, port_field in available()]
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    print(f"CatTube: data in {settings.data_dir.resolve()}; token {token}")
+    for child in children:
+        print(f"  {child.name:<10} http://{settings.host}:{child.port}  (API docs: /docs)")
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    tasks = [asyncio.create_task(supervise(child, env, stopping)) for child in children]
+    await stopping.wait()
+    print("CatTube: stopping every service")
+    for child in children:
+        if child.proc is not None and child.proc.returncode is None:
+            child.proc.send_signal(signal.SIGTERM)
+    _, pending = await asyncio.wait(tasks, timeout=40)
+    for child in children:
+        if child.proc is not None and child.proc.returncode is None:
+            child.proc.kill()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cattube", description="CatTube: an event-driven video platform.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "up",
+        help="run every service on this machine",
+        description="Run router, upload, processing and store as processes with embedded defaults. Ctrl-C stops all.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).add_argument("--data-dir", type=Path, help="where everything is kept (CATTUBE_DATA_DIR, default ./.cattube)")
+    args = parser.parse_args(argv)
+    settings = CommonSettings()
+    if args.data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": args.data_dir})
+    return asyncio.run(up(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
