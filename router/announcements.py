@@ -8,7 +8,9 @@ from typing import Any
 SOURCE = "cattube/router"
 
 
-def dead_lettered(subscription: str, message_id: int, event: dict[str, Any], attempts: int, last_error: str) -> dict[str, Any]:
+def dead_lettered(
+    subscription: str, message_id: int, event: dict[str, Any], attempts: int, last_error: str
+) -> dict[str, Any]:
     """`cattube.router.dead-lettered`: one message given up on, with enough context to act on it."""
     return {
         "specversion": "1.0",

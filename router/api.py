@@ -76,7 +76,9 @@ async def publish(request: Request, bus: BusDep, settings: SettingsDep, metrics:
     """Publish CloudEvents (structured, batched or binary mode); answered once they are durable."""
     with metrics.publish_latency.time():
         body = await read_body(request, settings.max_request_bytes)
-        events = cloudevents.parse(body, request.headers.get("content-type", ""), request.headers, settings.max_event_bytes)
+        events = cloudevents.parse(
+            body, request.headers.get("content-type", ""), request.headers, settings.max_event_bytes
+        )
         results = await bus.publish(events)
     metrics.published.inc(sum(not r.duplicate for r in results))
     payload = {"results": [{"id": r.id, "sequence": r.sequence, "duplicate": r.duplicate} for r in results]}

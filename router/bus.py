@@ -78,7 +78,8 @@ class Bus:
                 work.cancel()
                 self._work.clear()
                 continue
-            batch, count = [], 0
+            batch: list[_Pending] = []
+            count = 0
             while self._pending and (not batch or count + len(self._pending[0].events) <= MAX_EVENTS_PER_COMMIT):
                 item = self._pending.pop(0)
                 batch.append(item)

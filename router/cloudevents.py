@@ -85,9 +85,7 @@ def parse(body: bytes, content_type: str, headers: Mapping[str, str], max_bytes:
                 if isinstance(exc, PayloadTooLarge) and len(entries) == 1:
                     raise
         if errors:
-            raise InvalidInput(
-                "body", f"every entry a valid CloudEvent ({len(errors)} bad: see errors)", errors=errors
-            )
+            raise InvalidInput("body", f"every entry a valid CloudEvent ({len(errors)} bad: see errors)", errors=errors)
         return events
     if media == STRUCTURED:
         return [validate(_json(body, "body"), max_bytes)]

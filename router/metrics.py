@@ -11,7 +11,9 @@ class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.published = Counter(
-            "cattube_router_events_published", "Events appended to the bus (duplicates not counted).", registry=self.registry
+            "cattube_router_events_published",
+            "Events appended to the bus (duplicates not counted).",
+            registry=self.registry,
         )
         self.publish_latency = Histogram(
             "cattube_router_publish_seconds",

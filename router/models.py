@@ -7,7 +7,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -8,8 +8,8 @@ passed in by the caller so tests can control the clock.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -141,9 +141,7 @@ class EventStore(Protocol):
 
     async def delete_subscription(self, name: str) -> bool: ...
 
-    async def receive(
-        self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int
-    ) -> list[Message]:
+    async def receive(self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int) -> list[Message]:
         """Lease up to `max_messages` visible messages; a message received `max_receive_count` times
         already is dead-lettered (and announced on the bus) instead of being handed out again."""
         ...

@@ -205,7 +205,9 @@ class SQLiteEventStore:
                 created = False
             else:
                 (last,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
-                start_seq = {"latest": last + 1, "earliest": 0}[spec.start] if isinstance(spec.start, str) else spec.start
+                start_seq = (
+                    {"latest": last + 1, "earliest": 0}[spec.start] if isinstance(spec.start, str) else spec.start
+                )
                 sub = Subscription(spec, "whsec_" + secrets.token_urlsafe(24), now_ms, start_seq)
                 conn.execute(
                     "INSERT INTO subscriptions (name, spec, secret, created_at, start_seq) VALUES (?, ?, ?, ?, ?)",
@@ -213,10 +215,14 @@ class SQLiteEventStore:
                 )
                 backfill = [
                     (spec.name, seq, now_ms, now_ms)
-                    for seq, body in conn.execute("SELECT seq, body FROM events WHERE seq >= ? ORDER BY seq", (start_seq,))
+                    for seq, body in conn.execute(
+                        "SELECT seq, body FROM events WHERE seq >= ? ORDER BY seq", (start_seq,)
+                    )
                     if spec.matches(json.loads(body))
                 ]
-                conn.executemany("INSERT INTO messages (sub, seq, enqueued_at, visible_at) VALUES (?, ?, ?, ?)", backfill)
+                conn.executemany(
+                    "INSERT INTO messages (sub, seq, enqueued_at, visible_at) VALUES (?, ?, ?, ?)", backfill
+                )
                 self._touched.add(spec.name)
                 created = True
         self._subs[spec.name] = sub
@@ -277,7 +283,15 @@ class SQLiteEventStore:
         return messages
 
     def _dead_letter(
-        self, conn: sqlite3.Connection, sub: str, msg_id: int, seq: int, attempts: int, reason: str, body: bytes, now_ms: int
+        self,
+        conn: sqlite3.Connection,
+        sub: str,
+        msg_id: int,
+        seq: int,
+        attempts: int,
+        reason: str,
+        body: bytes,
+        now_ms: int,
     ) -> None:
         conn.execute("DELETE FROM messages WHERE msg_id = ?", (msg_id,))
         conn.execute(

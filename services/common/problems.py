@@ -18,7 +18,12 @@ PROBLEM_JSON = "application/problem+json"
 
 
 def problem_response(
-    status: int, title: str, detail: str, *, errors: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "detail": detail}
     if errors:

@@ -43,7 +43,9 @@ def serve(name: str, settings_type: type[S], create_app: Callable[[S], FastAPI],
     parser.add_argument("--port", type=int, help="port to listen on (the service's CATTUBE_*_PORT)")
     args = parser.parse_args()
     settings = settings_type()
-    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s"
+    )
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -20,6 +20,7 @@ async def test_kill_9_under_concurrent_publishing_loses_nothing_acknowledged(tmp
     router = ServiceProcess("router", free_port(), env)
     await router.start()
     acknowledged: dict[str, int] = {}
+    enough = asyncio.Event()
 
     async with RouterClient(router.url, token="t", retries=0) as client:
         await client.ensure_subscription("work", pattern={"source": ["crash-test"]}, target={"queue": {}})
@@ -39,10 +40,11 @@ async def test_kill_9_under_concurrent_publishing_loses_nothing_acknowledged(tmp
                 except (RouterError, httpx.HTTPError):
                     return  # the router died under us: whatever was not answered may or may not be there
                 acknowledged[result.id] = result.sequence
+                if len(acknowledged) >= 500:
+                    enough.set()
 
         publishers = [asyncio.create_task(publisher(w)) for w in range(16)]
-        while len(acknowledged) < 500:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(enough.wait(), 60)
         await router.kill()
         await asyncio.gather(*publishers)
 

@@ -33,9 +33,13 @@ async def test_batch_publish_keeps_order_and_numbers_each_event(router: httpx.As
 async def test_binary_mode_takes_attributes_from_headers_and_data_from_the_body(router: httpx.AsyncClient) -> None:
     await router.put("/subscriptions/all", json={"pattern": {"type": ["bin"]}, "target": {"queue": {}}})
     headers = {"ce-specversion": "1.0", "ce-id": "x1", "ce-source": "tests", "ce-type": "bin", "ce-partitionkey": "k"}
-    response = await router.post("/events", content=b'{"n": 1}', headers={**headers, "Content-Type": "application/json"})
+    response = await router.post(
+        "/events", content=b'{"n": 1}', headers={**headers, "Content-Type": "application/json"}
+    )
     assert response.status_code == 202
-    raw = await router.post("/events", content=b"\x00\x01", headers={**headers, "ce-id": "x2", "Content-Type": "image/png"})
+    raw = await router.post(
+        "/events", content=b"\x00\x01", headers={**headers, "ce-id": "x2", "Content-Type": "image/png"}
+    )
     assert raw.status_code == 202
     messages = (await router.post("/subscriptions/all/receive", json={"max_messages": 10})).json()["messages"]
     first, second = (m["event"] for m in messages)

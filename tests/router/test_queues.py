@@ -74,7 +74,9 @@ async def test_a_message_comes_back_after_its_visibility_timeout(router: httpx.A
     assert second["event"]["id"] == "v" and second["attempt"] == 2
     stale = (await router.post("/subscriptions/q/ack", json={"receipts": [first["receipt"]]})).json()
     assert stale["results"][0]["ok"] is False
-    assert (await router.post("/subscriptions/q/ack", json={"receipts": [second["receipt"]]})).json()["results"][0]["ok"]
+    assert (await router.post("/subscriptions/q/ack", json={"receipts": [second["receipt"]]})).json()["results"][0][
+        "ok"
+    ]
 
 
 async def test_a_long_poll_returns_as_soon_as_an_event_is_published(router: httpx.AsyncClient) -> None:
@@ -116,7 +118,9 @@ async def test_extend_keeps_a_message_hidden(router: httpx.AsyncClient) -> None:
     )
     assert extended.json()["results"][0]["ok"]
     assert await receive(router, wait_s=0.6) == []
-    assert (await router.post("/subscriptions/q/ack", json={"receipts": [message["receipt"]]})).json()["results"][0]["ok"]
+    assert (await router.post("/subscriptions/q/ack", json={"receipts": [message["receipt"]]})).json()["results"][0][
+        "ok"
+    ]
 
 
 async def test_max_receive_count_dead_letters_and_announces(router: httpx.AsyncClient) -> None:
@@ -154,7 +158,9 @@ async def test_dead_letters_can_be_purged(router: httpx.AsyncClient) -> None:
 async def test_stats_long_poll_answers_when_the_numbers_change(router: httpx.AsyncClient) -> None:
     await make_queue(router)
     first = await stats(router)
-    waiting = asyncio.create_task(router.get("/subscriptions/q/stats", params={"wait_s": 10, "version": first["version"]}))
+    waiting = asyncio.create_task(
+        router.get("/subscriptions/q/stats", params={"wait_s": 10, "version": first["version"]})
+    )
     await asyncio.sleep(0.1)
     assert not waiting.done()
     await publish(router, event())

@@ -36,7 +36,9 @@ async def test_push_subscriptions_carry_a_signing_secret(router: httpx.AsyncClie
     assert (await put(router, "hook", target={"url": "http://127.0.0.1:1/x"})).json()["secret"] == body["secret"]
 
 
-@pytest.mark.parametrize(("start", "expected"), [("latest", ["new"]), ("earliest", ["old1", "old2", "new"]), (2, ["old2", "new"])])
+@pytest.mark.parametrize(
+    ("start", "expected"), [("latest", ["new"]), ("earliest", ["old1", "old2", "new"]), (2, ["old2", "new"])]
+)
 async def test_start_position(router: httpx.AsyncClient, start: Any, expected: list[str]) -> None:
     await router.post("/events", content=json.dumps([event(id="old1"), event(id="old2")]), headers=BATCH)
     await put(router, "s", start=start)
