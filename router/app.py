@@ -33,13 +33,18 @@ def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> Fas
         bus = Bus(store, retention_s=settings.retention_s, purge_interval_s=settings.purge_interval_s)
         await bus.start()
         app.state.bus = bus
-        app.state.begin_shutdown = bus.stop
+
+        def begin_shutdown() -> None:
+            supervisor.begin_stop()
+            bus.stop()
+
+        app.state.begin_shutdown = begin_shutdown
         supervisor.start("bus-writer", bus.run_writer())
         supervisor.start("retention", bus.run_retention())
         try:
             yield
         finally:
-            bus.stop()
+            begin_shutdown()
             await supervisor.drain(timeout_s=10)
             await bus.close()
 

@@ -14,8 +14,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from router.cloudevents import Encoded
 from router.persistence import (
     Appended,
     DeadLetter,
@@ -40,7 +40,7 @@ def now_ms() -> int:
 
 @dataclass
 class _Pending:
-    events: Sequence[dict[str, Any]]
+    events: Sequence[Encoded]
     done: asyncio.Future[list[Appended]]
 
 
@@ -127,7 +127,7 @@ class Bus:
 
     # -- publishing -------------------------------------------------------------------------------
 
-    async def publish(self, events: Sequence[dict[str, Any]]) -> list[Appended]:
+    async def publish(self, events: Sequence[Encoded]) -> list[Appended]:
         """Append events durably; returns after the commit that holds them."""
         if self._stopping.is_set():
             raise Unavailable("the router is shutting down")

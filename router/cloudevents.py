@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from services.common.errors import InvalidInput, PayloadTooLarge
 
@@ -26,6 +26,17 @@ RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\
 KNOWN = frozenset({"specversion", *STRING_ATTRIBUTES, "time", "data", "data_base64"})
 
 
+class Encoded(NamedTuple):
+    """A validated event and its stored JSON encoding, made once when it is validated."""
+
+    event: dict[str, Any]
+    body: bytes
+
+
+def encoded(event: dict[str, Any]) -> Encoded:
+    return Encoded(event, encode(event))
+
+
 class EventError(InvalidInput):
     """One bad event; `index` says which entry of a batch it was (None outside a batch)."""
 
@@ -35,8 +46,8 @@ class EventError(InvalidInput):
         self.index = index
 
 
-def validate(event: Any, max_bytes: int, index: int | None = None) -> dict[str, Any]:
-    """Check one structured-mode event; return it unchanged. Raises EventError or PayloadTooLarge."""
+def validate(event: Any, max_bytes: int, index: int | None = None) -> Encoded:
+    """Check one structured-mode event; return it with its encoding. Raises EventError or PayloadTooLarge."""
     if not isinstance(event, dict):
         raise EventError("event", "a JSON object", index)
     if event.get("specversion") != "1.0":
@@ -61,14 +72,14 @@ def validate(event: Any, max_bytes: int, index: int | None = None) -> dict[str, 
             raise EventError(name, "an extension attribute name of 1-20 lowercase letters or digits", index)
         if not isinstance(value, str | int | float | bool):
             raise EventError(name, "a string, number or boolean extension value", index)
-    size = len(encode(event))
-    if size > max_bytes:
+    result = encoded(event)
+    if len(result.body) > max_bytes:
         where = "event" if index is None else f"[{index}]"
-        raise PayloadTooLarge(where, f"an event of at most {max_bytes} bytes, got {size}")
-    return event
+        raise PayloadTooLarge(where, f"an event of at most {max_bytes} bytes, got {len(result.body)}")
+    return result
 
 
-def parse(body: bytes, content_type: str, headers: Mapping[str, str], max_bytes: int) -> list[dict[str, Any]]:
+def parse(body: bytes, content_type: str, headers: Mapping[str, str], max_bytes: int) -> list[Encoded]:
     """Turn a POST body in any of the three modes into validated events (a batch is all-or-nothing)."""
     media = content_type.split(";", 1)[0].strip().lower()
     if media == BATCH:
@@ -76,7 +87,7 @@ def parse(body: bytes, content_type: str, headers: Mapping[str, str], max_bytes:
         if not isinstance(entries, list) or not entries:
             raise InvalidInput("body", "a non-empty JSON array of CloudEvents")
         errors: list[dict[str, Any]] = []
-        events: list[dict[str, Any]] = []
+        events: list[Encoded] = []
         for i, entry in enumerate(entries):
             try:
                 events.append(validate(entry, max_bytes, i))

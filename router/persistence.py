@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from router.cloudevents import Encoded
 from router.patterns import Pattern, compile_pattern
 
 
@@ -125,7 +126,7 @@ class EventStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def append(self, events: Sequence[dict[str, Any]], now_ms: int) -> list[Appended]:
+    async def append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         """Store events in one transaction, skipping repeats of `source`+`id`, and queue each new one
         for every subscription whose pattern matches, in the same transaction."""
         ...

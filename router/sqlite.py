@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from router import announcements
-from router.cloudevents import encode
+from router.cloudevents import Encoded, encoded
 from router.persistence import (
     Appended,
     ChangeListener,
@@ -158,22 +158,22 @@ class SQLiteEventStore:
 
     # -- the log ----------------------------------------------------------------------------------
 
-    async def append(self, events: Sequence[dict[str, Any]], now_ms: int) -> list[Appended]:
+    async def append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         return await self._run(self._append, events, now_ms)
 
-    def _append(self, events: Sequence[dict[str, Any]], now_ms: int) -> list[Appended]:
+    def _append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         with self._transaction() as conn:
             return self._append_in(conn, events, now_ms)
 
-    def _append_in(self, conn: sqlite3.Connection, events: Sequence[dict[str, Any]], now_ms: int) -> list[Appended]:
+    def _append_in(self, conn: sqlite3.Connection, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         results: list[Appended] = []
         fanout: list[tuple[str, int, int, int]] = []
         subs = list(self._subs.values())
-        for event in events:
+        for event, body in events:
             row = conn.execute(
                 "INSERT INTO events (source, id, type, partitionkey, appended_at, body) VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (source, id) DO NOTHING RETURNING seq",
-                (event["source"], event["id"], event["type"], event.get("partitionkey"), now_ms, encode(event)),
+                (event["source"], event["id"], event["type"], event.get("partitionkey"), now_ms, body),
             ).fetchone()
             if row is None:
                 (seq,) = conn.execute(
@@ -301,7 +301,8 @@ class SQLiteEventStore:
         conn.execute("UPDATE subscriptions SET failed_total = failed_total + 1 WHERE name = ?", (sub,))
         self._touched.add(sub)
         event = json.loads(body)
-        self._append_in(conn, [announcements.dead_lettered(sub, msg_id, event, attempts, reason)], now_ms)
+        announcement = announcements.dead_lettered(sub, msg_id, event, attempts, reason)
+        self._append_in(conn, [encoded(announcement)], now_ms)
 
     async def ack(self, name: str, receipts: Sequence[str], now_ms: int) -> list[ReceiptResult]:
         return await self._run(self._ack, name, receipts)
