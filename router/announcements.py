@@ -9,7 +9,12 @@ SOURCE = "cattube/router"
 
 
 def dead_lettered(
-    subscription: str, message_id: int, event: dict[str, Any], attempts: int, last_error: str
+    subscription: str,
+    message_id: int,
+    event: dict[str, Any],
+    attempts: int,
+    last_error: str,
+    context: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`cattube.router.dead-lettered`: one message given up on, with enough context to act on it."""
     return {
@@ -27,5 +32,6 @@ def dead_lettered(
             "event_type": event.get("type"),
             "attempts": attempts,
             "last_error": last_error,
+            **(context or {}),
         },
     }

@@ -77,6 +77,8 @@ class Message:
     sequence: int
     event: bytes
     """The CloudEvent as stored JSON bytes (spliced into responses without re-encoding)."""
+    enqueued_at_ms: int = 0
+    replay: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,21 @@ class DeadLetter:
     attempts: int
     last_error: str
     dead_lettered_at_ms: int
+    context: dict[str, Any] = field(default_factory=dict)
+    """What led to it: `limit` exhausted, HTTP `status`, `error`, `last_attempt_at`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    name: str
+    subscription: str
+    from_sequence: int
+    to_sequence: int
+    total: int
+    delivered: int
+    pending: int
+    dead_lettered: int
+    created_at_ms: int
 
 
 class ChangeListener(Protocol):
@@ -149,7 +166,36 @@ class EventStore(Protocol):
 
     async def ack(self, name: str, receipts: Sequence[str], now_ms: int) -> list[ReceiptResult]: ...
 
-    async def nack(self, name: str, receipts: Sequence[str], delay_ms: int, now_ms: int) -> list[ReceiptResult]: ...
+    async def nack(
+        self, name: str, receipts: Sequence[str], delay_ms: int, now_ms: int, error: str | None = None
+    ) -> list[ReceiptResult]:
+        """Release leases; the messages become visible again after `delay_ms` (`error` is kept for a dead letter)."""
+        ...
+
+    async def lease(self, name: str, max_messages: int, lease_ms: int, now_ms: int) -> list[Message]:
+        """Push delivery's receive: no max_receive_count; with `ordered` delivery only the oldest pending
+        message of each partition key is eligible."""
+        ...
+
+    async def dead_letter(
+        self, name: str, receipt: str, reason: str, context: dict[str, Any], now_ms: int
+    ) -> ReceiptResult:
+        """Give up on a leased message: move it to the dead letters (announced on the bus)."""
+        ...
+
+    async def release_leases(self, name: str, now_ms: int) -> int:
+        """Make every leased message of the subscription visible now (a push dispatcher starting up)."""
+        ...
+
+    async def replay(self, name: str, replay: str, from_seq: int, to_seq: int, now_ms: int) -> Replay:
+        """Queue the retained events between two sequences that match the subscription, marked `replay`."""
+        ...
+
+    async def replay_status(self, name: str, replay: str) -> Replay | None: ...
+
+    async def sequence_at(self, at_ms: int) -> int:
+        """The first sequence appended at or after `at_ms`."""
+        ...
 
     async def extend(
         self, name: str, receipts: Sequence[str], visibility_timeout_ms: int, now_ms: int

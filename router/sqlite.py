@@ -8,6 +8,7 @@ call (group commit), so one fsync covers many publishers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 import sqlite3
@@ -25,61 +26,27 @@ from router.persistence import (
     DeadLetter,
     Message,
     ReceiptResult,
+    Replay,
     Stats,
     Subscription,
     SubscriptionSpec,
     spec_from_json,
     spec_to_json,
 )
+from router.sqlite_schema import SCHEMA
+from services.common.errors import Conflict
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    source TEXT NOT NULL,
-    id TEXT NOT NULL,
-    type TEXT NOT NULL,
-    partitionkey TEXT,
-    appended_at INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    UNIQUE (source, id)
-);
-CREATE INDEX IF NOT EXISTS events_appended_at ON events (appended_at);
-CREATE TABLE IF NOT EXISTS subscriptions (
-    name TEXT PRIMARY KEY,
-    spec TEXT NOT NULL,
-    secret TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    start_seq INTEGER NOT NULL,
-    delivered_total INTEGER NOT NULL DEFAULT 0,
-    failed_total INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS messages (
-    msg_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    sub TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    enqueued_at INTEGER NOT NULL,
-    visible_at INTEGER NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    receipt TEXT,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS messages_by_visibility ON messages (sub, visible_at, msg_id);
-CREATE INDEX IF NOT EXISTS messages_by_seq ON messages (seq);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    dl_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    sub TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    attempts INTEGER NOT NULL,
-    last_error TEXT NOT NULL,
-    dead_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_letters_by_sub ON dead_letters (sub, dl_id);
-CREATE INDEX IF NOT EXISTS dead_letters_by_seq ON dead_letters (seq);
-"""
 
 PURGE_CHUNK = 5_000
+
+
+def new_secret() -> str:
+    """A Standard Webhooks signing secret: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
 STALE_RECEIPT = "unknown receipt, or the message was received again since (its visibility timeout expired)"
 
 
@@ -167,7 +134,7 @@ class SQLiteEventStore:
 
     def _append_in(self, conn: sqlite3.Connection, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         results: list[Appended] = []
-        fanout: list[tuple[str, int, int, int]] = []
+        fanout: list[tuple[str, int, str | None, int, int]] = []
         subs = list(self._subs.values())
         for event, body in events:
             row = conn.execute(
@@ -185,10 +152,12 @@ class SQLiteEventStore:
             results.append(Appended(event["id"], seq, duplicate=False))
             for sub in subs:
                 if sub.spec.matches(event):
-                    fanout.append((sub.spec.name, seq, now_ms, now_ms))
+                    fanout.append((sub.spec.name, seq, event.get("partitionkey"), now_ms, now_ms))
                     self._touched.add(sub.spec.name)
         if fanout:
-            conn.executemany("INSERT INTO messages (sub, seq, enqueued_at, visible_at) VALUES (?, ?, ?, ?)", fanout)
+            conn.executemany(
+                "INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at) VALUES (?, ?, ?, ?, ?)", fanout
+            )
         return results
 
     # -- subscriptions ----------------------------------------------------------------------------
@@ -208,25 +177,41 @@ class SQLiteEventStore:
                 start_seq = (
                     {"latest": last + 1, "earliest": 0}[spec.start] if isinstance(spec.start, str) else spec.start
                 )
-                sub = Subscription(spec, "whsec_" + secrets.token_urlsafe(24), now_ms, start_seq)
+                sub = Subscription(spec, new_secret(), now_ms, start_seq)
                 conn.execute(
                     "INSERT INTO subscriptions (name, spec, secret, created_at, start_seq) VALUES (?, ?, ?, ?, ?)",
                     (spec.name, spec_to_json(spec), sub.secret, now_ms, start_seq),
                 )
-                backfill = [
-                    (spec.name, seq, now_ms, now_ms)
-                    for seq, body in conn.execute(
-                        "SELECT seq, body FROM events WHERE seq >= ? ORDER BY seq", (start_seq,)
-                    )
-                    if spec.matches(json.loads(body))
-                ]
-                conn.executemany(
-                    "INSERT INTO messages (sub, seq, enqueued_at, visible_at) VALUES (?, ?, ?, ?)", backfill
-                )
-                self._touched.add(spec.name)
+                self._enqueue_retained(conn, spec, start_seq, None, None, now_ms)
                 created = True
         self._subs[spec.name] = sub
         return sub, created
+
+    def _enqueue_retained(
+        self,
+        conn: sqlite3.Connection,
+        spec: SubscriptionSpec,
+        from_seq: int,
+        to_seq: int | None,
+        replay: str | None,
+        now_ms: int,
+    ) -> int:
+        """Queue the retained events in [from_seq, to_seq] that match `spec` (a new subscription's
+        start position, or a replay)."""
+        rows = [
+            (spec.name, seq, pkey, replay, now_ms, now_ms)
+            for seq, pkey, body in conn.execute(
+                "SELECT seq, partitionkey, body FROM events WHERE seq >= ? AND seq <= ? ORDER BY seq",
+                (from_seq, to_seq if to_seq is not None else 2**62),
+            )
+            if spec.matches(json.loads(body))
+        ]
+        conn.executemany(
+            "INSERT INTO messages (sub, seq, pkey, replay, enqueued_at, visible_at) VALUES (?, ?, ?, ?, ?, ?)", rows
+        )
+        if rows:
+            self._touched.add(spec.name)
+        return len(rows)
 
     async def get_subscription(self, name: str) -> Subscription | None:
         return self._subs.get(name)
@@ -248,38 +233,52 @@ class SQLiteEventStore:
         self._touched.add(name)
         return True
 
-    # -- queues -----------------------------------------------------------------------------------
+    # -- queues and push leases --------------------------------------------------------------------
 
     async def receive(self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int) -> list[Message]:
-        return await self._run(self._receive, name, max_messages, visibility_timeout_ms, now_ms)
+        return await self._run(self._lease, name, max_messages, visibility_timeout_ms, now_ms, True)
 
-    def _receive(self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int) -> list[Message]:
-        sub = self._subs[name]
-        limit = sub.spec.delivery.max_receive_count
+    async def lease(self, name: str, max_messages: int, lease_ms: int, now_ms: int) -> list[Message]:
+        return await self._run(self._lease, name, max_messages, lease_ms, now_ms, False)
+
+    def _lease(self, name: str, max_messages: int, hide_ms: int, now_ms: int, is_queue: bool) -> list[Message]:
+        delivery = self._subs[name].spec.delivery
+        # Ordered push: only the oldest pending message of each partition key may go out, and not
+        # while it is itself in flight or waiting to be retried; events without a key are not held.
+        ordered = (
+            ""
+            if is_queue or not delivery.ordered
+            else (
+                " AND (m.pkey IS NULL OR NOT EXISTS (SELECT 1 FROM messages o"
+                " WHERE o.sub = m.sub AND o.pkey = m.pkey AND o.seq < m.seq))"
+            )
+        )
         messages: list[Message] = []
         with self._transaction() as conn:
             while len(messages) < max_messages:
                 rows = conn.execute(
-                    "SELECT m.msg_id, m.seq, m.attempts, m.last_error, e.body FROM messages m"
-                    " JOIN events e ON e.seq = m.seq"
-                    " WHERE m.sub = ? AND m.visible_at <= ? ORDER BY m.visible_at, m.msg_id LIMIT ?",
+                    "SELECT m.msg_id, m.seq, m.replay, m.attempts, m.last_error, m.enqueued_at, e.body"
+                    " FROM messages m JOIN events e ON e.seq = m.seq"
+                    f" WHERE m.sub = ? AND m.visible_at <= ?{ordered} ORDER BY m.visible_at, m.msg_id LIMIT ?",
                     (name, now_ms, max_messages - len(messages)),
                 ).fetchall()
                 if not rows:
                     break
-                for msg_id, seq, attempts, last_error, body in rows:
-                    if attempts >= limit:
-                        reason = last_error or f"received {attempts} times without an ack (max_receive_count {limit})"
-                        self._dead_letter(conn, name, msg_id, seq, attempts, reason, body, now_ms)
+                for msg_id, seq, replay, attempts, last_error, enqueued_at, body in rows:
+                    if is_queue and attempts >= delivery.max_receive_count:
+                        limit = f"max_receive_count {delivery.max_receive_count}"
+                        reason = f"received {attempts} times without an ack ({limit})"
+                        context = {"limit": "max_receive_count", "error": last_error}
+                        self._dead_letter(conn, name, msg_id, seq, replay, attempts, reason, context, body, now_ms)
                         continue
                     receipt = f"{msg_id}.{secrets.token_urlsafe(12)}"
                     conn.execute(
                         "UPDATE messages SET receipt = ?, visible_at = ?, attempts = attempts + 1 WHERE msg_id = ?",
-                        (receipt, now_ms + visibility_timeout_ms, msg_id),
+                        (receipt, now_ms + hide_ms, msg_id),
                     )
-                    messages.append(Message(receipt, attempts + 1, seq, body))
+                    messages.append(Message(receipt, attempts + 1, seq, _mark(body, replay), enqueued_at, replay))
         if messages:
-            self._hide(name, now_ms + visibility_timeout_ms)
+            self._hide(name, now_ms + hide_ms)
         return messages
 
     def _dead_letter(
@@ -288,21 +287,59 @@ class SQLiteEventStore:
         sub: str,
         msg_id: int,
         seq: int,
+        replay: str | None,
         attempts: int,
         reason: str,
+        context: dict[str, Any],
         body: bytes,
         now_ms: int,
     ) -> None:
         conn.execute("DELETE FROM messages WHERE msg_id = ?", (msg_id,))
         conn.execute(
-            "INSERT INTO dead_letters (sub, seq, attempts, last_error, dead_at) VALUES (?, ?, ?, ?, ?)",
-            (sub, seq, attempts, reason, now_ms),
+            "INSERT INTO dead_letters (sub, seq, replay, attempts, last_error, context, dead_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (sub, seq, replay, attempts, reason, json.dumps(context), now_ms),
         )
         conn.execute("UPDATE subscriptions SET failed_total = failed_total + 1 WHERE name = ?", (sub,))
         self._touched.add(sub)
-        event = json.loads(body)
-        announcement = announcements.dead_lettered(sub, msg_id, event, attempts, reason)
+        announcement = announcements.dead_lettered(sub, msg_id, json.loads(body), attempts, reason, context)
         self._append_in(conn, [encoded(announcement)], now_ms)
+
+    async def dead_letter(
+        self, name: str, receipt: str, reason: str, context: dict[str, Any], now_ms: int
+    ) -> ReceiptResult:
+        return await self._run(self._dead_letter_receipt, name, receipt, reason, context, now_ms)
+
+    def _dead_letter_receipt(
+        self, name: str, receipt: str, reason: str, context: dict[str, Any], now_ms: int
+    ) -> ReceiptResult:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT m.msg_id, m.seq, m.replay, m.attempts, e.body FROM messages m JOIN events e ON e.seq = m.seq"
+                " WHERE m.msg_id = ? AND m.sub = ? AND m.receipt = ?",
+                (_msg_id(receipt), name, receipt),
+            ).fetchone()
+            if row is None:
+                return ReceiptResult(receipt, False, STALE_RECEIPT)
+            msg_id, seq, replay, attempts, body = row
+            self._dead_letter(conn, name, msg_id, seq, replay, attempts, reason, context, body, now_ms)
+        return ReceiptResult(receipt, True)
+
+    async def release_leases(self, name: str, now_ms: int) -> int:
+        return await self._run(self._release_leases, name, now_ms)
+
+    def _release_leases(self, name: str, now_ms: int) -> int:
+        """Make every leased message of a push subscription visible now: after a restart its dispatcher
+        is the only one that leases them, so none is still being delivered."""
+        with self._transaction() as conn:
+            count = conn.execute(
+                "UPDATE messages SET receipt = NULL, visible_at = ? WHERE sub = ? AND receipt IS NOT NULL"
+                " AND visible_at > ?",
+                (now_ms, name, now_ms),
+            ).rowcount
+        if count:
+            self._touched.add(name)
+        return count
 
     async def ack(self, name: str, receipts: Sequence[str], now_ms: int) -> list[ReceiptResult]:
         return await self._run(self._ack, name, receipts)
@@ -324,28 +361,31 @@ class SQLiteEventStore:
                 self._touched.add(name)
         return results
 
-    async def nack(self, name: str, receipts: Sequence[str], delay_ms: int, now_ms: int) -> list[ReceiptResult]:
-        return await self._run(self._change_visibility, name, receipts, delay_ms, now_ms, True)
+    async def nack(
+        self, name: str, receipts: Sequence[str], delay_ms: int, now_ms: int, error: str | None = None
+    ) -> list[ReceiptResult]:
+        return await self._run(self._change_visibility, name, receipts, delay_ms, now_ms, True, error)
 
     async def extend(
         self, name: str, receipts: Sequence[str], visibility_timeout_ms: int, now_ms: int
     ) -> list[ReceiptResult]:
-        return await self._run(self._change_visibility, name, receipts, visibility_timeout_ms, now_ms, False)
+        return await self._run(self._change_visibility, name, receipts, visibility_timeout_ms, now_ms, False, None)
 
     def _change_visibility(
-        self, name: str, receipts: Sequence[str], hide_ms: int, now_ms: int, release: bool
+        self, name: str, receipts: Sequence[str], hide_ms: int, now_ms: int, release: bool, error: str | None
     ) -> list[ReceiptResult]:
         # A nack releases the lease (the receipt dies, the message waits `hide_ms` as delayed);
         # an extend keeps the lease and pushes its visibility timeout out from now, as SQS does.
         sql = (
-            "UPDATE messages SET receipt = NULL, visible_at = ? WHERE msg_id = ? AND sub = ? AND receipt = ?"
+            "UPDATE messages SET receipt = NULL, visible_at = ?, last_error = COALESCE(?, last_error)"
+            " WHERE msg_id = ? AND sub = ? AND receipt = ?"
             if release
-            else "UPDATE messages SET visible_at = ? WHERE msg_id = ? AND sub = ? AND receipt = ?"
+            else "UPDATE messages SET visible_at = ? WHERE ? IS NULL AND msg_id = ? AND sub = ? AND receipt = ?"
         )
         results: list[ReceiptResult] = []
         with self._transaction() as conn:
             for receipt in receipts:
-                changed = conn.execute(sql, (now_ms + hide_ms, _msg_id(receipt), name, receipt)).rowcount
+                changed = conn.execute(sql, (now_ms + hide_ms, error, _msg_id(receipt), name, receipt)).rowcount
                 results.append(ReceiptResult(receipt, bool(changed), None if changed else STALE_RECEIPT))
             changed_count = sum(r.ok for r in results)
             if release and changed_count:
@@ -393,9 +433,9 @@ class SQLiteEventStore:
 
     def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
         return [
-            DeadLetter(seq, body, attempts, last_error, dead_at)
-            for seq, body, attempts, last_error, dead_at in self.conn.execute(
-                "SELECT d.seq, e.body, d.attempts, d.last_error, d.dead_at FROM dead_letters d"
+            DeadLetter(seq, _mark(body, replay), attempts, last_error, dead_at, json.loads(context))
+            for seq, replay, body, attempts, last_error, context, dead_at in self.conn.execute(
+                "SELECT d.seq, d.replay, e.body, d.attempts, d.last_error, d.context, d.dead_at FROM dead_letters d"
                 " JOIN events e ON e.seq = d.seq WHERE d.sub = ? ORDER BY d.dl_id LIMIT ?",
                 (name, limit),
             )
@@ -407,8 +447,9 @@ class SQLiteEventStore:
     def _redrive(self, name: str, now_ms: int) -> int:
         with self._transaction() as conn:
             conn.execute(
-                "INSERT INTO messages (sub, seq, enqueued_at, visible_at)"
-                " SELECT sub, seq, ?, ? FROM dead_letters WHERE sub = ? ORDER BY dl_id",
+                "INSERT INTO messages (sub, seq, pkey, replay, enqueued_at, visible_at)"
+                " SELECT d.sub, d.seq, e.partitionkey, d.replay, ?, ? FROM dead_letters d"
+                " JOIN events e ON e.seq = d.seq WHERE d.sub = ? ORDER BY d.dl_id",
                 (now_ms, now_ms, name),
             )
             count = conn.execute("DELETE FROM dead_letters WHERE sub = ?", (name,)).rowcount
@@ -425,6 +466,52 @@ class SQLiteEventStore:
         if count:
             self._touched.add(name)
         return count
+
+    # -- replays ---------------------------------------------------------------------------------
+
+    async def replay(self, name: str, replay: str, from_seq: int, to_seq: int, now_ms: int) -> Replay:
+        return await self._run(self._replay, name, replay, from_seq, to_seq, now_ms)
+
+    def _replay(self, name: str, replay: str, from_seq: int, to_seq: int, now_ms: int) -> Replay:
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM replays WHERE sub = ? AND name = ?", (name, replay)).fetchone():
+                raise Conflict(f"subscription {name!r} already has a replay named {replay!r}")
+            total = self._enqueue_retained(conn, self._subs[name].spec, from_seq, to_seq, replay, now_ms)
+            conn.execute(
+                "INSERT INTO replays (sub, name, from_seq, to_seq, total, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, replay, from_seq, to_seq, total, now_ms),
+            )
+        return self._replay_status(name, replay)  # type: ignore[return-value]
+
+    async def replay_status(self, name: str, replay: str) -> Replay | None:
+        return await self._run(self._replay_status, name, replay)
+
+    def _replay_status(self, name: str, replay: str) -> Replay | None:
+        conn = self.conn
+        row = conn.execute(
+            "SELECT from_seq, to_seq, total, created_at FROM replays WHERE sub = ? AND name = ?", (name, replay)
+        ).fetchone()
+        if row is None:
+            return None
+        (pending,) = conn.execute(
+            "SELECT COUNT(*) FROM messages WHERE sub = ? AND replay = ?", (name, replay)
+        ).fetchone()
+        (dead,) = conn.execute(
+            "SELECT COUNT(*) FROM dead_letters WHERE sub = ? AND replay = ?", (name, replay)
+        ).fetchone()
+        from_seq, to_seq, total, created_at = row
+        return Replay(replay, name, from_seq, to_seq, total, total - pending - dead, pending, dead, created_at)
+
+    async def sequence_at(self, at_ms: int) -> int:
+        """The first sequence appended at or after `at_ms` (one past the last if none)."""
+        return await self._run(self._sequence_at, at_ms)
+
+    def _sequence_at(self, at_ms: int) -> int:
+        row = self.conn.execute("SELECT MIN(seq) FROM events WHERE appended_at >= ?", (at_ms,)).fetchone()
+        if row[0] is not None:
+            return int(row[0])
+        (last,) = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        return int(last) + 1
 
     # -- retention --------------------------------------------------------------------------------
 
@@ -443,6 +530,13 @@ class SQLiteEventStore:
                 " AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.seq = e.seq) LIMIT ?)",
                 (before_ms, PURGE_CHUNK),
             ).rowcount
+
+
+def _mark(body: bytes, replay: str | None) -> bytes:
+    """A replayed event goes out with a `replay` extension attribute naming its replay."""
+    if replay is None:
+        return body
+    return body[:-1] + b',"replay":' + json.dumps(replay).encode() + b"}"
 
 
 def _msg_id(receipt: str) -> int:

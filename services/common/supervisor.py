@@ -40,12 +40,16 @@ class Supervisor:
         if self.exit_on_failure:
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def begin_stop(self) -> None:
+        """From now on a loop that ends is expected to: the service is shutting down."""
+        self._stopping = True
+
     async def readiness(self) -> str | None:
         return "; ".join(self.failures.values()) or None
 
     async def drain(self, timeout_s: float) -> None:
         """Let the loops finish on their own (they were told to stop), then cancel what is left."""
-        self._stopping = True
+        self.begin_stop()
         tasks = list(self._tasks.values())
         if not tasks:
             return
