@@ -28,7 +28,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ async def run_process(
     timeout_s: float,
     memory_limit_bytes: int | None = None,
     on_stdout_line: Callable[[str], None] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ProcessResult:
     """Run `argv` to completion in its own process group, which cannot outlive this call.
 
@@ -146,6 +147,7 @@ async def run_process(
     `memory_limit_bytes` the child runs under `RLIMIT_AS`, so an allocation past it fails in the
     child. Past `timeout_s` the group is killed and `ProcessTimeout` raised; cancelling the awaiting
     task kills the group too. On Linux the child also dies with this process (`PR_SET_PDEATHSIG`).
+    `env` replaces the child's environment (by default it inherits ours).
 
         result = await run_process([ffmpeg_exe(), "-version"], timeout_s=10)
         assert result.returncode == 0
@@ -155,6 +157,7 @@ async def run_process(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=env,
         start_new_session=True,
         preexec_fn=_child_setup(memory_limit_bytes),
     )
