@@ -25,13 +25,15 @@ from router.models import (
     ReceiptOut,
     ReceiptsOut,
     ReceiveIn,
+    ReplayIn,
+    ReplayOut,
     StatsOut,
     SubscriptionIn,
     SubscriptionList,
     SubscriptionOut,
 )
 from router.patterns import Pattern, PatternError, compile_pattern
-from router.persistence import Delivery, ReceiptResult, Subscription, SubscriptionSpec
+from router.persistence import Delivery, ReceiptResult, Replay, Subscription, SubscriptionSpec
 from router.settings import RouterSettings
 from services.common.body import read_body
 from services.common.errors import InvalidInput
@@ -100,6 +102,10 @@ def _compile(pattern: dict[str, Any]) -> Pattern:
         raise InvalidInput(f"pattern.{exc.path}" if exc.path else "pattern", exc.reason) from None
 
 
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
 def _out(sub: Subscription) -> SubscriptionOut:
     spec = sub.spec
     return SubscriptionOut(
@@ -108,7 +114,7 @@ def _out(sub: Subscription) -> SubscriptionOut:
         target=spec.target,
         delivery=DeliveryIn.model_validate(spec.delivery, from_attributes=True),
         start_sequence=sub.start_sequence,
-        created_at=datetime.fromtimestamp(sub.created_at_ms / 1000, UTC).isoformat().replace("+00:00", "Z"),
+        created_at=_iso(sub.created_at_ms),
         secret=None if spec.is_queue else sub.secret,
     )
 
@@ -213,12 +219,13 @@ async def stats(
 async def dead_letters(name: str, bus: BusDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
     """Messages given up on, with their attempts and last error."""
     items = [
-        b'{"sequence":%d,"attempts":%d,"last_error":%s,"dead_lettered_at":%s,"event":%s}'
+        b'{"sequence":%d,"attempts":%d,"last_error":%s,"context":%s,"dead_lettered_at":%s,"event":%s}'
         % (
             d.sequence,
             d.attempts,
             json.dumps(d.last_error).encode(),
-            json.dumps(datetime.fromtimestamp(d.dead_lettered_at_ms / 1000, UTC).isoformat()).encode(),
+            json.dumps(d.context).encode(),
+            json.dumps(_iso(d.dead_lettered_at_ms)).encode(),
             d.event,
         )
         for d in await bus.dead_letters(name, limit)
@@ -236,3 +243,31 @@ async def redrive(name: str, bus: BusDep) -> CountOut:
 async def purge_dead_letters(name: str, bus: BusDep) -> CountOut:
     """Drop every dead letter of the subscription."""
     return CountOut(count=await bus.purge_dead_letters(name))
+
+
+def _replay_out(replay: Replay) -> ReplayOut:
+    return ReplayOut(
+        name=replay.name,
+        subscription=replay.subscription,
+        from_sequence=replay.from_sequence,
+        to_sequence=replay.to_sequence,
+        total=replay.total,
+        delivered=replay.delivered,
+        pending=replay.pending,
+        dead_lettered=replay.dead_lettered,
+        done=replay.pending == 0,
+        created_at=_iso(replay.created_at_ms),
+    )
+
+
+@router.post("/subscriptions/{name}/replay", status_code=202, response_model=ReplayOut, tags=["replays"])
+async def replay(name: str, body: ReplayIn, bus: BusDep) -> ReplayOut:
+    """Deliver retained matching events between `from` and `to` again, marked with a `replay` attribute."""
+    replay_name = body.name or "replay-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return _replay_out(await bus.replay(name, replay_name, body.start, body.end))
+
+
+@router.get("/subscriptions/{name}/replays/{replay}", response_model=ReplayOut, tags=["replays"])
+async def replay_status(name: str, replay: str, bus: BusDep) -> ReplayOut:
+    """How far a replay has got."""
+    return _replay_out(await bus.replay_status(name, replay))

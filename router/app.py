@@ -53,7 +53,11 @@ def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> Fas
     app.state.metrics = metrics
     install_problem_handlers(app)
     app.include_router(
-        ops_router(metrics.registry, [supervisor.readiness], before_scrape=lambda: metrics.refresh(app.state.bus))
+        ops_router(
+            metrics.registry,
+            [supervisor.readiness, lambda: app.state.bus.dispatchers.readiness()],
+            before_scrape=lambda: metrics.refresh(app.state.bus),
+        )
     )
     app.include_router(api_router)
     if settings.token_value:

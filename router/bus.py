@@ -14,20 +14,23 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from router.cloudevents import Encoded
+from router.delivery import Dispatchers
 from router.persistence import (
     Appended,
     DeadLetter,
     EventStore,
     Message,
     ReceiptResult,
+    Replay,
     Stats,
     Subscription,
     SubscriptionSpec,
 )
 from router.signals import Signals, wait_for
-from services.common.errors import NotFound, Unavailable
+from services.common.errors import InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class Bus:
         self.purge_interval_s = purge_interval_s
         self.signals = Signals(lambda name: store.next_visible_ms(name, now_ms()))
         store.listener = self.signals.on_change
+        self.dispatchers = Dispatchers(store, self.signals)
         self._pending: list[_Pending] = []
         self._work = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -64,6 +68,7 @@ class Bus:
         for sub in await self.store.list_subscriptions():
             if (at := await self.store.next_visible_ms(sub.spec.name, now_ms())) is not None:
                 self.signals.schedule(sub.spec.name, at)
+            await self.dispatchers.sync(sub)
 
     async def run_writer(self) -> None:
         """The group-commit writer: runs until `stop()`, then commits what is still pending."""
@@ -119,9 +124,11 @@ class Bus:
         """Stop taking work: long polls return at once, the writer commits what is pending and ends."""
         if not self._stopping.is_set():
             self._stopping.set()
+            self.dispatchers.stop()
             self.signals.wake_all()
 
     async def close(self) -> None:
+        await self.dispatchers.close()
         self.signals.close()
         await self.store.close()
 
@@ -140,7 +147,9 @@ class Bus:
     # -- subscriptions ----------------------------------------------------------------------------
 
     async def put_subscription(self, spec: SubscriptionSpec) -> tuple[Subscription, bool]:
-        return await self.store.put_subscription(spec, now_ms())
+        sub, created = await self.store.put_subscription(spec, now_ms())
+        await self.dispatchers.sync(sub)
+        return sub, created
 
     async def subscription(self, name: str) -> Subscription:
         sub = await self.store.get_subscription(name)
@@ -158,6 +167,7 @@ class Bus:
         return await self.store.list_subscriptions()
 
     async def delete_subscription(self, name: str) -> None:
+        await self.dispatchers.remove(name)
         if not await self.store.delete_subscription(name):
             raise NotFound(f"no subscription named {name!r}")
         self.signals.forget(name)
@@ -211,3 +221,31 @@ class Bus:
     async def purge_dead_letters(self, name: str) -> int:
         await self.subscription(name)
         return await self.store.purge_dead_letters(name)
+
+    # -- replays ----------------------------------------------------------------------------------
+
+    async def replay(self, name: str, replay: str, start: int | datetime, end: int | datetime | None) -> Replay:
+        """Deliver the retained events between `start` and `end` (sequences, or append times) that match
+        the subscription to it again, each marked with a `replay` attribute naming this replay."""
+        await self.subscription(name)
+        from_seq = start if isinstance(start, int) else await self.store.sequence_at(_ms(start))
+        if end is None:
+            to_seq = 2**62
+        elif isinstance(end, int):
+            to_seq = end
+        else:
+            to_seq = await self.store.sequence_at(_ms(end) + 1) - 1
+        if to_seq < from_seq:
+            raise InvalidInput("to", f"a position at or after from (sequence {from_seq})")
+        return await self.store.replay(name, replay, from_seq, to_seq, now_ms())
+
+    async def replay_status(self, name: str, replay: str) -> Replay:
+        await self.subscription(name)
+        status = await self.store.replay_status(name, replay)
+        if status is None:
+            raise NotFound(f"subscription {name!r} has no replay named {replay!r}")
+        return status
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)

@@ -20,6 +20,7 @@ the first copy and answers repeats with `duplicate: true`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import uuid
@@ -29,9 +30,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from fastapi import HTTPException, Request
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 __all__ = [
     "PublishResult",
+    "PushReceiver",
     "QueueConsumer",
     "QueueStats",
     "ReceivedMessage",
@@ -316,3 +320,52 @@ def _problem(response: httpx.Response) -> dict[str, Any]:
     except ValueError:
         return {"title": response.reason_phrase, "detail": response.text[:500]}
     return body if isinstance(body, dict) else {"title": response.reason_phrase, "detail": str(body)[:500]}
+
+
+class PushReceiver:
+    """A FastAPI dependency for push consumers: verifies the router's signature and returns the CloudEvent.
+
+    Refuses unsigned, forged and stale (older than 5 minutes) deliveries with 401, per Standard
+    Webhooks. The secret comes back from `ensure_subscription` on a push target, so it can be set
+    after the app is built:
+
+        receiver = PushReceiver()
+
+        @app.post("/events", status_code=204)
+        async def on_event(event: Annotated[dict[str, Any], Depends(receiver)]) -> None:
+            ...
+
+        sub = await router.ensure_subscription("store", pattern=..., target={"url": my_url + "/events"})
+        receiver.secret = sub["secret"]
+    """
+
+    def __init__(self, secret: str | None = None) -> None:
+        self.secret = secret
+
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        if not self.secret:
+            raise HTTPException(503, "not subscribed yet: no signing secret to verify deliveries with")
+        body = await request.body()
+        headers = dict(request.headers)
+        try:
+            Webhook(self.secret).verify(body, headers, json_parse=False)
+        except (WebhookVerificationError, UnicodeDecodeError, ValueError) as exc:
+            raise HTTPException(
+                401, f"webhook-signature: expected a valid, fresh Standard Webhooks signature ({exc})"
+            ) from None
+        return _cloudevent(body, headers)
+
+
+def _cloudevent(body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
+    """The CloudEvent of a delivery, in structured mode (the body) or binary mode (ce-* headers + data)."""
+    content_type = headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/cloudevents+json":
+        event: dict[str, Any] = json.loads(body)
+        return event
+    event = {name[3:]: value for name, value in headers.items() if name.lower().startswith("ce-")}
+    if content_type:
+        event["datacontenttype"] = content_type
+    if body:
+        event["data"] = json.loads(body) if media == "application/json" or media.endswith("+json") else body.decode()
+    return event

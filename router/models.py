@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -128,3 +128,33 @@ class PatternTestOut(BaseModel):
 
 class CountOut(BaseModel):
     count: int
+
+
+class ReplayIn(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$", description="Names the replay; default replay-<time>."
+    )
+    start: int | AwareDatetime = Field(alias="from", description="First sequence, or RFC 3339 append time.")
+    end: int | AwareDatetime | None = Field(None, alias="to", description="Last sequence or time; default: now.")
+
+    @model_validator(mode="after")
+    def sequences_are_positive(self) -> ReplayIn:
+        for value in (self.start, self.end):
+            if isinstance(value, int) and value < 0:
+                raise ValueError("a sequence is >= 0")
+        return self
+
+
+class ReplayOut(BaseModel):
+    name: str
+    subscription: str
+    from_sequence: int
+    to_sequence: int
+    total: int = Field(description="Matching events queued by the replay.")
+    delivered: int
+    pending: int
+    dead_lettered: int
+    done: bool
+    created_at: str
