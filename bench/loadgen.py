@@ -62,6 +62,7 @@ async def publish(args: argparse.Namespace) -> dict[str, float]:
         elapsed = time.perf_counter() - started
     latencies.sort()
     return {
+        "elapsed_s": elapsed,
         "requests_per_s": len(latencies) / elapsed,
         "events_per_s": done_events / elapsed,
         "p50_ms": latencies[len(latencies) // 2] * 1000,
@@ -73,25 +74,28 @@ async def consume(args: argparse.Namespace) -> dict[str, float]:
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     base = f"{args.url}/subscriptions/{args.subscription}"
     received = 0
+    requests = 0
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal received
+        nonlocal received, requests
         while received < args.count:
             body = {"max_messages": 10, "wait_s": 1, "visibility_timeout_s": 60}
             async with session.post(f"{base}/receive", json=body, headers=headers) as response:
                 messages = (await response.json())["messages"]
+            requests += 1
             if not messages:
                 return
             received += len(messages)
             receipts = [m["receipt"] for m in messages]
             async with session.post(f"{base}/ack", json={"receipts": receipts}, headers=headers) as response:
                 await response.read()
+            requests += 1
 
     async with aiohttp.ClientSession() as session:
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(args.concurrency)))
         elapsed = time.perf_counter() - started
-    return {"messages_per_s": received / elapsed, "received": received}
+    return {"messages_per_s": received / elapsed, "received": received, "requests": requests}
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -37,8 +38,29 @@ def free_port() -> int:
         return port
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (from /proc): a measure the noise of a shared
+    machine barely moves, unlike throughput."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    url: str
+    pid: int
+
+    def load(self, *args: str) -> dict[str, float]:
+        """Run the load generator and add the server's CPU per request (µs) to its result."""
+        before = cpu_s(self.pid)
+        result = load(*args)
+        requests = result["requests_per_s"] * result["elapsed_s"] if "requests_per_s" in result else result["requests"]
+        result["server_cpu_us_per_request"] = round((cpu_s(self.pid) - before) / requests * 1e6, 1)
+        return result
+
+
 @contextmanager
-def server(argv: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+def server(argv: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[Server]:
     proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})}, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -48,7 +70,7 @@ def server(argv: list[str], port: int, env: dict[str, str] | None = None) -> Ite
                 break
             except httpx.TransportError:
                 time.sleep(0.05)
-        yield url
+        yield Server(url, proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -66,28 +88,38 @@ def main() -> None:
     parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
     args = parser.parse_args()
     duration = str(args.duration)
-    results: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    results: dict[str, object] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
 
     bare_port = free_port()
-    with server([PY, str(HERE / "bare.py"), str(bare_port)], bare_port) as url:
+    with server([PY, str(HERE / "bare.py"), str(bare_port)], bare_port) as bare_server:
+        url = bare_server.url
         load("publish", url + "/events", "--duration", "2")  # warm-up
-        bare = load("publish", url + "/events", "--concurrency", "16", "--duration", duration)
+        bare = bare_server.load("publish", url + "/events", "--concurrency", "16", "--duration", duration)
     results["bare_single"] = bare
 
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
         env = {"CATTUBE_DATA_DIR": data, "CATTUBE_LOG_LEVEL": "warning", "CATTUBE_SQLITE_SYNCHRONOUS": args.synchronous}
-        with server([PY, "-m", "router", "--port", str(port)], port, env) as url:
+        with server([PY, "-m", "router", "--port", str(port)], port, env) as router:
+            url = router.url
             httpx.put(f"{url}/subscriptions/bench", json={"pattern": {"source": ["bench"]}, "target": {"queue": {}}})
             httpx.put(f"{url}/subscriptions/other", json={"pattern": {"source": ["nope"]}, "target": {"queue": {}}})
             load("publish", url + "/events", "--duration", "2")  # warm-up
-            single = load("publish", url + "/events", "--concurrency", "16", "--duration", duration)
-            batched = load("publish", url + "/events", "--concurrency", "4", "--batch", "100", "--duration", duration)
-            consumed = load("consume", url, "--subscription", "bench", "--concurrency", "4", "--count", "50000")
+            single = router.load("publish", url + "/events", "--concurrency", "16", "--duration", duration)
+            batched = router.load(
+                "publish", url + "/events", "--concurrency", "4", "--batch", "100", "--duration", duration
+            )
+            consumed = router.load("consume", url, "--subscription", "bench", "--concurrency", "4", "--count", "50000")
     results["router_single"] = single
     results["router_batched_100"] = batched
     results["queue_receive_ack"] = consumed
     results["single_ratio_to_bare"] = round(single["requests_per_s"] / bare["requests_per_s"], 3)
+    results["single_cpu_ratio_bare_to_router"] = round(
+        bare["server_cpu_us_per_request"] / single["server_cpu_us_per_request"], 3
+    )
     print(json.dumps(results, indent=2))
 
 

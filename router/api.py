@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -76,14 +77,19 @@ PUBLISH_BODY: dict[str, Any] = {
 
 
 @router.post("/events", status_code=202, response_model=PublishOut, openapi_extra=PUBLISH_BODY, tags=["events"])
-async def publish(request: Request, bus: BusDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
+async def publish(request: Request) -> Response:
     """Publish CloudEvents (structured, batched or binary mode); answered once they are durable."""
-    with metrics.publish_latency.time():
-        body = await read_body(request, settings.max_request_bytes)
-        events = cloudevents.parse(
-            body, request.headers.get("content-type", ""), request.headers, settings.max_event_bytes
-        )
-        results = await bus.publish(events)
+    # The hot path: collaborators come straight from app.state, not through dependency injection,
+    # which costs more per request than everything else here but the commit.
+    state = request.app.state
+    settings: RouterSettings = state.settings
+    metrics: RouterMetrics = state.metrics
+    started = time.perf_counter()
+    body = await read_body(request, settings.max_request_bytes)
+    headers = request.headers
+    events = cloudevents.parse(body, headers.get("content-type", ""), headers, settings.max_event_bytes)
+    results = await state.bus.publish(events)
+    metrics.publish_latency.observe(time.perf_counter() - started)
     metrics.published.inc(sum(not r.duplicate for r in results))
     payload = {"results": [{"id": r.id, "sequence": r.sequence, "duplicate": r.duplicate} for r in results]}
     return Response(json.dumps(payload, separators=(",", ":")), status_code=202, media_type="application/json")
