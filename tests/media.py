@@ -111,7 +111,8 @@ def make_h264_bomb(path: Path, width: int, height: int, frames: int = 3) -> Path
         stream += _nal(5, slice_)
     raw = path.with_name(f"{path.stem}.h264")
     raw.write_bytes(stream)
-    ffmpeg("-r", "25", "-f", "h264", "-i", str(raw), "-c", "copy", str(path))
+    # -max_pixels keeps ffmpeg's own stream analysis from allocating the frames while it remuxes.
+    ffmpeg("-r", "25", "-f", "h264", "-max_pixels", "4096", "-i", str(raw), "-c", "copy", "-f", "matroska", str(path))
     raw.unlink()
     return path
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import logging
 import os
@@ -106,12 +105,12 @@ class ProcessTimeout(Exception):
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
-    # Loaded in the parent: the child between fork and exec should not be the one to dlopen.
+    # Looked up in the parent: the child between fork and exec should not be the one to dlopen.
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:  # pragma: no cover - a Linux without a loadable libc
+        return ctypes.CDLL(None, use_errno=True)  # the symbols Python itself links, libc's among them
+    except OSError:  # pragma: no cover - a Linux without dynamic linking
         return None
 
 
@@ -122,6 +121,7 @@ def _child_setup(memory_limit_bytes: int | None) -> Callable[[], None]:
 
     def setup() -> None:
         if libc is not None:
+            # Linux sends it when the *thread* that forked exits: here the event loop's thread.
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             # The parent may have died before prctl took effect; then nobody will send the signal.
             if os.getppid() != parent_pid:
