@@ -2,6 +2,7 @@
 
     python bench/loadgen.py publish URL --concurrency 16 --duration 10 [--batch 100] [--token T]
     python bench/loadgen.py consume URL --subscription q --concurrency 4 --count 20000 [--token T]
+    python bench/loadgen.py paced URL --rate 1000 --duration 10   # single publishes at a fixed rate
 
 Prints one JSON line with what it measured.
 """
@@ -70,6 +71,36 @@ async def publish(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+async def paced(args: argparse.Namespace) -> dict[str, float]:
+    """Publish one event per request at `rate` per second, each stamped with when it was sent."""
+    headers = {"Content-Type": "application/cloudevents+json"}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
+    prefix = uuid.uuid4().hex
+    total = int(args.rate * args.duration)
+    loop = asyncio.get_running_loop()
+
+    async def send(session: aiohttp.ClientSession, n: int) -> None:
+        event = {**event_of(prefix, n), "data": {"sent": time.monotonic(), "n": n}}
+        async with session.post(args.url, data=json.dumps(event), headers=headers) as response:
+            await response.read()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
+        started = loop.time()
+        tasks = []
+        for n in range(total):
+            delay = started + n / args.rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)  # pacing the load, not waiting for a condition
+            tasks.append(asyncio.create_task(send(session, n)))
+        await asyncio.gather(*tasks)
+    return {"sent": total, "rate": args.rate}
+
+
+def event_of(prefix: str, n: int) -> dict[str, object]:
+    return {"specversion": "1.0", "id": f"{prefix}-{n}", "source": "bench", "type": "bench.paced"}
+
+
 async def consume(args: argparse.Namespace) -> dict[str, float]:
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     base = f"{args.url}/subscriptions/{args.subscription}"
@@ -100,7 +131,7 @@ async def consume(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["publish", "consume"])
+    parser.add_argument("mode", choices=["publish", "consume", "paced"])
     parser.add_argument("url")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=10)
@@ -108,8 +139,10 @@ def main() -> None:
     parser.add_argument("--subscription", default="bench")
     parser.add_argument("--count", type=int, default=20_000)
     parser.add_argument("--token")
+    parser.add_argument("--rate", type=float, default=1000)
     args = parser.parse_args()
-    result = asyncio.run(publish(args) if args.mode == "publish" else consume(args))
+    modes = {"publish": publish, "consume": consume, "paced": paced}
+    result = asyncio.run(modes[args.mode](args))
     print(json.dumps(result))
 
 

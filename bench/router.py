@@ -82,11 +82,69 @@ def load(*args: str) -> dict[str, float]:
     return result
 
 
+def push_bench(synchronous: str, duration: str) -> dict[str, object]:
+    """Push latency at 1,000 events/s, and the highest sustained push rate to one consumer."""
+    out: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as data:
+        port = free_port()
+        env = {"CATTUBE_DATA_DIR": data, "CATTUBE_LOG_LEVEL": "warning", "CATTUBE_SQLITE_SYNCHRONOUS": synchronous}
+        with server([PY, "-m", "router", "--port", str(port)], port, env) as router:
+            rate, seconds = 1000, float(duration)
+            count = int(rate * seconds)
+            receiver_port = free_port()
+            receiver = subprocess.Popen(
+                [PY, str(HERE / "receiver.py"), str(receiver_port), str(count)], stdout=subprocess.PIPE, text=True
+            )
+            time.sleep(1)
+            target = {"url": f"http://127.0.0.1:{receiver_port}/hook"}
+            httpx.put(
+                f"{router.url}/subscriptions/latency", json={"pattern": {"type": ["bench.paced"]}, "target": target}
+            )
+            load("paced", router.url + "/events", "--rate", str(rate), "--duration", str(seconds))
+            out["latency_at_1000_per_s"] = json.loads(receiver.communicate(timeout=120)[0])
+            httpx.delete(f"{router.url}/subscriptions/latency")
+
+            # Throughput: a backlog published first, then a new subscription drains it from the start.
+            backlog = 30_000
+            first = load("publish", router.url + "/events", "--concurrency", "4", "--batch", "100", "--duration", "1")
+            more = backlog - int(first["events_per_s"] * first["elapsed_s"])
+            while more > 0:
+                step = load(
+                    "publish", router.url + "/events", "--concurrency", "4", "--batch", "100", "--duration", "1"
+                )
+                more -= int(step["events_per_s"] * step["elapsed_s"])
+            receiver_port = free_port()
+            total = backlog - more  # what was published, at least `backlog`
+            receiver = subprocess.Popen(
+                [PY, str(HERE / "receiver.py"), str(receiver_port), str(total)], stdout=subprocess.PIPE, text=True
+            )
+            time.sleep(1)
+            before = cpu_s(router.pid)
+            httpx.put(
+                f"{router.url}/subscriptions/drain",
+                json={
+                    "pattern": {"type": ["bench.event"]},
+                    "target": {"url": f"http://127.0.0.1:{receiver_port}/hook"},
+                    "delivery": {"max_in_flight": 16},
+                    "start": "earliest",
+                },
+                timeout=120,
+            )
+            drained = json.loads(receiver.communicate(timeout=600)[0])
+            drained["server_cpu_us_per_event"] = round((cpu_s(router.pid) - before) / total * 1e6, 1)
+            out["sustained_max_in_flight_16"] = drained
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
+    parser.add_argument("--only", choices=["push"], help="run one part alone")
     args = parser.parse_args()
+    if args.only == "push":
+        print(json.dumps(push_bench(args.synchronous, str(args.duration)), indent=2))
+        return
     duration = str(args.duration)
     results: dict[str, object] = {
         "date": time.strftime("%Y-%m-%d"),
@@ -113,6 +171,7 @@ def main() -> None:
                 "publish", url + "/events", "--concurrency", "4", "--batch", "100", "--duration", duration
             )
             consumed = router.load("consume", url, "--subscription", "bench", "--concurrency", "4", "--count", "50000")
+        results["push"] = push_bench(args.synchronous, duration)
     results["router_single"] = single
     results["router_batched_100"] = batched
     results["queue_receive_ack"] = consumed

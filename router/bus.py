@@ -13,9 +13,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
+from router.batching import GroupCommit
 from router.cloudevents import Encoded
 from router.delivery import Dispatchers
 from router.persistence import (
@@ -30,7 +30,7 @@ from router.persistence import (
     SubscriptionSpec,
 )
 from router.signals import Signals, wait_for
-from services.common.errors import InvalidInput, NotFound, Unavailable
+from services.common.errors import InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass
-class _Pending:
-    events: Sequence[Encoded]
-    done: asyncio.Future[list[Appended]]
-
-
 class Bus:
     def __init__(self, store: EventStore, *, retention_s: float, purge_interval_s: float = 3600) -> None:
         self.store = store
@@ -55,11 +49,8 @@ class Bus:
         self.signals = Signals(lambda name: store.next_visible_ms(name, now_ms()))
         store.listener = self.signals.on_change
         self.dispatchers = Dispatchers(store, self.signals)
-        self._pending: list[_Pending] = []
-        self._work = asyncio.Event()
+        self._writer = GroupCommit("the bus", self._append, weight=len, max_weight=MAX_EVENTS_PER_COMMIT)
         self._stopping = asyncio.Event()
-        self.commits = 0
-        """Transactions the writer has committed (a publish benchmark reads events per commit off it)."""
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -72,42 +63,15 @@ class Bus:
 
     async def run_writer(self) -> None:
         """The group-commit writer: runs until `stop()`, then commits what is still pending."""
-        while True:
-            if not self._pending:
-                if self._stopping.is_set():
-                    return
-                stop = asyncio.ensure_future(self._stopping.wait())
-                work = asyncio.ensure_future(self._work.wait())
-                await asyncio.wait({stop, work}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                work.cancel()
-                self._work.clear()
-                continue
-            batch: list[_Pending] = []
-            count = 0
-            while self._pending and (not batch or count + len(self._pending[0].events) <= MAX_EVENTS_PER_COMMIT):
-                item = self._pending.pop(0)
-                batch.append(item)
-                count += len(item.events)
-            await self._commit(batch)
+        await self._writer.run()
 
-    async def _commit(self, batch: list[_Pending]) -> None:
-        flat = [event for item in batch for event in item.events]
-        try:
-            results = await self.store.append(flat, now_ms())
-        except Exception as exc:
-            log.exception("append of %d events failed", len(flat))
-            for item in batch:
-                if not item.done.done():
-                    item.done.set_exception(Unavailable(f"the event store refused the write: {exc}"))
-            return
-        self.commits += 1
-        offset = 0
-        for item in batch:
-            part = results[offset : offset + len(item.events)]
-            offset += len(item.events)
-            if not item.done.done():
-                item.done.set_result(part)
+    async def _append(self, batches: list[Sequence[Encoded]]) -> list[list[Appended]]:
+        results = await self.store.append([event for events in batches for event in events], now_ms())
+        split, offset = [], 0
+        for events in batches:
+            split.append(results[offset : offset + len(events)])
+            offset += len(events)
+        return split
 
     async def run_retention(self) -> None:
         """Drop events past the retention window, once an interval (a timer, not a poll)."""
@@ -124,6 +88,7 @@ class Bus:
         """Stop taking work: long polls return at once, the writer commits what is pending and ends."""
         if not self._stopping.is_set():
             self._stopping.set()
+            self._writer.stop()
             self.dispatchers.stop()
             self.signals.wake_all()
 
@@ -136,13 +101,7 @@ class Bus:
 
     async def publish(self, events: Sequence[Encoded]) -> list[Appended]:
         """Append events durably; returns after the commit that holds them."""
-        if self._stopping.is_set():
-            raise Unavailable("the router is shutting down")
-        done: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(events, done))
-        self._work.set()
-        # Shielded: a publisher that goes away must not pull its events out of a shared transaction.
-        return await asyncio.shield(done)
+        return await self._writer.submit(events)
 
     # -- subscriptions ----------------------------------------------------------------------------
 

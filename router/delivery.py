@@ -25,7 +25,8 @@ from typing import Any
 import aiohttp
 from standardwebhooks.webhooks import Webhook
 
-from router.persistence import EventStore, Message, Subscription
+from router.batching import GroupCommit
+from router.persistence import EventStore, Message, Settlement, Subscription
 from router.signals import Signals
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
+        self._outcomes: GroupCommit[Settlement, None] = GroupCommit(f"push:{self.name}", self._settle)
 
     def update(self, sub: Subscription) -> None:
         """A re-PUT changed the URL or the delivery policy: the next leases use them."""
@@ -134,6 +136,7 @@ class Dispatcher:
         connector = aiohttp.TCPConnector(limit=max(delivery.max_in_flight, 1), keepalive_timeout=30)
         async with aiohttp.ClientSession(connector=connector) as session:
             await self.store.release_leases(self.name, _now_ms())
+            settler = asyncio.create_task(self._outcomes.run())
             try:
                 await self._loop(session)
             finally:
@@ -141,6 +144,8 @@ class Dispatcher:
                 for task in self._in_flight:
                     task.cancel()
                 await asyncio.gather(*self._in_flight, return_exceptions=True)
+                self._outcomes.stop()
+                await settler
 
     async def _loop(self, session: aiohttp.ClientSession) -> None:
         while not self._stopping.is_set():
@@ -168,35 +173,39 @@ class Dispatcher:
             log.error("delivery to %s failed unexpectedly", self.name, exc_info=exc)
 
     async def _deliver(self, session: aiohttp.ClientSession, message: Message) -> None:
-        spec = self.sub.spec
         outcome = await self._attempt(session, message)
-        now_ms = _now_ms()
+        # Committed (with the other deliveries' outcomes of the moment) before the slot is freed.
+        await self._outcomes.submit(self._settlement(message, outcome))
+
+    def _settlement(self, message: Message, outcome: Outcome) -> Settlement:
         if outcome.ok:
-            await self.store.ack(self.name, [message.receipt], now_ms)
-            return
-        delivery = spec.delivery
+            return Settlement(message.receipt, "ack")
+        delivery = self.sub.spec.delivery
         limit = None
         if not outcome.retry:
             limit = "permanent"
         elif message.attempt >= delivery.max_attempts:
             limit = "max_attempts"
-        elif now_ms - message.enqueued_at_ms >= delivery.max_age_s * 1000:
+        elif _now_ms() - message.enqueued_at_ms >= delivery.max_age_s * 1000:
             limit = "max_age_s"
         if limit is not None:
+            reason = f"{outcome.error} ({'a permanent failure' if limit == 'permanent' else limit + ' exhausted'})"
+            log.warning("dead-letter seq %d for %s: %s", message.sequence, self.name, reason)
             context = {
                 "limit": limit,
                 "status": outcome.status,
                 "error": outcome.error,
                 "last_attempt_at": datetime.now(UTC).isoformat(),
             }
-            reason = f"{outcome.error} ({'a permanent failure' if limit == 'permanent' else limit + ' exhausted'})"
-            await self.store.dead_letter(self.name, message.receipt, reason, context, now_ms)
-            log.warning("dead-lettered seq %d for %s: %s", message.sequence, self.name, reason)
-            return
+            return Settlement(message.receipt, "dead", error=reason, context=context)
         delay_s = backoff_s(message.attempt, delivery.backoff_initial_s, delivery.backoff_max_s)
         if outcome.retry_after_s is not None:
             delay_s = min(outcome.retry_after_s, delivery.backoff_max_s)
-        await self.store.nack(self.name, [message.receipt], int(delay_s * 1000), now_ms, outcome.error)
+        return Settlement(message.receipt, "retry", delay_ms=int(delay_s * 1000), error=outcome.error)
+
+    async def _settle(self, settlements: list[Settlement]) -> list[None]:
+        await self.store.settle(self.name, settlements, _now_ms())
+        return [None] * len(settlements)
 
     async def _attempt(self, session: aiohttp.ClientSession, message: Message) -> Outcome:
         spec = self.sub.spec

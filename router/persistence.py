@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from router.cloudevents import Encoded
 from router.patterns import Pattern, compile_pattern
@@ -86,6 +86,17 @@ class ReceiptResult:
     receipt: str
     ok: bool
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How one push delivery ended: acked, to be retried after `delay_ms`, or dead-lettered."""
+
+    receipt: str
+    kind: Literal["ack", "retry", "dead"]
+    delay_ms: int = 0
+    error: str | None = None
+    context: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,10 +188,8 @@ class EventStore(Protocol):
         message of each partition key is eligible."""
         ...
 
-    async def dead_letter(
-        self, name: str, receipt: str, reason: str, context: dict[str, Any], now_ms: int
-    ) -> ReceiptResult:
-        """Give up on a leased message: move it to the dead letters (announced on the bus)."""
+    async def settle(self, name: str, settlements: Sequence[Settlement], now_ms: int) -> list[ReceiptResult]:
+        """Record the outcomes of many push deliveries in one transaction."""
         ...
 
     async def release_leases(self, name: str, now_ms: int) -> int:

@@ -27,6 +27,7 @@ from router.persistence import (
     Message,
     ReceiptResult,
     Replay,
+    Settlement,
     Stats,
     Subscription,
     SubscriptionSpec,
@@ -305,25 +306,49 @@ class SQLiteEventStore:
         announcement = announcements.dead_lettered(sub, msg_id, json.loads(body), attempts, reason, context)
         self._append_in(conn, [encoded(announcement)], now_ms)
 
-    async def dead_letter(
-        self, name: str, receipt: str, reason: str, context: dict[str, Any], now_ms: int
-    ) -> ReceiptResult:
-        return await self._run(self._dead_letter_receipt, name, receipt, reason, context, now_ms)
+    async def settle(self, name: str, settlements: Sequence[Settlement], now_ms: int) -> list[ReceiptResult]:
+        return await self._run(self._settle, name, settlements, now_ms)
 
-    def _dead_letter_receipt(
-        self, name: str, receipt: str, reason: str, context: dict[str, Any], now_ms: int
-    ) -> ReceiptResult:
+    def _settle(self, name: str, settlements: Sequence[Settlement], now_ms: int) -> list[ReceiptResult]:
+        results: list[ReceiptResult] = []
+        delivered = retried = 0
         with self._transaction() as conn:
-            row = conn.execute(
-                "SELECT m.msg_id, m.seq, m.replay, m.attempts, e.body FROM messages m JOIN events e ON e.seq = m.seq"
-                " WHERE m.msg_id = ? AND m.sub = ? AND m.receipt = ?",
-                (_msg_id(receipt), name, receipt),
-            ).fetchone()
-            if row is None:
-                return ReceiptResult(receipt, False, STALE_RECEIPT)
-            msg_id, seq, replay, attempts, body = row
-            self._dead_letter(conn, name, msg_id, seq, replay, attempts, reason, context, body, now_ms)
-        return ReceiptResult(receipt, True)
+            for s in settlements:
+                msg_id = _msg_id(s.receipt)
+                if s.kind == "ack":
+                    done = conn.execute(
+                        "DELETE FROM messages WHERE msg_id = ? AND sub = ? AND receipt = ?", (msg_id, name, s.receipt)
+                    ).rowcount
+                    delivered += done
+                elif s.kind == "retry":
+                    done = conn.execute(
+                        "UPDATE messages SET receipt = NULL, visible_at = ?, last_error = ?"
+                        " WHERE msg_id = ? AND sub = ? AND receipt = ?",
+                        (now_ms + s.delay_ms, s.error, msg_id, name, s.receipt),
+                    ).rowcount
+                    retried += done
+                    if done:
+                        self._hide(name, now_ms + s.delay_ms)
+                else:
+                    row = conn.execute(
+                        "SELECT m.seq, m.replay, m.attempts, e.body FROM messages m JOIN events e ON e.seq = m.seq"
+                        " WHERE m.msg_id = ? AND m.sub = ? AND m.receipt = ?",
+                        (msg_id, name, s.receipt),
+                    ).fetchone()
+                    done = row is not None
+                    if row is not None:
+                        seq, replay, attempts, body = row
+                        self._dead_letter(
+                            conn, name, msg_id, seq, replay, attempts, s.error or "", s.context or {}, body, now_ms
+                        )
+                results.append(ReceiptResult(s.receipt, bool(done), None if done else STALE_RECEIPT))
+            conn.execute(
+                "UPDATE subscriptions SET delivered_total = delivered_total + ?, failed_total = failed_total + ?"
+                " WHERE name = ?",
+                (delivered, retried, name),
+            )
+        self._touched.add(name)
+        return results
 
     async def release_leases(self, name: str, now_ms: int) -> int:
         return await self._run(self._release_leases, name, now_ms)

@@ -1,0 +1,87 @@
+"""Group commit: many callers, one writer, one transaction for whatever queued up meanwhile.
+
+Callers `submit` an item and wait for its result. One `run` loop takes everything submitted while
+the previous commit was under way and commits it together, so concurrent callers share a
+transaction (and its fsync) and each is answered only after the commit that holds its item.
+The bus uses it for publishes; each push dispatcher for the outcomes of its deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from services.common.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[T, R]):
+    def __init__(
+        self,
+        name: str,
+        commit: Callable[[list[T]], Awaitable[list[R]]],
+        *,
+        weight: Callable[[T], int] = lambda item: 1,
+        max_weight: int = 10_000,
+    ) -> None:
+        self.name = name
+        self._commit = commit
+        self._weight = weight
+        self._max_weight = max_weight
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self.commits = 0
+        """Transactions committed so far (a benchmark reads items per commit off it)."""
+
+    async def submit(self, item: T) -> R:
+        if self._stopping:
+            raise Unavailable(f"{self.name} is shutting down")
+        done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, done))
+        self._wake.set()
+        # Shielded: a caller that goes away must not pull its item out of a shared transaction.
+        return await asyncio.shield(done)
+
+    def stop(self) -> None:
+        """Take no more items; `run` commits what is pending, then returns."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            batch = self._take()
+            try:
+                results = await self._commit([item for item, _ in batch])
+            except Exception as exc:
+                log.exception("%s: a commit of %d items failed", self.name, len(batch))
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(Unavailable(f"{self.name}: the store refused the write: {exc}"))
+                continue
+            self.commits += 1
+            for (_, done), result in zip(batch, results, strict=True):
+                if not done.done():
+                    done.set_result(result)
+
+    def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
+        taken, weight = 0, 0
+        for item, _ in self._pending:
+            weight += self._weight(item)
+            if taken and weight > self._max_weight:
+                break
+            taken += 1
+        batch, self._pending = self._pending[:taken], self._pending[taken:]
+        return batch
