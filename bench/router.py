@@ -89,7 +89,7 @@ def push_bench(synchronous: str, duration: str) -> dict[str, object]:
         port = free_port()
         env = {"CATTUBE_DATA_DIR": data, "CATTUBE_LOG_LEVEL": "warning", "CATTUBE_SQLITE_SYNCHRONOUS": synchronous}
         with server([PY, "-m", "router", "--port", str(port)], port, env) as router:
-            rate, seconds = 1000, float(duration)
+            rate, seconds = float(os.environ.get("PUSH_RATE", "1000")), float(duration)
             count = int(rate * seconds)
             receiver_port = free_port()
             receiver = subprocess.Popen(

@@ -46,9 +46,9 @@ class Bus:
         self.store = store
         self.retention_s = retention_s
         self.purge_interval_s = purge_interval_s
-        self.signals = Signals(lambda name: store.next_visible_ms(name, now_ms()))
-        store.listener = self.signals.on_change
+        self.signals = Signals(lambda name: store.next_visible_ms(name, now_ms()), on_timer=store.mark_ready)
         self.dispatchers = Dispatchers(store, self.signals)
+        store.listener = self._on_change
         self._writer = GroupCommit("the bus", self._append, weight=len, max_weight=MAX_EVENTS_PER_COMMIT)
         self._stopping = asyncio.Event()
 
@@ -60,6 +60,11 @@ class Bus:
             if (at := await self.store.next_visible_ms(sub.spec.name, now_ms())) is not None:
                 self.signals.schedule(sub.spec.name, at)
             await self.dispatchers.sync(sub)
+
+    def _on_change(self, touched: set[str], hidden_until: dict[str, int], handoffs: dict[str, list[Message]]) -> None:
+        self.signals.on_change(touched, hidden_until)
+        if handoffs:
+            self.dispatchers.hand_off(handoffs)
 
     async def run_writer(self) -> None:
         """The group-commit writer: runs until `stop()`, then commits what is still pending."""

@@ -120,6 +120,9 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
+        self._reserved = 0
+        """Slots offered to the store for hand-off and not yet handed over or withdrawn."""
+        self._session: aiohttp.ClientSession | None = None
         self._outcomes: GroupCommit[Settlement, None] = GroupCommit(f"push:{self.name}", self._settle)
 
     def update(self, sub: Subscription) -> None:
@@ -128,6 +131,7 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.store.withdraw(self.name)
         self._slot_freed.set()
         self.signals[self.name].bump()
 
@@ -148,23 +152,48 @@ class Dispatcher:
                 await settler
 
     async def _loop(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
         while not self._stopping.is_set():
             delivery = self.sub.spec.delivery
-            free = delivery.max_in_flight - len(self._in_flight)
+            changed = self.signals[self.name].changed  # before any read: no lost wake-ups
+            self._reserved -= self.store.withdraw(self.name)
+            free = delivery.max_in_flight - len(self._in_flight) - self._reserved
             if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
-            changed = self.signals[self.name].changed  # before the read: no lost wake-ups
             lease_ms = int((delivery.timeout_s + LEASE_MARGIN_S) * 1000)
-            messages = await self.store.lease(self.name, free, lease_ms, _now_ms())
-            if not messages:
-                await changed.wait()
-                continue
-            for message in messages:
-                task = asyncio.create_task(self._deliver(session, message))
-                self._in_flight.add(task)
-                task.add_done_callback(self._done)
+            messages: list[Message] = []
+            # Ordered delivery leases every time: a key unblocks when its head is acked, which no hint follows.
+            if delivery.ordered or self.store.may_have_ready(self.name):
+                messages = await self.store.lease(self.name, free, lease_ms, _now_ms())
+                self._start(messages)
+                if len(messages) == free:
+                    continue
+            if not delivery.ordered:
+                # Idle: new matching events are leased to us in the commit that appends them.
+                slots = free - len(messages)
+                self.store.offer(self.name, slots, lease_ms)
+                self._reserved += slots
+            self._slot_freed.clear()
+            waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(self._slot_freed.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+
+    def take(self, messages: list[Message]) -> None:
+        """Messages the store leased to us in an append's commit."""
+        self._reserved -= len(messages)
+        if self._session is None or self._stopping.is_set():
+            return  # their leases lapse and they are delivered again
+        self._start(messages)
+
+    def _start(self, messages: list[Message]) -> None:
+        assert self._session is not None
+        for message in messages:
+            task = asyncio.create_task(self._deliver(self._session, message))
+            self._in_flight.add(task)
+            task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -261,6 +290,12 @@ class Dispatchers:
         if not task.cancelled() and (exc := task.exception()) is not None:
             self.failures[name] = f"push dispatcher for {name} stopped: {exc!r}"
             log.error("push dispatcher for %s stopped", name, exc_info=exc)
+
+    def hand_off(self, handoffs: dict[str, list[Message]]) -> None:
+        for name, messages in handoffs.items():
+            entry = self._running.get(name)
+            if entry is not None:
+                entry[0].take(messages)
 
     async def readiness(self) -> str | None:
         return "; ".join(self.failures.values()) or None

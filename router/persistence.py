@@ -135,9 +135,10 @@ class Replay:
 
 
 class ChangeListener(Protocol):
-    def __call__(self, touched: set[str], hidden_until: dict[str, int]) -> None:
+    def __call__(self, touched: set[str], hidden_until: dict[str, int], handoffs: dict[str, list[Message]]) -> None:
         """Called on the event loop after a commit: `touched` subscriptions had their queue change;
-        `hidden_until[name]` is the earliest time a message that was just hidden becomes visible."""
+        `hidden_until[name]` is the earliest time a message that was just hidden becomes visible;
+        `handoffs[name]` are messages leased in the commit to an idle push dispatcher (see `offer`)."""
 
 
 class EventStore(Protocol):
@@ -194,6 +195,23 @@ class EventStore(Protocol):
 
     async def release_leases(self, name: str, now_ms: int) -> int:
         """Make every leased message of the subscription visible now (a push dispatcher starting up)."""
+        ...
+
+    def offer(self, name: str, slots: int, lease_ms: int) -> None:
+        """An idle push dispatcher grants `slots`: appends lease matching events to it in their own
+        transaction and hand them over through the listener, so they go out without a lease round trip."""
+        ...
+
+    def withdraw(self, name: str) -> int:
+        """Take the offer back; returns the slots not handed off."""
+        ...
+
+    def may_have_ready(self, name: str) -> bool:
+        """Whether a lease might find something (False only when it cannot)."""
+        ...
+
+    def mark_ready(self, name: str) -> None:
+        """A hidden message may have become visible."""
         ...
 
     async def replay(self, name: str, replay: str, from_seq: int, to_seq: int, now_ms: int) -> Replay:

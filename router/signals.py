@@ -60,9 +60,12 @@ async def wait_for(event: asyncio.Event, timeout_s: float) -> bool:
 class Signals:
     """The signals of every subscription, plus the loop-side half of the store's change listener."""
 
-    def __init__(self, next_visible: Callable[[str], Awaitable[int | None]]) -> None:
+    def __init__(
+        self, next_visible: Callable[[str], Awaitable[int | None]], on_timer: Callable[[str], None] = lambda name: None
+    ) -> None:
         self._signals: dict[str, Signal] = {}
         self._next_visible = next_visible
+        self._on_timer = on_timer
         self._tasks: set[asyncio.Task[None]] = set()
         # Versions start from the clock so a client holding a version from before a restart sees a change.
         self._epoch = int(time.time() * 1000)
@@ -89,6 +92,7 @@ class Signals:
 
     def _reschedule(self, name: str) -> None:
         # After a timer fires, look up the next hidden message of that subscription and wait for it.
+        self._on_timer(name)
         task = asyncio.get_running_loop().create_task(self._schedule_next(name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

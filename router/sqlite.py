@@ -12,6 +12,7 @@ import base64
 import json
 import secrets
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -58,6 +59,13 @@ class SQLiteEventStore:
         self.listener: ChangeListener | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._level = synchronous
+        # Hand-off to push dispatchers (see `offer`): slots and lease length each idle dispatcher grants,
+        # and the subscriptions that may have messages ready to lease.
+        self._grant_lock = threading.Lock()
+        self._grants: dict[str, list[int]] = {}
+        self._ready: set[str] = set()
+        self._handoffs: dict[str, list[Message]] = {}
         self._subs: dict[str, Subscription] = {}
         # Filled on the store's thread during a call, handed to the listener on the loop after commit.
         self._touched: set[str] = set()
@@ -67,14 +75,16 @@ class SQLiteEventStore:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        result, touched, hidden = await loop.run_in_executor(self._executor, self._call, fn, args)
+        result, touched, hidden, handoffs = await loop.run_in_executor(self._executor, self._call, fn, args)
         if touched and self.listener is not None:
-            self.listener(touched, hidden)
+            self.listener(touched, hidden, handoffs)
         return result
 
-    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, set[str], dict[str, int]]:
-        self._touched, self._hidden_until = set(), {}
-        return fn(*args), self._touched, self._hidden_until
+    def _call(
+        self, fn: Callable[..., T], args: tuple[Any, ...]
+    ) -> tuple[T, set[str], dict[str, int], dict[str, list[Message]]]:
+        self._touched, self._hidden_until, self._handoffs = set(), {}, {}
+        return fn(*args), self._touched, self._hidden_until, self._handoffs
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -82,14 +92,28 @@ class SQLiteEventStore:
         return self._conn
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, bookkeeping: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction. `bookkeeping` marks the delivery state (leases, push outcomes) whose loss
+        in a power failure only means an event is delivered again, which at-least-once allows: it commits
+        without an fsync (still safe against a process crash, as WAL with synchronous=NORMAL is); the
+        next durable commit's fsync covers it. Published events and queue acks keep the configured level."""
         conn = self.conn
+        level = "NORMAL" if bookkeeping else self.synchronous
+        if level != self._level:
+            conn.execute(f"PRAGMA synchronous={level}")
+            self._level = level
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
         except BaseException:
             conn.execute("ROLLBACK")
             self._touched, self._hidden_until = set(), {}
+            if self._handoffs:  # the leases handed off were rolled back: give the slots back
+                with self._grant_lock:
+                    for name, messages in self._handoffs.items():
+                        if name in self._grants:
+                            self._grants[name][0] += len(messages)
+                self._handoffs = {}
             raise
         conn.execute("COMMIT")
 
@@ -152,9 +176,27 @@ class SQLiteEventStore:
             seq = row[0]
             results.append(Appended(event["id"], seq, duplicate=False))
             for sub in subs:
-                if sub.spec.matches(event):
-                    fanout.append((sub.spec.name, seq, event.get("partitionkey"), now_ms, now_ms))
-                    self._touched.add(sub.spec.name)
+                if not sub.spec.matches(event):
+                    continue
+                name = sub.spec.name
+                self._touched.add(name)
+                lease_ms = self._take_grant(name)
+                if lease_ms is None:
+                    fanout.append((name, seq, event.get("partitionkey"), now_ms, now_ms))
+                    if not sub.spec.is_queue:
+                        self._ready.add(name)
+                    continue
+                # An idle dispatcher granted a slot: the message is leased in this very transaction and
+                # handed to it after the commit, sparing a lease transaction and a wake-up on the way out.
+                (msg_id,) = conn.execute(
+                    "INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at, attempts) VALUES (?, ?, ?, ?, ?, 1)"
+                    " RETURNING msg_id",
+                    (name, seq, event.get("partitionkey"), now_ms, now_ms + lease_ms),
+                ).fetchone()
+                receipt = f"{msg_id}.{secrets.token_urlsafe(12)}"
+                conn.execute("UPDATE messages SET receipt = ? WHERE msg_id = ?", (receipt, msg_id))
+                self._handoffs.setdefault(name, []).append(Message(receipt, 1, seq, body, now_ms))
+                self._hide(name, now_ms + lease_ms)
         if fanout:
             conn.executemany(
                 "INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at) VALUES (?, ?, ?, ?, ?)", fanout
@@ -212,6 +254,7 @@ class SQLiteEventStore:
         )
         if rows:
             self._touched.add(spec.name)
+            self._ready.add(spec.name)
         return len(rows)
 
     async def get_subscription(self, name: str) -> Subscription | None:
@@ -255,7 +298,7 @@ class SQLiteEventStore:
             )
         )
         messages: list[Message] = []
-        with self._transaction() as conn:
+        with self._transaction(bookkeeping=True) as conn:
             while len(messages) < max_messages:
                 rows = conn.execute(
                     "SELECT m.msg_id, m.seq, m.replay, m.attempts, m.last_error, m.enqueued_at, e.body"
@@ -278,6 +321,8 @@ class SQLiteEventStore:
                         (receipt, now_ms + hide_ms, msg_id),
                     )
                     messages.append(Message(receipt, attempts + 1, seq, _mark(body, replay), enqueued_at, replay))
+        if len(messages) < max_messages:
+            self._ready.discard(name)
         if messages:
             self._hide(name, now_ms + hide_ms)
         return messages
@@ -312,7 +357,7 @@ class SQLiteEventStore:
     def _settle(self, name: str, settlements: Sequence[Settlement], now_ms: int) -> list[ReceiptResult]:
         results: list[ReceiptResult] = []
         delivered = retried = 0
-        with self._transaction() as conn:
+        with self._transaction(bookkeeping=True) as conn:
             for s in settlements:
                 msg_id = _msg_id(s.receipt)
                 if s.kind == "ack":
@@ -356,15 +401,46 @@ class SQLiteEventStore:
     def _release_leases(self, name: str, now_ms: int) -> int:
         """Make every leased message of a push subscription visible now: after a restart its dispatcher
         is the only one that leases them, so none is still being delivered."""
-        with self._transaction() as conn:
+        with self._transaction(bookkeeping=True) as conn:
             count = conn.execute(
                 "UPDATE messages SET receipt = NULL, visible_at = ? WHERE sub = ? AND receipt IS NOT NULL"
                 " AND visible_at > ?",
                 (now_ms, name, now_ms),
             ).rowcount
+        self._ready.add(name)  # a dispatcher starts by leasing whatever is there
         if count:
             self._touched.add(name)
         return count
+
+    # -- hand-off to idle push dispatchers -----------------------------------------------------------
+    # Called from the event loop; the grant is read and taken on the store's thread during an append.
+
+    def offer(self, name: str, slots: int, lease_ms: int) -> None:
+        """An idle dispatcher with `slots` free: lease new matching events to it as they are appended."""
+        with self._grant_lock:
+            self._grants[name] = [slots, lease_ms]
+
+    def withdraw(self, name: str) -> int:
+        """Take the offer back; returns the slots it had left (the rest were handed off)."""
+        with self._grant_lock:
+            grant = self._grants.pop(name, None)
+        return grant[0] if grant else 0
+
+    def may_have_ready(self, name: str) -> bool:
+        """False when the last lease found nothing more and nothing was queued for it since."""
+        return name in self._ready
+
+    def mark_ready(self, name: str) -> None:
+        """A hidden message's time has come (a retry delay or a lease ran out)."""
+        self._ready.add(name)
+
+    def _take_grant(self, name: str) -> int | None:
+        with self._grant_lock:
+            grant = self._grants.get(name)
+            if grant is None or grant[0] <= 0:
+                return None
+            grant[0] -= 1
+            return grant[1]
 
     async def ack(self, name: str, receipts: Sequence[str], now_ms: int) -> list[ReceiptResult]:
         return await self._run(self._ack, name, receipts)
@@ -480,6 +556,7 @@ class SQLiteEventStore:
             count = conn.execute("DELETE FROM dead_letters WHERE sub = ?", (name,)).rowcount
         if count:
             self._touched.add(name)
+            self._ready.add(name)
         return count
 
     async def purge_dead_letters(self, name: str) -> int:

@@ -26,7 +26,7 @@ T0 = 1_800_000_000_000  # a fixed clock, in ms
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
     made = STORES[request.param](tmp_path)
     changes: list[tuple[set[str], dict[str, int]]] = []
-    made.listener = lambda touched, hidden: changes.append((touched, hidden))
+    made.listener = lambda touched, hidden, handoffs: changes.append((touched, hidden))
     await made.open()
     try:
         yield made
@@ -152,7 +152,7 @@ async def test_delete_subscription_drops_its_messages(store: EventStore) -> None
 async def test_the_listener_hears_about_every_queue_change(tmp_path: Path) -> None:
     store = SQLiteEventStore(tmp_path / "bus.db")
     changes: list[tuple[set[str], dict[str, int]]] = []
-    store.listener = lambda touched, hidden: changes.append((set(touched), dict(hidden)))
+    store.listener = lambda touched, hidden, handoffs: changes.append((set(touched), dict(hidden)))
     await store.open()
     try:
         await store.put_subscription(queue("q"), T0)
