@@ -1,0 +1,229 @@
+"""The embedded `EventStore`, part 1: plumbing, lifecycle and the log.
+
+Every call runs as one transaction on a dedicated thread, so calls are serialized and each
+commits before its coroutine returns. The bus batches concurrent publishes into one `append`
+call (group commit), so one fsync covers many publishers. `SQLiteEventStore` (router.sqlite)
+puts the parts together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from router.cloudevents import Encoded
+from router.persistence import (
+    Appended,
+    ChangeListener,
+    Message,
+    Subscription,
+    spec_from_json,
+)
+from router.sqlite_schema import SCHEMA
+
+T = TypeVar("T")
+
+
+STALE_RECEIPT = "unknown receipt, or the message was received again since (its visibility timeout expired)"
+
+
+class SQLiteCore:
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.listener: ChangeListener | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._level = synchronous
+        # Hand-off to push dispatchers (see `offer`): slots and lease length each idle dispatcher grants,
+        # and the subscriptions that may have messages ready to lease.
+        self._grant_lock = threading.Lock()
+        self._grants: dict[str, list[int]] = {}
+        self._ready: set[str] = set()
+        self._handoffs: dict[str, list[Message]] = {}
+        self._subs: dict[str, Subscription] = {}
+        # Filled on the store's thread during a call, handed to the listener on the loop after commit.
+        self._touched: set[str] = set()
+        self._hidden_until: dict[str, int] = {}
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        result, touched, hidden, handoffs = await loop.run_in_executor(self._executor, self._call, fn, args)
+        if touched and self.listener is not None:
+            self.listener(touched, hidden, handoffs)
+        return result
+
+    def _call(
+        self, fn: Callable[..., T], args: tuple[Any, ...]
+    ) -> tuple[T, set[str], dict[str, int], dict[str, list[Message]]]:
+        self._touched, self._hidden_until, self._handoffs = set(), {}, {}
+        return fn(*args), self._touched, self._hidden_until, self._handoffs
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "store is not open"
+        return self._conn
+
+    @contextmanager
+    def _transaction(self, *, bookkeeping: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction. `bookkeeping` marks the delivery state (leases, push outcomes) whose loss
+        in a power failure only means an event is delivered again, which at-least-once allows: it commits
+        without an fsync (still safe against a process crash, as WAL with synchronous=NORMAL is); the
+        next durable commit's fsync covers it. Published events and queue acks keep the configured level."""
+        conn = self.conn
+        level = "NORMAL" if bookkeeping else self.synchronous
+        if level != self._level:
+            conn.execute(f"PRAGMA synchronous={level}")
+            self._level = level
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            self._touched, self._hidden_until = set(), {}
+            if self._handoffs:  # the leases handed off were rolled back: give the slots back
+                with self._grant_lock:
+                    for name, messages in self._handoffs.items():
+                        if name in self._grants:
+                            self._grants[name][0] += len(messages)
+                self._handoffs = {}
+            raise
+        conn.execute("COMMIT")
+
+    def _hide(self, sub: str, until_ms: int) -> None:
+        self._touched.add(sub)
+        self._hidden_until[sub] = min(until_ms, self._hidden_until.get(sub, until_ms))
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+        for name, spec, secret, created_at, start_seq in conn.execute(
+            "SELECT name, spec, secret, created_at, start_seq FROM subscriptions"
+        ):
+            self._subs[name] = Subscription(spec_from_json(name, spec), secret, created_at, start_seq)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        self.conn.close()
+        self._conn = None
+
+    # -- the log ----------------------------------------------------------------------------------
+
+    async def append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
+        return await self._run(self._append, events, now_ms)
+
+    def _append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
+        with self._transaction() as conn:
+            return self._append_in(conn, events, now_ms)
+
+    def _append_in(self, conn: sqlite3.Connection, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
+        results: list[Appended] = []
+        fanout: list[tuple[str, int, str | None, int, int]] = []
+        subs = list(self._subs.values())
+        for event, body in events:
+            row = conn.execute(
+                "INSERT INTO events (source, id, type, partitionkey, appended_at, body) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (source, id) DO NOTHING RETURNING seq",
+                (event["source"], event["id"], event["type"], event.get("partitionkey"), now_ms, body),
+            ).fetchone()
+            if row is None:
+                (seq,) = conn.execute(
+                    "SELECT seq FROM events WHERE source = ? AND id = ?", (event["source"], event["id"])
+                ).fetchone()
+                results.append(Appended(event["id"], seq, duplicate=True))
+                continue
+            seq = row[0]
+            results.append(Appended(event["id"], seq, duplicate=False))
+            for sub in subs:
+                if not sub.spec.matches(event):
+                    continue
+                name = sub.spec.name
+                self._touched.add(name)
+                lease_ms = self._take_grant(name)
+                if lease_ms is None:
+                    fanout.append((name, seq, event.get("partitionkey"), now_ms, now_ms))
+                    if not sub.spec.is_queue:
+                        self._ready.add(name)
+                    continue
+                # An idle dispatcher granted a slot: the message is leased in this very transaction and
+                # handed to it after the commit, sparing a lease transaction and a wake-up on the way out.
+                (msg_id,) = conn.execute(
+                    "INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at, attempts) VALUES (?, ?, ?, ?, ?, 1)"
+                    " RETURNING msg_id",
+                    (name, seq, event.get("partitionkey"), now_ms, now_ms + lease_ms),
+                ).fetchone()
+                receipt = f"{msg_id}.{secrets.token_urlsafe(12)}"
+                conn.execute("UPDATE messages SET receipt = ? WHERE msg_id = ?", (receipt, msg_id))
+                self._handoffs.setdefault(name, []).append(Message(receipt, 1, seq, body, now_ms))
+                self._hide(name, now_ms + lease_ms)
+        if fanout:
+            conn.executemany(
+                "INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at) VALUES (?, ?, ?, ?, ?)", fanout
+            )
+        return results
+
+    # -- hand-off to idle push dispatchers -----------------------------------------------------------
+    # Called from the event loop; the grant is read and taken on the store's thread during an append.
+
+    def offer(self, name: str, slots: int, lease_ms: int) -> None:
+        """An idle dispatcher with `slots` free: lease new matching events to it as they are appended."""
+        with self._grant_lock:
+            self._grants[name] = [slots, lease_ms]
+
+    def withdraw(self, name: str) -> int:
+        """Take the offer back; returns the slots it had left (the rest were handed off)."""
+        with self._grant_lock:
+            grant = self._grants.pop(name, None)
+        return grant[0] if grant else 0
+
+    def may_have_ready(self, name: str) -> bool:
+        """False when the last lease found nothing more and nothing was queued for it since."""
+        return name in self._ready
+
+    def mark_ready(self, name: str) -> None:
+        """A hidden message's time has come (a retry delay or a lease ran out)."""
+        self._ready.add(name)
+
+    def _take_grant(self, name: str) -> int | None:
+        with self._grant_lock:
+            grant = self._grants.get(name)
+            if grant is None or grant[0] <= 0:
+                return None
+            grant[0] -= 1
+            return grant[1]
+
+
+def mark_replay(body: bytes, replay: str | None) -> bytes:
+    """A replayed event goes out with a `replay` extension attribute naming its replay."""
+    if replay is None:
+        return body
+    return body[:-1] + b',"replay":' + json.dumps(replay).encode() + b"}"
+
+
+def message_id_of(receipt: str) -> int:
+    head = receipt.split(".", 1)[0]
+    return int(head) if head.isdigit() else -1

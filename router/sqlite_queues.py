@@ -1,0 +1,284 @@
+"""The embedded `EventStore`, part 2: queue receives, push leases, outcomes and dead letters."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from router import announcements
+from router.cloudevents import encoded
+from router.persistence import (
+    DeadLetter,
+    Message,
+    ReceiptResult,
+    Settlement,
+    Stats,
+)
+from router.sqlite_core import STALE_RECEIPT, SQLiteCore, mark_replay, message_id_of
+
+
+class SQLiteQueues(SQLiteCore):
+    # -- queues and push leases --------------------------------------------------------------------
+
+    async def receive(self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int) -> list[Message]:
+        return await self._run(self._lease, name, max_messages, visibility_timeout_ms, now_ms, True)
+
+    async def lease(self, name: str, max_messages: int, lease_ms: int, now_ms: int) -> list[Message]:
+        return await self._run(self._lease, name, max_messages, lease_ms, now_ms, False)
+
+    def _lease(self, name: str, max_messages: int, hide_ms: int, now_ms: int, is_queue: bool) -> list[Message]:
+        delivery = self._subs[name].spec.delivery
+        # Ordered push: only the oldest pending message of each partition key may go out, and not
+        # while it is itself in flight or waiting to be retried; events without a key are not held.
+        ordered = (
+            ""
+            if is_queue or not delivery.ordered
+            else (
+                " AND (m.pkey IS NULL OR NOT EXISTS (SELECT 1 FROM messages o"
+                " WHERE o.sub = m.sub AND o.pkey = m.pkey AND o.seq < m.seq))"
+            )
+        )
+        messages: list[Message] = []
+        with self._transaction(bookkeeping=True) as conn:
+            while len(messages) < max_messages:
+                rows = conn.execute(
+                    "SELECT m.msg_id, m.seq, m.replay, m.attempts, m.last_error, m.enqueued_at, e.body"
+                    " FROM messages m JOIN events e ON e.seq = m.seq"
+                    f" WHERE m.sub = ? AND m.visible_at <= ?{ordered} ORDER BY m.visible_at, m.msg_id LIMIT ?",
+                    (name, now_ms, max_messages - len(messages)),
+                ).fetchall()
+                if not rows:
+                    break
+                for msg_id, seq, replay, attempts, last_error, enqueued_at, body in rows:
+                    if is_queue and attempts >= delivery.max_receive_count:
+                        limit = f"max_receive_count {delivery.max_receive_count}"
+                        reason = f"received {attempts} times without an ack ({limit})"
+                        context = {"limit": "max_receive_count", "error": last_error}
+                        self._dead_letter(conn, name, msg_id, seq, replay, attempts, reason, context, body, now_ms)
+                        continue
+                    receipt = f"{msg_id}.{secrets.token_urlsafe(12)}"
+                    conn.execute(
+                        "UPDATE messages SET receipt = ?, visible_at = ?, attempts = attempts + 1 WHERE msg_id = ?",
+                        (receipt, now_ms + hide_ms, msg_id),
+                    )
+                    messages.append(Message(receipt, attempts + 1, seq, mark_replay(body, replay), enqueued_at, replay))
+        if len(messages) < max_messages:
+            self._ready.discard(name)
+        if messages:
+            self._hide(name, now_ms + hide_ms)
+        return messages
+
+    def _dead_letter(
+        self,
+        conn: sqlite3.Connection,
+        sub: str,
+        msg_id: int,
+        seq: int,
+        replay: str | None,
+        attempts: int,
+        reason: str,
+        context: dict[str, Any],
+        body: bytes,
+        now_ms: int,
+    ) -> None:
+        conn.execute("DELETE FROM messages WHERE msg_id = ?", (msg_id,))
+        conn.execute(
+            "INSERT INTO dead_letters (sub, seq, replay, attempts, last_error, context, dead_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (sub, seq, replay, attempts, reason, json.dumps(context), now_ms),
+        )
+        conn.execute("UPDATE subscriptions SET failed_total = failed_total + 1 WHERE name = ?", (sub,))
+        self._touched.add(sub)
+        announcement = announcements.dead_lettered(sub, msg_id, json.loads(body), attempts, reason, context)
+        self._append_in(conn, [encoded(announcement)], now_ms)
+
+    async def settle(self, name: str, settlements: Sequence[Settlement], now_ms: int) -> list[ReceiptResult]:
+        return await self._run(self._settle, name, settlements, now_ms)
+
+    def _settle(self, name: str, settlements: Sequence[Settlement], now_ms: int) -> list[ReceiptResult]:
+        results: list[ReceiptResult] = []
+        delivered = retried = 0
+        with self._transaction(bookkeeping=True) as conn:
+            for s in settlements:
+                msg_id = message_id_of(s.receipt)
+                if s.kind == "ack":
+                    done = conn.execute(
+                        "DELETE FROM messages WHERE msg_id = ? AND sub = ? AND receipt = ?", (msg_id, name, s.receipt)
+                    ).rowcount
+                    delivered += done
+                elif s.kind == "retry":
+                    done = conn.execute(
+                        "UPDATE messages SET receipt = NULL, visible_at = ?, last_error = ?"
+                        " WHERE msg_id = ? AND sub = ? AND receipt = ?",
+                        (now_ms + s.delay_ms, s.error, msg_id, name, s.receipt),
+                    ).rowcount
+                    retried += done
+                    if done:
+                        self._hide(name, now_ms + s.delay_ms)
+                else:
+                    row = conn.execute(
+                        "SELECT m.seq, m.replay, m.attempts, e.body FROM messages m JOIN events e ON e.seq = m.seq"
+                        " WHERE m.msg_id = ? AND m.sub = ? AND m.receipt = ?",
+                        (msg_id, name, s.receipt),
+                    ).fetchone()
+                    done = row is not None
+                    if row is not None:
+                        seq, replay, attempts, body = row
+                        self._dead_letter(
+                            conn, name, msg_id, seq, replay, attempts, s.error or "", s.context or {}, body, now_ms
+                        )
+                results.append(ReceiptResult(s.receipt, bool(done), None if done else STALE_RECEIPT))
+            conn.execute(
+                "UPDATE subscriptions SET delivered_total = delivered_total + ?, failed_total = failed_total + ?"
+                " WHERE name = ?",
+                (delivered, retried, name),
+            )
+        self._touched.add(name)
+        return results
+
+    async def release_leases(self, name: str, now_ms: int) -> int:
+        return await self._run(self._release_leases, name, now_ms)
+
+    def _release_leases(self, name: str, now_ms: int) -> int:
+        """Make every leased message of a push subscription visible now: after a restart its dispatcher
+        is the only one that leases them, so none is still being delivered."""
+        with self._transaction(bookkeeping=True) as conn:
+            count = conn.execute(
+                "UPDATE messages SET receipt = NULL, visible_at = ? WHERE sub = ? AND receipt IS NOT NULL"
+                " AND visible_at > ?",
+                (now_ms, name, now_ms),
+            ).rowcount
+        self._ready.add(name)  # a dispatcher starts by leasing whatever is there
+        if count:
+            self._touched.add(name)
+        return count
+
+    async def ack(self, name: str, receipts: Sequence[str], now_ms: int) -> list[ReceiptResult]:
+        return await self._run(self._ack, name, receipts)
+
+    def _ack(self, name: str, receipts: Sequence[str]) -> list[ReceiptResult]:
+        results: list[ReceiptResult] = []
+        with self._transaction() as conn:
+            for receipt in receipts:
+                deleted = conn.execute(
+                    "DELETE FROM messages WHERE msg_id = ? AND sub = ? AND receipt = ?",
+                    (message_id_of(receipt), name, receipt),
+                ).rowcount
+                results.append(ReceiptResult(receipt, bool(deleted), None if deleted else STALE_RECEIPT))
+            acked = sum(r.ok for r in results)
+            if acked:
+                conn.execute(
+                    "UPDATE subscriptions SET delivered_total = delivered_total + ? WHERE name = ?", (acked, name)
+                )
+                self._touched.add(name)
+        return results
+
+    async def nack(
+        self, name: str, receipts: Sequence[str], delay_ms: int, now_ms: int, error: str | None = None
+    ) -> list[ReceiptResult]:
+        return await self._run(self._change_visibility, name, receipts, delay_ms, now_ms, True, error)
+
+    async def extend(
+        self, name: str, receipts: Sequence[str], visibility_timeout_ms: int, now_ms: int
+    ) -> list[ReceiptResult]:
+        return await self._run(self._change_visibility, name, receipts, visibility_timeout_ms, now_ms, False, None)
+
+    def _change_visibility(
+        self, name: str, receipts: Sequence[str], hide_ms: int, now_ms: int, release: bool, error: str | None
+    ) -> list[ReceiptResult]:
+        # A nack releases the lease (the receipt dies, the message waits `hide_ms` as delayed);
+        # an extend keeps the lease and pushes its visibility timeout out from now, as SQS does.
+        sql = (
+            "UPDATE messages SET receipt = NULL, visible_at = ?, last_error = COALESCE(?, last_error)"
+            " WHERE msg_id = ? AND sub = ? AND receipt = ?"
+            if release
+            else "UPDATE messages SET visible_at = ? WHERE ? IS NULL AND msg_id = ? AND sub = ? AND receipt = ?"
+        )
+        results: list[ReceiptResult] = []
+        with self._transaction() as conn:
+            for receipt in receipts:
+                changed = conn.execute(sql, (now_ms + hide_ms, error, message_id_of(receipt), name, receipt)).rowcount
+                results.append(ReceiptResult(receipt, bool(changed), None if changed else STALE_RECEIPT))
+            changed_count = sum(r.ok for r in results)
+            if release and changed_count:
+                conn.execute(
+                    "UPDATE subscriptions SET failed_total = failed_total + ? WHERE name = ?", (changed_count, name)
+                )
+        if any(r.ok for r in results):
+            self._touched.add(name)
+            if hide_ms > 0:
+                self._hide(name, now_ms + hide_ms)
+        return results
+
+    async def next_visible_ms(self, name: str, now_ms: int) -> int | None:
+        return await self._run(self._next_visible_ms, name, now_ms)
+
+    def _next_visible_ms(self, name: str, now_ms: int) -> int | None:
+        (at,) = self.conn.execute(
+            "SELECT MIN(visible_at) FROM messages WHERE sub = ? AND visible_at > ?", (name, now_ms)
+        ).fetchone()
+        return int(at) if at is not None else None
+
+    async def stats(self, name: str, now_ms: int) -> Stats:
+        return await self._run(self._stats, name, now_ms)
+
+    def _stats(self, name: str, now_ms: int) -> Stats:
+        conn = self.conn
+        backlog, in_flight, delayed, oldest = conn.execute(
+            "SELECT COALESCE(SUM(visible_at <= :now), 0),"
+            " COALESCE(SUM(receipt IS NOT NULL AND visible_at > :now), 0),"
+            " COALESCE(SUM(receipt IS NULL AND visible_at > :now), 0),"
+            " MIN(enqueued_at) FROM messages WHERE sub = :sub",
+            {"now": now_ms, "sub": name},
+        ).fetchone()
+        (dead,) = conn.execute("SELECT COUNT(*) FROM dead_letters WHERE sub = ?", (name,)).fetchone()
+        delivered, failed = conn.execute(
+            "SELECT delivered_total, failed_total FROM subscriptions WHERE name = ?", (name,)
+        ).fetchone()
+        oldest_age_s = max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0
+        return Stats(backlog, in_flight, delayed, dead, oldest_age_s, delivered, failed)
+
+    # -- dead letters -----------------------------------------------------------------------------
+
+    async def dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
+        return await self._run(self._dead_letters, name, limit)
+
+    def _dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
+        return [
+            DeadLetter(seq, mark_replay(body, replay), attempts, last_error, dead_at, json.loads(context))
+            for seq, replay, body, attempts, last_error, context, dead_at in self.conn.execute(
+                "SELECT d.seq, d.replay, e.body, d.attempts, d.last_error, d.context, d.dead_at FROM dead_letters d"
+                " JOIN events e ON e.seq = d.seq WHERE d.sub = ? ORDER BY d.dl_id LIMIT ?",
+                (name, limit),
+            )
+        ]
+
+    async def redrive(self, name: str, now_ms: int) -> int:
+        return await self._run(self._redrive, name, now_ms)
+
+    def _redrive(self, name: str, now_ms: int) -> int:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO messages (sub, seq, pkey, replay, enqueued_at, visible_at)"
+                " SELECT d.sub, d.seq, e.partitionkey, d.replay, ?, ? FROM dead_letters d"
+                " JOIN events e ON e.seq = d.seq WHERE d.sub = ? ORDER BY d.dl_id",
+                (now_ms, now_ms, name),
+            )
+            count = conn.execute("DELETE FROM dead_letters WHERE sub = ?", (name,)).rowcount
+        if count:
+            self._touched.add(name)
+            self._ready.add(name)
+        return count
+
+    async def purge_dead_letters(self, name: str) -> int:
+        return await self._run(self._purge_dead_letters, name)
+
+    def _purge_dead_letters(self, name: str) -> int:
+        with self._transaction() as conn:
+            count = conn.execute("DELETE FROM dead_letters WHERE sub = ?", (name,)).rowcount
+        if count:
+            self._touched.add(name)
+        return count
