@@ -1,8 +1,7 @@
-"""The `cattube` command: run the whole stack on one machine with embedded defaults."""
+"""`cattube up`: the whole stack on one machine, four processes with embedded defaults."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib.util
@@ -32,6 +31,25 @@ class Child:
     port: int
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
+
+
+def token_file(data_dir: Path) -> Path:
+    return data_dir / "token"
+
+
+def save_token(data_dir: Path, token: str) -> None:
+    """Where `cattube upload` and `cattube demo` find the token of the running stack (owner-only)."""
+    path = token_file(data_dir)
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(token)
+
+
+def load_token(settings: CommonSettings) -> str | None:
+    if settings.token_value:
+        return settings.token_value
+    path = token_file(settings.data_dir)
+    return path.read_text().strip() if path.exists() else None
 
 
 def available() -> list[tuple[str, str, str]]:
@@ -83,8 +101,9 @@ async def up(settings: CommonSettings) -> int:
     env = dict(os.environ)
     token = settings.token_value or secrets.token_urlsafe(24)
     env.update(CATTUBE_TOKEN=token, CATTUBE_DATA_DIR=str(settings.data_dir.resolve()))
-    children = [Child(name, module, getattr(settings, port_field)) for name, module, port_field in available()]
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    save_token(settings.data_dir, token)
+    children = [Child(name, module, getattr(settings, port_field)) for name, module, port_field in available()]
     print(f"CatTube: data in {settings.data_dir.resolve()}; token {token}")
     for child in children:
         print(f"  {child.name:<10} http://{settings.host}:{child.port}  (API docs: /docs)")
@@ -104,24 +123,3 @@ async def up(settings: CommonSettings) -> int:
             child.proc.kill()
     await asyncio.gather(*pending, return_exceptions=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cattube", description="CatTube: an event-driven video platform.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
-        "up",
-        help="run every service on this machine",
-        description="Run router, upload, processing and store as processes with embedded defaults. Ctrl-C stops all.",
-        epilog=settings_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    ).add_argument("--data-dir", type=Path, help="where everything is kept (CATTUBE_DATA_DIR, default ./.cattube)")
-    args = parser.parse_args(argv)
-    settings = CommonSettings()
-    if args.data_dir is not None:
-        settings = settings.model_copy(update={"data_dir": args.data_dir})
-    return asyncio.run(up(settings))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The `cattube` command: run the stack, upload a video, or play the lecture's demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from services.cli import demo, up, upload
+from services.common.settings import CommonSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cattube", description="CatTube: an event-driven video platform.")
+    parser.add_argument("--data-dir", type=Path, help="where everything is kept (CATTUBE_DATA_DIR, default ./.cattube)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "up",
+        help="run every service on this machine",
+        description="Run router, upload, processing and store as processes with embedded defaults. Ctrl-C stops all.",
+        epilog=up.settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    upload.add_parser(commands)
+    commands.add_parser(
+        "demo",
+        help="the lecture's story end to end",
+        description="Start the stack if needed, make a few 'Whiskers on the beach' clips (one 4K), upload them, "
+        "and follow the autoscaler from zero to N and back while they are transcoded.",
+    )
+    args = parser.parse_args(argv)
+    settings = CommonSettings()
+    if args.data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": args.data_dir})
+    try:
+        if args.command == "up":
+            return asyncio.run(up.up(settings))
+        if args.command == "upload":
+            return asyncio.run(upload.run(settings, args))
+        return asyncio.run(demo.run(settings))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""`cattube demo`: the lecture's story end to end.
+
+Starts the stack if it is not running, makes a few "Whiskers on the beach" clips (one of them 4K)
+with the bundled ffmpeg, uploads them, and follows the store's live stream: each video from
+uploaded to ready with a progress bar, and the autoscaler going from zero workers to as many as
+the backlog needs and back to zero. Then it prints where to watch them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.cli.progress import Bar, line
+from services.cli.upload import live_changes, upload_file, urls
+from services.common.media import ffmpeg_exe
+from services.common.settings import CommonSettings
+
+# (file name, title, width, height, seconds, audio)
+CLIPS = [
+    ("whiskers-4k.mp4", "Whiskers on the beach (4K)", 3840, 2160, 4, True),
+    ("whiskers-phone.mp4", "Whiskers on the phone (portrait)", 720, 1280, 4, True),
+    ("whiskers-quiet.mp4", "Whiskers, quietly", 1280, 720, 4, False),
+]
+STARTUP_S = 60
+
+
+def make_clip(path: Path, width: int, height: int, seconds: int, audio: bool) -> None:
+    """A test pattern with a tone: what a camera on the beach would give, give or take a cat."""
+    video = f"testsrc2=size={width}x{height}:rate=25:duration={seconds}"
+    argv = [ffmpeg_exe(), "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i", video]
+    if audio:
+        argv += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:a", "aac"]
+    argv += ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-shortest", str(path)]
+    subprocess.run(argv, check=True)
+
+
+async def healthy(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            return (await client.get(f"{url}/healthz")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def wait_until_healthy(urls_: list[str], stack: asyncio.subprocess.Process) -> None:
+    # Start-up only, bounded: the services answer /healthz once they listen.
+    for _ in range(STARTUP_S * 4):
+        if stack.returncode is not None:
+            raise SystemExit("cattube up exited; see its output above")
+        if all([await healthy(url) for url in urls_]):
+            return
+        await asyncio.sleep(0.25)
+    raise SystemExit(f"the stack did not become healthy within {STARTUP_S}s")
+
+
+async def run(settings: CommonSettings) -> int:
+    upload_url, store_url = urls(settings)
+    router_url = f"http://127.0.0.1:{settings.router_port}"
+    processing_url = f"http://127.0.0.1:{settings.processing_port}"
+    service_urls = [router_url, upload_url, processing_url, store_url]
+    stack: asyncio.subprocess.Process | None = None
+    if not all([await healthy(url) for url in service_urls]):
+        line("Starting the stack (cattube up) ...")
+        stack = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", "--data-dir", str(settings.data_dir), "up",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await wait_until_healthy(service_urls, stack)
+    try:
+        await story(settings, store_url)
+        line(f"\nWatch them at {store_url}/  (router API: {router_url}/docs)")
+        if stack is not None:
+            line("The stack keeps running for you: Ctrl-C stops it.")
+            await stack.wait()
+    finally:
+        if stack is not None and stack.returncode is None:
+            stack.send_signal(signal.SIGINT)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stack.wait(), 45)
+    return 0
+
+
+async def story(settings: CommonSettings, store_url: str) -> None:
+    folder = settings.data_dir / "demo"
+    folder.mkdir(parents=True, exist_ok=True)
+    line("Making the clips ...")
+    for name, _, width, height, seconds, audio in CLIPS:
+        path = folder / name
+        if not path.exists():
+            await asyncio.to_thread(make_clip, path, width, height, seconds, audio)
+        line(f"  {name}: {width}x{height}, {seconds}s{'' if audio else ', no audio'}")
+
+    changes = live_changes(store_url)
+    await anext(changes)  # listening before the uploads: nothing is missed
+    videos: dict[str, str] = {}
+    for name, title, *_ in CLIPS:
+        videos[await upload_file(settings, folder / name, title=title, renditions="1080p,720p,360p")] = name
+
+    bars = {video_id: Bar(f"transcoding {name}") for video_id, name in videos.items()}
+    finished: dict[str, dict[str, Any]] = {}
+    workers, peak = 0, 0
+    async for event, data in changes:
+        if event == "scaled":
+            workers = int(data.get("to", 0))
+            peak = max(peak, workers)
+            line(f"  autoscaler: {data.get('from')} -> {workers} workers (backlog {data.get('backlog')})")
+        elif event == "video" and data.get("video_id") in videos:
+            video_id, status = data["video_id"], data.get("status")
+            if status in ("ready", "failed"):
+                if video_id not in finished:
+                    bars[video_id].done(status)
+                finished[video_id] = data
+            else:
+                bars[video_id].show(float(data.get("progress") or 0), status or "")
+        if len(finished) == len(videos) and workers == 0 and peak > 0:
+            break
+
+    line(f"\nThe fleet went 0 -> {peak} -> 0 workers. Renditions:")
+    for video_id, video in finished.items():
+        line(f"  {videos[video_id]} ({video.get('status')}):")
+        for rendition in video.get("renditions", []):
+            line(f"    {rendition['name']:>6} {rendition['width']}x{rendition['height']}  {rendition['url']}")
+        if video.get("error"):
+            line(f"    error: {video['error']}")
