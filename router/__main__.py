@@ -5,4 +5,4 @@ from router.settings import RouterSettings
 from services.common.server import serve
 
 if __name__ == "__main__":
-    serve("router", RouterSettings, create_app, lambda s: s.router_port)
+    serve("router", RouterSettings, create_app, "router_port")

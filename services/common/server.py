@@ -37,20 +37,30 @@ class _Server(uvicorn.Server):
             self.loop.call_soon_threadsafe(begin_shutdown)
 
 
-def serve(name: str, settings_type: type[S], create_app: Callable[[S], FastAPI], port_of: Callable[[S], int]) -> None:
+def serve(name: str, settings_type: type[S], create_app: Callable[[S], FastAPI], port_field: str) -> None:
+    """Parse `--host/--port`, read the settings from the environment, and run the app under uvicorn.
+
+    `--port` is written into the settings (as `port_field`) rather than only handed to uvicorn: a
+    service tells others where it listens (the store's push URL is built from it).
+    """
     parser = argparse.ArgumentParser(prog=f"python -m {name}", description=f"Run the CatTube {name} service.")
     parser.add_argument("--host", help="interface to listen on (CATTUBE_HOST)")
-    parser.add_argument("--port", type=int, help="port to listen on (the service's CATTUBE_*_PORT)")
+    parser.add_argument("--port", type=int, help=f"port to listen on (CATTUBE_{port_field.upper()})")
     args = parser.parse_args()
-    settings = settings_type()
+    overrides: dict[str, object] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides[port_field] = args.port
+    settings = settings_type(**overrides)  # type: ignore[arg-type]
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
     config = uvicorn.Config(
         app,
-        host=args.host or settings.host,
-        port=args.port or port_of(settings),
+        host=settings.host,
+        port=getattr(settings, port_field),
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=30,

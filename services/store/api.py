@@ -1,0 +1,337 @@
+"""The store's HTTP API: the catalog, playback with HTTP ranges, the live stream, and the page that uses them.
+
+Reads are open (a page and a player need them without a token). Retry and delete need
+`Authorization: Bearer <CATTUBE_TOKEN>` when a token is set; the page asks for it (or takes it
+from its address, `/#token=...`, as `cattube up` prints it) and keeps it in the browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from html import escape
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.blobs import BlobStore
+from services.common.errors import InvalidInput, NotFound, Unauthorized
+from services.common.problems import problem_response
+from services.store.catalog import Catalog
+from services.store.feed import Feed
+from services.store.live import Change, Live
+from services.store.metrics import StoreMetrics
+from services.store.playback import (
+    RangeNotSatisfiable,
+    content_type_of,
+    etag_of,
+    http_date,
+    not_modified,
+    parse_range,
+    range_applies,
+)
+from services.store.settings import StoreSettings
+
+router = APIRouter()
+
+LADDER = ("2160p", "1440p", "1080p", "720p", "480p", "360p", "240p", "144p")
+VIDEO_ID = r"^[A-Za-z0-9_-]{1,64}$"
+RENDITION = r"^[0-9]{3,4}p$"
+
+
+def _state(name: str) -> Any:
+    async def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    return Depends(get)
+
+
+CatalogDep = Annotated[Catalog, _state("catalog")]
+BlobsDep = Annotated[BlobStore, _state("blobs")]
+LiveDep = Annotated[Live, _state("live")]
+FeedDep = Annotated[Feed, _state("feed")]
+SettingsDep = Annotated[StoreSettings, _state("settings")]
+MetricsDep = Annotated[StoreMetrics, _state("metrics")]
+VideoId = Annotated[str, Path(pattern=VIDEO_ID, description="The id the upload service gave the video.")]
+RenditionName = Annotated[str, Path(pattern=RENDITION, description="A rendition name, such as 720p.")]
+
+
+async def delivered_event(request: Request, feed: FeedDep) -> dict[str, Any]:
+    """The CloudEvent of a push delivery, its Standard Webhooks signature verified (401 otherwise)."""
+    return await feed.receiver(request)
+
+
+async def require_token(request: Request, settings: SettingsDep) -> None:
+    expected = settings.token_value
+    if not expected:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+        raise Unauthorized(
+            "Authorization: expected 'Bearer <token>' with the token set in CATTUBE_TOKEN",
+            errors=[{"field": "header.Authorization", "expected": "Bearer <CATTUBE_TOKEN>"}],
+        )
+
+
+# -- shapes (they draw /docs) ---------------------------------------------------------------------
+
+
+class RenditionOut(BaseModel):
+    name: str
+    url: str
+    width: int | None
+    height: int | None
+    size_bytes: int | None
+    bitrate: int | None = None
+    duration_s: float | None = None
+
+
+class VideoOut(BaseModel):
+    video_id: str
+    title: str | None
+    status: Literal["uploaded", "processing", "failed", "ready", "deleted"]
+    renditions: list[RenditionOut]
+    poster_url: str | None
+    error: str | None = Field(description="Why the video failed, in words a person can act on.")
+    progress: float | None = Field(description="Percent transcoded, while processing (100 once ready).")
+    speed: float | None = Field(None, description="Transcoding speed, times real time.")
+    requested: list[str] = Field(description="Renditions asked for at upload.")
+    skipped: list[str] = Field(description="Requested renditions larger than the source, not made.")
+    duration_s: float | None = None
+    width: int | None = None
+    height: int | None = None
+    attempt: int | None = Field(None, description="The transcoding attempt of the current round.")
+    retries: int = Field(0, description="How many times a person asked to run the video again.")
+    last_error: str | None = Field(None, description="The latest failure of an attempt, while it is retried.")
+    created_at: datetime | None
+    updated_at: datetime | None
+    version: int = Field(description="Grows with every change: keep the copy with the highest version.")
+
+
+class VideoPage(BaseModel):
+    items: list[VideoOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last one.")
+
+
+class ScalingOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    at: datetime
+    from_: int = Field(alias="from")
+    to: int = Field(description="Workers after the change.")
+    backlog: int
+    in_flight: int
+    reason: str
+
+
+class HistoryOut(BaseModel):
+    items: list[ScalingOut] = Field(description="Changes of the worker count, oldest first.")
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+# -- the catalog ----------------------------------------------------------------------------------
+
+
+@router.get("/videos", response_model=VideoPage, tags=["videos"])
+async def list_videos(
+    request: Request,
+    catalog: CatalogDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    status: Literal["uploaded", "processing", "failed", "ready", "deleted"] | None = None,
+) -> dict[str, Any]:
+    """Videos, newest first; deleted ones only when asked for with `status=deleted`."""
+    page = await catalog.page(limit=limit, cursor=cursor, status=status)
+    base = _base(request)
+    return {"items": [video.record(base) for video in page.items], "next_cursor": page.next_cursor}
+
+
+@router.get("/videos/{video_id}", response_model=VideoOut, tags=["videos"])
+async def get_video(request: Request, video_id: VideoId, catalog: CatalogDep) -> dict[str, Any]:
+    """One video: status, progress, renditions to play; 404 once deleted."""
+    return (await catalog.get(video_id)).record(_base(request))
+
+
+@router.post(
+    "/videos/{video_id}/retry",
+    status_code=202,
+    response_model=VideoOut,
+    dependencies=[Depends(require_token)],
+    tags=["videos"],
+)
+async def retry_video(request: Request, video_id: VideoId, catalog: CatalogDep) -> dict[str, Any]:
+    """Run a failed video again (publishes `cattube.video.retry-requested`); 409 unless it failed."""
+    return (await catalog.request_retry(video_id)).record(_base(request))
+
+
+@router.delete(
+    "/videos/{video_id}",
+    status_code=202,
+    response_model=VideoOut,
+    dependencies=[Depends(require_token)],
+    tags=["videos"],
+)
+async def delete_video(request: Request, video_id: VideoId, catalog: CatalogDep) -> dict[str, Any]:
+    """Delete a video (publishes `cattube.video.deleted`; its blobs are removed by that event's consumer)."""
+    return (await catalog.delete(video_id)).record(_base(request))
+
+
+# -- playback -------------------------------------------------------------------------------------
+
+
+@router.api_route("/videos/{video_id}/renditions/{name}", methods=["GET", "HEAD"], tags=["playback"])
+async def get_rendition(
+    request: Request, video_id: VideoId, name: RenditionName, catalog: CatalogDep, blobs: BlobsDep, metrics: MetricsDep
+) -> Response:
+    """A rendition's bytes (video/mp4), with HTTP ranges (206), ETag and Last-Modified."""
+    video = await catalog.get(video_id)
+    rendition = video.rendition(name)
+    if rendition is None:
+        raise NotFound(f"video {video_id} has no rendition {name} (it is {video.status})")
+    return await _serve_blob(request, blobs, metrics, rendition.uri, f"rendition {name} of video {video_id}")
+
+
+@router.api_route("/videos/{video_id}/poster", methods=["GET", "HEAD"], tags=["playback"])
+async def get_poster(
+    request: Request, video_id: VideoId, catalog: CatalogDep, blobs: BlobsDep, metrics: MetricsDep
+) -> Response:
+    """The video's poster image (image/jpeg), with the same caching headers as a rendition."""
+    video = await catalog.get(video_id)
+    if video.poster_uri is None:
+        raise NotFound(f"video {video_id} has no poster (it is {video.status})")
+    return await _serve_blob(request, blobs, metrics, video.poster_uri, f"the poster of video {video_id}")
+
+
+async def _serve_blob(request: Request, blobs: BlobStore, metrics: StoreMetrics, uri: str, what: str) -> Response:
+    try:
+        key = blobs.key_of(uri)
+    except InvalidInput:
+        raise NotFound(f"{what} is not in this store's bucket ({uri})") from None
+    info = await blobs.stat(key)
+    if info is None:
+        raise NotFound(f"{what} is missing from the bucket")
+    size = info.size_bytes
+    etag = etag_of(info)
+    headers = {
+        "ETag": etag,
+        "Last-Modified": http_date(info.modified_at),
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "no-cache",  # a retry may rewrite the object: revalidate (cheap, 304)
+    }
+    if not_modified(request.headers, etag, info.modified_at):
+        return Response(status_code=304, headers=headers)
+    start, end, status = 0, size, 200
+    if range_applies(request.headers, etag, info.modified_at):
+        try:
+            byte_range = parse_range(request.headers.get("range"), size)
+        except RangeNotSatisfiable as exc:
+            return problem_response(
+                416,
+                "Range not satisfiable",
+                f"header.Range: {exc}",
+                headers={**headers, "Content-Range": f"bytes */{size}"},
+            )
+        if byte_range is not None:
+            start, end, status = byte_range.start, byte_range.end, 206
+            headers["Content-Range"] = byte_range.content_range(size)
+    headers["Content-Length"] = str(end - start)
+    media_type = content_type_of(key)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type=media_type)
+
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in blobs.read(key, start, end):
+            metrics.bytes_served.inc(len(chunk))
+            yield chunk
+
+    return StreamingResponse(body(), status_code=status, headers=headers, media_type=media_type)
+
+
+# -- events in and out ----------------------------------------------------------------------------
+
+
+@router.post("/inbox", status_code=204, tags=["events"])
+async def inbox(
+    event: Annotated[dict[str, Any], Depends(delivered_event)], catalog: CatalogDep, metrics: MetricsDep
+) -> Response:
+    """Where the router pushes the store's subscription (signed; 401 otherwise). 2xx once applied."""
+    outcome = await catalog.apply(event)
+    metrics.delivered(str(event.get("type")), outcome)
+    return Response(status_code=204)
+
+
+@router.get("/events", response_class=StreamingResponse, tags=["events"])
+async def live_events(request: Request, live: LiveDep, settings: SettingsDep) -> StreamingResponse:
+    """Server-sent events for the page: `ready` once listening, then `video` and `scaled` changes as they happen."""
+    base = _base(request)
+
+    async def stream() -> AsyncIterator[str]:
+        async with live.listen() as changes:
+            # Sent once listening: a page loads the lists after this, so no change falls in between.
+            yield "retry: 2000\nevent: ready\ndata: {}\n\n"
+            while True:
+                try:
+                    async with asyncio.timeout(settings.live_heartbeat_s):
+                        change = await changes.get()
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if change is None:
+                    return
+                yield _sse(change, base)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+def _sse(change: Change, base: str) -> str:
+    if change.video is not None:
+        payload = change.video.record(base)
+    else:
+        assert change.point is not None
+        payload = change.point.record()
+    return f"event: {change.kind}\ndata: {json.dumps(payload)}\n\n"
+
+
+@router.get("/autoscaler/history", response_model=HistoryOut, tags=["events"])
+async def autoscaler_history(
+    catalog: CatalogDep, limit: Annotated[int, Query(ge=1, le=100_000)] = 500
+) -> dict[str, Any]:
+    """The autoscaler's changes (`cattube.processing.scaled`) as the store heard them, oldest first."""
+    return {"items": [point.record() for point in await catalog.scaling_history(limit)]}
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page(request: Request, settings: SettingsDep) -> HTMLResponse:
+    """The web page: upload, the list with live status, players, the autoscaler chart."""
+    config = {
+        "upload_url": settings.upload_base_url,
+        "processing_url": settings.processing_base_url,
+        "token_required": settings.token_value is not None,
+        "renditions": LADDER,
+        "default_renditions": ["720p", "360p"],
+    }
+    # `<` escaped: the JSON cannot close its <script> element whatever a URL holds.
+    script = json.dumps(config).replace("<", "\\u003c")
+    action = escape(f"{settings.upload_base_url}/videos")
+    html = request.app.state.page_html.replace("{{CONFIG}}", script).replace("{{UPLOAD_ACTION}}", action)
+    upload = urlsplit(settings.upload_base_url)
+    origin = f"{upload.scheme}://{upload.netloc}"
+    csp = (
+        "default-src 'self'; img-src 'self' data:; media-src 'self'; style-src 'self'; script-src 'self'; "
+        f"connect-src 'self' {origin}; form-action 'self' {origin}; frame-ancestors 'none'; base-uri 'none'"
+    )
+    headers = {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+    return HTMLResponse(html, headers=headers)

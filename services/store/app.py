@@ -1,0 +1,115 @@
+"""`create_app(settings)`: the store service (catalog, playback, live stream, web page) as a FastAPI app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from router.client import RouterClient
+from services.common.blobs import open_blob_store
+from services.common.ops import ops_router
+from services.common.problems import install_problem_handlers
+from services.common.supervisor import Supervisor
+from services.store.api import router as api_router
+from services.store.catalog import Catalog, Outcome
+from services.store.database import Database
+from services.store.feed import Feed
+from services.store.live import Change, Live
+from services.store.metrics import StoreMetrics
+from services.store.outbox import OutboxRelay
+from services.store.settings import StoreSettings
+from services.store.tables import SCHEMA
+
+STATIC = Path(__file__).parent / "static"
+
+DESCRIPTION = """
+CatTube's store service: a catalog of videos fed only by the router's events (idempotent, forward
+only), renditions and posters streamed from the bucket with HTTP ranges, `cattube.video.ready` /
+`.failed` / `.retry-requested` / `.deleted` published through an outbox, and a web page (`/`)
+with live status, players and the autoscaler's chart.
+"""
+
+
+def create_app(
+    settings: StoreSettings,
+    *,
+    exit_on_failure: bool = True,
+    router_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """The app; `router_transport` lets tests reach an in-process router (`httpx.ASGITransport`)."""
+    metrics = StoreMetrics()
+    supervisor = Supervisor(exit_on_failure=exit_on_failure)
+    live = Live(settings.live_queue_size)
+    db = Database(settings.catalog_file, SCHEMA)
+    client = RouterClient(settings.router_base_url, token=settings.token_value, transport=router_transport)
+    # The relay backs off on its own (and stops mid-wait at shutdown): no retries inside the client.
+    relay_client = RouterClient(
+        settings.router_base_url, token=settings.token_value, transport=router_transport, retries=0
+    )
+    relay = OutboxRelay(db, relay_client)
+    feed = Feed(client, name=settings.subscription, url=f"{settings.public_base_url}/inbox")
+
+    def on_change(outcome: Outcome) -> None:
+        for video in outcome.videos:
+            live.publish(Change("video", video=video))
+        if outcome.scaled is not None:
+            live.publish(Change("scaled", point=outcome.scaled))
+        if outcome.announced:
+            relay.wake()
+
+    catalog = Catalog(
+        db,
+        public_url=settings.public_base_url,
+        subscription=settings.subscription,
+        transcode_subscription=settings.transcode_subscription,
+        history_size=settings.scaling_history_size,
+        applied_retention_s=settings.applied_retention_s,
+        on_change=on_change,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await db.open()
+
+        def begin_shutdown() -> None:
+            supervisor.begin_stop()
+            live.close()
+            relay.stop()
+
+        app.state.begin_shutdown = begin_shutdown
+        supervisor.start("outbox-relay", relay.run())
+        feed.start()
+        try:
+            yield
+        finally:
+            begin_shutdown()
+            await feed.stop()
+            await supervisor.drain(timeout_s=5)
+            await client.aclose()
+            await relay_client.aclose()
+            await db.close()
+
+    async def refresh_metrics() -> None:
+        await metrics.refresh(catalog, relay, live)
+
+    app = FastAPI(title="CatTube store", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.catalog = catalog
+    app.state.blobs = open_blob_store(settings.blob_base_url)
+    app.state.live = live
+    app.state.feed = feed
+    app.state.relay = relay
+    app.state.page_html = (STATIC / "index.html").read_text(encoding="utf-8")
+    install_problem_handlers(app)
+    app.include_router(
+        ops_router(metrics.registry, [supervisor.readiness, db.readiness, feed.readiness], refresh_metrics)
+    )
+    app.include_router(api_router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

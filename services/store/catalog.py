@@ -1,0 +1,440 @@
+"""The catalog: every video and its renditions, built only from the events the router pushes.
+
+    catalog = Catalog(db, public_url="http://127.0.0.1:8703", on_change=notify)   # notify(outcome) after a commit
+    await catalog.apply(event)          # each delivery, verified; repeats and stale events change nothing
+    video = await catalog.get("v1")     # or catalog.page(limit=20, status="ready")
+    await catalog.request_retry("v1")   # a person asks: failed -> processing, `retry-requested` owed
+    await catalog.delete("v1")          # tombstone, `deleted` owed
+
+Each event is applied once: its `source`+`id` is recorded in the transaction that applies it, so
+a redelivery is recognized and changes nothing. Events may also arrive late or out of order
+(the router retries, replays, and only orders one video's events among themselves), so a status
+only moves forward:
+
+    uploaded -> processing -> failed -> ready -> deleted     (any step may be skipped)
+
+`failed` ranks below `ready` on purpose: a `transcode.completed` means the renditions are in the
+bucket and playable, whatever an earlier attempt reported (a dead letter redriven by an operator
+can still succeed). A late `failed` never takes a ready video back. A `transcode.failed` with
+`permanent: false` keeps the video processing (the queue gives the job to a worker again) and
+is shown as `last_error`; the video fails when the failure is permanent or when the router
+dead-letters the job (`cattube.router.dead-lettered` from the transcode queue). An event that
+arrives before the video's `uploaded` creates the row with what it knows; the upload fills in
+the rest without moving the status back. `deleted` is final: the row stays as a tombstone and
+every later event about the video is ignored.
+
+The one step back is a person's: `request_retry` moves a failed video to processing and starts a
+new *round*. A dead letter from an earlier round (its job was the upload, or an older retry) no
+longer fails the video. When a video becomes ready or failed, the `cattube.video.ready` /
+`.failed` event is recorded in the outbox in the same transaction.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from router.client import new_event
+from services.common.blobs import video_key
+from services.common.errors import Conflict, InvalidInput, NotFound
+from services.store import outbox, tables
+from services.store.database import Database
+from services.store.records import ScalingPoint, Video, parse_renditions
+from services.store.tables import Page
+
+log = logging.getLogger(__name__)
+
+SOURCE = "cattube/store"
+UPLOADED = "cattube.video.uploaded"
+RETRY_REQUESTED = "cattube.video.retry-requested"
+PRUNE_EVERY = 1000
+
+
+@dataclass
+class Outcome:
+    """What one change did: the videos it changed, an autoscaler point, how many events it owes the router."""
+
+    duplicate: bool = False
+    ignored: str | None = None
+    videos: list[Video] = field(default_factory=list)
+    scaled: ScalingPoint | None = None
+    announced: int = 0
+
+
+Handler = Callable[[sqlite3.Connection, Mapping[str, Any], dict[str, Any], float], Outcome]
+
+
+class Catalog:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        public_url: str,
+        subscription: str = "store",
+        transcode_subscription: str = "transcode",
+        history_size: int = 1000,
+        applied_retention_s: float = 8 * 86_400,
+        on_change: Callable[[Outcome], None] = lambda outcome: None,
+    ) -> None:
+        self.db = db
+        self.public_url = public_url
+        self.subscription = subscription
+        self.transcode_subscription = transcode_subscription
+        self.history_size = history_size
+        self.applied_retention_s = applied_retention_s
+        self.on_change = on_change
+        self._applied_since_prune = 0
+        self._handlers: dict[str, Handler] = {
+            UPLOADED: self._on_uploaded,
+            "cattube.transcode.started": self._on_started,
+            "cattube.transcode.progress": self._on_progress,
+            "cattube.transcode.completed": self._on_completed,
+            "cattube.transcode.failed": self._on_failed,
+            "cattube.router.dead-lettered": self._on_dead_lettered,
+            "cattube.processing.scaled": self._on_scaled,
+            "cattube.video.deleted": self._on_deleted,
+        }
+
+    # -- events -----------------------------------------------------------------------------------
+
+    async def apply(self, event: Mapping[str, Any]) -> Outcome:
+        """Apply one delivered CloudEvent; `InvalidInput` when it is not one the catalog can use."""
+        outcome = await self.db.transact(self._apply, event, time.time())
+        if outcome.ignored:
+            log.debug("event %s %s ignored: %s", event.get("type"), event.get("id"), outcome.ignored)
+        self._changed(outcome)
+        return outcome
+
+    def _apply(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        source, event_id, kind = (_attribute(event, name) for name in ("source", "id", "type"))
+        if not tables.first_time(conn, source, event_id, now):
+            return Outcome(duplicate=True)
+        self._prune(conn, now)
+        handler = self._handlers.get(kind)
+        if handler is None:
+            return Outcome(ignored=f"{kind} does not change the catalog")
+        if kind == "cattube.video.deleted" and source == SOURCE:
+            return Outcome(ignored="the store's own deletion, already applied")
+        data = event.get("data")
+        if not isinstance(data, dict):
+            raise InvalidInput("data", f"a JSON object (the payload of {kind})")
+        return handler(conn, event, data, now)
+
+    def _on_uploaded(
+        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
+    ) -> Outcome:
+        video = self._load_or_new(conn, _video_id(data.get("video_id")), now)
+        if video.status == "deleted":
+            return Outcome(ignored="the video was deleted")
+        before = copy.deepcopy(video)
+        if isinstance(data.get("title"), str):
+            video.title = data["title"]
+        if isinstance(data.get("master"), dict):
+            video.master = data["master"]
+        if isinstance(data.get("probe"), dict):
+            video.probe = data["probe"]
+        if isinstance(data.get("renditions"), list):
+            video.requested = [name for name in data["renditions"] if isinstance(name, str)]
+        video.created_at = _event_time(event, now)
+        return self._save(conn, video, before, now)
+
+    def _on_started(
+        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
+    ) -> Outcome:
+        video = self._load_or_new(conn, _video_id(data.get("video_id")), now)
+        if video.status not in ("uploaded", "processing"):
+            return Outcome(ignored=f"a start after the video became {video.status}")
+        before = copy.deepcopy(video)
+        video.status = "processing"
+        attempt = data.get("attempt")
+        if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt != video.attempt:
+            video.attempt = attempt
+            video.progress = 0.0
+        if video.progress is None:
+            video.progress = 0.0
+        if isinstance(data.get("worker"), str):
+            video.worker = data["worker"]
+        video.speed = None
+        return self._save(conn, video, before, now)
+
+    def _on_progress(
+        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
+    ) -> Outcome:
+        video = self._load_or_new(conn, _video_id(data.get("video_id")), now)
+        if video.status not in ("uploaded", "processing"):
+            return Outcome(ignored=f"progress after the video became {video.status}")
+        percent = _number(data.get("percent"), "data.percent", "a number from 0 to 100")
+        before = copy.deepcopy(video)
+        video.status = "processing"
+        # Out-of-order reports of one run must not make the bar go back; a new attempt resets it (`started`).
+        video.progress = max(video.progress or 0.0, min(100.0, max(0.0, percent)))
+        speed = data.get("speed")
+        video.speed = float(speed) if isinstance(speed, int | float) and not isinstance(speed, bool) else None
+        return self._save(conn, video, before, now)
+
+    def _on_completed(
+        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
+    ) -> Outcome:
+        video = self._load_or_new(conn, _video_id(data.get("video_id")), now)
+        if video.status == "deleted":
+            return Outcome(ignored="the video was deleted")
+        renditions = parse_renditions(data.get("renditions"))
+        poster = data.get("poster")
+        before = copy.deepcopy(video)
+        became_ready = video.status != "ready"
+        # Also on a ready video: a job run twice (at least once delivery) rewrote the same keys; keep its facts.
+        video.status = "ready"
+        video.renditions = renditions
+        video.poster_uri = poster["uri"] if isinstance(poster, dict) and isinstance(poster.get("uri"), str) else None
+        if isinstance(data.get("skipped"), list):
+            video.skipped = [name for name in data["skipped"] if isinstance(name, str)]
+        elapsed = data.get("elapsed_s")
+        video.elapsed_s = float(elapsed) if isinstance(elapsed, int | float) and not isinstance(elapsed, bool) else None
+        video.progress = 100.0
+        video.speed = None
+        video.error = None
+        outcome = self._save(conn, video, before, now)
+        if became_ready:
+            outcome.announced += self._announce(
+                conn, "cattube.video.ready", video, f"{video.video_id}/ready/{video.round}"
+            )
+        return outcome
+
+    def _on_failed(
+        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
+    ) -> Outcome:
+        video = self._load_or_new(conn, _video_id(data.get("video_id")), now)
+        if video.status not in ("uploaded", "processing"):
+            return Outcome(ignored=f"a failure after the video became {video.status}")
+        reason = data.get("reason") if isinstance(data.get("reason"), str) else None
+        reason = reason or "Transcoding failed (no reason given)."
+        before = copy.deepcopy(video)
+        video.last_error = reason
+        video.speed = None
+        if data.get("permanent") is not True:
+            video.status = "processing"  # the queue gives the job to a worker again
+            return self._save(conn, video, before, now)
+        return self._fail(conn, video, before, reason, now)
+
+    def _on_dead_lettered(
+        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
+    ) -> Outcome:
+        subscription, job_type, job_id = data.get("subscription"), data.get("event_type"), data.get("event_id")
+        if subscription == self.subscription:
+            log.error(
+                "the router gave up delivering %s %s to the store after %s attempt(s): %s",
+                job_type, job_id, data.get("attempts"), data.get("last_error"),
+            )  # fmt: skip
+            return Outcome(ignored="a dead letter of the store's own subscription")
+        if subscription != self.transcode_subscription or job_type not in (UPLOADED, RETRY_REQUESTED):
+            return Outcome(ignored=f"a dead letter of {subscription!r}, not a transcode job")
+        video = self._load_or_new(conn, _video_id(event.get("partitionkey"), "partitionkey"), now)
+        current_job = UPLOADED if video.round == 0 else RETRY_REQUESTED
+        if job_type != current_job or (video.round and job_id != _retry_id(video.video_id, video.round)):
+            return Outcome(ignored="a dead letter of an earlier round of this video")
+        if video.status not in ("uploaded", "processing"):
+            return Outcome(ignored=f"a dead letter after the video became {video.status}")
+        attempts = data.get("attempts")
+        cause = video.last_error or data.get("last_error") or "no reason given"
+        reason = f"Transcoding gave up after {attempts} attempt(s): {cause}"
+        return self._fail(conn, video, copy.deepcopy(video), reason, now)
+
+    def _on_scaled(
+        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
+    ) -> Outcome:
+        point = ScalingPoint(
+            at=_event_time(event, now),
+            from_=_count(data.get("from"), "data.from"),
+            to=_count(data.get("to"), "data.to"),
+            backlog=_count(data.get("backlog", 0), "data.backlog"),
+            in_flight=_count(data.get("in_flight", 0), "data.in_flight"),
+            reason=str(data.get("reason") or ""),
+        )
+        tables.add_scaling(conn, point, self.history_size)
+        return Outcome(scaled=point)
+
+    def _on_deleted(
+        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
+    ) -> Outcome:
+        video = tables.load_video(conn, _video_id(data.get("video_id")))
+        if video is None or video.status == "deleted":
+            return Outcome(ignored="nothing to delete")
+        return self._tombstone(conn, video, now)
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    async def request_retry(self, video_id: str) -> Video:
+        """Run a failed video again: it goes back to processing and `cattube.video.retry-requested` is owed."""
+        outcome = await self.db.transact(self._retry, video_id, time.time())
+        self._changed(outcome)
+        return outcome.videos[0]
+
+    def _retry(self, conn: sqlite3.Connection, video_id: str, now: float) -> Outcome:
+        video = self._existing(conn, video_id)
+        if video.status != "failed":
+            raise Conflict(f"video {video_id} is {video.status}: only a failed video can be retried")
+        if not (video.master and isinstance(video.master.get("uri"), str) and video.probe and video.requested):
+            raise Conflict(
+                f"video {video_id} cannot be retried: the catalog never learned its master and probe "
+                "(its upload event did not arrive); upload it again"
+            )
+        before = copy.deepcopy(video)
+        video.round += 1
+        video.status = "processing"
+        video.error = video.last_error = video.speed = video.attempt = video.worker = None
+        video.progress = 0.0
+        outcome = self._save(conn, video, before, now)
+        data = {
+            "video_id": video.video_id,
+            "title": video.title,
+            "renditions": video.requested,
+            "master": video.master,
+            "probe": video.probe,
+            "round": video.round,
+        }
+        event = new_event(
+            RETRY_REQUESTED, SOURCE, data, id=_retry_id(video.video_id, video.round), partitionkey=video.video_id
+        )
+        outbox.enqueue(conn, event)
+        outcome.announced += 1
+        return outcome
+
+    async def delete(self, video_id: str) -> Video:
+        """Leave a tombstone and owe `cattube.video.deleted` (its consumer removes the blobs). Idempotent."""
+        outcome = await self.db.transact(self._delete, video_id, time.time())
+        self._changed(outcome)
+        return outcome.videos[0]
+
+    def _delete(self, conn: sqlite3.Connection, video_id: str, now: float) -> Outcome:
+        video = tables.load_video(conn, _video_id(video_id, "path.video_id"))
+        if video is None:
+            raise NotFound(f"no video {video_id}")
+        if video.status == "deleted":
+            return Outcome(videos=[video])
+        uris = video.blob_uris()
+        outcome = self._tombstone(conn, video, now)
+        data = {"video_id": video.video_id, "blob_uris": uris, "prefix": video_key(video.video_id, "x")[:-1]}
+        outbox.enqueue(
+            conn,
+            new_event("cattube.video.deleted", SOURCE, data, id=f"{video.video_id}/deleted", partitionkey=video_id),
+        )
+        outcome.announced += 1
+        return outcome
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    async def get(self, video_id: str) -> Video:
+        """The video; `NotFound` when there is none, or it was deleted."""
+        return await self.db.transact(self._existing, video_id)
+
+    async def page(self, *, limit: int, cursor: str | None = None, status: str | None = None) -> Page:
+        """Newest first. Without `status`, deleted videos are left out; `status="deleted"` lists the tombstones."""
+        return await self.db.transact(tables.list_videos, limit, cursor, status)
+
+    async def scaling_history(self, limit: int) -> list[ScalingPoint]:
+        """The latest `limit` autoscaler changes, oldest first."""
+        return await self.db.transact(tables.scaling_history, limit)
+
+    async def counts(self) -> dict[str, int]:
+        """How many videos have each status."""
+        return await self.db.transact(tables.status_counts)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _changed(self, outcome: Outcome) -> None:
+        if outcome.videos or outcome.scaled or outcome.announced:
+            self.on_change(outcome)
+
+    def _fail(self, conn: sqlite3.Connection, video: Video, before: Video, reason: str, now: float) -> Outcome:
+        video.status = "failed"
+        video.error = reason
+        video.speed = None
+        outcome = self._save(conn, video, before, now)
+        outcome.announced += self._announce(
+            conn, "cattube.video.failed", video, f"{video.video_id}/failed/{video.round}"
+        )
+        return outcome
+
+    def _tombstone(self, conn: sqlite3.Connection, video: Video, now: float) -> Outcome:
+        before = copy.deepcopy(video)
+        video.status = "deleted"
+        video.renditions = []
+        video.poster_uri = video.progress = video.speed = video.error = None
+        return self._save(conn, video, before, now)
+
+    def _announce(self, conn: sqlite3.Connection, kind: str, video: Video, event_id: str) -> int:
+        data = video.record(self.public_url, with_uris=True)
+        outbox.enqueue(conn, new_event(kind, SOURCE, data, id=event_id, partitionkey=video.video_id))
+        return 1
+
+    def _existing(self, conn: sqlite3.Connection, video_id: str) -> Video:
+        video = tables.load_video(conn, _video_id(video_id, "path.video_id"))
+        if video is None:
+            raise NotFound(f"no video {video_id}")
+        if video.status == "deleted":
+            raise NotFound(f"video {video_id} was deleted")
+        return video
+
+    def _load_or_new(self, conn: sqlite3.Connection, video_id: str, now: float) -> Video:
+        return tables.load_video(conn, video_id) or Video(video_id, created_at=now)
+
+    def _save(self, conn: sqlite3.Connection, video: Video, before: Video | None, now: float) -> Outcome:
+        """Write the video if it changed (a new version); the outcome lists it then."""
+        if video == before and video.version > 0:  # version 0: never saved
+            return Outcome()
+        tables.write_video(conn, video, now)
+        return Outcome(videos=[video])
+
+    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+        self._applied_since_prune += 1
+        if self._applied_since_prune >= PRUNE_EVERY:
+            self._applied_since_prune = 0
+            tables.forget_applied(conn, now - self.applied_retention_s)
+
+
+def _retry_id(video_id: str, round: int) -> str:
+    return f"{video_id}/retry/{round}"
+
+
+def _attribute(event: Mapping[str, Any], name: str) -> str:
+    value = event.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(name, "a non-empty string (a CloudEvents attribute)")
+    return value
+
+
+def _video_id(value: Any, field: str = "data.video_id") -> str:
+    try:
+        video_key(value, "x")
+    except InvalidInput:
+        raise InvalidInput(field, "a video id: 1 to 64 characters of A-Z a-z 0-9 _ -") from None
+    assert isinstance(value, str)
+    return value
+
+
+def _number(value: Any, field: str, expected: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InvalidInput(field, expected)
+    return float(value)
+
+
+def _count(value: Any, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInput(field, "a whole number >= 0")
+    return value
+
+
+def _event_time(event: Mapping[str, Any], default: float) -> float:
+    value = event.get("time")
+    if not isinstance(value, str):
+        return default
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return default

@@ -1,0 +1,83 @@
+"""The store's only input: a push subscription on the router, declared at start-up, its deliveries verified.
+
+    feed = Feed(router, name="store", url="http://127.0.0.1:8703/inbox")
+    feed.start()                      # declares in the background, retrying until the router answers
+    event = await feed.receiver(request)   # in the route: the verified CloudEvent, or 401
+
+Deliveries are ordered per `partitionkey` (one video's events one at a time, videos in parallel);
+the subscription starts at the earliest event the router keeps, so a store that starts after
+the rest of the stack (or with an empty catalog) catches up. Re-declaring keeps the position and
+the signing secret, so a restart resumes where it left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from router.client import PushReceiver, RouterClient, RouterError
+
+log = logging.getLogger(__name__)
+
+PATTERN: dict[str, Any] = {
+    "type": [
+        {"prefix": "cattube.video."},
+        {"prefix": "cattube.transcode."},
+        "cattube.processing.scaled",
+        "cattube.router.dead-lettered",
+    ]
+}
+DELIVERY: dict[str, Any] = {
+    "ordered": True,
+    "max_in_flight": 32,
+    "mode": "structured",
+    "timeout_s": 10,
+    # A store that was down catches up within seconds of coming back, not minutes.
+    "backoff_initial_s": 0.5,
+    "backoff_max_s": 30,
+}
+
+
+class Feed:
+    def __init__(self, client: RouterClient, *, name: str, url: str) -> None:
+        self.client = client
+        self.name = name
+        self.url = url
+        self.receiver = PushReceiver()
+        self.subscribed = asyncio.Event()
+        self.error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._declare(), name="store-subscription")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _declare(self) -> None:
+        try:
+            subscription = await self.client.ensure_subscription(
+                self.name,
+                pattern=PATTERN,
+                target={"url": self.url},
+                delivery=DELIVERY,
+                start="earliest",
+                wait_for_router=True,
+            )
+        except RouterError as exc:  # refused for good (a wrong token, say): say so on /readyz
+            self.error = f"the router refused the store's subscription: {exc}"
+            log.error("%s", self.error)
+            return
+        self.receiver.secret = subscription["secret"]
+        self.subscribed.set()
+        log.info("subscribed as %r, deliveries to %s", self.name, self.url)
+
+    async def readiness(self) -> str | None:
+        if self.error:
+            return self.error
+        if not self.subscribed.is_set():
+            return "the store's subscription is not declared yet (is the router up?)"
+        return None

@@ -1,0 +1,173 @@
+"""What the catalog holds (videos, renditions, autoscaler changes) and how each is shown to clients.
+
+`Video.record(base_url)` is the shape of DESIGN.md's "Shapes" (`GET /videos/{id}`, the live
+stream and the store's own events): URLs are built from the base URL the client reached, so a
+page opened through another address still plays what it lists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from services.common.errors import InvalidInput
+
+STATUSES = ("uploaded", "processing", "failed", "ready", "deleted")
+"""In the only order a video may move through them (`failed` and `ready` are both outcomes; `ready` wins)."""
+
+
+def iso(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Rendition:
+    name: str
+    uri: str
+    width: int | None = None
+    height: int | None = None
+    bitrate: int | None = None
+    size_bytes: int | None = None
+    duration_s: float | None = None
+
+
+@dataclass
+class Video:
+    video_id: str
+    status: str = "uploaded"
+    title: str | None = None
+    master: dict[str, Any] | None = None
+    probe: dict[str, Any] | None = None
+    requested: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    renditions: list[Rendition] = field(default_factory=list)
+    poster_uri: str | None = None
+    error: str | None = None
+    last_error: str | None = None
+    progress: float | None = None
+    speed: float | None = None
+    attempt: int | None = None
+    worker: str | None = None
+    elapsed_s: float | None = None
+    round: int = 0
+    """0 for the upload, then one more for each retry a person asked for."""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    version: int = 0
+    """Grows with every change of any video: a client keeps the copy with the highest one."""
+
+    def rendition(self, name: str) -> Rendition | None:
+        return next((r for r in self.renditions if r.name == name), None)
+
+    def blob_uris(self) -> list[str]:
+        uris = [self.master.get("uri") if self.master else None, *(r.uri for r in self.renditions), self.poster_uri]
+        return list(dict.fromkeys(uri for uri in uris if isinstance(uri, str)))
+
+    def record(self, base_url: str, *, with_uris: bool = False) -> dict[str, Any]:
+        """The video as clients see it; `with_uris` adds the bucket URIs (for the events other services read)."""
+        own = f"{base_url.rstrip('/')}/videos/{self.video_id}"
+        probe = self.probe or {}
+        renditions = []
+        for r in self.renditions:
+            item: dict[str, Any] = {
+                "name": r.name,
+                "url": f"{own}/renditions/{r.name}",
+                "width": r.width,
+                "height": r.height,
+                "size_bytes": r.size_bytes,
+                "bitrate": r.bitrate,
+                "duration_s": r.duration_s,
+            }
+            if with_uris:
+                item["uri"] = r.uri
+            renditions.append(item)
+        record: dict[str, Any] = {
+            "video_id": self.video_id,
+            "title": self.title,
+            "status": self.status,
+            "renditions": renditions,
+            "poster_url": f"{own}/poster" if self.poster_uri else None,
+            "error": self.error,
+            "progress": self.progress,
+            "speed": self.speed,
+            "requested": self.requested,
+            "skipped": self.skipped,
+            "duration_s": probe.get("duration_s"),
+            "width": probe.get("width"),
+            "height": probe.get("height"),
+            "attempt": self.attempt,
+            "retries": self.round,
+            "last_error": self.last_error,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "version": self.version,
+        }
+        if with_uris:
+            record["master"] = self.master
+            record["poster_uri"] = self.poster_uri
+        return record
+
+
+@dataclass(frozen=True)
+class ScalingPoint:
+    """One `cattube.processing.scaled`: the worker count went from `from_` to `to` at `at`."""
+
+    at: float
+    from_: int
+    to: int
+    backlog: int
+    in_flight: int
+    reason: str
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "at": iso(self.at),
+            "from": self.from_,
+            "to": self.to,
+            "backlog": self.backlog,
+            "in_flight": self.in_flight,
+            "reason": self.reason,
+        }
+
+
+RENDITION_NAME = re.compile(r"[0-9]{3,4}p")
+
+
+def parse_renditions(value: Any) -> list[Rendition]:
+    """The `renditions` of a `cattube.transcode.completed`; `InvalidInput` naming the first bad entry."""
+    if not isinstance(value, list):
+        raise InvalidInput("data.renditions", "a list of {name, uri, width, height, bitrate, size_bytes, duration_s}")
+    renditions: list[Rendition] = []
+    for i, item in enumerate(value):
+        where = f"data.renditions[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidInput(where, "an object")
+        name, uri = item.get("name"), item.get("uri")
+        if not isinstance(name, str) or not RENDITION_NAME.fullmatch(name):
+            raise InvalidInput(f"{where}.name", "a rendition name such as 720p")
+        if not isinstance(uri, str) or not uri:
+            raise InvalidInput(f"{where}.uri", "the URI of the rendition in the bucket")
+        renditions.append(
+            Rendition(
+                name,
+                uri,
+                width=_whole(item.get("width")),
+                height=_whole(item.get("height")),
+                bitrate=_whole(item.get("bitrate")),
+                size_bytes=_whole(item.get("size_bytes")),
+                duration_s=_real(item.get("duration_s")),
+            )
+        )
+    return renditions
+
+
+def _whole(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _real(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -1,0 +1,56 @@
+"""The store service's settings (`CATTUBE_*` variables): its catalog, the bucket, and the addresses it hands out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from services.common.settings import CommonSettings
+
+
+class StoreSettings(CommonSettings):
+    catalog_path: Path | None = Field(
+        None, description="SQLite file of the catalog; default DATA_DIR/store/catalog.db."
+    )
+    blob_url: str | None = Field(None, description="The bucket: file:///abs/dir; default file://DATA_DIR/bucket.")
+    store_public_url: str | None = Field(
+        None, description="Address the router pushes events to and pages link to; default http://127.0.0.1:STORE_PORT."
+    )
+    upload_public_url: str | None = Field(
+        None, description="Address of the upload service the web page posts to; default http://127.0.0.1:UPLOAD_PORT."
+    )
+    processing_public_url: str | None = Field(
+        None,
+        description="Address of the processing service the page links to; default http://127.0.0.1:PROCESSING_PORT.",
+    )
+    subscription: str = Field("store", description="Name of the store's push subscription on the router.")
+    transcode_subscription: str = Field(
+        "transcode", description="The processing queue whose dead letters mean a video failed for good."
+    )
+    scaling_history_size: int = Field(1000, ge=1, le=100_000, description="Autoscaler changes kept for the chart.")
+    applied_retention_s: float = Field(
+        8 * 86_400, gt=0, description="How long applied event ids are kept to recognize repeats (> router retention)."
+    )
+    live_heartbeat_s: float = Field(15, gt=0, description="Keep-alive comment interval on GET /events streams.")
+    live_queue_size: int = Field(1000, ge=1, description="Changes buffered per /events client before it is dropped.")
+
+    @property
+    def catalog_file(self) -> Path:
+        return self.catalog_path or self.data_dir / "store" / "catalog.db"
+
+    @property
+    def blob_base_url(self) -> str:
+        return self.blob_url or (self.data_dir / "bucket").resolve().as_uri()
+
+    @property
+    def public_base_url(self) -> str:
+        return (self.store_public_url or f"http://127.0.0.1:{self.store_port}").rstrip("/")
+
+    @property
+    def upload_base_url(self) -> str:
+        return (self.upload_public_url or f"http://127.0.0.1:{self.upload_port}").rstrip("/")
+
+    @property
+    def processing_base_url(self) -> str:
+        return (self.processing_public_url or f"http://127.0.0.1:{self.processing_port}").rstrip("/")
