@@ -168,6 +168,7 @@ def summary(runs: list[dict[str, float]]) -> dict[str, float]:
         "mib_per_s": round(statistics.median(r["bytes"] / r["elapsed_s"] / 2**20 for r in runs), 1),
         "elapsed_s": round(statistics.median(r["elapsed_s"] for r in runs), 2),
         "server_cpu_s_per_gib": round(statistics.median(r["server_cpu_s"] / gib for r in runs), 2),
+        "runs_s": [round(r["elapsed_s"], 2) for r in runs],
     }
 
 

@@ -1,0 +1,105 @@
+"""`create_app(settings)`: the upload service as a FastAPI app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from router.client import RouterClient
+from services.common.auth import BearerAuthMiddleware
+from services.common.blobs import open_blob_store
+from services.common.ops import ops_router
+from services.common.problems import install_problem_handlers
+from services.common.supervisor import Supervisor
+from services.upload.api import router as api_router
+from services.upload.metrics import UploadMetrics
+from services.upload.outbox import Outbox, Relay
+from services.upload.settings import UploadSettings
+from services.upload.uploads import Uploads
+
+DESCRIPTION = """
+CatTube's upload service: streams a master video into the bucket while hashing it, probes it in a
+sandboxed child process (only self-contained video containers pass), and announces it with a
+`cattube.video.uploaded` event through a local outbox, so uploads keep working while the router is down.
+"""
+ROUTER_TIMEOUT_S = 10.0
+DRAIN_TIMEOUT_S = 15.0
+
+
+def create_app(
+    settings: UploadSettings,
+    *,
+    exit_on_failure: bool = True,
+    router_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """The app; `router_transport` lets tests reach an in-process router (`httpx.ASGITransport`)."""
+    metrics = UploadMetrics()
+    supervisor = Supervisor(exit_on_failure=exit_on_failure)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            store = open_blob_store(settings.blob_base_url)
+            outbox = Outbox(settings.outbox_file)
+            await outbox.open()
+            stack.push_async_callback(outbox.close)
+            # The relay owns retries and their timing: the client tries once per call.
+            client = RouterClient(
+                settings.router_base_url,
+                token=settings.token_value,
+                timeout_s=ROUTER_TIMEOUT_S,
+                transport=router_transport,
+                retries=0,
+            )
+            stack.push_async_callback(client.aclose)
+            relay = Relay(
+                outbox,
+                client,
+                batch_size=settings.relay_batch_size,
+                backoff_initial_s=settings.relay_backoff_initial_s,
+                backoff_max_s=settings.relay_backoff_max_s,
+                on_published=metrics.published.inc,
+                on_failure=metrics.relay_failures.inc,
+            )
+            uploads = Uploads(store, outbox, settings, metrics, on_accepted=relay.wake)
+            await uploads.sweep()
+            app.state.outbox = outbox
+            app.state.uploads = uploads
+            app.state.relay = relay
+
+            def begin_shutdown() -> None:
+                supervisor.begin_stop()
+                relay.stop()
+
+            app.state.begin_shutdown = begin_shutdown
+            supervisor.start("outbox-relay", relay.run())
+            try:
+                yield
+            finally:
+                begin_shutdown()
+                await supervisor.drain(timeout_s=DRAIN_TIMEOUT_S)
+
+    async def refresh_gauges() -> None:
+        metrics.outbox_pending.set(await app.state.outbox.pending_count())
+
+    app = FastAPI(title="CatTube upload", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_problem_handlers(app)
+    app.include_router(ops_router(metrics.registry, [supervisor.readiness], before_scrape=refresh_gauges))
+    app.include_router(api_router)
+    if settings.token_value:
+        app.add_middleware(BearerAuthMiddleware, token=settings.token_value)
+    # Added last, so outermost: a browser's preflight is answered before authentication is asked for.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"],
+        expose_headers=["Location"],
+    )
+    return app

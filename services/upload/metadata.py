@@ -1,0 +1,67 @@
+"""What a person says about an upload: its title and the renditions it asks for.
+
+    clean_title("Whiskers\\non the beach\\x07")   # "Whiskers on the beach"
+    parse_renditions("720p, 360p")                # ("720p", "360p"), in the order given
+
+Both raise `InvalidInput` naming the field and what would do.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from services.common.errors import InvalidInput
+
+__all__ = ["LADDER", "MAX_TITLE_CHARS", "UNTITLED", "clean_title", "parse_renditions", "title_from_filename"]
+
+LADDER: tuple[str, ...] = ("2160p", "1440p", "1080p", "720p", "480p", "360p", "240p", "144p")
+MAX_TITLE_CHARS = 200
+UNTITLED = "Untitled"
+
+# Bidirectional embeddings, overrides and isolates: they reorder how the rest of a line is displayed.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_SPACES = re.compile(r"\s+")
+
+
+def clean_title(raw: str) -> str:
+    """`raw` without control characters (line breaks and tabs become spaces), trimmed; at most 200 characters.
+
+    An empty result is returned as is: the caller picks the default.
+    """
+    title = _printable(raw)
+    if len(title) > MAX_TITLE_CHARS:
+        raise InvalidInput("title", f"at most {MAX_TITLE_CHARS} characters, got {len(title)}")
+    return title
+
+
+def title_from_filename(filename: str | None) -> str:
+    """A default title from the client's file name (its stem, cleaned and shortened); never used for storage."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    stem, dot, _ = name.rpartition(".")
+    return _printable((stem if dot and stem else name)[: MAX_TITLE_CHARS * 4])[:MAX_TITLE_CHARS].strip() or UNTITLED
+
+
+def _printable(raw: str) -> str:
+    kept = []
+    for char in raw:
+        if char.isspace():
+            kept.append(" ")
+        elif unicodedata.category(char) not in ("Cc", "Cs") and char not in _BIDI_CONTROLS:
+            kept.append(char)
+    return _SPACES.sub(" ", "".join(kept)).strip()
+
+
+def parse_renditions(raw: str, field: str = "renditions") -> tuple[str, ...]:
+    """Comma-separated ladder names, in the order given, repeats dropped; empty means "not given" (`()`)."""
+    names: list[str] = []
+    for item in raw.split(","):
+        name = item.strip().lower()
+        if not name:
+            continue
+        if name not in LADDER:
+            shown = item.strip()[:20]
+            raise InvalidInput(field, f"comma-separated names out of {', '.join(LADDER)}; got {shown!r}")
+        if name not in names:
+            names.append(name)
+    return tuple(names)

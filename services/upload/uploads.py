@@ -1,0 +1,267 @@
+"""Receiving an upload: stream it into the bucket, probe it, name it, record it with its event.
+
+    uploads = Uploads(store, outbox, settings, metrics, on_accepted=relay.wake)
+    video_id = await uploads.receive("video/mp4", request.stream(), title="Whiskers", renditions="720p,360p")
+    video_id = await uploads.receive(request.headers["content-type"], request.stream())   # multipart
+
+The bytes go straight to `videos/{id}/incoming/master.upload` (a name the service chose), hashed
+on the way; the probe then decides what the file is, and only then does it get its final name,
+`videos/{id}/master.{ext}`, with the extension of the container the probe found (never the
+client's file name). Any refusal, error or disconnect removes the whole `videos/{id}/`. An upload
+is noted in the outbox database when it starts, so one cut short by a crash is swept at the next
+start (`sweep`), and its record and event are committed together before the caller answers 202.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from router.client import new_event
+from services.common.blobs import BlobInfo, BlobStore, video_key
+from services.common.errors import CatTubeError, PayloadTooLarge, UnsupportedMedia
+from services.upload.forms import FormStream
+from services.upload.metadata import UNTITLED, clean_title, parse_renditions, title_from_filename
+from services.upload.metrics import UploadMetrics
+from services.upload.outbox import Outbox
+from services.upload.probe import Probe, ProbeRejected, probe_file
+from services.upload.refusals import BadRequest, refusal
+from services.upload.settings import UploadSettings
+
+log = logging.getLogger(__name__)
+
+UPLOADED = "cattube.video.uploaded"
+SOURCE = "cattube/upload"
+# Room for the form's boundaries, part headers and text fields next to the file itself.
+FORM_OVERHEAD_BYTES = 64 * 1024
+# The body arrives in pieces of up to 64 KiB; the bucket is written in pieces of about 1 MiB, so the
+# file store's thread hand-offs stay few (memory stays flat: one piece at a time).
+WRITE_CHUNK_BYTES = 1 << 20
+EXPECTED_CONTENT_TYPES = "multipart/form-data, video/* or application/octet-stream"
+
+# The extension and media type of a master, from the demuxer that read it (never from the client).
+CONTAINERS: dict[str, tuple[str, str]] = {
+    "mov": ("mp4", "video/mp4"),
+    "matroska": ("mkv", "video/x-matroska"),
+    "avi": ("avi", "video/x-msvideo"),
+    "mpegts": ("ts", "video/mp2t"),
+    "mpeg": ("mpg", "video/mpeg"),
+    "flv": ("flv", "video/x-flv"),
+    "ogg": ("ogv", "video/ogg"),
+    "asf": ("wmv", "video/x-ms-asf"),
+}
+WEBM_VIDEO = frozenset({"vp8", "vp9", "av1"})
+WEBM_AUDIO = frozenset({None, "opus", "vorbis"})
+
+
+@dataclass(frozen=True)
+class Described:
+    """What the client said about its upload, once checked."""
+
+    title: str
+    renditions: tuple[str, ...]
+
+
+class Uploads:
+    def __init__(
+        self,
+        store: BlobStore,
+        outbox: Outbox,
+        settings: UploadSettings,
+        metrics: UploadMetrics,
+        *,
+        on_accepted: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.settings = settings
+        self.metrics = metrics
+        self.on_accepted = on_accepted
+        self._probes = asyncio.Semaphore(settings.max_concurrent_probes)
+
+    async def sweep(self) -> int:
+        """Remove what uploads cut short by a crash left in the bucket; returns how many there were."""
+        leftovers = await self.outbox.unfinished()
+        for video_id in leftovers:
+            await self._discard(video_id)
+        if leftovers:
+            log.info("removed the partial objects of %d upload(s) interrupted by the last stop", len(leftovers))
+        return len(leftovers)
+
+    async def receive(
+        self,
+        content_type: str,
+        body: AsyncIterable[bytes],
+        *,
+        title: str | None = None,
+        renditions: str | None = None,
+        declared_bytes: int | None = None,
+    ) -> str:
+        """Store the video in `body` and queue its event; returns the new video id.
+
+        A multipart/form-data body carries it in its `file` field (its `title` and `renditions` fields win
+        over the arguments, which come from the query); a `video/*` or `application/octet-stream` body
+        is the file itself.
+        """
+        try:
+            media = content_type.split(";", 1)[0].strip().lower()
+            if media == "multipart/form-data":
+                return await self._receive_form(content_type, body, title, renditions, declared_bytes)
+            if media.startswith("video/") or media == "application/octet-stream":
+                self._check_declared(declared_bytes, self.settings.max_upload_bytes)
+                described = self._describe(title, renditions, None)
+                return await self._receive(body, lambda: described)
+            raise UnsupportedMedia(
+                f"Content-Type: expected {EXPECTED_CONTENT_TYPES}, got {media or 'none'!r}",
+                errors=[{"field": "header.Content-Type", "expected": EXPECTED_CONTENT_TYPES}],
+            )
+        except CatTubeError as exc:
+            self.metrics.refused.labels(str(exc.status)).inc()
+            raise
+        except BaseException:
+            self.metrics.refused.labels("aborted").inc()
+            raise
+
+    async def _receive_form(
+        self,
+        content_type: str,
+        body: AsyncIterable[bytes],
+        title: str | None,
+        renditions: str | None,
+        declared_bytes: int | None,
+    ) -> str:
+        limit = self.settings.max_upload_bytes + FORM_OVERHEAD_BYTES
+        self._check_declared(declared_bytes, limit)
+        self._describe(title, renditions, None)  # a bad query is refused before the body is read
+        form = FormStream(content_type, body, max_body_bytes=limit, on_field=self._check_field)
+
+        def described() -> Described:
+            fields = form.fields
+            return self._describe(fields.get("title", title), fields.get("renditions", renditions), form.filename)
+
+        return await self._receive(form.file_chunks(), described)
+
+    # -- the steps --------------------------------------------------------------------------------
+
+    async def _receive(self, chunks: AsyncIterable[bytes], described: Callable[[], Described]) -> str:
+        video_id = uuid.uuid4().hex
+        await self.outbox.begin(video_id)
+        try:
+            incoming = await self.store.write(
+                _incoming_key(video_id), _pieces(chunks, WRITE_CHUNK_BYTES), max_bytes=self.settings.max_upload_bytes
+            )
+            if incoming.size_bytes == 0:
+                raise BadRequest("file", "a non-empty video file")
+            about = described()
+            probe = await self._probe(incoming.key)
+            extension, content_type = media_type(probe)
+            master = await self.store.put_file(video_key(video_id, f"master.{extension}"), self._local(incoming.key))
+            await self.store.delete_prefix(_incoming_prefix(video_id))
+            record = _record(about, master, content_type, probe)
+            event = new_event(UPLOADED, SOURCE, {"video_id": video_id, **record}, id=video_id, partitionkey=video_id)
+            await self.outbox.accept(video_id, {**record, "container": probe.container}, event)
+        except BaseException:
+            await asyncio.shield(self._discard(video_id))
+            raise
+        self.metrics.accepted.inc()
+        self.metrics.accepted_bytes.inc(master.size_bytes)
+        log.info("accepted upload %s: %d bytes, %s", video_id, master.size_bytes, probe.container)
+        self.on_accepted()
+        return video_id
+
+    async def _probe(self, key: str) -> Probe:
+        async with self._probes:
+            try:
+                return await probe_file(
+                    self._local(key),
+                    max_pixels=self.settings.max_pixels,
+                    max_duration_s=self.settings.max_duration_s,
+                    timeout_s=self.settings.probe_timeout_s,
+                    memory_limit_bytes=self.settings.probe_memory_limit_bytes,
+                )
+            except ProbeRejected as exc:
+                raise refusal(exc) from None
+
+    def _local(self, key: str) -> Path:
+        path = self.store.local_path(key)
+        if path is None:
+            raise CatTubeError("the probe needs a local blob store (file://); this one keeps no local files")
+        return path
+
+    async def _discard(self, video_id: str) -> None:
+        try:
+            await self.store.delete_prefix(f"videos/{video_id}/")
+            await self.outbox.abandon(video_id)
+        except Exception:
+            log.exception("removing the partial upload %s failed; it is retried at the next start", video_id)
+
+    # -- what the client said ---------------------------------------------------------------------
+
+    def _check_declared(self, declared_bytes: int | None, limit: int) -> None:
+        if declared_bytes is not None and declared_bytes > limit:
+            raise PayloadTooLarge("body", f"at most {limit} bytes, got {declared_bytes}")
+
+    def _check_field(self, name: str, value: str) -> None:
+        if name == "title":
+            clean_title(value)
+        elif name == "renditions":
+            parse_renditions(value)
+
+    def _describe(self, title: str | None, renditions: str | None, filename: str | None) -> Described:
+        cleaned = clean_title(title) if title is not None else ""
+        names = parse_renditions(renditions) if renditions is not None else ()
+        return Described(
+            title=cleaned or (title_from_filename(filename) if filename else UNTITLED),
+            renditions=names or self.settings.default_rendition_names,
+        )
+
+
+def media_type(probe: Probe) -> tuple[str, str]:
+    """The extension and media type a master is stored with, from what the probe found."""
+    if probe.container == "matroska" and probe.video_codec in WEBM_VIDEO and probe.audio_codec in WEBM_AUDIO:
+        return "webm", "video/webm"
+    return CONTAINERS.get(probe.container, ("video", "application/octet-stream"))
+
+
+def _incoming_prefix(video_id: str) -> str:
+    # Inside the video's own directory, so refusing the video removes it too; a directory of its own, so
+    # `delete_prefix` can drop it alone once the master has its final name.
+    return f"{video_key(video_id, 'incoming')}/"
+
+
+def _incoming_key(video_id: str) -> str:
+    return f"{_incoming_prefix(video_id)}master.upload"  # a name no client chose
+
+
+def _record(about: Described, master: BlobInfo, content_type: str, probe: Probe) -> dict[str, Any]:
+    return {
+        "title": about.title,
+        "master": {
+            "uri": master.uri,
+            "size_bytes": master.size_bytes,
+            "sha256": master.sha256,
+            "content_type": content_type,
+        },
+        "probe": probe.as_event_data(),
+        "renditions": list(about.renditions),
+    }
+
+
+async def _pieces(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:
+    """`chunks` regrouped into pieces of at least `size` bytes (the last may be shorter), copied once."""
+    held: list[bytes] = []
+    held_bytes = 0
+    async for chunk in chunks:
+        held.append(chunk)
+        held_bytes += len(chunk)
+        if held_bytes >= size:
+            yield b"".join(held)
+            held.clear()
+            held_bytes = 0
+    if held:
+        yield b"".join(held)
