@@ -1,6 +1,7 @@
 """The one error tree every CatTube service raises and answers with.
 
     CatTubeError                 500  something went wrong on our side
+     ├── BadRequest              400  a request that cannot be read at all (empty, malformed)
      ├── InvalidInput            422  a field had a value we cannot use (names the field and what was expected)
      │    └── PayloadTooLarge    413  a body or event over its limit
      ├── Unauthorized            401  a missing or wrong bearer token / signature
@@ -39,6 +40,13 @@ class InvalidInput(CatTubeError):
         super().__init__(f"{field}: expected {expected}", errors=errors or [{"field": field, "expected": expected}])
         self.field = field
         self.expected = expected
+
+
+class BadRequest(InvalidInput):
+    """A request that cannot be read at all: an empty body, a malformed multipart stream."""
+
+    status = 400
+    title = "Bad request"
 
 
 class PayloadTooLarge(InvalidInput):

@@ -17,8 +17,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from services.common.errors import InvalidInput, PayloadTooLarge
-from services.upload.refusals import BadRequest
+from services.common.errors import BadRequest, InvalidInput, PayloadTooLarge
 
 __all__ = ["FIELDS", "FormStream"]
 

@@ -1,6 +1,5 @@
-"""The upload service's refusals that the common error tree does not name (yet).
+"""The upload service's answers to a probe's refusal.
 
-BadRequest("file", "a non-empty video file")        # 400: the request itself is malformed or empty
 refusal(ProbeRejected(415, "The file is an image…"))  # 415 or 422 with the probe's reason
 """
 
@@ -11,18 +10,6 @@ from services.upload.probe import ProbeRejected
 
 EXPECTED_VIDEO = "a self-contained video file (MP4, MOV, MKV, WebM, AVI, MPEG-TS, ...)"
 EXPECTED_USABLE = "a complete, undamaged video within the size and duration limits"
-
-
-class BadRequest(CatTubeError):
-    """400: a body that cannot be read as an upload at all (empty, malformed multipart)."""
-
-    status = 400
-    title = "Bad request"
-
-    def __init__(self, field: str, expected: str) -> None:
-        super().__init__(f"{field}: expected {expected}", errors=[{"field": field, "expected": expected}])
-        self.field = field
-        self.expected = expected
 
 
 class UnusableVideo(CatTubeError):

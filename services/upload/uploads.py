@@ -24,13 +24,13 @@ from typing import Any
 
 from router.client import new_event
 from services.common.blobs import BlobInfo, BlobStore, video_key
-from services.common.errors import CatTubeError, PayloadTooLarge, UnsupportedMedia
+from services.common.errors import BadRequest, CatTubeError, PayloadTooLarge, UnsupportedMedia
 from services.upload.forms import FormStream
 from services.upload.metadata import UNTITLED, clean_title, parse_renditions, title_from_filename
 from services.upload.metrics import UploadMetrics
 from services.upload.outbox import Outbox
 from services.upload.probe import Probe, ProbeRejected, probe_file
-from services.upload.refusals import BadRequest, refusal
+from services.upload.refusals import refusal
 from services.upload.settings import UploadSettings
 
 log = logging.getLogger(__name__)
