@@ -13,6 +13,8 @@ In one script, on one machine:
    moment an ffmpeg child of the processing service appears in /proc (watched every 2 ms, so the
    figure is at most 2 ms late): cold (0 workers: the autoscaler has to spawn one) and warm
    (`min_workers` 1: an idle worker is already in its long poll).
+   The CPU seconds of each side (this process and its ffmpeg children; the router and the processing
+   service with theirs) are reported too: unlike wall time they barely move with the machine's load.
 3. **Idle CPU.** User + system CPU seconds of the processing service over 30 s with nothing to do.
 """
 
@@ -23,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
 import sys
@@ -56,9 +59,17 @@ def free_port() -> int:
         return port
 
 
-def cpu_s(pid: int) -> float:
+def cpu_s(pid: int, *, children: bool = False) -> float:
+    """User + system CPU seconds of a process (with `children`: plus those of its reaped children, ffmpeg)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    used = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return used / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """This process's CPU seconds plus its reaped children's (the direct run's ffmpeg processes)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def children(pid: int) -> list[int]:
@@ -252,13 +263,21 @@ async def main() -> None:
         clip = await make_clip(tmp / "clip.mp4", width, height, args.duration_s)
         probe = probe_of(clip)
         data = tmp / "data"
-        async with stack(data, args.workers) as (_, processing, client):
+        async with stack(data, args.workers) as (router, processing, client):
             store = FileBlobStore(data / "bucket")
-            direct, service = [], []
+            direct, service, direct_cpu, service_cpu = [], [], [], []
             for r in range(args.rounds):
+                before = own_cpu_s()
                 direct.append(await round_direct(clip, probe, tmp / f"direct-{r}", args.clips, args.workers, threads))
+                direct_cpu.append(own_cpu_s() - before)
+                before = cpu_s(processing.pid, children=True) + cpu_s(router.pid)
                 service.append(await round_service(client, store, clip, probe, f"r{r}", args.clips))
-                print(f"round {r + 1}: direct {direct[-1]:.2f} s, service {service[-1]:.2f} s", file=sys.stderr)
+                service_cpu.append(cpu_s(processing.pid, children=True) + cpu_s(router.pid) - before)
+                print(
+                    f"round {r + 1}: direct {direct[-1]:.2f} s ({direct_cpu[-1]:.1f} CPU s), "
+                    f"service {service[-1]:.2f} s ({service_cpu[-1]:.1f} CPU s)",
+                    file=sys.stderr,
+                )
 
             await wait_for_zero_workers(processing)
             cold = []
@@ -291,6 +310,10 @@ async def main() -> None:
         "direct_s_median": round(direct_s, 2),
         "service_s_median": round(service_s, 2),
         "wall_time_ratio": round(service_s / direct_s, 3),
+        "wall_time_ratios_per_round": [round(s / d, 3) for s, d in zip(service, direct, strict=True)],
+        "cpu_s_direct_median": round(statistics.median(direct_cpu), 2),
+        "cpu_s_service_median": round(statistics.median(service_cpu), 2),
+        "cpu_ratio": round(statistics.median(service_cpu) / statistics.median(direct_cpu), 3),
         "start_latency_cold_ms_median": round(statistics.median(cold) * 1000, 1),
         "start_latency_cold_ms_max": round(max(cold) * 1000, 1),
         "start_latency_warm_ms_median": round(statistics.median(warm) * 1000, 1),

@@ -40,7 +40,7 @@ import stat
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiofiles
@@ -195,20 +195,20 @@ class FileBlobStore:
         path = self._path(key)
         await aiofiles.os.makedirs(path.parent, exist_ok=True)
         temporary = _temporary_name(path)
-        digest = hashlib.sha256()
+        writer = _HashingWriter(temporary)
         size = 0
         try:
-            async with aiofiles.open(temporary, "wb") as file:
+            try:
+                await aiofiles.os.wrap(writer.open)()
                 async for chunk in chunks:
                     size += len(chunk)
                     if max_bytes is not None and size > max_bytes:
                         raise PayloadTooLarge("body", f"at most {max_bytes} bytes")
-                    digest.update(chunk)
-                    await file.write(chunk)
-                await file.flush()
-                await aiofiles.os.wrap(os.fsync)(file.fileno())
-            sha256 = digest.hexdigest()
-            _set_sha256(temporary, sha256)
+                    # Hashing and writing in one trip to a thread: the event loop only passes the chunk on.
+                    await aiofiles.os.wrap(writer.write)(chunk)
+                sha256 = await aiofiles.os.wrap(writer.finish)()
+            finally:
+                writer.close()
             await aiofiles.os.replace(temporary, path)
         except BaseException:
             # Synchronous on purpose: it must run to the end even when the task is being cancelled.
@@ -222,7 +222,7 @@ class FileBlobStore:
         await aiofiles.os.makedirs(target.parent, exist_ok=True)
         temporary = _temporary_name(target)
         try:
-            sha256 = await aiofiles.os.wrap(_link_or_copy)(path, temporary)
+            sha256 = await aiofiles.os.wrap(_link_or_copy)(path, temporary, self.root)
             await aiofiles.os.replace(temporary, target)
         except BaseException:
             _unlink_quietly(temporary)
@@ -294,8 +294,42 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _link_or_copy(source: Path, temporary: Path) -> str:
-    """Put `source`'s bytes at `temporary` (a hard link when possible, else a copy), fsynced; return the sha256."""
+class _HashingWriter:
+    """A temporary file written and hashed in one go; its methods run on a worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.digest = hashlib.sha256()
+        self.file: BinaryIO | None = None
+
+    def open(self) -> None:
+        # "x": never through a file or link that is already there. Closed by close(), from the caller's finally.
+        self.file = open(self.path, "xb")
+
+    def write(self, chunk: bytes) -> None:
+        assert self.file is not None
+        self.digest.update(chunk)  # hashlib lets go of the GIL for large chunks
+        self.file.write(chunk)
+
+    def finish(self) -> str:
+        assert self.file is not None
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        sha256 = self.digest.hexdigest()
+        _set_sha256(self.path, sha256)
+        return sha256
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _link_or_copy(source: Path, temporary: Path, root: Path) -> str:
+    """Put `source`'s bytes at `temporary` (a hard link when possible, else a copy), fsynced; return the sha256.
+
+    A source that is itself an object of the store (under `root`) keeps the sha256 recorded when it
+    was written, so moving an object to another key costs a link, not a second pass over its bytes.
+    """
     digest = hashlib.sha256()
     try:
         os.link(source, temporary)
@@ -307,7 +341,11 @@ def _link_or_copy(source: Path, temporary: Path) -> str:
             dst.flush()
             os.fsync(dst.fileno())
     else:
+        recorded = _get_sha256(temporary) if source.resolve().is_relative_to(root) else None
         with open(temporary, "rb+") as linked:
+            if recorded is not None:
+                os.fsync(linked.fileno())
+                return recorded
             while chunk := linked.read(CHUNK_BYTES):
                 digest.update(chunk)
             os.fsync(linked.fileno())

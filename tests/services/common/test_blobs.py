@@ -230,3 +230,24 @@ def test_video_key_validates_its_parts() -> None:
     for video_id, name in [("../x", "a"), ("", "a"), ("x" * 65, "a"), ("a", "../b"), ("a", "b/c"), ("a", ".x")]:
         with pytest.raises(InvalidInput):
             video_key(video_id, name)
+
+
+async def test_putting_an_object_under_another_key_keeps_its_checksum(store: BlobStore, tmp_path: Path) -> None:
+    first = await store.write("videos/v1/incoming/master.upload", chunks(b"master bytes"))
+    source = store.local_path(first.key)
+    if source is None:
+        pytest.skip("the store has no local files")
+    moved = await store.put_file("videos/v1/master.mp4", source)
+    assert moved.sha256 == first.sha256 == hashlib.sha256(b"master bytes").hexdigest()
+    assert await store.delete_prefix("videos/v1/incoming/") == 1
+    assert await read_all(store, "videos/v1/master.mp4") == b"master bytes"
+
+    # A checksum recorded on a file from outside the store is not taken on trust.
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"real bytes")
+    try:
+        os.setxattr(outside, "user.cattube.sha256", b"0" * 64)
+    except OSError:
+        pytest.skip("no extended attributes on this filesystem")
+    info = await store.put_file("videos/v1/other.bin", outside)
+    assert info.sha256 == hashlib.sha256(b"real bytes").hexdigest()

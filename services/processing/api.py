@@ -1,0 +1,107 @@
+"""The processing service's HTTP API: the autoscaler's state, and its limits changed at run time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.errors import InvalidInput
+from services.processing.autoscaler import Autoscaler, ScalingChange
+from services.processing.service import ProcessingService
+from services.processing.settings import MAX_WORKERS_LIMIT
+
+router = APIRouter()
+
+
+async def get_service(request: Request) -> ProcessingService:
+    service: ProcessingService = request.app.state.processing
+    return service
+
+
+ServiceDep = Annotated[ProcessingService, Depends(get_service)]
+
+
+class ScalingOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    at: datetime
+    from_: int = Field(alias="from")
+    to: int
+    backlog: int
+    in_flight: int
+    reason: str
+
+
+class AutoscalerOut(BaseModel):
+    min_workers: int
+    max_workers: int
+    target_backlog_per_worker: int
+    scale_in_cooldown_s: float
+    desired: int = Field(description="Workers the queue asks for, within the limits.")
+    running: int = Field(description="Workers in the group, busy or idle.")
+    busy: int = Field(description="Workers running a job.")
+    retiring: int = Field(description="Retired workers finishing their last long poll.")
+    backlog: int = Field(description="Jobs waiting in the transcode queue, as last seen.")
+    in_flight: int = Field(description="Jobs received and not yet settled, as last seen.")
+    history: list[ScalingOut] = Field(description="Recent changes of the worker count, oldest first.")
+
+
+class AutoscalerIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_workers: int | None = Field(None, ge=0, le=MAX_WORKERS_LIMIT)
+    max_workers: int | None = Field(None, ge=0, le=MAX_WORKERS_LIMIT, description="0 pauses processing.")
+    target_backlog_per_worker: int | None = Field(None, ge=1, le=MAX_WORKERS_LIMIT)
+
+
+def _change_out(change: ScalingChange) -> ScalingOut:
+    return ScalingOut(
+        at=datetime.fromtimestamp(change.at, UTC),
+        from_=change.from_,
+        to=change.to,
+        backlog=change.backlog,
+        in_flight=change.in_flight,
+        reason=change.reason,
+    )
+
+
+def _state(service: ProcessingService) -> AutoscalerOut:
+    autoscaler: Autoscaler = service.autoscaler
+    pool = service.pool
+    limits = autoscaler.limits
+    return AutoscalerOut(
+        min_workers=limits.min_workers,
+        max_workers=limits.max_workers,
+        target_backlog_per_worker=limits.target_backlog_per_worker,
+        scale_in_cooldown_s=autoscaler.cooldown_s,
+        desired=autoscaler.desired,
+        running=pool.running,
+        busy=pool.busy,
+        retiring=pool.retiring,
+        backlog=autoscaler.backlog,
+        in_flight=autoscaler.in_flight,
+        history=[_change_out(change) for change in autoscaler.history],
+    )
+
+
+@router.get("/autoscaler", response_model=AutoscalerOut, tags=["autoscaler"])
+async def get_autoscaler(service: ServiceDep) -> AutoscalerOut:
+    """The autoscaler's limits, the worker counts, the queue's numbers and the recent scaling history."""
+    return _state(service)
+
+
+@router.put("/autoscaler", response_model=AutoscalerOut, tags=["autoscaler"])
+async def put_autoscaler(body: AutoscalerIn, service: ServiceDep) -> AutoscalerOut:
+    """Change min_workers, max_workers or target_backlog_per_worker now (until the service restarts)."""
+    try:
+        service.autoscaler.set_limits(
+            min_workers=body.min_workers,
+            max_workers=body.max_workers,
+            target_backlog_per_worker=body.target_backlog_per_worker,
+        )
+    except InvalidInput as exc:
+        raise InvalidInput(f"body.{exc.field}", exc.expected) from None
+    return _state(service)

@@ -1,0 +1,106 @@
+"""The consumer of `cattube.video.deleted`: stop the video's jobs, then remove every blob it has.
+
+For each deleted video, in this order: remember it (a job that starts later, or finishes
+later, sees it and drops its work), cancel any running job for it (its ffmpeg is killed, its
+work directory removed), then delete everything under `videos/{id}/`. Deleting is idempotent,
+so a redelivered event does no harm.
+
+The deletion queue is shared by every processing instance, like the transcode queue, so only
+one instance hears of a deletion: a job for that video running in another instance is not
+cancelled and stores its outputs afterwards. Running several instances calls for a deletion
+queue per instance (a subscription name with the instance in it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import OrderedDict
+
+from router.client import QueueConsumer, ReceivedMessage, RouterError
+from services.common.blobs import BlobStore, video_key
+from services.common.errors import InvalidInput
+from services.processing.worker import WorkerPool, video_id_of
+
+log = logging.getLogger(__name__)
+
+REMEMBERED_MAX = 10_000
+RETRY_DELAY_S = 10.0
+
+
+class DeletionConsumer:
+    def __init__(
+        self,
+        queue: QueueConsumer,
+        store: BlobStore,
+        pool: WorkerPool,
+        *,
+        receive_wait_s: float = 20,
+        visibility_timeout_s: float = 60,
+    ) -> None:
+        self.queue = queue
+        self.store = store
+        self.pool = pool
+        self.receive_wait_s = receive_wait_s
+        self.visibility_timeout_s = visibility_timeout_s
+        self.deleted_total = 0
+        self._deleted: OrderedDict[str, None] = OrderedDict()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    def is_deleted(self, video_id: str) -> bool:
+        return video_id in self._deleted
+
+    async def run(self) -> None:
+        self._task = asyncio.current_task()
+        failures = 0
+        while not self._stopped:
+            try:
+                messages = await self.queue.receive(
+                    max_messages=10, wait_s=self.receive_wait_s, visibility_timeout_s=self.visibility_timeout_s
+                )
+            except RouterError as exc:
+                failures += 1
+                delay = random.uniform(0, min(10.0, 0.2 * 2**failures))
+                log.warning("cannot receive deletions (%s); trying again in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for message in messages:
+                try:
+                    await self._handle(message)
+                except RouterError as exc:  # the ack was lost: the message comes back, deleting again is harmless
+                    log.warning("settling a deletion failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+
+    async def _handle(self, message: ReceivedMessage) -> None:
+        video_id = video_id_of(message)
+        try:
+            prefix = video_key(video_id or "", "x")[:-1]
+        except InvalidInput:
+            log.error("ignoring a deletion event without a valid video id: %r", video_id)
+            await self.queue.ack([message.receipt])
+            return
+        assert video_id is not None
+        self._remember(video_id)
+        try:
+            cancelled = await self.pool.cancel_video(video_id)
+            removed = await self.store.delete_prefix(prefix)
+        except OSError as exc:
+            log.warning("deleting the blobs of video %s failed (%s); retrying in %g s", video_id, exc, RETRY_DELAY_S)
+            await self.queue.nack([message.receipt], delay_s=RETRY_DELAY_S)
+            return
+        self.deleted_total += 1
+        log.info("video %s deleted: %d job(s) cancelled, %d blob(s) removed", video_id, cancelled, removed)
+        await self.queue.ack([message.receipt])
+
+    def _remember(self, video_id: str) -> None:
+        self._deleted[video_id] = None
+        self._deleted.move_to_end(video_id)
+        while len(self._deleted) > REMEMBERED_MAX:
+            self._deleted.popitem(last=False)

@@ -1,0 +1,231 @@
+"""One transcoding job: the message's master in, renditions and a poster into the bucket, `completed` out.
+
+    jobs = TranscodeJobs(store, sink, settings, is_deleted=deletions.is_deleted)
+    await jobs.run(message, JobContext(worker="worker-1", threads=2))   # or raises a verdict
+
+The job reads `cattube.video.uploaded` and `cattube.video.retry-requested` events. Both must
+carry `video_id`, `master.uri`, `probe` and `renditions`: the store service's retry event
+repeats the master and probe of the original upload, since nothing else knows them (this
+service keeps no catalog, and probing again would mean decoding an untrusted file once more).
+A retry event without them fails permanently with a reason that says so.
+
+The master is read in place when the bucket is local (`BlobStore.local_path`), otherwise
+downloaded into the job's work directory first. ffmpeg writes into that work directory
+(`CATTUBE_DATA_DIR/processing/work`, on the bucket's filesystem by default, so outputs are
+linked into the bucket rather than copied); it is removed whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+
+from router.client import ReceivedMessage, RouterError
+from services.common.blobs import BlobStore, video_key
+from services.common.errors import InvalidInput
+from services.common.media import ProcessTimeout
+from services.processing import events
+from services.processing.events import EventSink, run_id
+from services.processing.settings import ProcessingSettings
+from services.processing.transcode import TranscodeError, TranscodeResult, transcode
+from services.processing.worker import JobCancelled, JobContext, PermanentFailure, RetryLater, video_id_of
+
+log = logging.getLogger(__name__)
+
+UPLOADED = "cattube.video.uploaded"
+RETRY_REQUESTED = "cattube.video.retry-requested"
+
+
+@dataclass(frozen=True)
+class TranscodeRequest:
+    video_id: str
+    master_uri: str
+    probe: Mapping[str, Any]
+    renditions: list[str]
+
+
+def parse_request(event: Mapping[str, Any]) -> TranscodeRequest:
+    """What an uploaded or retry-requested event asks for, or `PermanentFailure` saying what is missing."""
+    data = event.get("data")
+    if not isinstance(data, dict):
+        raise PermanentFailure("The job's event carries no data object, so there is nothing to transcode.")
+    video_id = data.get("video_id")
+    try:
+        video_key(video_id if isinstance(video_id, str) else "", "master")
+    except InvalidInput:
+        raise PermanentFailure(f"The job's video_id {video_id!r} is not a valid video id.") from None
+    master, probe, renditions = data.get("master"), data.get("probe"), data.get("renditions")
+    if not isinstance(master, dict) or not isinstance(master.get("uri"), str) or not isinstance(probe, dict):
+        if event.get("type") == RETRY_REQUESTED:
+            raise PermanentFailure(
+                "The retry request carries no master and probe (data.master.uri, data.probe); the processing "
+                "service needs those of the original upload to run the video again. Upload the video again."
+            )
+        raise PermanentFailure("The upload event carries no master (data.master.uri) or no probe (data.probe).")
+    if not isinstance(renditions, list) or not renditions or not all(isinstance(r, str) for r in renditions):
+        raise PermanentFailure("The job asks for no renditions (data.renditions must list names such as 720p).")
+    return TranscodeRequest(str(video_id), master["uri"], probe, renditions)
+
+
+class TranscodeJobs:
+    """The `JobHandler` of the transcode queue (see `services.processing.worker`)."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        sink: EventSink,
+        settings: ProcessingSettings,
+        *,
+        is_deleted: Callable[[str], bool] = lambda video_id: False,
+    ) -> None:
+        self.store = store
+        self.sink = sink
+        self.settings = settings
+        self.is_deleted = is_deleted
+
+    async def run(self, message: ReceivedMessage, context: JobContext) -> None:
+        request = parse_request(message.event)
+        video_id = request.video_id
+        if self.is_deleted(video_id):
+            raise JobCancelled(video_id)
+        run = run_id(message)
+        self.sink.announce(events.started(video_id, run, worker=context.worker, attempt=message.attempt))
+        await aiofiles.os.makedirs(self.settings.work_dir, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{video_id}.", dir=self.settings.work_dir))
+        try:
+            master = await self._master(request, work)
+            result = await self._transcode(request, master, work / "out", context, run)
+            if self.is_deleted(video_id):
+                raise JobCancelled(video_id)
+            renditions, poster_uri = await self._store_outputs(video_id, result)
+        finally:
+            # Synchronous on purpose: it must finish even when the job is being cancelled.
+            shutil.rmtree(work, ignore_errors=True)
+        event = events.completed(
+            video_id,
+            run,
+            renditions=renditions,
+            skipped=result.skipped,
+            poster_uri=poster_uri,
+            elapsed_s=result.elapsed_s,
+            worker=context.worker,
+            attempt=message.attempt,
+        )
+        try:
+            await self.sink.publish(event)
+        except RouterError as exc:
+            raise RetryLater(f"The renditions are stored but the router did not take the news ({exc}).") from exc
+
+    async def report_failure(
+        self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str
+    ) -> None:
+        video_id = video_id_of(message)
+        try:
+            video_key(video_id or "", "master")
+        except InvalidInput:
+            log.error("not announcing the failure of a job without a valid video id: %s", reason)
+            return
+        assert video_id is not None
+        event = events.failed(video_id, run_id(message), attempt=message.attempt, permanent=permanent, reason=reason)
+        await self.sink.publish(event)
+
+    async def _master(self, request: TranscodeRequest, work: Path) -> Path:
+        gone = (
+            f"The master of video {request.video_id} is no longer in the bucket (was the video deleted?); "
+            "upload it again."
+        )
+        try:
+            key = self.store.key_of(request.master_uri)
+        except InvalidInput:
+            raise PermanentFailure(f"The master {request.master_uri!r} is not in this service's bucket.") from None
+        if not key.startswith(f"videos/{request.video_id}/"):
+            raise PermanentFailure(f"The master {request.master_uri!r} does not belong to video {request.video_id}.")
+        try:
+            if await self.store.stat(key) is None:
+                raise PermanentFailure(gone)
+            local = self.store.local_path(key)
+            if local is not None:
+                return local
+            # A remote bucket: fetch the master first, under a name of our choosing.
+            path = work / f"master{Path(key).suffix}"
+            async with aiofiles.open(path, "wb") as file:
+                async for chunk in self.store.read(key):
+                    await file.write(chunk)
+            return path
+        except OSError as exc:
+            raise RetryLater(f"The master could not be read from the bucket ({exc}).") from exc
+
+    async def _transcode(
+        self, request: TranscodeRequest, master: Path, out_dir: Path, context: JobContext, run: str
+    ) -> TranscodeResult:
+        duration = request.probe.get("duration_s")
+        duration_s = float(duration) if isinstance(duration, int | float) and math.isfinite(duration) else 0.0
+        timeout_s = self.settings.job_timeout_s(duration_s)
+        reports = 0
+
+        def on_progress(percent: float, speed: float) -> None:
+            nonlocal reports
+            reports += 1
+            self.sink.announce(events.progress(request.video_id, run, reports, percent=percent, speed=speed))
+
+        try:
+            return await transcode(
+                master,
+                out_dir,
+                probe=request.probe,
+                renditions=request.renditions,
+                threads=context.threads,
+                preset=self.settings.ffmpeg_preset,
+                timeout_s=timeout_s,
+                max_pixels=self.settings.max_pixels,
+                on_progress=on_progress,
+                ffmpeg=self.settings.ffmpeg,
+                memory_limit_bytes=self.settings.ffmpeg_memory_limit_bytes,
+            )
+        except TranscodeError as exc:
+            if exc.permanent:
+                raise PermanentFailure(exc.reason) from exc
+            raise RetryLater(exc.reason) from exc
+        except ProcessTimeout as exc:
+            raise RetryLater(
+                f"The transcode ran past its time limit of {timeout_s:g} s (10x the video's length plus a minute) "
+                "and was stopped; it will be tried again."
+            ) from exc
+        except InvalidInput as exc:
+            raise PermanentFailure(f"The job cannot be done as asked: {exc.detail}.") from exc
+        except FileNotFoundError as exc:
+            raise PermanentFailure(
+                f"The master of video {request.video_id} disappeared from the bucket before it could be read."
+            ) from exc
+        except OSError as exc:
+            raise RetryLater(f"The transcode could not run ({exc}).") from exc
+
+    async def _store_outputs(self, video_id: str, result: TranscodeResult) -> tuple[list[dict[str, Any]], str]:
+        try:
+            renditions = []
+            for rendition in result.renditions:
+                info = await self.store.put_file(video_key(video_id, rendition.path.name), rendition.path)
+                renditions.append(
+                    {
+                        "name": rendition.name,
+                        "uri": info.uri,
+                        "width": rendition.width,
+                        "height": rendition.height,
+                        "bitrate": rendition.bitrate,
+                        "size_bytes": info.size_bytes,
+                        "duration_s": rendition.duration_s,
+                    }
+                )
+            poster = await self.store.put_file(video_key(video_id, result.poster.name), result.poster)
+        except OSError as exc:
+            raise RetryLater(f"The renditions could not be stored in the bucket ({exc}).") from exc
+        return renditions, poster.uri

@@ -1,0 +1,222 @@
+"""The processing service's parts wired together: queues, worker pool, autoscaler, deletions, events.
+
+    service = ProcessingService(settings, metrics)
+    await service.open()
+    service.start(supervisor)        # declares the subscriptions in the background, then scales
+    ...
+    service.begin_shutdown()         # on SIGTERM: no new jobs
+    await service.close()            # running jobs get the grace period, then go back to the queue
+
+The subscriptions are declared in the background (retrying until the router answers), so the
+service starts, and answers `/healthz`, while the router is still down; `/readyz` says so.
+Both start at the `earliest` retained event when first created: an upload announced before
+this service ever ran is still transcoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+import httpx
+
+from router.client import RouterClient, RouterError
+from services.common.blobs import BlobStore, open_blob_store
+from services.common.supervisor import Supervisor
+from services.processing import events
+from services.processing.autoscaler import Autoscaler, Limits, ScalingChange
+from services.processing.deletions import DeletionConsumer
+from services.processing.events import EventSink
+from services.processing.job import RETRY_REQUESTED, UPLOADED, TranscodeJobs
+from services.processing.metrics import ProcessingMetrics
+from services.processing.settings import ProcessingSettings, cpu_count
+from services.processing.worker import WorkerPool
+
+log = logging.getLogger(__name__)
+
+TRANSCODE_QUEUE = "transcode"
+DELETIONS_QUEUE = "processing-deletions"
+DELETED = "cattube.video.deleted"
+READY_CHECK_TIMEOUT_S = 2.0
+SINK_FLUSH_S = 5.0
+
+
+class ProcessingService:
+    def __init__(
+        self,
+        settings: ProcessingSettings,
+        metrics: ProcessingMetrics,
+        *,
+        router_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.instance = secrets.token_hex(4)
+        self.subscribed = asyncio.Event()
+        self._router_transport = router_transport
+        self._scalings = 0
+        self._main: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._store: BlobStore | None = None
+        self._control: RouterClient | None = None
+        self._queues: RouterClient | None = None
+        self._sink: EventSink | None = None
+        self._pool: WorkerPool | None = None
+        self._autoscaler: Autoscaler | None = None
+        self._deletions: DeletionConsumer | None = None
+
+    # -- the parts, once opened -------------------------------------------------------------------
+
+    @property
+    def autoscaler(self) -> Autoscaler:
+        assert self._autoscaler is not None, "the service is not open"
+        return self._autoscaler
+
+    @property
+    def pool(self) -> WorkerPool:
+        assert self._pool is not None, "the service is not open"
+        return self._pool
+
+    @property
+    def store(self) -> BlobStore:
+        assert self._store is not None, "the service is not open"
+        return self._store
+
+    async def open(self) -> None:
+        settings = self.settings
+        self._store = await asyncio.to_thread(open_blob_store, settings.blob_base_url)
+        token = settings.token_value
+        self._control = RouterClient(settings.router_base_url, token=token, transport=self._router_transport)
+        # Every idle worker holds a long poll open: the workers get a pool of connections without a cap.
+        queue_transport = self._router_transport or httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        )
+        self._queues = RouterClient(settings.router_base_url, token=token, transport=queue_transport)
+        self._sink = EventSink(self._control)
+        jobs = TranscodeJobs(self._store, self._sink, settings, is_deleted=self._is_deleted)
+        self._pool = WorkerPool(
+            self._queues.queue(TRANSCODE_QUEUE),
+            jobs,
+            visibility_timeout_s=settings.visibility_timeout_s,
+            receive_wait_s=settings.receive_wait_s,
+            retry_delay_s=settings.retry_delay_s,
+            threads=self._threads,
+            name_prefix=f"worker-{self.instance}",
+            on_idle=self._worker_idle,
+            on_outcome=self.metrics.job_settled,
+        )
+        self._autoscaler = Autoscaler(
+            self._pool,
+            Limits(settings.min_workers, settings.max_workers, settings.target_backlog_per_worker),
+            cooldown_s=settings.scale_in_cooldown_s,
+            stats=lambda: self._client().watch_stats(TRANSCODE_QUEUE, wait_s=20),
+            on_change=self._scaled,
+            history_size=settings.history_size,
+        )
+        self._deletions = DeletionConsumer(
+            self._queues.queue(DELETIONS_QUEUE),
+            self._store,
+            self._pool,
+            receive_wait_s=settings.receive_wait_s,
+            visibility_timeout_s=settings.visibility_timeout_s,
+        )
+
+    def start(self, supervisor: Supervisor) -> None:
+        assert self._sink is not None
+        supervisor.start("events", self._sink.run())
+        supervisor.start("autoscaler", self._main_loop(supervisor))
+
+    def begin_shutdown(self) -> None:
+        """Take no new jobs; running ones have the grace period from now."""
+        self._stopping = True
+        self.autoscaler.stop()
+        if self._deletions is not None:
+            self._deletions.stop()
+        if self._main is not None and self._main is not asyncio.current_task():
+            self._main.cancel()  # still declaring subscriptions, perhaps
+        self.pool.begin_stop(self.settings.shutdown_grace_s)
+
+    async def close(self) -> None:
+        """Let running jobs finish within the grace period (then stop them), publish what is left, disconnect."""
+        if self._pool is not None:
+            self.begin_shutdown()
+            await self._pool.drain()
+        if self._sink is not None:
+            await self._sink.close(SINK_FLUSH_S)
+        for client in (self._queues, self._control):
+            if client is not None:
+                await client.aclose()
+
+    # -- readiness --------------------------------------------------------------------------------
+
+    async def readiness(self) -> str | None:
+        if not self.subscribed.is_set():
+            return f"the subscriptions are not declared yet (is the router at {self.settings.router_base_url} up?)"
+        try:
+            async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
+                await self._client().stats(TRANSCODE_QUEUE)
+        except (RouterError, TimeoutError) as exc:
+            return f"the router at {self.settings.router_base_url} cannot be reached ({exc})"
+        return None
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _client(self) -> RouterClient:
+        assert self._control is not None
+        return self._control
+
+    async def _main_loop(self, supervisor: Supervisor) -> None:
+        self._main = asyncio.current_task()
+        if self._stopping:  # shut down before this task ever ran
+            return
+        client = self._client()
+        await client.ensure_subscription(
+            TRANSCODE_QUEUE,
+            pattern={"type": [UPLOADED, RETRY_REQUESTED]},
+            target={"queue": {}},
+            delivery={"max_receive_count": self.settings.max_receive_count},
+            start="earliest",
+            wait_for_router=True,
+        )
+        await client.ensure_subscription(
+            DELETIONS_QUEUE,
+            pattern={"type": [DELETED]},
+            target={"queue": {}},
+            delivery={"max_receive_count": 10},
+            start="earliest",
+            wait_for_router=True,
+        )
+        self.subscribed.set()
+        log.info("subscribed to %s and %s at %s", TRANSCODE_QUEUE, DELETIONS_QUEUE, self.settings.router_base_url)
+        assert self._deletions is not None
+        supervisor.start("deletions", self._deletions.run())
+        await self.autoscaler.run()
+
+    def _is_deleted(self, video_id: str) -> bool:
+        return self._deletions is not None and self._deletions.is_deleted(video_id)
+
+    def _threads(self, running: int) -> int:
+        """ffmpeg threads per job: workers x threads fits the machine (each ffmpeg keeps its threads busy)."""
+        return self.settings.ffmpeg_threads or max(1, cpu_count() // max(1, running))
+
+    def _worker_idle(self) -> None:
+        # A worker that finished its job may now be retired, if the queue no longer needs it.
+        if self._autoscaler is not None:
+            self._autoscaler.reconcile()
+
+    def _scaled(self, change: ScalingChange) -> None:
+        self.metrics.scaled(change)
+        self._scalings += 1
+        if self._sink is not None:
+            self._sink.announce(
+                events.scaled(
+                    self.instance,
+                    self._scalings,
+                    from_=change.from_,
+                    to=change.to,
+                    backlog=change.backlog,
+                    in_flight=change.in_flight,
+                    reason=change.reason,
+                )
+            )

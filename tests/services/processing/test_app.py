@@ -1,0 +1,243 @@
+"""The processing app in-process, against an in-process router: its API, and jobs that never reach ffmpeg."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from router.client import RouterClient, new_event
+from services.common.blobs import FileBlobStore, video_key
+from services.processing.app import create_app
+from services.processing.settings import ProcessingSettings
+from tests.conftest import running
+from tests.media import make_clip
+from tests.services.processing.test_transcode import children_of_this_process
+
+PROBE = {"duration_s": 1.0, "width": 320, "height": 180, "fps": 10.0, "video_codec": "h264", "rotation": 0}
+
+
+@dataclass
+class Stack:
+    api: httpx.AsyncClient
+    router: RouterClient
+    store: FileBlobStore
+    app: FastAPI
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path, router_app: FastAPI) -> Callable[..., Any]:
+    transport = httpx.ASGITransport(app=router_app)
+
+    def make(**overrides: Any) -> Any:
+        settings = ProcessingSettings(
+            data_dir=tmp_path / "data",
+            router_url="http://router",
+            max_workers=2,
+            scale_in_cooldown_s=0.1,
+            retry_delay_s=0,
+            **overrides,
+        )
+        app = create_app(settings, exit_on_failure=False, router_transport=transport)
+
+        async def stack() -> AsyncIterator[Stack]:
+            async with running(app) as api, RouterClient("http://router", transport=transport) as router:
+                await wait_ready(app)
+                assert (await api.get("/readyz")).status_code == 200
+                yield Stack(api, router, FileBlobStore(tmp_path / "data" / "bucket"), app)
+
+        return stack()
+
+    return make
+
+
+async def wait_ready(app: FastAPI) -> None:
+    """The subscriptions are declared by a background task: wait for it."""
+    await asyncio.wait_for(app.state.processing.subscribed.wait(), 5)
+
+
+async def observe(router: RouterClient, name: str = "observer") -> None:
+    await router.ensure_subscription(
+        name,
+        pattern={"type": [{"prefix": "cattube.transcode."}, "cattube.processing.scaled"]},
+        target={"queue": {}},
+        start="earliest",
+    )
+
+
+async def events_until(
+    router: RouterClient, done: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 10
+) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    queue = router.queue("observer")
+    async with asyncio.timeout(timeout_s):
+        while not done(seen):
+            for message in await queue.receive(max_messages=10, wait_s=5):
+                seen.append(message.event)
+                await queue.ack([message.receipt])
+    return seen
+
+
+def uploaded(video_id: str, master_uri: str | None, **data: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"video_id": video_id, "renditions": ["144p"], "probe": PROBE, **data}
+    if master_uri is not None:
+        body["master"] = {"uri": master_uri, "size_bytes": 1, "sha256": "0" * 64, "content_type": "video/mp4"}
+    return new_event("cattube.video.uploaded", "cattube/upload", body, id=video_id, partitionkey=video_id)
+
+
+async def test_autoscaler_api_reports_and_validates(make_stack: Callable[..., Any]) -> None:
+    async for stack in make_stack():
+        state = (await stack.api.get("/autoscaler")).json()
+        assert state | {"history": []} == {
+            "min_workers": 0,
+            "max_workers": 2,
+            "target_backlog_per_worker": 1,
+            "scale_in_cooldown_s": 0.1,
+            "desired": 0,
+            "running": 0,
+            "busy": 0,
+            "retiring": 0,
+            "backlog": 0,
+            "in_flight": 0,
+            "history": [],
+        }
+
+        for body, field in [
+            ({"min_workers": 3}, "body.min_workers"),
+            ({"max_workers": -1}, "body.max_workers"),
+            ({"target_backlog_per_worker": 0}, "body.target_backlog_per_worker"),
+            ({"min_workers": -1}, "body.min_workers"),
+            ({"max_workers": "many"}, "body.max_workers"),
+            ({"workers": 3}, "body.workers"),
+        ]:
+            refused = await stack.api.put("/autoscaler", json=body)
+            assert refused.status_code == 422, body
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert [e["field"] for e in refused.json()["errors"]] == [field], refused.json()
+
+        changed = await stack.api.put("/autoscaler", json={"min_workers": 1, "max_workers": 1337})
+        assert changed.status_code == 200
+        state = changed.json()
+        assert (state["min_workers"], state["max_workers"], state["running"]) == (1, 1337, 1)
+        (change,) = state["history"]
+        assert (change["from"], change["to"]) == (0, 1) and "min_workers set to 1" in change["reason"]
+        assert change["at"].endswith("Z") or "+00:00" in change["at"]
+
+        metrics = (await stack.api.get("/metrics")).text
+        assert 'cattube_processing_workers{state="idle"} 1.0' in metrics
+        assert "cattube_processing_workers_max 1337.0" in metrics
+        assert "/autoscaler" in (await stack.api.get("/openapi.json")).text
+
+
+async def test_jobs_that_cannot_run_fail_permanently_and_are_acked(make_stack: Callable[..., Any]) -> None:
+    async for stack in make_stack():
+        await observe(stack.router)
+        outside = (stack.store.root.parent / "elsewhere.mp4").as_uri()
+        missing = stack.store.uri(video_key("gone", "master.mp4"))
+        other = stack.store.uri(video_key("someone-else", "master.mp4"))
+        await stack.router.publish_batch(
+            [
+                new_event(
+                    "cattube.video.retry-requested",
+                    "cattube/store",
+                    {"video_id": "retry", "renditions": ["144p"]},
+                    id="retry",
+                    partitionkey="retry",
+                ),
+                uploaded("outside", outside),
+                uploaded("gone", missing),
+                uploaded("stolen", other),
+                uploaded("nameless", missing, renditions=[]),
+            ]
+        )
+        seen = await events_until(
+            stack.router, lambda seen: sum(e["type"] == "cattube.transcode.failed" for e in seen) == 5
+        )
+        failed = {e["data"]["video_id"]: e["data"] for e in seen if e["type"] == "cattube.transcode.failed"}
+        assert all(f["permanent"] is True and f["attempt"] == 1 for f in failed.values())
+        assert "retry request carries no master and probe" in failed["retry"]["reason"]
+        assert "not in this service's bucket" in failed["outside"]["reason"]
+        assert "no longer in the bucket" in failed["gone"]["reason"]
+        assert "does not belong to video stolen" in failed["stolen"]["reason"]
+        assert "asks for no renditions" in failed["nameless"]["reason"]
+        for event in seen:
+            if event["type"].startswith("cattube.transcode."):
+                assert event["source"] == "cattube/processing"
+                assert event["partitionkey"] == event["data"]["video_id"]
+
+        async for stats in stack.router.watch_stats("transcode", wait_s=5):
+            if (stats.backlog, stats.in_flight, stats.delayed) == (0, 0, 0):
+                break
+        assert stats.dead_lettered == 0
+
+
+async def test_deleted_video_loses_every_blob(make_stack: Callable[..., Any]) -> None:
+    async def parts(data: bytes) -> AsyncIterator[bytes]:
+        yield data
+
+    async for stack in make_stack():
+        for name in ("master.mp4", "720p.mp4", "poster.jpg"):
+            await stack.store.write(video_key("doomed", name), parts(b"x"))
+        await stack.store.write(video_key("kept", "master.mp4"), parts(b"x"))
+        await stack.router.publish(
+            new_event("cattube.video.deleted", "cattube/store", {"video_id": "doomed"}, id="doomed/deleted")
+        )
+        async for stats in stack.router.watch_stats("processing-deletions", wait_s=5):
+            if stats.delivered_total == 1 and (stats.backlog, stats.in_flight) == (0, 0):
+                break
+        assert await stack.store.stat(video_key("doomed", "master.mp4")) is None
+        assert not (stack.store.root / "videos" / "doomed").exists()
+        assert await stack.store.stat(video_key("kept", "master.mp4")) is not None
+
+
+async def test_token_guards_everything_but_health(make_stack: Callable[..., Any]) -> None:
+    async for stack in make_stack(token="secret"):
+        assert (await stack.api.get("/healthz")).status_code == 200
+        refused = await stack.api.get("/autoscaler")
+        assert refused.status_code == 401 and refused.headers["content-type"] == "application/problem+json"
+        allowed = await stack.api.get("/autoscaler", headers={"Authorization": "Bearer secret"})
+        assert allowed.status_code == 200
+
+
+async def test_a_job_past_its_time_limit_is_retried_then_dead_lettered(
+    make_stack: Callable[..., Any], tmp_path: Path
+) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", 160, 90, 1, fps=10)
+    # A limit no ffmpeg run can meet: every attempt is killed, reported as transient, and nacked.
+    async for stack in make_stack(job_timeout_factor=1e-6, job_timeout_base_s=0, max_receive_count=3):
+        await observe(stack.router)
+        info = await stack.store.put_file(video_key("late", "master.mp4"), clip)
+        await stack.router.publish(uploaded("late", info.uri))
+        seen = await events_until(
+            stack.router, lambda seen: sum(e["type"] == "cattube.transcode.failed" for e in seen) == 3
+        )
+        failed = [e["data"] for e in seen if e["type"] == "cattube.transcode.failed"]
+        assert [(f["attempt"], f["permanent"]) for f in failed] == [(1, False), (2, False), (3, False)]
+        assert "time limit" in failed[0]["reason"]
+        assert len({e["id"] for e in seen}) == len(seen)  # every attempt's events have ids of their own
+        async for stats in stack.router.watch_stats("transcode", wait_s=5):
+            if stats.dead_lettered == 1:
+                break
+        assert (stats.backlog, stats.in_flight) == (0, 0)
+        assert await stack.store.stat(video_key("late", "144p.mp4")) is None
+        assert children_of_this_process() == []  # each killed ffmpeg was reaped
+
+
+async def test_starts_without_a_router_and_says_it_is_not_ready(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        settings = ProcessingSettings(data_dir=tmp_path / "data", router_url=url, min_workers=0)
+        app = create_app(settings, exit_on_failure=False)
+        async with running(app) as api:
+            assert (await api.get("/healthz")).status_code == 200
+            ready = await api.get("/readyz")
+            assert ready.status_code == 503 and "not declared yet" in ready.json()["detail"]
+            assert (await api.get("/autoscaler")).json()["running"] == 0
