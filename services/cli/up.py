@@ -63,12 +63,37 @@ def available() -> list[tuple[str, str, str]]:
 
 
 def settings_help() -> str:
-    lines = ["settings (environment variables; every service reads the ones it needs):"]
-    for field_name, info in CommonSettings.model_fields.items():
-        default = info.default if info.default is not None else "-"
-        lines.append(f"  CATTUBE_{field_name.upper():<22} default {default!s:<24} {info.description or ''}")
-    lines.append("  (each service has more: see `python -m <service> --help` and the README's configuration table)")
+    """Every setting of every service, for `cattube up --help` (read from the settings classes)."""
+    from router.settings import RouterSettings
+    from services.processing.settings import ProcessingSettings
+    from services.store.settings import StoreSettings
+    from services.upload.settings import UploadSettings
+
+    lines = ["settings (environment variables, CATTUBE_<NAME>):", "", "  every service:"]
+    lines += _describe(CommonSettings, set())
+    shared = set(CommonSettings.model_fields)
+    services: list[tuple[str, type[CommonSettings]]] = [
+        ("router", RouterSettings),
+        ("upload", UploadSettings),
+        ("processing", ProcessingSettings),
+        ("store", StoreSettings),
+    ]
+    for title, settings_type in services:
+        lines += ["", f"  {title}:", *_describe(settings_type, shared)]
     return "\n".join(lines)
+
+
+def _describe(settings_type: type[CommonSettings], skip: set[str]) -> list[str]:
+    lines = []
+    for name, info in settings_type.model_fields.items():
+        if name in skip:
+            continue
+        if info.default_factory is not None:
+            default: object = "(computed)"
+        else:
+            default = "-" if info.default is None else info.default
+        lines.append(f"    CATTUBE_{name.upper():<30} {str(default):<22} {info.description or ''}".rstrip())
+    return lines
 
 
 async def pump(child: Child, stream: asyncio.StreamReader) -> None:
@@ -107,6 +132,8 @@ async def up(settings: CommonSettings) -> int:
     print(f"CatTube: data in {settings.data_dir.resolve()}; token {token}")
     for child in children:
         print(f"  {child.name:<10} http://{settings.host}:{child.port}  (API docs: /docs)")
+    if any(child.name == "store" for child in children):
+        print(f"Open the page: http://{settings.host}:{settings.store_port}/#token={token}")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,101 @@
+"""The whole stack as `cattube up` runs it: four processes on free loopback ports, in a temp dir."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from tests.process import REPO, free_port
+
+SERVICES = ("router", "upload", "processing", "store")
+
+
+class Stack:
+    def __init__(self, data_dir: Path, **env: str) -> None:
+        self.data_dir = data_dir
+        self.ports = {name: free_port() for name in SERVICES}
+        self.env = {
+            **os.environ,
+            "CATTUBE_DATA_DIR": str(data_dir),
+            "CATTUBE_LOG_LEVEL": "info",
+            **{f"CATTUBE_{name.upper()}_PORT": str(port) for name, port in self.ports.items()},
+            **env,
+        }
+        self.env.pop("CATTUBE_TOKEN", None)  # `cattube up` makes one
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._running: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+
+    def url(self, service: str) -> str:
+        return f"http://127.0.0.1:{self.ports[service]}"
+
+    @property
+    def token(self) -> str:
+        return (self.data_dir / "token").read_text().strip()
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    async def start(self, timeout_s: float = 60) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.cli", "up",
+            cwd=REPO, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        self._reader = asyncio.create_task(self._read())
+        await self.wait_serving(set(SERVICES), timeout_s)
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.log.append(line)
+            name, _, text = line.partition(" | ")
+            if "Uvicorn running on" in text:
+                async with self._changed:
+                    self._running[name.strip()] = self._running.get(name.strip(), 0) + 1
+                    self._changed.notify_all()
+
+    async def wait_serving(self, names: set[str], timeout_s: float = 60, starts: int = 1) -> None:
+        """Until each named service has said it is serving `starts` times (read from the logs, not polled)."""
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(lambda: all(self._running.get(n, 0) >= starts for n in names))
+        except TimeoutError:
+            raise AssertionError("the stack did not start:\n" + "\n".join(self.log[-60:])) from None
+
+    def pid_of(self, service: str) -> int:
+        """The process of one service, a child of `cattube up`."""
+        assert self.proc is not None
+        module = {"router": "router"}.get(service, f"services.{service}")
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.proc.pid and module.encode() in cmdline:
+                return int(entry.name)
+        raise LookupError(f"no {service} process")
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 60)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader is not None:
+            await self._reader

@@ -1,0 +1,78 @@
+"""The web page in headless Chromium against the whole stack: upload through the form, watch the
+video become ready, play it, and save a screenshot (CATTUBE_SCREENSHOT=path keeps a copy)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import async_playwright
+
+from tests.e2e.stack import Stack
+from tests.media import make_clip
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As the machine's docs advise: no background networking (the sandbox has no network to reach).
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (scripts/check installs it)"),
+]
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    running = Stack(tmp_path / "data", CATTUBE_SCALE_IN_COOLDOWN_S="1")
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def test_upload_through_the_page_then_play(stack: Stack, tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "whiskers.mp4", 640, 360, 2)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"{stack.url('store')}/#token={stack.token}")
+            await page.wait_for_selector("#connection[data-state=live]", timeout=20_000)
+
+            await page.set_input_files("#upload-file", str(clip))
+            await page.fill("#upload-title", "Whiskers on the beach")
+            await page.click("#upload-submit")
+            await page.wait_for_selector("#upload-status[data-state=done]", timeout=60_000)
+            card = page.locator(".video[data-status=ready]")
+            await card.wait_for(timeout=180_000)
+            assert "Whiskers on the beach" in await card.inner_text()
+
+            player = card.locator("[data-testid=player]")
+            await player.evaluate("video => { video.muted = true; return video.play(); }")
+            await page.wait_for_function(
+                "video => video.currentTime > 0 && video.readyState >= 2", arg=await player.element_handle()
+            )
+            shot = tmp_path / "page.png"
+            await page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            if target := os.environ.get("CATTUBE_SCREENSHOT"):
+                shutil.copy(shot, target)
+            assert errors == []
+        finally:
+            await browser.close()
