@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -166,9 +167,14 @@ async def delete_subscription(name: str, bus: BusDep) -> Response:
 
 
 @router.post("/subscriptions/{name}/receive", tags=["queues"])
-async def receive(name: str, body: ReceiveIn, bus: BusDep) -> Response:
+async def receive(name: str, body: ReceiveIn, bus: BusDep, request: Request) -> Response:
     """Receive up to `max_messages` (long poll up to `wait_s`); each is hidden for `visibility_timeout_s`."""
-    messages = await bus.receive(name, body.max_messages, body.wait_s, body.visibility_timeout_s)
+    gone = asyncio.Event()
+    watcher = asyncio.create_task(_disconnected(request, gone))
+    try:
+        messages = await bus.receive(name, body.max_messages, body.wait_s, body.visibility_timeout_s, gone)
+    finally:
+        watcher.cancel()
     # The stored event JSON is spliced in as it is: no decode and re-encode on the hot path.
     parts = [
         b'{"receipt":%s,"attempt":%d,"sequence":%d,"event":%s}'
@@ -176,6 +182,13 @@ async def receive(name: str, body: ReceiveIn, bus: BusDep) -> Response:
         for m in messages
     ]
     return Response(b'{"messages":[' + b",".join(parts) + b"]}", media_type="application/json")
+
+
+async def _disconnected(request: Request, gone: asyncio.Event) -> None:
+    """Set `gone` when the client hangs up (the body is read already, so the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
 
 
 def _receipts(results: list[ReceiptResult]) -> ReceiptsOut:

@@ -29,7 +29,7 @@ from router.persistence import (
     Subscription,
     SubscriptionSpec,
 )
-from router.signals import Signals, wait_for
+from router.signals import Signals, wait_any, wait_for
 from services.common.errors import InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
@@ -138,17 +138,33 @@ class Bus:
 
     # -- queues -----------------------------------------------------------------------------------
 
-    async def receive(self, name: str, max_messages: int, wait_s: float, visibility_timeout_s: float) -> list[Message]:
-        """Lease up to `max_messages`, waiting up to `wait_s` for the first one to be available."""
+    async def receive(
+        self,
+        name: str,
+        max_messages: int,
+        wait_s: float,
+        visibility_timeout_s: float,
+        gone: asyncio.Event | None = None,
+    ) -> list[Message]:
+        """Lease up to `max_messages`, waiting up to `wait_s` for the first one to be available.
+
+        `gone` is set when the receiving client disconnects: the wait ends, and messages leased for
+        it meanwhile are released at once (their attempt not counted) rather than hidden from every
+        other consumer for a visibility timeout.
+        """
         await self.queue(name)
+        gone = gone or asyncio.Event()
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
             changed = self.signals[name].changed  # captured before the read: no lost wake-ups
             messages = await self.store.receive(name, max_messages, int(visibility_timeout_s * 1000), now_ms())
+            if messages and gone.is_set():
+                await self.store.release(name, [m.receipt for m in messages], now_ms())
+                return []
             remaining = deadline - asyncio.get_running_loop().time()
-            if messages or remaining <= 0 or self._stopping.is_set():
+            if messages or remaining <= 0 or self._stopping.is_set() or gone.is_set():
                 return messages
-            await wait_for(changed, remaining)
+            await wait_any([changed, gone], remaining)
             await self.queue(name)  # it may have been deleted while we waited
 
     async def ack(self, name: str, receipts: Sequence[str]) -> list[ReceiptResult]:

@@ -193,6 +193,10 @@ class EventStore(Protocol):
         """Record the outcomes of many push deliveries in one transaction."""
         ...
 
+    async def release(self, name: str, receipts: Sequence[str], now_ms: int) -> None:
+        """Undo a receive whose client went away: visible again now, the attempt not counted."""
+        ...
+
     async def release_leases(self, name: str, now_ms: int) -> int:
         """Make every leased message of the subscription visible now (a push dispatcher starting up)."""
         ...

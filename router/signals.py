@@ -57,6 +57,16 @@ async def wait_for(event: asyncio.Event, timeout_s: float) -> bool:
     return True
 
 
+async def wait_any(events: list[asyncio.Event], timeout_s: float) -> None:
+    """Wait until one of `events` is set, at most `timeout_s`."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 class Signals:
     """The signals of every subscription, plus the loop-side half of the store's change listener."""
 

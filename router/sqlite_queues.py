@@ -139,6 +139,18 @@ class SQLiteQueues(SQLiteCore):
         self._touched.add(name)
         return results
 
+    async def release(self, name: str, receipts: Sequence[str], now_ms: int) -> None:
+        await self._run(self._release, name, receipts, now_ms)
+
+    def _release(self, name: str, receipts: Sequence[str], now_ms: int) -> None:
+        with self._transaction(bookkeeping=True) as conn:
+            conn.executemany(
+                "UPDATE messages SET receipt = NULL, visible_at = ?, attempts = MAX(attempts - 1, 0)"
+                " WHERE msg_id = ? AND sub = ? AND receipt = ?",
+                [(now_ms, message_id_of(r), name, r) for r in receipts],
+            )
+        self._touched.add(name)
+
     async def release_leases(self, name: str, now_ms: int) -> int:
         return await self._run(self._release_leases, name, now_ms)
 

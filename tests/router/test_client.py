@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -87,3 +88,18 @@ async def test_without_retries_an_unreachable_router_is_reported(tmp_path: Path)
         with pytest.raises(RouterUnavailable) as unavailable:
             await client.publish(new_event("t", "tests", {}))
         assert unavailable.value.status == 503
+
+
+async def test_a_receive_abandoned_by_its_client_leases_nothing(router_process: ServiceProcess) -> None:
+    async with RouterClient(router_process.url, token="tok") as client:
+        await client.ensure_subscription("jobs", pattern={"source": ["tests"]}, target={"queue": {}})
+        abandoned = asyncio.create_task(client.queue("jobs").receive(wait_s=10, visibility_timeout_s=300))
+        await asyncio.sleep(0.3)
+        abandoned.cancel()  # the client hangs up in the middle of the long poll
+        with contextlib.suppress(asyncio.CancelledError):
+            await abandoned
+        await asyncio.sleep(0.3)  # the router notices the disconnect
+        await client.publish(new_event("t", "tests", {}, id="for-the-living"))
+        # Nobody else was waiting: the event must not be hidden behind a lease for the gone client.
+        (message,) = await client.queue("jobs").receive(wait_s=5)
+        assert message.event["id"] == "for-the-living" and message.attempt == 1
