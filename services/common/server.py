@@ -56,6 +56,8 @@ def serve(name: str, settings_type: type[S], create_app: Callable[[S], FastAPI],
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s"
     )
+    # Services hold long polls on the router: httpx would log every one of them at INFO.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     app = create_app(settings)
     config = uvicorn.Config(
         app,
