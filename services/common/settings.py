@@ -28,10 +28,16 @@ class CommonSettings(BaseSettings):
     store_port: int = Field(8703, ge=1, le=65535)
     router_url: str | None = Field(None, description="Base URL of the router; default http://127.0.0.1:ROUTER_PORT.")
     log_level: str = Field("info", description="debug, info, warning or error.")
+    blob_url: str | None = Field(None, description="The bucket: file:///abs/dir; default file://DATA_DIR/bucket.")
 
     @property
     def router_base_url(self) -> str:
         return (self.router_url or f"http://127.0.0.1:{self.router_port}").rstrip("/")
+
+    @property
+    def blob_base_url(self) -> str:
+        """The bucket every service shares (upload writes masters, processing renditions, store serves)."""
+        return self.blob_url or (self.data_dir / "bucket").resolve().as_uri()
 
     @property
     def token_value(self) -> str | None:

@@ -50,7 +50,6 @@ class ProcessingSettings(CommonSettings):
     job_timeout_factor: float = Field(10, gt=0, description="A job's time limit is this times the video's duration…")
     job_timeout_base_s: float = Field(60, ge=0, description="…plus this many seconds.")
     shutdown_grace_s: float = Field(30, ge=0, description="How long running jobs may finish after SIGTERM.")
-    blob_url: str | None = Field(None, description="The bucket: file:///abs/dir; default file://DATA_DIR/bucket.")
     max_pixels: int = Field(7680 * 4320, gt=0, description="Largest picture (width x height) a master may have.")
     ffmpeg: str | None = Field(None, description="The ffmpeg binary; default the one from imageio-ffmpeg.")
     history_size: int = Field(100, ge=1, le=10_000, description="Scaling changes kept for GET /autoscaler.")
@@ -60,10 +59,6 @@ class ProcessingSettings(CommonSettings):
         if self.min_workers > self.max_workers:
             raise ValueError(f"min_workers ({self.min_workers}) must not exceed max_workers ({self.max_workers})")
         return self
-
-    @property
-    def blob_base_url(self) -> str:
-        return self.blob_url or (self.data_dir / "bucket").resolve().as_uri()
 
     @property
     def work_dir(self) -> Path:

@@ -13,7 +13,6 @@ class StoreSettings(CommonSettings):
     catalog_path: Path | None = Field(
         None, description="SQLite file of the catalog; default DATA_DIR/store/catalog.db."
     )
-    blob_url: str | None = Field(None, description="The bucket: file:///abs/dir; default file://DATA_DIR/bucket.")
     store_public_url: str | None = Field(
         None, description="Address the router pushes events to and pages link to; default http://127.0.0.1:STORE_PORT."
     )
@@ -38,10 +37,6 @@ class StoreSettings(CommonSettings):
     @property
     def catalog_file(self) -> Path:
         return self.catalog_path or self.data_dir / "store" / "catalog.db"
-
-    @property
-    def blob_base_url(self) -> str:
-        return self.blob_url or (self.data_dir / "bucket").resolve().as_uri()
 
     @property
     def public_base_url(self) -> str:

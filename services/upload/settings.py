@@ -21,7 +21,6 @@ class UploadSettings(CommonSettings):
     probe_timeout_s: float = Field(60, gt=0, description="How long probing one upload may take before it is refused.")
     probe_memory_limit_bytes: int = Field(1 << 30, gt=0, description="Address space the probe's child may use.")
     max_concurrent_probes: int = Field(2, ge=1, le=64, description="Probes running at once (each is a process).")
-    blob_url: str | None = Field(None, description="The bucket: file:///abs/dir; default file://DATA_DIR/bucket.")
     outbox_path: Path | None = Field(
         None, description="SQLite file of uploads and the outbox; default DATA_DIR/upload."
     )
@@ -49,10 +48,6 @@ class UploadSettings(CommonSettings):
     @property
     def default_rendition_names(self) -> tuple[str, ...]:
         return parse_renditions(self.default_renditions, "default_renditions")
-
-    @property
-    def blob_base_url(self) -> str:
-        return self.blob_url or (self.data_dir / "bucket").resolve().as_uri()
 
     @property
     def outbox_file(self) -> Path:
