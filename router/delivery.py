@@ -68,7 +68,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
-def request_for(message: Message, mode: str, secret: str) -> tuple[bytes, dict[str, str]]:
+def request_for(message: Message, mode: str, signer: Webhook) -> tuple[bytes, dict[str, str]]:
     """The body and headers of one delivery, signed per Standard Webhooks.
 
     Binary mode carries the attributes in `ce-*` headers and `data` as the body. An event whose
@@ -94,7 +94,7 @@ def request_for(message: Message, mode: str, secret: str) -> tuple[bytes, dict[s
     now = datetime.now(UTC)
     headers["webhook-id"] = webhook_id
     headers["webhook-timestamp"] = str(int(now.timestamp()))
-    headers["webhook-signature"] = Webhook(secret).sign(webhook_id, now, body.decode())
+    headers["webhook-signature"] = signer.sign(webhook_id, now, body.decode())
     return body, headers
 
 
@@ -117,6 +117,7 @@ class Dispatcher:
         self.store = store
         self.signals = signals
         self.name = sub.spec.name
+        self._signer = Webhook(sub.secret)  # decodes the secret once, not per request
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -239,7 +240,7 @@ class Dispatcher:
     async def _attempt(self, session: aiohttp.ClientSession, message: Message) -> Outcome:
         spec = self.sub.spec
         url = spec.target["url"]
-        body, headers = request_for(message, spec.delivery.mode, self.sub.secret)
+        body, headers = request_for(message, spec.delivery.mode, self._signer)
         try:
             async with session.post(
                 url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=spec.delivery.timeout_s)

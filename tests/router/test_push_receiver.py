@@ -42,7 +42,7 @@ async def consumer() -> AsyncIterator[tuple[httpx.AsyncClient, list[dict[str, An
 
 def delivery(mode: str = "structured", secret: str = SECRET) -> tuple[bytes, dict[str, str]]:
     message = Message("r", 1, 7, json.dumps(EVENT).encode())
-    return request_for(message, mode, secret)
+    return request_for(message, mode, Webhook(secret))
 
 
 @pytest.mark.parametrize("mode", ["structured", "binary"])
