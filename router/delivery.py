@@ -129,6 +129,9 @@ class Dispatcher:
     def update(self, sub: Subscription) -> None:
         """A re-PUT changed the URL or the delivery policy: the next leases use them."""
         self.sub = sub
+        # An outstanding offer was made under the old policy (say, unordered): take it back.
+        self._reserved -= self.store.withdraw(self.name)
+        self.signals[self.name].bump()
 
     def stop(self) -> None:
         self._stopping.set()

@@ -13,7 +13,7 @@ import pytest
 
 from router.cloudevents import encoded
 from router.patterns import compile_pattern
-from router.persistence import Delivery, EventStore, SubscriptionSpec
+from router.persistence import Delivery, EventStore, Settlement, SubscriptionSpec
 from router.sqlite import SQLiteEventStore
 
 STORES: dict[str, Callable[[Path], EventStore]] = {
@@ -165,3 +165,22 @@ async def test_the_listener_hears_about_every_queue_change(tmp_path: Path) -> No
         assert changes[-1] == ({"q"}, {})
     finally:
         await store.close()
+
+
+async def test_an_offer_leases_new_events_in_the_append_itself(store: EventStore) -> None:
+    handed: list[dict[str, list[Any]]] = []
+    store.listener = lambda touched, hidden, handoffs: handed.append(handoffs)
+    push = SubscriptionSpec("hook", None, None, {"url": "http://127.0.0.1:9/x"}, Delivery())
+    await store.put_subscription(push, T0)
+    store.offer("hook", 2, 1000)
+    await store.append([ev("a"), ev("b"), ev("c")], T0)
+    (handoffs,) = [h for h in handed if h]
+    assert [(m.sequence, m.attempt) for m in handoffs["hook"]] == [(1, 1), (2, 1)]
+    assert store.withdraw("hook") == 0  # both slots were used
+    assert store.may_have_ready("hook")  # the third is queued the ordinary way
+    (third,) = await store.lease("hook", 10, 1000, T0)
+    assert third.sequence == 3
+    # The handed-off ones are leased: settled like any other.
+    results = await store.settle("hook", [Settlement(m.receipt, "ack") for m in handoffs["hook"]], T0)
+    assert all(r.ok for r in results)
+    assert store.withdraw("hook") == 0 and not (await store.lease("hook", 10, 1000, T0))
