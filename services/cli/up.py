@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import secrets
 import signal
@@ -22,6 +21,8 @@ SERVICES = [
     ("store", "services.store", "store_port"),
 ]
 RESTART_BACKOFF_MAX_S = 30.0
+STABLE_S = 60.0
+"""A service that ran this long before it died starts its restart backoff over."""
 
 
 @dataclass
@@ -50,16 +51,6 @@ def load_token(settings: CommonSettings) -> str | None:
         return settings.token_value
     path = token_file(settings.data_dir)
     return path.read_text().strip() if path.exists() else None
-
-
-def available() -> list[tuple[str, str, str]]:
-    """The services whose packages are installed with a `__main__` (the stack grows service by service)."""
-    found = []
-    for name, module, port_field in SERVICES:
-        with contextlib.suppress(ModuleNotFoundError):
-            if importlib.util.find_spec(f"{module}.__main__") is not None:
-                found.append((name, module, port_field))
-    return found
 
 
 def settings_help() -> str:
@@ -104,7 +95,9 @@ async def pump(child: Child, stream: asyncio.StreamReader) -> None:
 
 async def supervise(child: Child, env: dict[str, str], stopping: asyncio.Event) -> None:
     """Run one service; restart it with backoff whenever it dies while the stack is up."""
+    loop = asyncio.get_running_loop()
     while not stopping.is_set():
+        started = loop.time()
         child.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", child.module, "--port", str(child.port),
             env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -115,6 +108,8 @@ async def supervise(child: Child, env: dict[str, str], stopping: asyncio.Event) 
         code = await child.proc.wait()
         if stopping.is_set():
             return
+        if loop.time() - started > STABLE_S:
+            child.restarts = 0
         child.restarts += 1
         delay = min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** min(child.restarts, 6))
         print(f"{child.name:>10} | exited with status {code}; restarting in {delay:.1f}s (restart #{child.restarts})")
@@ -128,12 +123,11 @@ async def up(settings: CommonSettings) -> int:
     env.update(CATTUBE_TOKEN=token, CATTUBE_DATA_DIR=str(settings.data_dir.resolve()))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     save_token(settings.data_dir, token)
-    children = [Child(name, module, getattr(settings, port_field)) for name, module, port_field in available()]
+    children = [Child(name, module, getattr(settings, port_field)) for name, module, port_field in SERVICES]
     print(f"CatTube: data in {settings.data_dir.resolve()}; token {token}")
     for child in children:
         print(f"  {child.name:<10} http://{settings.host}:{child.port}  (API docs: /docs)")
-    if any(child.name == "store" for child in children):
-        print(f"Open the page: http://{settings.host}:{settings.store_port}/#token={token}")
+    print(f"Open the page: http://{settings.host}:{settings.store_port}/#token={token}")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
