@@ -12,16 +12,16 @@ from fastapi.staticfiles import StaticFiles
 
 from router.client import RouterClient
 from services.common.blobs import open_blob_store
+from services.common.database import Database
 from services.common.ops import ops_router
+from services.common.outbox import OutboxRelay
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
 from services.store.api import router as api_router
 from services.store.catalog import Catalog, Outcome
-from services.store.database import Database
 from services.store.feed import Feed
 from services.store.live import Change, Live
 from services.store.metrics import StoreMetrics
-from services.store.outbox import OutboxRelay
 from services.store.settings import StoreSettings
 from services.store.tables import SCHEMA
 
@@ -45,7 +45,7 @@ def create_app(
     metrics = StoreMetrics()
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
     live = Live(settings.live_queue_size)
-    db = Database(settings.catalog_file, SCHEMA)
+    db = Database(settings.catalog_file, SCHEMA, name="catalog")
     client = RouterClient(settings.router_base_url, token=settings.token_value, transport=router_transport)
     # The relay backs off on its own (and stops mid-wait at shutdown): no retries inside the client.
     relay_client = RouterClient(

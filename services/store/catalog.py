@@ -41,10 +41,11 @@ from datetime import datetime
 from typing import Any
 
 from router.client import new_event
+from services.common import outbox
 from services.common.blobs import video_key
+from services.common.database import Database
 from services.common.errors import Conflict, InvalidInput, NotFound
-from services.store import outbox, tables
-from services.store.database import Database
+from services.store import tables
 from services.store.records import ScalingPoint, Video, parse_renditions
 from services.store.tables import Page
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from services.store import outbox
+from services.common import outbox
+from services.common.outbox import OutboxRelay
 from services.store.catalog import Catalog, Outcome
 from services.store.live import Live
-from services.store.outbox import OutboxRelay
 from services.store.records import STATUSES
 
 

@@ -4,7 +4,7 @@ videos      one row per video (a tombstone once deleted); JSON columns for maste
 renditions  the renditions of each video, in the order processing listed them
 applied     source+id of every event applied (recent ones: repeats are recognized, not re-applied)
 scaling     the autoscaler's changes, bounded, for the chart
-outbox      events owed to the router (see `services.store.outbox`)
+outbox      events owed to the router (see `services.common.outbox`)
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from services.common import outbox
 from services.common.errors import InvalidInput
-from services.store import outbox
 from services.store.records import Rendition, ScalingPoint, Video
 
 SCHEMA = (
@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS scaling (
 );
 CREATE INDEX IF NOT EXISTS scaling_by_time ON scaling (at);
 """
-    + outbox.SCHEMA
+    + outbox.OUTBOX_SCHEMA
 )
 
 _VIDEO_COLUMNS = (

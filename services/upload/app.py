@@ -17,7 +17,7 @@ from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
 from services.upload.api import router as api_router
 from services.upload.metrics import UploadMetrics
-from services.upload.outbox import Outbox, Relay
+from services.upload.outbox import Outbox
 from services.upload.settings import UploadSettings
 from services.upload.uploads import Uploads
 
@@ -56,10 +56,9 @@ def create_app(
                 retries=0,
             )
             stack.push_async_callback(client.aclose)
-            relay = Relay(
-                outbox,
+            relay = outbox.relay(
                 client,
-                batch_size=settings.relay_batch_size,
+                batch_max=settings.relay_batch_size,
                 backoff_initial_s=settings.relay_backoff_initial_s,
                 backoff_max_s=settings.relay_backoff_max_s,
                 on_published=metrics.published.inc,

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from services.common import outbox
 from services.common.blobs import FileBlobStore
+from services.common.database import Database
 from services.common.errors import Conflict, InvalidInput, NotFound
-from services.store import outbox
 from services.store.catalog import Catalog, Outcome
-from services.store.database import Database
 from services.store.tables import SCHEMA
 from tests.services.store.conftest import completed, event, uploaded
 

@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 
 from router.client import RouterClient, new_event
-from services.upload.outbox import Outbox, Relay
+from services.upload.outbox import Outbox
 
 
 @pytest.fixture
@@ -68,14 +68,14 @@ class Router:
 
 
 async def test_pending_events_are_published_in_batches_at_start(outbox: Outbox, router_app: FastAPI) -> None:
-    """Rows left by an earlier run go out as soon as the relay starts, in order, `batch_size` at a time."""
+    """Rows left by an earlier run go out as soon as the relay starts, in order, `batch_max` at a time."""
     for index in range(5):
         await add(outbox, f"v{index}")
     batches: list[int] = []
     transport = httpx.ASGITransport(app=router_app)
     async with RouterClient("http://router", transport=transport, retries=0) as client:
         await client.ensure_subscription("all", pattern=None, target={"queue": {}}, start="earliest")
-        relay = Relay(outbox, client, batch_size=2, on_published=batches.append)
+        relay = outbox.relay(client, batch_max=2, on_published=batches.append)
         task = asyncio.create_task(relay.run())
         queue = client.queue("all")
         messages = []
@@ -95,7 +95,7 @@ async def test_pending_events_are_published_in_batches_at_start(outbox: Outbox, 
 async def test_backs_off_while_the_router_is_down_and_idles_after(outbox: Outbox) -> None:
     router = Router(lambda ids: 503 if len(router.requests) <= 4 else 202)
     async with router.client() as client:
-        relay = Relay(outbox, client, backoff_initial_s=0.04, backoff_max_s=0.16)
+        relay = outbox.relay(client, backoff_initial_s=0.04, backoff_max_s=0.16)
         task = asyncio.create_task(relay.run())
         await asyncio.sleep(0.05)
         assert router.requests == []  # an empty outbox: no requests at all
@@ -124,7 +124,7 @@ async def test_an_event_the_router_refuses_is_set_aside(outbox: Outbox) -> None:
     for video_id in ("a", "bad", "c"):
         await add(outbox, video_id)
     async with router.client() as client:
-        relay = Relay(outbox, client)
+        relay = outbox.relay(client)
         task = asyncio.create_task(relay.run())
         await router.until(lambda: len(router.requests) == 4)
         relay.stop()
@@ -141,7 +141,7 @@ async def test_a_wrong_token_is_retried_not_dropped(outbox: Outbox) -> None:
     router = Router(lambda ids: 401)
     await add(outbox, "v1")
     async with router.client() as client:
-        relay = Relay(outbox, client, backoff_initial_s=0.01, backoff_max_s=0.02)
+        relay = outbox.relay(client, backoff_initial_s=0.01, backoff_max_s=0.02)
         task = asyncio.create_task(relay.run())
         await router.until(lambda: len(router.requests) >= 3)
         relay.stop()

@@ -1,13 +1,13 @@
-"""One SQLite connection on one thread: the catalog and its outbox, written in order, one transaction at a time.
+"""One SQLite connection on one thread: a service's tables and its outbox, written in order, one transaction at a time.
 
-    db = Database(path, SCHEMA)
+    db = Database(path, SCHEMA, name="catalog")
     await db.open()
     video = await db.transact(load_video, "v1")     # load_video(conn, "v1") runs on the database thread
     await db.close()
 
 Why a thread of our own rather than aiosqlite: aiosqlite is exactly this (a thread per connection
 and a queue), and not a dependency of the project. With a single writer there is no SQLITE_BUSY to
-handle, and a change to the catalog and the outbox row that announces it commit in one
+handle, and a change to the service's tables and the outbox row that announces it commit in one
 transaction (a transactional outbox). Reads go through the same thread: they are short, and they
 then always see every change committed before them.
 """
@@ -28,14 +28,17 @@ T = TypeVar("T")
 
 
 class Database:
-    def __init__(self, path: Path, schema: str) -> None:
+    """A SQLite file in WAL mode, written with synchronous=FULL; `name` says what it holds, in messages."""
+
+    def __init__(self, path: Path, schema: str, *, name: str = "database") -> None:
         self.path = path
         self.schema = schema
+        self.name = name
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
 
     async def open(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{self.path.stem}")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{self.name}")
         await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
 
     def _connect(self) -> None:
@@ -43,7 +46,7 @@ class Database:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a delivery is acknowledged to the router once committed; it must survive a power cut too.
+        # FULL: a commit is promised to someone (a 202, an ack to the router); it must survive a power cut too.
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(self.schema)
@@ -54,13 +57,13 @@ class Database:
     ) -> T:
         """Run `fn(conn, ...)` in one transaction on the database thread; roll back if it raises."""
         if self._executor is None:
-            raise Unavailable("the catalog is not open")
+            raise Unavailable(f"the {self.name} is not open")
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, args, kwargs)
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         conn = self._conn
         if conn is None:
-            raise Unavailable("the catalog is closed")
+            raise Unavailable(f"the {self.name} is closed")
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn, *args, **kwargs)
@@ -74,7 +77,7 @@ class Database:
         try:
             await self.transact(lambda conn: conn.execute("SELECT 1").fetchone())
         except (sqlite3.Error, Unavailable) as exc:
-            return f"the catalog at {self.path} cannot be read ({exc})"
+            return f"the {self.name} at {self.path} cannot be read ({exc})"
         return None
 
     async def close(self) -> None:
