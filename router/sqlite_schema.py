@@ -35,9 +35,8 @@ CREATE TABLE IF NOT EXISTS messages (
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_by_visibility ON messages (sub, visible_at, msg_id);
-CREATE INDEX IF NOT EXISTS messages_by_key ON messages (sub, pkey, seq);
+CREATE INDEX IF NOT EXISTS messages_by_key ON messages (sub, pkey, seq) WHERE pkey IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_by_seq ON messages (seq);
-CREATE INDEX IF NOT EXISTS messages_by_replay ON messages (sub, replay);
 CREATE TABLE IF NOT EXISTS dead_letters (
     dl_id INTEGER PRIMARY KEY AUTOINCREMENT,
     sub TEXT NOT NULL,
