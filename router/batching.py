@@ -46,8 +46,9 @@ class GroupCommit(Generic[T, R]):
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, done))
         self._wake.set()
-        # Shielded: a caller that goes away must not pull its item out of a shared transaction.
-        return await asyncio.shield(done)
+        # A caller that goes away cancels only its wait: the item stays queued and is committed with
+        # the others (the loop skips answering a cancelled future).
+        return await done
 
     def stop(self) -> None:
         """Take no more items; `run` commits what is pending, then returns."""

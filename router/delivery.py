@@ -118,6 +118,7 @@ class Dispatcher:
         self.signals = signals
         self.name = sub.spec.name
         self._signer = Webhook(sub.secret)  # decodes the secret once, not per request
+        self._timeout = aiohttp.ClientTimeout(total=sub.spec.delivery.timeout_s)
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -244,13 +245,13 @@ class Dispatcher:
         spec = self.sub.spec
         url = spec.target["url"]
         body, headers = request_for(message, spec.delivery.mode, self._signer)
+        if self._timeout.total != spec.delivery.timeout_s:
+            self._timeout = aiohttp.ClientTimeout(total=spec.delivery.timeout_s)
         try:
-            async with session.post(
-                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=spec.delivery.timeout_s)
-            ) as response:
+            async with session.post(url, data=body, headers=headers, timeout=self._timeout) as response:
                 await response.read()
                 status = response.status
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                retry_after = None if status < 300 else parse_retry_after(response.headers.get("Retry-After"))
         except TimeoutError:
             return Outcome(False, retry=True, error=f"timed out after {spec.delivery.timeout_s}s")
         except aiohttp.ClientError as exc:

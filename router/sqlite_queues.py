@@ -42,6 +42,7 @@ class SQLiteQueues(SQLiteCore):
             )
         )
         messages: list[Message] = []
+        nonce = secrets.token_urlsafe(12)  # one per receive: with the message id, each receipt is unique
         with self._transaction(bookkeeping=True) as conn:
             while len(messages) < max_messages:
                 rows = conn.execute(
@@ -59,7 +60,7 @@ class SQLiteQueues(SQLiteCore):
                         context = {"limit": "max_receive_count", "error": last_error}
                         self._dead_letter(conn, name, msg_id, seq, replay, attempts, reason, context, body, now_ms)
                         continue
-                    receipt = f"{msg_id}.{secrets.token_urlsafe(12)}"
+                    receipt = f"{msg_id}.{nonce}"
                     conn.execute(
                         "UPDATE messages SET receipt = ?, visible_at = ?, attempts = attempts + 1 WHERE msg_id = ?",
                         (receipt, now_ms + hide_ms, msg_id),
