@@ -121,7 +121,8 @@ class Dispatcher:
         self._timeout = aiohttp.ClientTimeout(total=sub.spec.delivery.timeout_s)
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._slot_freed = asyncio.Event()
+        self._wake = asyncio.Event()
+        """Set when a slot frees up, the subscription's queue changes, or the dispatcher stops."""
         self._reserved = 0
         """Slots offered to the store for hand-off and not yet handed over or withdrawn."""
         self._session: aiohttp.ClientSession | None = None
@@ -137,8 +138,7 @@ class Dispatcher:
     def stop(self) -> None:
         self._stopping.set()
         self.store.withdraw(self.name)
-        self._slot_freed.set()
-        self.signals[self.name].bump()
+        self._wake.set()
 
     async def run(self) -> None:
         delivery = self.sub.spec.delivery
@@ -158,33 +158,33 @@ class Dispatcher:
 
     async def _loop(self, session: aiohttp.ClientSession) -> None:
         self._session = session
-        while not self._stopping.is_set():
-            delivery = self.sub.spec.delivery
-            changed = self.signals[self.name].changed  # before any read: no lost wake-ups
-            self._reserved -= self.store.withdraw(self.name)
-            free = delivery.max_in_flight - len(self._in_flight) - self._reserved
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            lease_ms = int((delivery.timeout_s + LEASE_MARGIN_S) * 1000)
-            messages: list[Message] = []
-            # Ordered delivery leases every time: a key unblocks when its head is acked, which no hint follows.
-            if delivery.ordered or self.store.may_have_ready(self.name):
-                messages = await self.store.lease(self.name, free, lease_ms, _now_ms())
-                self._start(messages)
-                if len(messages) == free:
+        signal = self.signals[self.name]
+        signal.watch(self._wake.set)  # one event for every reason to look again: no waiter tasks per round
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()  # before any read: a change from here on sets it again
+                delivery = self.sub.spec.delivery
+                self._reserved -= self.store.withdraw(self.name)
+                free = delivery.max_in_flight - len(self._in_flight) - self._reserved
+                if free <= 0:
+                    await self._wake.wait()
                     continue
-            if not delivery.ordered:
-                # Idle: new matching events are leased to us in the commit that appends them.
-                slots = free - len(messages)
-                self.store.offer(self.name, slots, lease_ms)
-                self._reserved += slots
-            self._slot_freed.clear()
-            waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(self._slot_freed.wait())]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
+                lease_ms = int((delivery.timeout_s + LEASE_MARGIN_S) * 1000)
+                messages: list[Message] = []
+                # Ordered delivery leases every time: a key unblocks when its head is acked, which no hint follows.
+                if delivery.ordered or self.store.may_have_ready(self.name):
+                    messages = await self.store.lease(self.name, free, lease_ms, _now_ms())
+                    self._start(messages)
+                    if len(messages) == free:
+                        continue
+                if not delivery.ordered:
+                    # Idle: new matching events are leased to us in the commit that appends them.
+                    slots = free - len(messages)
+                    self.store.offer(self.name, slots, lease_ms)
+                    self._reserved += slots
+                await self._wake.wait()
+        finally:
+            signal.unwatch(self._wake.set)
 
     def take(self, messages: list[Message]) -> None:
         """Messages the store leased to us in an append's commit."""
@@ -202,7 +202,7 @@ class Dispatcher:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
-        self._slot_freed.set()
+        self._wake.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("delivery to %s failed unexpectedly", self.name, exc_info=exc)
 

@@ -17,6 +17,7 @@ class Signal:
     def __init__(self, version: int) -> None:
         self.version = version
         self.changed = asyncio.Event()
+        self._watchers: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_ms: int | None = None
 
@@ -24,6 +25,17 @@ class Signal:
         self.version += 1
         self.changed.set()
         self.changed = asyncio.Event()
+        for watcher in self._watchers:
+            watcher()
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on every bump (a long-lived waiter, such as a push dispatcher, uses this
+        rather than a new wait on `changed` each time)."""
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
 
     def wake_at(self, at_ms: int, on_fire: Callable[[], None]) -> None:
         """Fire once at `at_ms` (wall clock, ms), unless an earlier wake-up is already set."""
