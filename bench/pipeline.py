@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from typing import Any
 
 import av
 import httpx
+from harness import cpu_s, free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -50,20 +50,6 @@ from services.processing.transcode import transcode  # noqa: E402
 
 RENDITIONS = ["720p", "480p", "360p"]
 MAX_PIXELS = 7680 * 4320
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cpu_s(pid: int, *, children: bool = False) -> float:
-    """User + system CPU seconds of a process (with `children`: plus those of its reaped children, ffmpeg)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    used = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
-    return used / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_s() -> float:

@@ -14,66 +14,27 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from harness import Server, cpu_s, free_port, serving
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = sys.executable
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (from /proc): a measure the noise of a shared
-    machine barely moves, unlike throughput."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Server:
-    url: str
-    pid: int
-
-    def load(self, *args: str) -> dict[str, float]:
-        """Run the load generator and add the server's CPU per request (µs) to its result."""
-        before = cpu_s(self.pid)
-        result = load(*args)
-        requests = result["requests_per_s"] * result["elapsed_s"] if "requests_per_s" in result else result["requests"]
-        result["server_cpu_us_per_request"] = round((cpu_s(self.pid) - before) / requests * 1e6, 1)
-        return result
-
-
-@contextmanager
-def server(argv: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[Server]:
-    proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})}, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):  # start-up only: a bounded wait for the port to answer
-            try:
-                httpx.get(url + "/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        yield Server(url, proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def measured(server: Server, *args: str) -> dict[str, float]:
+    """Run the load generator and add the server's CPU per request (µs) to its result."""
+    before = cpu_s(server.pid)
+    result = load(*args)
+    requests = result["requests_per_s"] * result["elapsed_s"] if "requests_per_s" in result else result["requests"]
+    result["server_cpu_us_per_request"] = round((cpu_s(server.pid) - before) / requests * 1e6, 1)
+    return result
 
 
 def load(*args: str) -> dict[str, float]:
@@ -88,7 +49,7 @@ def push_bench(synchronous: str, duration: str) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
         env = {"CATTUBE_DATA_DIR": data, "CATTUBE_LOG_LEVEL": "warning", "CATTUBE_SQLITE_SYNCHRONOUS": synchronous}
-        with server([PY, "-m", "router", "--port", str(port)], port, env) as router:
+        with serving([PY, "-m", "router", "--port", str(port)], f"http://127.0.0.1:{port}", env) as router:
             rate, seconds = float(os.environ.get("PUSH_RATE", "1000")), float(duration)
             count = int(rate * seconds)
             receiver_port = free_port()
@@ -152,25 +113,27 @@ def main() -> None:
     }
 
     bare_port = free_port()
-    with server([PY, str(HERE / "bare.py"), str(bare_port)], bare_port) as bare_server:
+    with serving([PY, str(HERE / "bare.py"), str(bare_port)], f"http://127.0.0.1:{bare_port}") as bare_server:
         url = bare_server.url
         load("publish", url + "/events", "--duration", "2")  # warm-up
-        bare = bare_server.load("publish", url + "/events", "--concurrency", "16", "--duration", duration)
+        bare = measured(bare_server, "publish", url + "/events", "--concurrency", "16", "--duration", duration)
     results["bare_single"] = bare
 
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
         env = {"CATTUBE_DATA_DIR": data, "CATTUBE_LOG_LEVEL": "warning", "CATTUBE_SQLITE_SYNCHRONOUS": args.synchronous}
-        with server([PY, "-m", "router", "--port", str(port)], port, env) as router:
+        with serving([PY, "-m", "router", "--port", str(port)], f"http://127.0.0.1:{port}", env) as router:
             url = router.url
             httpx.put(f"{url}/subscriptions/bench", json={"pattern": {"source": ["bench"]}, "target": {"queue": {}}})
             httpx.put(f"{url}/subscriptions/other", json={"pattern": {"source": ["nope"]}, "target": {"queue": {}}})
             load("publish", url + "/events", "--duration", "2")  # warm-up
-            single = router.load("publish", url + "/events", "--concurrency", "16", "--duration", duration)
-            batched = router.load(
-                "publish", url + "/events", "--concurrency", "4", "--batch", "100", "--duration", duration
+            single = measured(router, "publish", url + "/events", "--concurrency", "16", "--duration", duration)
+            batched = measured(
+                router, "publish", url + "/events", "--concurrency", "4", "--batch", "100", "--duration", duration
             )
-            consumed = router.load("consume", url, "--subscription", "bench", "--concurrency", "4", "--count", "50000")
+            consumed = measured(
+                router, "consume", url, "--subscription", "bench", "--concurrency", "4", "--count", "50000"
+            )
         results["push"] = push_bench(args.synchronous, duration)
     results["router_single"] = single
     results["router_batched_100"] = batched

@@ -21,36 +21,22 @@ import json
 import os
 import platform
 import secrets
-import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
+from harness import Server, cpu_s, free_port, serving
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = sys.executable
 BLOCK = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -127,30 +113,6 @@ async def run_client(url: str, clip: bytes, size: int, mode: str) -> None:
 # -- the driver -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    url: str
-    pid: int
-
-
-@contextmanager
-def server(argv: list[str], url: str, env: dict[str, str] | None = None) -> Iterator[Server]:
-    import httpx
-
-    proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})}, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):  # start-up only: a bounded wait for the port to answer
-            try:
-                httpx.get(url + "/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.05)
-        yield Server(url, proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
 def send(target: Server, path: str, clip: Path, size: int, mode: str) -> dict[str, float]:
     before = cpu_s(target.pid)
     argv = [PY, str(Path(__file__)), "client", target.url + path, str(clip), str(size), mode]
@@ -200,9 +162,9 @@ def main() -> None:
         }
         bare_port, upload_port = free_port(), free_port()
         with (
-            server([PY, str(Path(__file__)), "bare", str(bare_port), str(bare_dir)], f"http://127.0.0.1:{bare_port}")
+            serving([PY, str(Path(__file__)), "bare", str(bare_port), str(bare_dir)], f"http://127.0.0.1:{bare_port}")
             as bare,
-            server([PY, "-m", "services.upload", "--port", str(upload_port)], f"http://127.0.0.1:{upload_port}", env)
+            serving([PY, "-m", "services.upload", "--port", str(upload_port)], f"http://127.0.0.1:{upload_port}", env)
             as upload,
         ):  # fmt: skip
             results["upload_idle_rss_mib"] = round(peak_rss_mib(upload.pid), 1)
