@@ -184,3 +184,15 @@ async def test_an_offer_leases_new_events_in_the_append_itself(store: EventStore
     results = await store.settle("hook", [Settlement(m.receipt, "ack") for m in handoffs["hook"]], T0)
     assert all(r.ok for r in results)
     assert store.withdraw("hook") == 0 and not (await store.lease("hook", 10, 1000, T0))
+
+
+async def test_oldest_age_counts_ready_and_hidden_messages(store: EventStore) -> None:
+    await store.put_subscription(queue("q"), T0)
+    await store.append([ev("first")], T0)
+    await store.append([ev("second")], T0 + 2000)
+    assert (await store.stats("q", T0 + 5000)).oldest_age_s == 5.0
+    (first,) = await store.receive("q", 1, 60_000, T0 + 5000)  # the oldest is now hidden, still counted
+    stats = await store.stats("q", T0 + 6000)
+    assert (stats.backlog, stats.in_flight, stats.oldest_age_s) == (1, 1, 6.0)
+    await store.ack("q", [first.receipt], T0 + 6000)
+    assert (await store.stats("q", T0 + 6000)).oldest_age_s == 4.0
