@@ -24,10 +24,10 @@ class SQLiteQueues(SQLiteCore):
     # -- queues and push leases --------------------------------------------------------------------
 
     async def receive(self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int) -> list[Message]:
-        return await self._run(self._lease, name, max_messages, visibility_timeout_ms, now_ms, True)
+        return await self._run(self._lease, name, max_messages, visibility_timeout_ms, now_ms, True, inline=True)
 
     async def lease(self, name: str, max_messages: int, lease_ms: int, now_ms: int) -> list[Message]:
-        return await self._run(self._lease, name, max_messages, lease_ms, now_ms, False)
+        return await self._run(self._lease, name, max_messages, lease_ms, now_ms, False, inline=True)
 
     def _lease(self, name: str, max_messages: int, hide_ms: int, now_ms: int, is_queue: bool) -> list[Message]:
         delivery = self._subs[name].spec.delivery
@@ -97,7 +97,7 @@ class SQLiteQueues(SQLiteCore):
         self._append_in(conn, [encoded(announcement)], now_ms)
 
     async def settle(self, name: str, settlements: Sequence[Settlement], now_ms: int) -> list[ReceiptResult]:
-        return await self._run(self._settle, name, settlements, now_ms)
+        return await self._run(self._settle, name, settlements, now_ms, inline=True)
 
     def _settle(self, name: str, settlements: Sequence[Settlement], now_ms: int) -> list[ReceiptResult]:
         results: list[ReceiptResult] = []
@@ -141,7 +141,7 @@ class SQLiteQueues(SQLiteCore):
         return results
 
     async def release(self, name: str, receipts: Sequence[str], now_ms: int) -> None:
-        await self._run(self._release, name, receipts, now_ms)
+        await self._run(self._release, name, receipts, now_ms, inline=True)
 
     def _release(self, name: str, receipts: Sequence[str], now_ms: int) -> None:
         with self._transaction(bookkeeping=True) as conn:
