@@ -35,7 +35,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import av
 import httpx
 from harness import cpu_s, free_port
 
@@ -47,6 +46,7 @@ from router.client import RouterClient, new_event  # noqa: E402
 from services.common.blobs import FileBlobStore, video_key  # noqa: E402
 from services.common.media import ffmpeg_exe  # noqa: E402
 from services.processing.transcode import transcode  # noqa: E402
+from tests.media import probe_of  # noqa: E402
 
 RENDITIONS = ["720p", "480p", "360p"]
 MAX_PIXELS = 7680 * 4320
@@ -79,22 +79,6 @@ async def make_clip(path: Path, width: int, height: int, duration_s: float) -> P
     if await proc.wait() != 0:
         raise RuntimeError("could not make the test clip")
     return path
-
-
-def probe_of(path: Path) -> dict[str, Any]:
-    with av.open(str(path)) as container:
-        video = container.streams.video[0]
-        frame = next(container.decode(video=0))
-        audio = container.streams.audio
-        return {
-            "width": video.width,
-            "height": video.height,
-            "rotation": frame.rotation,
-            "duration_s": (container.duration or 0) / 1_000_000,
-            "fps": float(video.average_rate or 0),
-            "video_codec": video.codec_context.name,
-            "audio_codec": audio[0].codec_context.name if audio else None,
-        }
 
 
 class Process:

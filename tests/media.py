@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import av
 
 from services.common.media import ffmpeg_exe
 
@@ -151,3 +154,21 @@ class _Bits:
 
 def _nal(kind: int, bits: _Bits) -> bytes:
     return b"\x00\x00\x00\x01" + bytes([0x60 | kind]) + bits.payload()
+
+
+def probe_of(path: Path) -> dict[str, Any]:
+    """What the upload service's probe reports about one of our own (trusted) clips, read with PyAV
+    directly (rotation comes from a decoded frame, as PyAV requires)."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        frame = next(container.decode(video=0))
+        audio = container.streams.audio
+        return {
+            "width": video.width,
+            "height": video.height,
+            "rotation": frame.rotation,
+            "duration_s": (container.duration or 0) / 1_000_000,
+            "fps": float(video.average_rate or 0),
+            "video_codec": video.codec_context.name,
+            "audio_codec": audio[0].codec_context.name if audio else None,
+        }

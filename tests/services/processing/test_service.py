@@ -22,9 +22,9 @@ import pytest
 from router.client import RouterClient, new_event
 from services.common.blobs import FileBlobStore, video_key
 from services.processing.ladder import displayed_size
-from tests.media import make_clip
+from tests.media import make_clip, probe_of
 from tests.process import ServiceProcess, service
-from tests.services.processing.test_transcode import inspect, probe_of
+from tests.services.processing.test_transcode import inspect
 
 pytestmark = pytest.mark.slow
 

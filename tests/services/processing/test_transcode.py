@@ -25,29 +25,12 @@ from services.processing.transcode import (
     _verdict,
     transcode,
 )
-from tests.media import make_clip
+from tests.media import make_clip, probe_of
 
 MAX_PIXELS = 7680 * 4320
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
-
-
-def probe_of(path: Path) -> dict[str, Any]:
-    """What the upload service's probe reports (rotation is read from a decoded frame, as PyAV requires)."""
-    with av.open(str(path)) as container:
-        video = container.streams.video[0]
-        frame = next(container.decode(video=0))
-        audio = container.streams.audio
-        return {
-            "width": video.width,
-            "height": video.height,
-            "rotation": frame.rotation,
-            "duration_s": (container.duration or 0) / 1_000_000,
-            "fps": float(video.average_rate or 0),
-            "video_codec": video.codec_context.name,
-            "audio_codec": audio[0].codec_context.name if audio else None,
-        }
 
 
 def inspect(path: Path) -> dict[str, Any]:
