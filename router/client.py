@@ -42,12 +42,21 @@ __all__ = [
     "RouterClient",
     "RouterError",
     "RouterUnavailable",
+    "full_jitter",
     "new_event",
 ]
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def full_jitter(attempt: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff with full jitter: a delay drawn from [0, min(max_s, initial_s * 2**attempt)].
+
+    await asyncio.sleep(full_jitter(failures, 0.2, 10.0))
+    """
+    return random.uniform(0, min(max_s, initial_s * 2**attempt))
 
 
 class RouterError(Exception):
@@ -184,7 +193,7 @@ class RouterClient:
             attempt += 1
             if not retry or attempt > self.retries:
                 raise RouterUnavailable(status, problem)
-            delay = random.uniform(0, min(self.backoff_max_s, self.backoff_initial_s * 2**attempt))
+            delay = full_jitter(attempt, self.backoff_initial_s, self.backoff_max_s)
             log.debug("router %s %s failed (%s); retrying in %.2fs", method, path, problem.get("detail"), delay)
             await asyncio.sleep(delay)
 
@@ -234,7 +243,7 @@ class RouterClient:
                 if not wait_for_router:
                     raise
                 attempt += 1
-                delay = random.uniform(0, min(self.backoff_max_s, self.backoff_initial_s * 2**attempt))
+                delay = full_jitter(attempt, self.backoff_initial_s, self.backoff_max_s)
                 log.warning("router not reachable to declare subscription %r; retrying in %.1fs", name, delay)
                 await asyncio.sleep(delay)
 
@@ -269,7 +278,7 @@ class RouterClient:
                 stats = await self.stats(name, wait_s=wait_s if version is not None else 0, version=version)
             except RouterUnavailable as exc:
                 failures += 1
-                delay = random.uniform(0, min(self.backoff_max_s, self.backoff_initial_s * 2**failures))
+                delay = full_jitter(failures, self.backoff_initial_s, self.backoff_max_s)
                 log.warning("stats of %r unavailable (%s); retrying in %.1fs", name, exc, delay)
                 await asyncio.sleep(delay)
                 continue

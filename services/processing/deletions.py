@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import OrderedDict
 
-from router.client import QueueConsumer, ReceivedMessage, RouterError
+from router.client import QueueConsumer, ReceivedMessage, RouterError, full_jitter
 from services.common.blobs import BlobStore, video_key
 from services.common.errors import InvalidInput
 from services.processing.worker import WorkerPool, video_id_of
@@ -62,7 +61,7 @@ class DeletionConsumer:
                 )
             except RouterError as exc:
                 failures += 1
-                delay = random.uniform(0, min(10.0, 0.2 * 2**failures))
+                delay = full_jitter(failures, 0.2, 10.0)
                 log.warning("cannot receive deletions (%s); trying again in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue

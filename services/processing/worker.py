@@ -33,13 +33,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.client import QueueConsumer, ReceivedMessage, RouterError
+from router.client import QueueConsumer, ReceivedMessage, RouterError, full_jitter
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +211,7 @@ class WorkerPool:
                     )
                 except RouterError as exc:
                     failures += 1
-                    delay = random.uniform(0, min(RECEIVE_BACKOFF_MAX_S, 0.2 * 2**failures))
+                    delay = full_jitter(failures, 0.2, RECEIVE_BACKOFF_MAX_S)
                     log.warning("%s cannot receive (%s); trying again in %.1f s", worker.name, exc, delay)
                     await self._sleep_unless_stopping(delay)
                     continue
