@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiofiles
 import httpx
 
 from services.cli.progress import Bar, line
@@ -30,6 +31,7 @@ CLIPS = [
     ("whiskers-quiet.mp4", "Whiskers, quietly", 1280, 720, 4, False),
 ]
 STARTUP_S = 60
+SERVICES = 4
 
 
 def make_clip(path: Path, width: int, height: int, seconds: int, audio: bool) -> None:
@@ -50,15 +52,39 @@ async def healthy(url: str) -> bool:
         return False
 
 
-async def wait_until_healthy(urls_: list[str], stack: asyncio.subprocess.Process) -> None:
-    # Start-up only, bounded: the services answer /healthz once they listen.
-    for _ in range(STARTUP_S * 4):
-        if stack.returncode is not None:
-            raise SystemExit("cattube up exited; see its output above")
-        if all([await healthy(url) for url in urls_]):
-            return
-        await asyncio.sleep(0.25)
-    raise SystemExit(f"the stack did not become healthy within {STARTUP_S}s")
+async def start_stack(settings: CommonSettings) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+    """Run `cattube up` and return once its four services say they are serving (read from its log,
+    which goes to DATA_DIR/demo/stack.log rather than into the demo's own output)."""
+    log_path = settings.data_dir / "demo" / "stack.log"
+    await asyncio.to_thread(log_path.parent.mkdir, parents=True, exist_ok=True)
+    stack = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "--data-dir", str(settings.data_dir), "up",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    serving: set[str] = set()
+    ready = asyncio.Event()
+
+    async def follow() -> None:
+        assert stack.stdout is not None
+        async with aiofiles.open(log_path, "ab") as log:
+            async for raw in stack.stdout:
+                await log.write(raw)
+                name, _, text = raw.decode(errors="replace").partition(" | ")
+                if "Uvicorn running on" in text:
+                    serving.add(name.strip())
+                    if len(serving) == SERVICES:
+                        ready.set()
+        ready.set()  # the stack exited: stop waiting
+
+    follower = asyncio.create_task(follow())
+    try:
+        async with asyncio.timeout(STARTUP_S):
+            await ready.wait()
+    except TimeoutError:
+        raise SystemExit(f"the stack did not start within {STARTUP_S}s; see {log_path}") from None
+    if stack.returncode is not None or len(serving) < SERVICES:
+        raise SystemExit(f"cattube up exited; see {log_path}")
+    return stack, follower
 
 
 async def run(settings: CommonSettings) -> int:
@@ -67,13 +93,10 @@ async def run(settings: CommonSettings) -> int:
     processing_url = f"http://127.0.0.1:{settings.processing_port}"
     service_urls = [router_url, upload_url, processing_url, store_url]
     stack: asyncio.subprocess.Process | None = None
+    follower: asyncio.Task[None] | None = None
     if not all([await healthy(url) for url in service_urls]):
-        line("Starting the stack (cattube up) ...")
-        stack = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.cli", "--data-dir", str(settings.data_dir), "up",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        await wait_until_healthy(service_urls, stack)
+        line("Starting the stack (cattube up; its log: DATA_DIR/demo/stack.log) ...")
+        stack, follower = await start_stack(settings)
     try:
         await story(settings, store_url)
         line(f"\nWatch them at {store_url}/  (router API: {router_url}/docs)")
@@ -85,6 +108,8 @@ async def run(settings: CommonSettings) -> int:
             stack.send_signal(signal.SIGINT)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stack.wait(), 45)
+        if follower is not None:
+            await follower
     return 0
 
 
