@@ -37,8 +37,6 @@ class GroupCommit(Generic[T, R]):
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._wake = asyncio.Event()
         self._stopping = False
-        self.commits = 0
-        """Transactions committed so far (a benchmark reads items per commit off it)."""
 
     async def submit(self, item: T) -> R:
         if self._stopping:
@@ -72,7 +70,6 @@ class GroupCommit(Generic[T, R]):
                     if not done.done():
                         done.set_exception(Unavailable(f"{self.name}: the store refused the write: {exc}"))
                 continue
-            self.commits += 1
             for (_, done), result in zip(batch, results, strict=True):
                 if not done.done():
                     done.set_result(result)
