@@ -1,9 +1,10 @@
 """The storage port behind the bus: what the router needs from a durable store, and its records.
 
-`EventStore` has an embedded SQLite implementation (`router.sqlite`); a networked one
-(PostgreSQL) implements the same protocol and passes the same contract tests
-(`tests/router/test_store_contract.py`). Times are integer milliseconds since the epoch,
-passed in by the caller so tests can control the clock.
+`EventStore` has one implementation today, the embedded SQLite one (`router.sqlite`), and one
+contract test suite (`tests/router/test_store_contract.py`, parametrized over implementations).
+A networked store (PostgreSQL, not written yet) would implement this protocol and have to pass
+those same tests. Times are integer milliseconds since the epoch, passed in by the caller so
+tests can control the clock.
 """
 
 from __future__ import annotations
