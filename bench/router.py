@@ -4,7 +4,7 @@
 
 Starts the router and, in the same script, a bare FastAPI endpoint that only answers 202, both
 under uvicorn; drives both with the same aiohttp load generator in its own process (plain httpx
-would measure the client, see DESIGN.md), and prints ratios against the baseline, because this
+would measure the client, see bench/README.md), and prints ratios against the baseline, because this
 machine is shared and noisy.
 """
 

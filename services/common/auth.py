@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.problems import PROBLEM_JSON
 
-# Always open: liveness, readiness and the API docs (DESIGN.md, Router: Auth).
+# Always open: liveness, readiness and the API docs (docs/architecture.md, Errors and auth).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 

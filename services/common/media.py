@@ -2,7 +2,7 @@
 
 Two things live here, shared by the upload probe and the transcoding workers:
 
-* `hardened_input_args(max_pixels)` — the options DESIGN.md "Untrusted media" puts before every
+* `hardened_input_args(max_pixels)` — the options docs/architecture.md "Untrusted media" puts before every
   `-i` of an uploaded file: only local files, only real video containers, only the codecs we
   transcode, bounded picture size and allocations, stop at the first decode error.
 * `run_process(argv, timeout_s=...)` — a child in its own process group that cannot outlive us:
@@ -66,7 +66,7 @@ def ffmpeg_exe(override: str | None = None) -> str:
 
 
 def hardened_input_args(max_pixels: int) -> list[str]:
-    """The options to place before every `-i` of an untrusted file (DESIGN.md, "Untrusted media").
+    """The options to place before every `-i` of an untrusted file (docs/architecture.md, "Untrusted media").
 
     `-nostdin`, `-max_alloc` and `-xerror` are global options; the whitelists and `-max_pixels` are
     input options that apply to the `-i` that follows, so repeat the list before each untrusted input.
