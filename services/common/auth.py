@@ -104,9 +104,13 @@ class AccessRules:
     def __init__(self, rows: Iterable[tuple[str, str, Access]], *, default: Access = Access.ADMIN) -> None:
         self.default = default
         self.rows: list[tuple[frozenset[str], str, re.Pattern[str], Access]] = []
-        for methods, template, scope in [*OPERATIONS, *rows]:
+        # The service's own rows first: the hot routes (publish, receive, ack) are matched soonest.
+        for methods, template, scope in [*rows, *OPERATIONS]:
             pattern, _, _ = compile_path(template)
-            self.rows.append((frozenset(methods.split()), template, pattern, scope))
+            verbs = set(methods.split())
+            if "GET" in verbs:
+                verbs.add("HEAD")  # Starlette answers HEAD wherever it answers GET
+            self.rows.append((frozenset(verbs), template, pattern, scope))
 
     def needed(self, method: str, path: str) -> Access:
         for methods, _, pattern, scope in self.rows:
