@@ -37,8 +37,9 @@ from router.models import (
 from router.patterns import Pattern, PatternError, compile_pattern
 from router.persistence import Delivery, ReceiptResult, Replay, Subscription, SubscriptionSpec
 from router.settings import RouterSettings
+from services.common.auth import Access, AccessRules, granted_access
 from services.common.body import read_body
-from services.common.errors import InvalidInput
+from services.common.errors import Forbidden, InvalidInput
 
 
 # `async def` on purpose: FastAPI runs a plain `def` dependency in a thread pool (a thread hop
@@ -51,7 +52,49 @@ async def get_bus(request: Request) -> Bus:
 BusDep = Annotated[Bus, Depends(get_bus)]
 SUBSCRIPTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 
-router = APIRouter()
+# What each route needs (services/common/auth.py); a route not named here needs admin. Services publish
+# and work their own subscriptions with the service token; replaying, dead letters and the list of
+# every subscription (with push secrets) are the operator's.
+ACCESS = AccessRules(
+    [
+        ("POST", "/events", Access.SERVICE),
+        ("POST", "/patterns/test", Access.SERVICE),
+        ("GET", "/subscriptions", Access.ADMIN),
+        ("GET PUT DELETE", "/subscriptions/{name}", Access.SERVICE),
+        ("POST", "/subscriptions/{name}/receive", Access.SERVICE),
+        ("POST", "/subscriptions/{name}/ack", Access.SERVICE),
+        ("POST", "/subscriptions/{name}/nack", Access.SERVICE),
+        ("POST", "/subscriptions/{name}/extend", Access.SERVICE),
+        ("GET", "/subscriptions/{name}/stats", Access.SERVICE),
+        ("GET DELETE", "/subscriptions/{name}/dead-letters", Access.ADMIN),
+        ("POST", "/subscriptions/{name}/dead-letters/redrive", Access.ADMIN),
+        ("POST", "/subscriptions/{name}/replay", Access.ADMIN),
+        ("GET", "/subscriptions/{name}/replays/{replay}", Access.ADMIN),
+    ]
+)
+
+
+async def check_owner(request: Request) -> None:
+    """A service token reaches only subscriptions a service created; an admin's are the admin's."""
+    name = request.path_params.get("name")
+    if name is None or granted_access(request.scope) is not Access.SERVICE:
+        return
+    sub = await request.app.state.bus.store.get_subscription(name)
+    if sub is not None and sub.spec.owner != Access.SERVICE.label:
+        raise Forbidden(
+            f"subscription {name!r} was created with the admin token; only the admin token may use it",
+            errors=[{"field": "header.Authorization", "expected": "Bearer <CATTUBE_TOKEN>"}],
+        )
+
+
+def owner_of_new(request: Request) -> str:
+    """An admin's subscription is kept from service tokens only when there are service tokens to keep out."""
+    settings: RouterSettings = request.app.state.settings
+    admin = granted_access(request.scope) is Access.ADMIN and settings.service_token_value is not None
+    return Access.ADMIN.label if admin else Access.SERVICE.label
+
+
+router = APIRouter(dependencies=[Depends(check_owner)])
 
 PUBLISH_BODY: dict[str, Any] = {
     "requestBody": {
@@ -111,13 +154,15 @@ def _out(sub: Subscription) -> SubscriptionOut:
         start_sequence=sub.start_sequence,
         created_at=_iso(sub.created_at_ms),
         secret=None if spec.is_queue else sub.secret,
+        owner=spec.owner,
     )
 
 
 @router.put("/subscriptions/{name}", response_model=SubscriptionOut, tags=["subscriptions"])
-async def put_subscription(name: str, body: SubscriptionIn, bus: BusDep) -> JSONResponse:
+async def put_subscription(name: str, body: SubscriptionIn, bus: BusDep, request: Request) -> JSONResponse:
     """Create or update a subscription (idempotent); 201 when created, 200 otherwise."""
     _check_name(name)
+    existing = await bus.store.get_subscription(name)
     spec = SubscriptionSpec(
         name=name,
         pattern=body.pattern,
@@ -125,6 +170,7 @@ async def put_subscription(name: str, body: SubscriptionIn, bus: BusDep) -> JSON
         target=body.target.as_json(),
         delivery=Delivery(**body.delivery.model_dump()),
         start=body.start,
+        owner=existing.spec.owner if existing is not None else owner_of_new(request),
     )
     sub, created = await bus.put_subscription(spec)
     return JSONResponse(_out(sub).model_dump(mode="json"), status_code=201 if created else 200)

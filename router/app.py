@@ -8,13 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.routing import Route
 
-from router.api import publish
+from router.api import ACCESS, publish
 from router.api import router as api_router
 from router.bus import Bus
 from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 from router.sqlite import SQLiteEventStore
-from services.common.auth import BearerAuthMiddleware
+from services.common.auth import protect
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
@@ -65,6 +65,5 @@ def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> Fas
     # The hot path skips FastAPI's per-request machinery (dependency solving, response models): the same
     # handler as a plain Starlette route, matched first. The FastAPI route stays for /docs.
     app.router.routes.insert(0, Route("/events", publish, methods=["POST"]))
-    if settings.token_value:
-        app.add_middleware(BearerAuthMiddleware, token=settings.token_value)
+    protect(app, ACCESS, settings)
     return app

@@ -62,6 +62,7 @@ class SubscriptionOut(BaseModel):
     start_sequence: int
     created_at: str
     secret: str | None = Field(None, description="Push targets: the Standard Webhooks signing secret.")
+    owner: str = Field("service", description="The scope that created it; only admin may change an admin's.")
 
 
 class SubscriptionList(BaseModel):

@@ -43,6 +43,8 @@ class SubscriptionSpec:
     target: dict[str, Any]
     delivery: Delivery = field(default_factory=Delivery)
     start: str | int = "latest"
+    owner: str = "service"
+    """The scope that created it: "admin" ones are out of a service token's reach (docs/decisions.md)."""
 
     @property
     def is_queue(self) -> bool:
@@ -254,7 +256,9 @@ class EventStore(Protocol):
 
 def spec_to_json(spec: SubscriptionSpec) -> str:
     """The stored form of a subscription's definition (the start position is kept apart)."""
-    return json.dumps({"pattern": spec.pattern, "target": spec.target, "delivery": asdict(spec.delivery)})
+    return json.dumps(
+        {"pattern": spec.pattern, "target": spec.target, "delivery": asdict(spec.delivery), "owner": spec.owner}
+    )
 
 
 def spec_from_json(name: str, text: str) -> SubscriptionSpec:
@@ -266,4 +270,5 @@ def spec_from_json(name: str, text: str) -> SubscriptionSpec:
         compiled=None if pattern is None else compile_pattern(pattern),
         target=raw["target"],
         delivery=Delivery(**raw["delivery"]),
+        owner=raw.get("owner", "service"),  # stored before scoped tokens: every caller was a service
     )

@@ -75,3 +75,10 @@ def test_the_image_installs_the_packages_it_runs() -> None:
     for path in ("router", "services", "pyproject.toml"):
         assert re.search(rf"^COPY {re.escape(path)} ", dockerfile, re.M), path
     assert "pip install" in dockerfile
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_every_service_gets_the_three_tokens(compose: dict[str, Any], name: str) -> None:
+    env = compose["services"][name]["environment"]
+    for variable in ("CATTUBE_TOKEN", "CATTUBE_SERVICE_TOKEN", "CATTUBE_USER_TOKEN"):
+        assert env[variable].startswith(f"${{{variable}:?"), variable  # required, from the operator

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from services.cli import demo, up, upload
+from services.cli.tokens import tokens_help
 from services.common.settings import CommonSettings
 
 
@@ -15,12 +16,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cattube", description="CatTube: an event-driven video platform.")
     parser.add_argument("--data-dir", type=Path, help="where everything is kept (CATTUBE_DATA_DIR, default ./.cattube)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
+    up_parser = commands.add_parser(
         "up",
         help="run every service on this machine",
-        description="Run router, upload, processing and store as processes with embedded defaults. Ctrl-C stops all.",
+        description="Run router, upload, processing and store as processes with embedded defaults. "
+        "Ctrl-C stops all.\n\n" + tokens_help(),
         epilog=up.settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    up_parser.add_argument(
+        "--rotate-tokens", action="store_true", help="make new tokens (old links and scripts stop working)"
     )
     upload.add_parser(commands)
     commands.add_parser(
@@ -35,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.model_copy(update={"data_dir": args.data_dir})
     try:
         if args.command == "up":
-            return asyncio.run(up.up(settings))
+            return asyncio.run(up.up(settings, rotate_tokens=args.rotate_tokens))
         if args.command == "upload":
             return asyncio.run(upload.run(settings, args))
         return asyncio.run(demo.run(settings))

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
+from services.cli import tokens
 from services.common.settings import CommonSettings
 
 # Each service: its name, the module `python -m` runs, and the setting holding its port.
@@ -32,25 +31,6 @@ class Child:
     port: int
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
-
-
-def token_file(data_dir: Path) -> Path:
-    return data_dir / "token"
-
-
-def save_token(data_dir: Path, token: str) -> None:
-    """Where `cattube upload` and `cattube demo` find the token of the running stack (owner-only)."""
-    path = token_file(data_dir)
-    path.touch(mode=0o600, exist_ok=True)
-    path.chmod(0o600)
-    path.write_text(token)
-
-
-def load_token(settings: CommonSettings) -> str | None:
-    if settings.token_value:
-        return settings.token_value
-    path = token_file(settings.data_dir)
-    return path.read_text().strip() if path.exists() else None
 
 
 def settings_help() -> str:
@@ -117,17 +97,17 @@ async def supervise(child: Child, env: dict[str, str], stopping: asyncio.Event) 
             await asyncio.wait_for(stopping.wait(), delay)
 
 
-async def up(settings: CommonSettings) -> int:
+async def up(settings: CommonSettings, *, rotate_tokens: bool = False) -> int:
     env = dict(os.environ)
-    token = settings.token_value or secrets.token_urlsafe(24)
-    env.update(CATTUBE_TOKEN=token, CATTUBE_DATA_DIR=str(settings.data_dir.resolve()))
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    save_token(settings.data_dir, token)
+    stack_tokens = tokens.prepare(settings, rotate=rotate_tokens)
+    env.update(stack_tokens.environment(), CATTUBE_DATA_DIR=str(settings.data_dir.resolve()))
     children = [Child(name, module, getattr(settings, port_field)) for name, module, port_field in SERVICES]
-    print(f"CatTube: data in {settings.data_dir.resolve()}; token {token}")
+    print(
+        f"CatTube: data in {settings.data_dir.resolve()}; tokens in {tokens.tokens_file(settings.data_dir.resolve())}"
+    )
     for child in children:
         print(f"  {child.name:<10} http://{settings.host}:{child.port}  (API docs: /docs)")
-    print(f"Open the page: http://{settings.host}:{settings.store_port}/#token={token}")
+    print(f"Open the page: http://{settings.host}:{settings.store_port}/#token={stack_tokens.user}")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,7 +13,7 @@ from typing import IO, Any
 import httpx
 
 from services.cli.progress import Bar, line
-from services.cli.up import load_token
+from services.cli.tokens import user_token
 from services.common.settings import CommonSettings
 
 
@@ -49,7 +49,7 @@ async def upload_file(
 ) -> str:
     """Upload one file; returns its video id. Raises SystemExit with the service's reason if refused."""
     upload_url, _ = urls(settings)
-    token = load_token(settings)
+    token = user_token(settings)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     form = {"title": title or path.stem}
     if renditions:

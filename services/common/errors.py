@@ -5,6 +5,7 @@
      ├── InvalidInput            422  a field had a value we cannot use (names the field and what was expected)
      │    └── PayloadTooLarge    413  a body or event over its limit
      ├── Unauthorized            401  a missing or wrong bearer token / signature
+     ├── Forbidden               403  a known token without the scope (or ownership) the request needs
      ├── NotFound                404  no such resource
      ├── Conflict                409  the resource is in a state that forbids this
      ├── UnsupportedMedia        415  a body of a type we do not take
@@ -57,6 +58,11 @@ class PayloadTooLarge(InvalidInput):
 class Unauthorized(CatTubeError):
     status = 401
     title = "Unauthorized"
+
+
+class Forbidden(CatTubeError):
+    status = 403
+    title = "Forbidden"
 
 
 class NotFound(CatTubeError):

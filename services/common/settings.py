@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,7 +20,15 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CATTUBE_", extra="ignore")
 
     data_dir: Path = Field(Path(".cattube"), description="Where every service keeps its files and databases.")
-    token: SecretStr | None = Field(None, description="Bearer token for publishing and managing; unset = open.")
+    token: SecretStr | None = Field(
+        None, description="The admin token: everything, router management and the autoscaler; unset = open."
+    )
+    service_token: SecretStr | None = Field(
+        None, description="The service token: publish, receive/ack, subscriptions (what services call with)."
+    )
+    user_token: SecretStr | None = Field(
+        None, description="The user token: upload, list, retry, delete videos (what the page holds)."
+    )
     host: str = Field("127.0.0.1", description="Interface the service listens on.")
     router_port: int = Field(8700, ge=1, le=65535)
     upload_port: int = Field(8701, ge=1, le=65535)
@@ -39,6 +47,32 @@ class CommonSettings(BaseSettings):
         """The bucket every service shares (upload writes masters, processing renditions, store serves)."""
         return self.blob_url or (self.data_dir / "bucket").resolve().as_uri()
 
+    @model_validator(mode="after")
+    def _tokens_differ(self) -> CommonSettings:
+        # One value for two scopes would make the token's scope ambiguous.
+        given = [t for t in (self.token_value, self.service_token_value, self.user_token_value) if t]
+        if len(set(given)) != len(given):
+            raise ValueError("CATTUBE_TOKEN, CATTUBE_SERVICE_TOKEN and CATTUBE_USER_TOKEN must differ")
+        return self
+
     @property
     def token_value(self) -> str | None:
+        """The admin token."""
         return self.token.get_secret_value() if self.token else None
+
+    @property
+    def service_token_value(self) -> str | None:
+        return self.service_token.get_secret_value() if self.service_token else None
+
+    @property
+    def user_token_value(self) -> str | None:
+        return self.user_token.get_secret_value() if self.user_token else None
+
+    @property
+    def router_token(self) -> str | None:
+        """What a service calls the router with: the service token; the admin token in a one-token deployment."""
+        return self.service_token_value or self.token_value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return any((self.token, self.service_token, self.user_token))

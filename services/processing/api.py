@@ -8,12 +8,22 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.common.auth import Access, AccessRules
 from services.common.errors import InvalidInput
 from services.processing.autoscaler import Autoscaler, ScalingChange
 from services.processing.service import ProcessingService
 from services.processing.settings import MAX_WORKERS_LIMIT
 
 router = APIRouter()
+
+# What each route needs (services/common/auth.py); a route not named here needs admin. Reading the
+# autoscaler is monitoring (service); changing it is the operator's (admin), never the page's.
+ACCESS = AccessRules(
+    [
+        ("GET", "/autoscaler", Access.SERVICE),
+        ("PUT", "/autoscaler", Access.ADMIN),
+    ]
+)
 
 
 async def get_service(request: Request) -> ProcessingService:

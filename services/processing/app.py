@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
-from services.common.auth import BearerAuthMiddleware
+from services.common.auth import protect
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
+from services.processing.api import ACCESS
 from services.processing.api import router as api_router
 from services.processing.metrics import ProcessingMetrics
 from services.processing.service import ProcessingService
@@ -61,6 +62,5 @@ def create_app(
     install_problem_handlers(app)
     app.include_router(ops_router(metrics.registry, [supervisor.readiness, service.readiness], refresh_metrics))
     app.include_router(api_router)
-    if settings.token_value:
-        app.add_middleware(BearerAuthMiddleware, token=settings.token_value)
+    protect(app, ACCESS, settings)
     return app

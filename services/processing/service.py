@@ -86,7 +86,7 @@ class ProcessingService:
     async def open(self) -> None:
         settings = self.settings
         self._store = await asyncio.to_thread(open_blob_store, settings.blob_base_url)
-        token = settings.token_value
+        token = settings.router_token
         self._control = RouterClient(settings.router_base_url, token=token, transport=self._router_transport)
         # Every idle worker holds a long poll open: the workers get a pool of connections without a cap.
         queue_transport = self._router_transport or httpx.AsyncHTTPTransport(

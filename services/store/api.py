@@ -1,14 +1,13 @@
 """The store's HTTP API: the catalog, playback with HTTP ranges, the live stream, and the page that uses them.
 
-Reads are open (a page and a player need them without a token). Retry and delete need
-`Authorization: Bearer <CATTUBE_TOKEN>` when a token is set; the page asks for it (or takes it
-from its address, `/#token=...`, as `cattube up` prints it) and keeps it in the browser.
+Reads are open (a page and a player need them without a token). Retry and delete need the user
+token (`Authorization: Bearer <CATTUBE_USER_TOKEN>`) when tokens are set; the page asks for it (or
+takes it from its address, `/#token=...`, as `cattube up` prints it) and keeps it in the browser.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -20,8 +19,9 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.common.auth import Access, AccessRules
 from services.common.blobs import BlobStore
-from services.common.errors import InvalidInput, NotFound, Unauthorized
+from services.common.errors import InvalidInput, NotFound
 from services.common.problems import problem_response
 from services.store.catalog import Catalog
 from services.store.feed import Feed
@@ -39,6 +39,24 @@ from services.store.playback import (
 from services.store.settings import StoreSettings
 
 router = APIRouter()
+
+# What each route needs (services/common/auth.py); a route not named here needs admin. The catalog and
+# playback are public; changing a video takes the user token; the inbox checks its own signature.
+ACCESS = AccessRules(
+    [
+        ("GET HEAD", "/", Access.PUBLIC),
+        ("GET HEAD", "/static/{path:path}", Access.PUBLIC),
+        ("GET", "/videos", Access.PUBLIC),
+        ("GET", "/videos/{video_id}", Access.PUBLIC),
+        ("POST", "/videos/{video_id}/retry", Access.USER),
+        ("DELETE", "/videos/{video_id}", Access.USER),
+        ("GET HEAD", "/videos/{video_id}/renditions/{name}", Access.PUBLIC),
+        ("GET HEAD", "/videos/{video_id}/poster", Access.PUBLIC),
+        ("POST", "/inbox", Access.PUBLIC),
+        ("GET", "/events", Access.PUBLIC),
+        ("GET", "/autoscaler/history", Access.PUBLIC),
+    ]
+)
 
 LADDER = ("2160p", "1440p", "1080p", "720p", "480p", "360p", "240p", "144p")
 VIDEO_ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -65,18 +83,6 @@ RenditionName = Annotated[str, Path(pattern=RENDITION, description="A rendition 
 async def delivered_event(request: Request, feed: FeedDep) -> dict[str, Any]:
     """The CloudEvent of a push delivery, its Standard Webhooks signature verified (401 otherwise)."""
     return await feed.receiver(request)
-
-
-async def require_token(request: Request, settings: SettingsDep) -> None:
-    expected = settings.token_value
-    if not expected:
-        return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-        raise Unauthorized(
-            "Authorization: expected 'Bearer <token>' with the token set in CATTUBE_TOKEN",
-            errors=[{"field": "header.Authorization", "expected": "Bearer <CATTUBE_TOKEN>"}],
-        )
 
 
 # -- shapes (they draw /docs) ---------------------------------------------------------------------
@@ -165,7 +171,6 @@ async def get_video(request: Request, video_id: VideoId, catalog: CatalogDep) ->
     "/videos/{video_id}/retry",
     status_code=202,
     response_model=VideoOut,
-    dependencies=[Depends(require_token)],
     tags=["videos"],
 )
 async def retry_video(request: Request, video_id: VideoId, catalog: CatalogDep) -> dict[str, Any]:
@@ -177,7 +182,6 @@ async def retry_video(request: Request, video_id: VideoId, catalog: CatalogDep) 
     "/videos/{video_id}",
     status_code=202,
     response_model=VideoOut,
-    dependencies=[Depends(require_token)],
     tags=["videos"],
 )
 async def delete_video(request: Request, video_id: VideoId, catalog: CatalogDep) -> dict[str, Any]:
@@ -319,7 +323,7 @@ async def page(request: Request, settings: SettingsDep) -> HTMLResponse:
     config = {
         "upload_url": settings.upload_base_url,
         "processing_url": settings.processing_base_url,
-        "token_required": settings.token_value is not None,
+        "token_required": settings.auth_enabled,
         "renditions": LADDER,
         "default_renditions": ["720p", "360p"],
     }

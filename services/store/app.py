@@ -11,12 +11,14 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from router.client import RouterClient
+from services.common.auth import protect
 from services.common.blobs import open_blob_store
 from services.common.database import Database
 from services.common.ops import ops_router
 from services.common.outbox import OutboxRelay
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
+from services.store.api import ACCESS
 from services.store.api import router as api_router
 from services.store.catalog import Catalog, Outcome
 from services.store.feed import Feed
@@ -46,10 +48,10 @@ def create_app(
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
     live = Live(settings.live_queue_size)
     db = Database(settings.catalog_file, SCHEMA, name="catalog")
-    client = RouterClient(settings.router_base_url, token=settings.token_value, transport=router_transport)
+    client = RouterClient(settings.router_base_url, token=settings.router_token, transport=router_transport)
     # The relay backs off on its own (and stops mid-wait at shutdown): no retries inside the client.
     relay_client = RouterClient(
-        settings.router_base_url, token=settings.token_value, transport=router_transport, retries=0
+        settings.router_base_url, token=settings.router_token, transport=router_transport, retries=0
     )
     relay = OutboxRelay(db, relay_client)
     feed = Feed(client, name=settings.subscription, url=f"{settings.public_base_url}/inbox")
@@ -112,4 +114,5 @@ def create_app(
     )
     app.include_router(api_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    protect(app, ACCESS, settings)
     return app

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
+from services.common.auth import Access, AccessRules
 from services.common.errors import NotFound
 from services.upload.metadata import LADDER, MAX_TITLE_CHARS
 from services.upload.outbox import Outbox
@@ -19,6 +20,14 @@ from services.upload.uploads import Uploads
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["videos"])
+
+# What each route needs (services/common/auth.py); a route not named here needs admin.
+ACCESS = AccessRules(
+    [
+        ("POST", "/videos", Access.USER),
+        ("GET", "/videos/{video_id}", Access.USER),
+    ]
+)
 
 
 def _uploads(request: Request) -> Uploads:

@@ -10,11 +10,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from router.client import RouterClient
-from services.common.auth import BearerAuthMiddleware
+from services.common.auth import protect
 from services.common.blobs import open_blob_store
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
+from services.upload.api import ACCESS
 from services.upload.api import router as api_router
 from services.upload.metrics import UploadMetrics
 from services.upload.outbox import Outbox
@@ -50,7 +51,7 @@ def create_app(
             # The relay owns retries and their timing: the client tries once per call.
             client = RouterClient(
                 settings.router_base_url,
-                token=settings.token_value,
+                token=settings.router_token,
                 timeout_s=ROUTER_TIMEOUT_S,
                 transport=router_transport,
                 retries=0,
@@ -91,8 +92,7 @@ def create_app(
     install_problem_handlers(app)
     app.include_router(ops_router(metrics.registry, [supervisor.readiness], before_scrape=refresh_gauges))
     app.include_router(api_router)
-    if settings.token_value:
-        app.add_middleware(BearerAuthMiddleware, token=settings.token_value)
+    protect(app, ACCESS, settings)
     # Added last, so outermost: a browser's preflight is answered before authentication is asked for.
     app.add_middleware(
         CORSMiddleware,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -24,7 +25,8 @@ class Stack:
             **{f"CATTUBE_{name.upper()}_PORT": str(port) for name, port in self.ports.items()},
             **env,
         }
-        self.env.pop("CATTUBE_TOKEN", None)  # `cattube up` makes one
+        for variable in ("CATTUBE_TOKEN", "CATTUBE_SERVICE_TOKEN", "CATTUBE_USER_TOKEN"):
+            self.env.pop(variable, None)  # `cattube up` makes them
         self.proc: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
         self._reader: asyncio.Task[None] | None = None
@@ -35,12 +37,13 @@ class Stack:
         return f"http://127.0.0.1:{self.ports[service]}"
 
     @property
-    def token(self) -> str:
-        return (self.data_dir / "token").read_text().strip()
+    def tokens(self) -> dict[str, str]:
+        """The tokens `cattube up` made: admin, service and user."""
+        saved: dict[str, str] = json.loads((self.data_dir / "tokens.json").read_text())
+        return saved
 
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
+    def auth(self, scope: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[scope]}"}
 
     async def start(self, timeout_s: float = 60) -> None:
         self.proc = await asyncio.create_subprocess_exec(

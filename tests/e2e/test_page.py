@@ -52,7 +52,7 @@ async def test_upload_through_the_page_then_play(stack: Stack, tmp_path: Path) -
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            await page.goto(f"{stack.url('store')}/#token={stack.token}")
+            await page.goto(f"{stack.url('store')}/#token={stack.tokens['user']}")
             await page.wait_for_selector("#connection[data-state=live]", timeout=20_000)
 
             await page.set_input_files("#upload-file", str(clip))

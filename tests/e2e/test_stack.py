@@ -48,7 +48,7 @@ async def upload(stack: Stack, path: Path, renditions: str = "360p,240p") -> str
                 f"{stack.url('upload')}/videos",
                 data={"title": path.stem, "renditions": renditions},
                 files={"file": (path.name, file, "video/mp4")},
-                headers=stack.auth,
+                headers=stack.auth("user"),  # what the page and `cattube upload` hold
             )
     assert response.status_code == 202, response.text
     video_id: str = response.json()["video_id"]
@@ -102,10 +102,10 @@ async def test_delete_removes_every_blob(stack: Stack, tmp_path: Path) -> None:
         await until(changes, {video_id}, FINAL)
     bucket = stack.data_dir / "bucket" / "videos" / video_id
     assert any(bucket.iterdir())
-    async with RouterClient(stack.url("router"), token=stack.token) as router:
+    async with RouterClient(stack.url("router"), token=stack.tokens["service"]) as router:
         before = await router.stats("processing-deletions")
         async with httpx.AsyncClient() as client:
-            deleted = await client.delete(f"{stack.url('store')}/videos/{video_id}", headers=stack.auth)
+            deleted = await client.delete(f"{stack.url('store')}/videos/{video_id}", headers=stack.auth("user"))
             assert deleted.status_code == 202
             assert (await client.get(f"{stack.url('store')}/videos/{video_id}")).status_code == 404
         # The processing service acks the deletion once the blobs are gone: follow its queue, no polling.
@@ -132,17 +132,36 @@ async def test_a_router_killed_mid_run_loses_nothing(stack: Stack, tmp_path: Pat
 async def test_a_master_briefly_unreadable_ends_ready_after_a_retry(stack: Stack, tmp_path: Path) -> None:
     processing = stack.url("processing")
     async with httpx.AsyncClient(timeout=30) as client, watching(stack) as changes:
-        paused = await client.put(f"{processing}/autoscaler", json={"max_workers": 0}, headers=stack.auth)
+        paused = await client.put(f"{processing}/autoscaler", json={"max_workers": 0}, headers=stack.auth("admin"))
         assert paused.status_code == 200, paused.text
         video_id = await upload(stack, make_clip(tmp_path / "flaky.mp4", 320, 240, 1))
         await until(changes, {video_id}, {"uploaded"})
         (master,) = (stack.data_dir / "bucket" / "videos" / video_id).glob("master.*")
         aside = master.with_name("aside")
         master.rename(aside)
-        await client.put(f"{processing}/autoscaler", json={"max_workers": 2}, headers=stack.auth)
+        await client.put(f"{processing}/autoscaler", json={"max_workers": 2}, headers=stack.auth("admin"))
         failed = (await until(changes, {video_id}, {"failed", "ready"}))[video_id]
         assert failed["status"] == "failed" and failed["error"]
         aside.rename(master)
-        retried = await client.post(f"{stack.url('store')}/videos/{video_id}/retry", headers=stack.auth)
+        retried = await client.post(f"{stack.url('store')}/videos/{video_id}/retry", headers=stack.auth("user"))
         assert retried.status_code == 202, retried.text
         assert (await until(changes, {video_id}, {"ready"}))[video_id]["status"] == "ready"
+
+
+async def test_tokens_and_page_link_survive_a_restart(stack: Stack) -> None:
+    """A bookmarked `/#token=` link and a script's token keep working after `cattube up` runs again."""
+    before = stack.tokens
+    assert len(set(before.values())) == 3
+    assert f"/#token={before['user']}" in "\n".join(stack.log)
+    assert before["admin"] not in "\n".join(stack.log)  # the admin token is never printed
+    await stack.stop()
+    await stack.start()
+    await stack.wait_serving({"router", "upload", "processing", "store"}, starts=2)
+    assert stack.tokens == before
+    async with httpx.AsyncClient() as client:
+        unknown = await client.get(f"{stack.url('upload')}/videos/nobody", headers=stack.auth("user"))
+        assert unknown.status_code == 404  # past authentication with the old user token
+        page_token = await client.put(
+            f"{stack.url('processing')}/autoscaler", json={"max_workers": 0}, headers=stack.auth("user")
+        )
+        assert page_token.status_code == 403

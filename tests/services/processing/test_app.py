@@ -206,6 +206,24 @@ async def test_token_guards_everything_but_health(make_stack: Callable[..., Any]
         assert allowed.status_code == 200
 
 
+async def test_only_the_admin_token_changes_the_autoscaler(make_stack: Callable[..., Any]) -> None:
+    async for stack in make_stack(token="admin-t", service_token="service-t", user_token="user-t"):
+        for token in ("user-t", "service-t"):
+            refused = await stack.api.put(
+                "/autoscaler", json={"max_workers": 0}, headers={"Authorization": f"Bearer {token}"}
+            )
+            assert refused.status_code == 403 and refused.headers["content-type"] == "application/problem+json"
+            assert refused.json()["scope"] == "admin"
+        user_read = await stack.api.get("/autoscaler", headers={"Authorization": "Bearer user-t"})
+        assert user_read.status_code == 403
+        read = await stack.api.get("/autoscaler", headers={"Authorization": "bearer service-t"})
+        assert read.status_code == 200 and read.json()["max_workers"] == 2
+        changed = await stack.api.put(
+            "/autoscaler", json={"max_workers": 1}, headers={"Authorization": "Bearer admin-t"}
+        )
+        assert changed.status_code == 200 and changed.json()["max_workers"] == 1
+
+
 async def test_a_job_past_its_time_limit_is_retried_then_dead_lettered(
     make_stack: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -37,8 +37,11 @@ class FakeRouter:
     attempts: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     """Set on every publish request, refused or not."""
+    authorizations: set[str | None] = field(default_factory=set)
+    """Every Authorization header the store sent."""
 
     def handler(self, request: httpx.Request) -> httpx.Response:
+        self.authorizations.add(request.headers.get("authorization"))
         if request.method == "PUT" and request.url.path.startswith("/subscriptions/"):
             body = json.loads(request.content)
             name = request.url.path.rsplit("/", 1)[1]

@@ -210,6 +210,19 @@ async def test_with_a_token_mutations_need_it_and_reads_do_not(make_store: Calla
         assert accepted.status_code == 202
 
 
+async def test_the_user_token_retries_and_deletes(make_store: Callable[..., Any]) -> None:
+    router = FakeRouter()
+    async with make_store(router, token="admin-t", service_token="service-t", user_token="user-t") as store:
+        await ready_video(store)
+        assert (await store.api.get("/videos/v1")).status_code == 200
+        assert (await store.api.get("/autoscaler/history")).status_code == 200
+        problem(await store.api.get("/metrics", headers={"Authorization": "Bearer user-t"}), 403)
+        accepted = await store.api.delete("/videos/v1", headers={"Authorization": "Bearer user-t"})
+        assert accepted.status_code == 202
+        await store.published("cattube.video.deleted")
+    assert router.authorizations == {"Bearer service-t"}  # the router is called with the service token
+
+
 async def test_events_wait_in_the_outbox_while_the_router_is_down(make_store: Callable[..., Any]) -> None:
     router = FakeRouter(status=503)
     async with make_store(router) as store:

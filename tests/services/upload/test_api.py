@@ -307,6 +307,20 @@ async def test_token_and_cors(upload_settings: Callable[..., UploadSettings], cl
         assert "access-control-allow-origin" not in other.headers
 
 
+async def test_the_user_token_uploads_and_reads(upload_settings: Callable[..., UploadSettings], clip: bytes) -> None:
+    settings = upload_settings(token="admin-t", service_token="service-t", user_token="user-t")
+    async with running(create_app(settings, exit_on_failure=False)) as upload:
+        headers = {"Content-Type": "video/mp4", "Authorization": "Bearer user-t"}
+        accepted = await upload.post("/videos", content=clip, headers=headers)
+        assert accepted.status_code == 202
+        status = await upload.get(f"/videos/{accepted.json()['video_id']}", headers={"Authorization": "Bearer user-t"})
+        assert status.status_code == 200
+        metrics = await upload.get("/metrics", headers={"Authorization": "Bearer user-t"})
+        assert metrics.status_code == 403 and metrics.json()["scope"] == "service"
+        admin = {"Content-Type": "video/mp4", "Authorization": "Bearer admin-t"}
+        assert (await upload.post("/videos", content=clip, headers=admin)).status_code == 202
+
+
 async def test_uploads_cut_short_by_a_crash_are_swept_at_start(
     upload_settings: Callable[..., UploadSettings], bucket: Path
 ) -> None:
