@@ -14,7 +14,8 @@ from router.bus import Bus
 from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 from router.sqlite import SQLiteEventStore
-from services.common.auth import BearerAuthMiddleware
+from services.common.auth import OPEN_PATHS, BearerAuthMiddleware
+from services.common.openapi import document_problems
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
@@ -54,6 +55,7 @@ def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> Fas
     app.state.settings = settings
     app.state.metrics = metrics
     install_problem_handlers(app)
+    document_problems(app, open_paths=OPEN_PATHS, secured=bool(settings.token_value))
     app.include_router(
         ops_router(
             metrics.registry,
