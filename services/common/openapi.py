@@ -100,7 +100,7 @@ def _rewrite(document: dict[str, Any], open_paths: frozenset[str], *, secured: b
     if secured:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for path, operations in document.get("paths", {}).items():
-        for method, operation in operations.items():
+        for operation in operations.values():
             if not isinstance(operation, dict):
                 continue
             statuses = {503}
