@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.routing import Route
 
 from router.api import publish
@@ -51,7 +52,7 @@ def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> Fas
             await supervisor.drain(timeout_s=10)
             await bus.close()
 
-    app = FastAPI(title="CatTube router", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(title="CatTube router", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     install_problem_handlers(app)

@@ -11,6 +11,8 @@ from services.common.problems import PROBLEM_JSON
 
 # Always open: liveness, readiness and the API docs (DESIGN.md, Router: Auth).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+DOCS_ASSETS = "/static-offline-docs/"
+"""Swagger UI's and ReDoc's scripts, served by each service itself (fastapi-offline): open like /docs."""
 
 
 class BearerAuthMiddleware:
@@ -22,7 +24,12 @@ class BearerAuthMiddleware:
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths or self._authorized(scope):
+        if (
+            scope["type"] != "http"
+            or scope["path"] in self.open_paths
+            or scope["path"].startswith(DOCS_ASSETS)
+            or self._authorized(scope)
+        ):
             await self.app(scope, receive, send)
             return
         body = json.dumps(

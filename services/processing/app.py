@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from services.common.auth import BearerAuthMiddleware
 from services.common.ops import ops_router
@@ -55,7 +56,7 @@ def create_app(
     async def refresh_metrics() -> None:
         metrics.refresh(service.autoscaler, service.pool)
 
-    app = FastAPI(title="CatTube processing", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(title="CatTube processing", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.processing = service
     install_problem_handlers(app)

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from router.client import RouterClient
 from services.common.blobs import open_blob_store
@@ -97,7 +98,7 @@ def create_app(
     async def refresh_metrics() -> None:
         await metrics.refresh(catalog, relay, live)
 
-    app = FastAPI(title="CatTube store", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(title="CatTube store", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.catalog = catalog

@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from router.client import RouterClient
 from services.common.auth import BearerAuthMiddleware
@@ -85,7 +86,7 @@ def create_app(
     async def refresh_gauges() -> None:
         metrics.outbox_pending.set(await app.state.outbox.pending_count())
 
-    app = FastAPI(title="CatTube upload", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(title="CatTube upload", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     install_problem_handlers(app)
