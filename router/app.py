@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.routing import Route
 
 from router.api import ACCESS, publish
@@ -15,6 +16,7 @@ from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 from router.sqlite import SQLiteEventStore
 from services.common.auth import protect
+from services.common.openapi import document_problems
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
@@ -50,7 +52,7 @@ def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> Fas
             await supervisor.drain(timeout_s=10)
             await bus.close()
 
-    app = FastAPI(title="CatTube router", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(title="CatTube router", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     install_problem_handlers(app)
@@ -66,4 +68,5 @@ def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> Fas
     # handler as a plain Starlette route, matched first. The FastAPI route stays for /docs.
     app.router.routes.insert(0, Route("/events", publish, methods=["POST"]))
     protect(app, ACCESS, settings)
+    document_problems(app)
     return app

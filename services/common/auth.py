@@ -66,6 +66,8 @@ OPERATIONS: list[tuple[str, str, Access]] = [
     ("GET HEAD", "/docs/oauth2-redirect", Access.PUBLIC),
     ("GET HEAD", "/redoc", Access.PUBLIC),
     ("GET HEAD", "/openapi.json", Access.PUBLIC),
+    # Swagger UI's and ReDoc's scripts, served by each service itself (fastapi-offline).
+    ("GET HEAD", "/static-offline-docs/{asset:path}", Access.PUBLIC),
     ("GET", "/metrics", Access.SERVICE),
 ]
 

@@ -34,7 +34,11 @@ def ops_router(
             return problem_response(503, "Not ready", "; ".join(problems))
         return {"status": "ready"}
 
-    @router.get("/metrics")
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Metrics"}},
+    )
     async def metrics() -> Response:
         """Prometheus metrics in the text exposition format."""
         if before_scrape is not None:

@@ -7,8 +7,10 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from services.common.auth import protect
+from services.common.openapi import document_problems
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
@@ -56,11 +58,12 @@ def create_app(
     async def refresh_metrics() -> None:
         metrics.refresh(service.autoscaler, service.pool)
 
-    app = FastAPI(title="CatTube processing", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(title="CatTube processing", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.processing = service
     install_problem_handlers(app)
     app.include_router(ops_router(metrics.registry, [supervisor.readiness, service.readiness], refresh_metrics))
     app.include_router(api_router)
     protect(app, ACCESS, settings)
+    document_problems(app)
     return app

@@ -9,11 +9,13 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from router.client import RouterClient
 from services.common.auth import protect
 from services.common.blobs import open_blob_store
 from services.common.database import Database
+from services.common.openapi import document_problems
 from services.common.ops import ops_router
 from services.common.outbox import OutboxRelay
 from services.common.problems import install_problem_handlers
@@ -99,7 +101,7 @@ def create_app(
     async def refresh_metrics() -> None:
         await metrics.refresh(catalog, relay, live)
 
-    app = FastAPI(title="CatTube store", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(title="CatTube store", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.catalog = catalog
@@ -115,4 +117,5 @@ def create_app(
     app.include_router(api_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     protect(app, ACCESS, settings)
+    document_problems(app)
     return app

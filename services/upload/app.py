@@ -8,10 +8,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from router.client import RouterClient
 from services.common.auth import protect
 from services.common.blobs import open_blob_store
+from services.common.openapi import document_problems
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
@@ -86,13 +88,14 @@ def create_app(
     async def refresh_gauges() -> None:
         metrics.outbox_pending.set(await app.state.outbox.pending_count())
 
-    app = FastAPI(title="CatTube upload", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(title="CatTube upload", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
     install_problem_handlers(app)
     app.include_router(ops_router(metrics.registry, [supervisor.readiness], before_scrape=refresh_gauges))
     app.include_router(api_router)
     protect(app, ACCESS, settings)
+    document_problems(app)
     # Added last, so outermost: a browser's preflight is answered before authentication is asked for.
     app.add_middleware(
         CORSMiddleware,
