@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -28,14 +29,13 @@ SERVICES = ["router", "services.upload", "services.processing", "services.store"
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("module", SERVICES)
 async def test_openapi_document_is_the_truth(module: str, tmp_path: Path) -> None:
-    env = {
-        "CATTUBE_DATA_DIR": str(tmp_path / "data"),
-        "CATTUBE_TOKEN": TOKEN,
-        # Nothing listens here: a service must keep answering (and describing) its API while the
-        # router is away, and no generated request may reach another service.
-        "CATTUBE_ROUTER_URL": "http://127.0.0.1:9",
-    }
-    async with service(module, env) as proc:
+    env = {"CATTUBE_DATA_DIR": str(tmp_path / "data"), "CATTUBE_TOKEN": TOKEN}
+    async with AsyncExitStack() as stack:
+        if module != "router":
+            # A real router, so the service is ready (its subscriptions made) as in production.
+            router = await stack.enter_async_context(service("router", env))
+            env["CATTUBE_ROUTER_URL"] = router.url
+        proc = await stack.enter_async_context(service(module, env))
         st = Path(sys.executable).with_name("st")
         run = await asyncio.create_subprocess_exec(
             str(st), "run", f"{proc.url}/openapi.json",
