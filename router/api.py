@@ -39,6 +39,7 @@ from router.persistence import Delivery, ReceiptResult, Replay, Subscription, Su
 from router.settings import RouterSettings
 from services.common.body import read_body
 from services.common.errors import InvalidInput
+from services.common.timestamps import iso_utc
 
 
 # `async def` on purpose: FastAPI runs a plain `def` dependency in a thread pool (a thread hop
@@ -98,7 +99,7 @@ def _compile(pattern: dict[str, Any]) -> Pattern:
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+    return iso_utc(ms / 1000)
 
 
 def _out(sub: Subscription) -> SubscriptionOut:
