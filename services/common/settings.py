@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,15 @@ class CommonSettings(BaseSettings):
     def blob_base_url(self) -> str:
         """The bucket every service shares (upload writes masters, processing renditions, store serves)."""
         return self.blob_url or (self.data_dir / "bucket").resolve().as_uri()
+
+    @property
+    def hidden_roots(self) -> tuple[str, ...]:
+        """Server paths never shown to clients, even inside an error message: the data dir and the bucket."""
+        roots = [str(self.data_dir.resolve())]
+        bucket = urlsplit(self.blob_base_url)
+        if bucket.scheme == "file":
+            roots.append(unquote(bucket.path))
+        return tuple(roots)
 
     @property
     def token_value(self) -> str | None:

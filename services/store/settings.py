@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from pydantic import Field
 
@@ -42,15 +41,6 @@ class StoreSettings(CommonSettings):
     @property
     def public_base_url(self) -> str:
         return (self.store_public_url or f"http://127.0.0.1:{self.store_port}").rstrip("/")
-
-    @property
-    def hidden_roots(self) -> tuple[str, ...]:
-        """Server paths never shown to clients, even inside an error message: the data dir and the bucket."""
-        roots = [str(self.data_dir.resolve())]
-        bucket = urlsplit(self.blob_base_url)
-        if bucket.scheme == "file":
-            roots.append(unquote(bucket.path))
-        return tuple(roots)
 
     @property
     def upload_base_url(self) -> str:
