@@ -145,7 +145,6 @@ def check_container(
     # The video stream's own duration: a subtitle (or data) track may end long after the picture does,
     # and the container's duration covers it too. The container's is the upper bound packets may reach.
     declared_s = _declared_duration(container, video)
-    container_s = _container_duration(container) or declared_s
     if declared_s is None or declared_s <= 0:
         raise Rejected(422, "The video does not declare its duration; remux it (to MP4, say) and upload it again.")
     if declared_s > max_duration_s:
@@ -160,9 +159,8 @@ def check_container(
             stream.codec_context.thread_type = "AUTO"
             stream.codec_context.thread_count = 2
     first = first_frame(container, video)
-    end_s = decoded_end(
-        container, video, audio, start_s=start_s, declared_s=declared_s, upper_s=max(declared_s, container_s)
-    )
+    upper_s = max(declared_s, _container_duration(container) or 0.0)
+    end_s = decoded_end(container, video, audio, start_s=start_s, declared_s=declared_s, upper_s=upper_s)
     if end_s < declared_s - tolerance_s(declared_s):
         raise Rejected(
             422,
