@@ -51,6 +51,8 @@ class Feed:
         self.error: str | None = None
         self.lost = 0
         """How many times the subscription was found deleted on the router (and declared again)."""
+        self.declared = asyncio.Event()
+        """Set at every declaration, the first and each after a deletion: clear it, then wait for the next."""
         self._watch_wait_s = watch_wait_s
         self._task: asyncio.Task[None] | None = None
 
@@ -87,6 +89,7 @@ class Feed:
             return False
         self.receiver.secret = subscription["secret"]
         self.subscribed.set()
+        self.declared.set()
         log.info("subscribed as %r, deliveries to %s", self.name, self.url)
         return True
 
