@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
+
+from services.common.timestamps import iso_utc
 
 SOURCE = "cattube/router"
 
@@ -22,7 +23,7 @@ def dead_lettered(
         "id": f"dead-letter-{subscription}-{message_id}",
         "source": SOURCE,
         "type": "cattube.router.dead-lettered",
-        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "time": iso_utc(),
         "datacontenttype": "application/json",
         **({"partitionkey": event["partitionkey"]} if "partitionkey" in event else {}),
         "data": {

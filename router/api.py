@@ -40,6 +40,7 @@ from router.settings import RouterSettings
 from services.common.auth import Access, AccessRules, granted_access
 from services.common.body import read_body
 from services.common.errors import Forbidden, InvalidInput
+from services.common.timestamps import iso_utc
 
 
 # `async def` on purpose: FastAPI runs a plain `def` dependency in a thread pool (a thread hop
@@ -141,7 +142,7 @@ def _compile(pattern: dict[str, Any]) -> Pattern:
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+    return iso_utc(ms / 1000)
 
 
 def _out(sub: Subscription) -> SubscriptionOut:

@@ -26,12 +26,13 @@ import random
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from fastapi import HTTPException, Request
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from services.common.timestamps import iso_utc
 
 __all__ = [
     "PublishResult",
@@ -125,7 +126,7 @@ def new_event(
         "id": id or str(uuid.uuid4()),
         "source": source,
         "type": type,
-        "time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "time": iso_utc(),
         "datacontenttype": "application/json",
         "data": data,
     }

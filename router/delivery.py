@@ -28,6 +28,7 @@ from standardwebhooks.webhooks import Webhook
 from router.batching import GroupCommit
 from router.persistence import EventStore, Message, Settlement, Subscription
 from router.signals import Signals
+from services.common.timestamps import iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class Dispatcher:
                 "limit": limit,
                 "status": outcome.status,
                 "error": outcome.error,
-                "last_attempt_at": datetime.now(UTC).isoformat(),
+                "last_attempt_at": iso_utc(),
             }
             return Settlement(message.receipt, "dead", error=reason, context=context)
         delay_s = backoff_s(message.attempt, delivery.backoff_initial_s, delivery.backoff_max_s)

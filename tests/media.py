@@ -172,3 +172,42 @@ def probe_of(path: Path) -> dict[str, Any]:
             "video_codec": video.codec_context.name,
             "audio_codec": audio[0].codec_context.name if audio else None,
         }
+
+
+ASS_HEADER = """[Script Info]
+ScriptType: v4.00+
+PlayResX: 320
+PlayResY: 180
+
+[V4+ Styles]
+Format: Name, Fontname, Fontsize, PrimaryColour, BackColour, Bold, Italic, BorderStyle, Outline, Shadow, Alignment, \
+MarginL, MarginR, MarginV, Encoding
+Style: Default,Arial,20,&H00FFFFFF,&H00000000,0,0,1,1,0,2,10,10,10,1
+
+[Events]
+Format: Layer, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text
+"""
+
+
+def make_clip_with_subtitles(path: Path, duration_s: float, subtitles_end_s: float) -> Path:
+    """An H.264 + AAC Matroska clip of `duration_s` with an ASS subtitle track whose last line ends at
+    `subtitles_end_s` (after the picture, as credits or a late caption do): the container lasts that long."""
+    subtitles = path.with_suffix(".ass")
+    subtitles.write_text(
+        ASS_HEADER
+        + "Dialogue: 0,0:00:00.00,0:00:01.00,Default,,0,0,0,,Meow\n"
+        + f"Dialogue: 0,0:00:00.50,{_ass_time(subtitles_end_s)},Default,,0,0,0,,The credits roll on\n"
+    )
+    ffmpeg(
+        "-f", "lavfi", "-i", f"testsrc2=s=160x96:r=25:d={duration_s}",
+        "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:d={duration_s}",
+        "-i", str(subtitles), "-map", "0", "-map", "1", "-map", "2",
+        "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-c:s", "ass", str(path),
+    )  # fmt: skip
+    subtitles.unlink()
+    return path
+
+
+def _ass_time(seconds: float) -> str:
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}.{int(round((seconds - whole) * 100)):02d}"

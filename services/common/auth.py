@@ -141,11 +141,14 @@ class ScopedAuthMiddleware:
             await self.app(scope, receive, send)
             return
         needed = self.rules.needed(scope["method"], scope["path"])
-        if needed is Access.PUBLIC:
-            await self.app(scope, receive, send)
-            return
         given = _bearer(scope)
         granted = None if given is None else self.tokens.scope_of(given)
+        if needed is Access.PUBLIC:
+            # Open to anyone; a valid token still counts (the store shows its holder more).
+            if granted is not None:
+                scope[GRANTED] = granted
+            await self.app(scope, receive, send)
+            return
         if granted is None:
             await _refuse(send, 401, needed, "missing or unknown bearer token", b"Bearer")
         elif granted < needed:
@@ -157,8 +160,8 @@ class ScopedAuthMiddleware:
 
 
 def granted_access(scope: Scope) -> Access | None:
-    """The scope of the request's token once the middleware let it through; None with auth off or on
-    an open route."""
+    """The scope of the request's valid token once the middleware let it through; None with auth off,
+    or on an open route asked without a valid token."""
     granted: Access | None = scope.get(GRANTED)
     return granted
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,6 +55,15 @@ class CommonSettings(BaseSettings):
         if len(set(given)) != len(given):
             raise ValueError("CATTUBE_TOKEN, CATTUBE_SERVICE_TOKEN and CATTUBE_USER_TOKEN must differ")
         return self
+
+    @property
+    def hidden_roots(self) -> tuple[str, ...]:
+        """Server paths never shown to clients, even inside an error message: the data dir and the bucket."""
+        roots = [str(self.data_dir.resolve())]
+        bucket = urlsplit(self.blob_base_url)
+        if bucket.scheme == "file":
+            roots.append(unquote(bucket.path))
+        return tuple(roots)
 
     @property
     def token_value(self) -> str | None:

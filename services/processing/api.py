@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -10,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.auth import Access, AccessRules
 from services.common.errors import InvalidInput
+from services.common.timestamps import iso_utc
 from services.processing.autoscaler import Autoscaler, ScalingChange
 from services.processing.service import ProcessingService
 from services.processing.settings import MAX_WORKERS_LIMIT
@@ -37,7 +37,7 @@ ServiceDep = Annotated[ProcessingService, Depends(get_service)]
 class ScalingOut(BaseModel):
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
 
-    at: datetime
+    at: str = Field(description="When, RFC 3339 in UTC to the millisecond.", json_schema_extra={"format": "date-time"})
     from_: int = Field(alias="from")
     to: int
     backlog: int
@@ -69,7 +69,7 @@ class AutoscalerIn(BaseModel):
 
 def _change_out(change: ScalingChange) -> ScalingOut:
     return ScalingOut(
-        at=datetime.fromtimestamp(change.at, UTC),
+        at=iso_utc(change.at),
         from_=change.from_,
         to=change.to,
         backlog=change.backlog,

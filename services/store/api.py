@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
 from html import escape
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -19,7 +18,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.auth import Access, AccessRules
+from services.common.auth import Access, AccessRules, granted_access
 from services.common.blobs import BlobStore
 from services.common.errors import InvalidInput, NotFound
 from services.common.problems import problem_response
@@ -36,6 +35,7 @@ from services.store.playback import (
     parse_range,
     range_applies,
 )
+from services.store.records import Video
 from services.store.settings import StoreSettings
 
 router = APIRouter()
@@ -61,6 +61,9 @@ ACCESS = AccessRules(
 LADDER = ("2160p", "1440p", "1080p", "720p", "480p", "360p", "240p", "144p")
 VIDEO_ID = r"^[A-Za-z0-9_-]{1,64}$"
 RENDITION = r"^[0-9]{3,4}p$"
+# Timestamps are strings from `services.common.timestamps` (milliseconds, `Z`): a `datetime` field would be
+# re-serialized by pydantic with microseconds.
+DATE_TIME: dict[str, Any] = {"format": "date-time"}
 
 
 def _state(name: str) -> Any:
@@ -83,6 +86,11 @@ RenditionName = Annotated[str, Path(pattern=RENDITION, description="A rendition 
 async def delivered_event(request: Request, feed: FeedDep) -> dict[str, Any]:
     """The CloudEvent of a push delivery, its Standard Webhooks signature verified (401 otherwise)."""
     return await feed.receiver(request)
+
+
+def may_see_deleted(request: Request, settings: StoreSettings) -> bool:
+    """Whether the request carries a token (or none is set): anyone else sees deleted videos as bare ids."""
+    return not settings.auth_enabled or granted_access(request.scope) is not None
 
 
 # -- shapes (they draw /docs) ---------------------------------------------------------------------
@@ -114,9 +122,10 @@ class VideoOut(BaseModel):
     height: int | None = None
     attempt: int | None = Field(None, description="The transcoding attempt of the current round.")
     retries: int = Field(0, description="How many times a person asked to run the video again.")
+    retryable: bool = Field(False, description="POST /videos/{id}/retry would accept it (failed, master known).")
     last_error: str | None = Field(None, description="The latest failure of an attempt, while it is retried.")
-    created_at: datetime | None
-    updated_at: datetime | None
+    created_at: str | None = Field(json_schema_extra=DATE_TIME)
+    updated_at: str | None = Field(json_schema_extra=DATE_TIME)
     version: int = Field(description="Grows with every change: keep the copy with the highest version.")
 
 
@@ -128,7 +137,7 @@ class VideoPage(BaseModel):
 class ScalingOut(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
-    at: datetime
+    at: str = Field(json_schema_extra=DATE_TIME)
     from_: int = Field(alias="from")
     to: int = Field(description="Workers after the change.")
     backlog: int
@@ -140,8 +149,9 @@ class HistoryOut(BaseModel):
     items: list[ScalingOut] = Field(description="Changes of the worker count, oldest first.")
 
 
-def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
+def _shown(video: Video, settings: StoreSettings, *, tombstone: bool = False) -> dict[str, Any]:
+    # Links from the configured public URL: the Host header is the client's to choose.
+    return video.public_record(settings.public_base_url, hidden_roots=settings.hidden_roots, tombstone=tombstone)
 
 
 # -- the catalog ----------------------------------------------------------------------------------
@@ -151,20 +161,22 @@ def _base(request: Request) -> str:
 async def list_videos(
     request: Request,
     catalog: CatalogDep,
+    settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
     status: Literal["uploaded", "processing", "failed", "ready", "deleted"] | None = None,
 ) -> dict[str, Any]:
-    """Videos, newest first; deleted ones only when asked for with `status=deleted`."""
+    """Videos, newest first; deleted ones only with `status=deleted` (bare ids, unless the token is given)."""
     page = await catalog.page(limit=limit, cursor=cursor, status=status)
-    base = _base(request)
-    return {"items": [video.record(base) for video in page.items], "next_cursor": page.next_cursor}
+    tombstone = not may_see_deleted(request, settings)
+    items = [_shown(video, settings, tombstone=tombstone) for video in page.items]
+    return {"items": items, "next_cursor": page.next_cursor}
 
 
 @router.get("/videos/{video_id}", response_model=VideoOut, tags=["videos"])
-async def get_video(request: Request, video_id: VideoId, catalog: CatalogDep) -> dict[str, Any]:
-    """One video: status, progress, renditions to play; 404 once deleted."""
-    return (await catalog.get(video_id)).record(_base(request))
+async def get_video(video_id: VideoId, catalog: CatalogDep, settings: SettingsDep) -> dict[str, Any]:
+    """One video: status, progress, renditions to play; 404 once deleted (or not heard of yet)."""
+    return _shown(await catalog.get(video_id), settings)
 
 
 @router.post(
@@ -173,9 +185,9 @@ async def get_video(request: Request, video_id: VideoId, catalog: CatalogDep) ->
     response_model=VideoOut,
     tags=["videos"],
 )
-async def retry_video(request: Request, video_id: VideoId, catalog: CatalogDep) -> dict[str, Any]:
-    """Run a failed video again (publishes `cattube.video.retry-requested`); 409 unless it failed."""
-    return (await catalog.request_retry(video_id)).record(_base(request))
+async def retry_video(video_id: VideoId, catalog: CatalogDep, settings: SettingsDep) -> dict[str, Any]:
+    """Run a failed video again (publishes `cattube.video.retry-requested`); 409 unless its record is `retryable`."""
+    return _shown(await catalog.request_retry(video_id), settings)
 
 
 @router.delete(
@@ -184,9 +196,9 @@ async def retry_video(request: Request, video_id: VideoId, catalog: CatalogDep) 
     response_model=VideoOut,
     tags=["videos"],
 )
-async def delete_video(request: Request, video_id: VideoId, catalog: CatalogDep) -> dict[str, Any]:
+async def delete_video(video_id: VideoId, catalog: CatalogDep, settings: SettingsDep) -> dict[str, Any]:
     """Delete a video (publishes `cattube.video.deleted`; its blobs are removed by that event's consumer)."""
-    return (await catalog.delete(video_id)).record(_base(request))
+    return _shown(await catalog.delete(video_id), settings)
 
 
 # -- playback -------------------------------------------------------------------------------------
@@ -219,7 +231,7 @@ async def _serve_blob(request: Request, blobs: BlobStore, metrics: StoreMetrics,
     try:
         key = blobs.key_of(uri)
     except InvalidInput:
-        raise NotFound(f"{what} is not in this store's bucket ({uri})") from None
+        raise NotFound(f"{what} is not in this store's bucket") from None
     info = await blobs.stat(key)
     if info is None:
         raise NotFound(f"{what} is missing from the bucket")
@@ -276,7 +288,6 @@ async def inbox(
 @router.get("/events", response_class=StreamingResponse, tags=["events"])
 async def live_events(request: Request, live: LiveDep, settings: SettingsDep) -> StreamingResponse:
     """Server-sent events for the page: `ready` once listening, then `video` and `scaled` changes as they happen."""
-    base = _base(request)
 
     async def stream() -> AsyncIterator[str]:
         async with live.listen() as changes:
@@ -291,15 +302,16 @@ async def live_events(request: Request, live: LiveDep, settings: SettingsDep) ->
                     continue
                 if change is None:
                     return
-                yield _sse(change, base)
+                yield _sse(change, settings)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
 
-def _sse(change: Change, base: str) -> str:
+def _sse(change: Change, settings: StoreSettings) -> str:
     if change.video is not None:
-        payload = change.video.record(base)
+        # The stream is open to anyone: a deletion is announced by id alone.
+        payload = _shown(change.video, settings, tombstone=True)
     else:
         assert change.point is not None
         payload = change.point.record()
@@ -333,8 +345,11 @@ async def page(request: Request, settings: SettingsDep) -> HTMLResponse:
     html = request.app.state.page_html.replace("{{CONFIG}}", script).replace("{{UPLOAD_ACTION}}", action)
     upload = urlsplit(settings.upload_base_url)
     origin = f"{upload.scheme}://{upload.netloc}"
+    public = urlsplit(settings.public_base_url)
+    own = f"{public.scheme}://{public.netloc}"  # the records' links, when the page is reached by another name
     csp = (
-        "default-src 'self'; img-src 'self' data:; media-src 'self'; style-src 'self'; script-src 'self'; "
+        f"default-src 'self'; img-src 'self' data: {own}; media-src 'self' {own}; style-src 'self'; "
+        "script-src 'self'; "
         f"connect-src 'self' {origin}; form-action 'self' {origin}; frame-ancestors 'none'; base-uri 'none'"
     )
     headers = {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}

@@ -315,7 +315,8 @@ class Catalog:
     def _delete(self, conn: sqlite3.Connection, video_id: str, now: float) -> Outcome:
         video = tables.load_video(conn, _video_id(video_id, "path.video_id"))
         if video is None:
-            raise NotFound(f"no video {video_id}")
+            # Where an upload's status_url leads: its event may still be on its way here.
+            raise NotFound(f"no video {video_id} (a video just uploaded is here once its event arrives, in moments)")
         if video.status == "deleted":
             return Outcome(videos=[video])
         uris = video.blob_uris()
@@ -377,7 +378,8 @@ class Catalog:
     def _existing(self, conn: sqlite3.Connection, video_id: str) -> Video:
         video = tables.load_video(conn, _video_id(video_id, "path.video_id"))
         if video is None:
-            raise NotFound(f"no video {video_id}")
+            # Where an upload's status_url leads: its event may still be on its way here.
+            raise NotFound(f"no video {video_id} (a video just uploaded is here once its event arrives, in moments)")
         if video.status == "deleted":
             raise NotFound(f"video {video_id} was deleted")
         return video

@@ -10,6 +10,7 @@ RFC 9110 allows; players ask for one range at a time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
@@ -43,8 +44,18 @@ class RangeNotSatisfiable(Exception):
     """416: the range is malformed, or starts past the end."""
 
 
+# A position has at most this many digits (10^18 bytes is past any object); a longer one is still
+# well-formed (RFC 9110 puts no bound on it), so it is read as "further than the end" without converting it.
+MAX_POSITION_DIGITS = 18
+_RANGE_SPEC = re.compile(r"([0-9]*)-([0-9]*)", re.ASCII)
+
+
 def parse_range(header: str | None, size: int) -> ByteRange | None:
-    """The one byte range asked for: `bytes=0-99`, `bytes=100-`, `bytes=-500` (the last 500)."""
+    """The one byte range asked for: `bytes=0-99`, `bytes=100-`, `bytes=-500` (the last 500).
+
+    Positions are ASCII digits only (`\u00b2` is a digit to Python, not to HTTP); one too long to
+    matter is taken as beyond the end rather than converted.
+    """
     if header is None:
         return None
     unit, equals, spec = header.partition("=")
@@ -52,21 +63,28 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
         return None  # another unit: ignore the header (RFC 9110 §14.2)
     if "," in spec:
         return None
-    first, dash, last = (part.strip() for part in spec.partition("-"))
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == "") or first == last == "":
-        raise RangeNotSatisfiable(f"expected bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX, got {header!r}")
+    match = _RANGE_SPEC.fullmatch(spec.strip(" \t"))
+    if match is None or match.group(1) == match.group(2) == "":
+        raise RangeNotSatisfiable(f"expected bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX, got {header[:80]!r}")
+    first, last = match.groups()
     if first == "":
-        suffix = int(last)
+        suffix = _position(last, size)
         if suffix == 0 or size == 0:
             raise RangeNotSatisfiable("an empty suffix range")
         return ByteRange(max(0, size - suffix), size)
-    start = int(first)
-    end = size if last == "" else int(last) + 1
+    start = _position(first, size)
+    end = size if last == "" else _position(last, size) + 1
     if end <= start:
-        raise RangeNotSatisfiable(f"the range ends before it starts: {header!r}")
+        raise RangeNotSatisfiable(f"the range ends before it starts: {header[:80]!r}")
     if start >= size:
-        raise RangeNotSatisfiable(f"the range starts at {start}, past the end ({size} bytes)")
+        raise RangeNotSatisfiable(f"the range starts past the end ({size} bytes)")
     return ByteRange(start, min(end, size))
+
+
+def _position(digits: str, size: int) -> int:
+    """A byte position; one longer than `MAX_POSITION_DIGITS` digits is past any end, so `size` stands for it."""
+    stripped = digits.lstrip("0") or "0"
+    return int(stripped) if len(stripped) <= MAX_POSITION_DIGITS else max(size, 10**MAX_POSITION_DIGITS)
 
 
 def etag_of(info: BlobInfo) -> str:

@@ -1,27 +1,28 @@
 """What the catalog holds (videos, renditions, autoscaler changes) and how each is shown to clients.
 
-`Video.record(base_url)` is the shape of DESIGN.md's "Shapes" (`GET /videos/{id}`, the live
-stream and the store's own events): URLs are built from the base URL the client reached, so a
-page opened through another address still plays what it lists.
+`Video.record(base_url)` is the shape of the store's events (with the bucket URIs other services
+need); `Video.public_record(base_url, ...)` is what clients read (`GET /videos/{id}`, the list, the
+live stream): no bucket URI or server path, even inside an error message, and a deleted video is a
+bare tombstone for readers without the token. URLs are built from the store's configured public
+URL, never from the request's `Host` header (which any client can set).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from services.common.errors import InvalidInput
+from services.common.redaction import redact
+from services.common.timestamps import iso_utc
 
 STATUSES = ("uploaded", "processing", "failed", "ready", "deleted")
 """In the only order a video may move through them (`failed` and `ready` are both outcomes; `ready` wins)."""
 
 
 def iso(at: float | None) -> str | None:
-    if at is None:
-        return None
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return None if at is None else iso_utc(at)
 
 
 @dataclass
@@ -67,6 +68,27 @@ class Video:
         uris = [self.master.get("uri") if self.master else None, *(r.uri for r in self.renditions), self.poster_uri]
         return list(dict.fromkeys(uri for uri in uris if isinstance(uri, str)))
 
+    @property
+    def retryable(self) -> bool:
+        """What `POST /videos/{id}/retry` accepts: a failed video whose master and probe the catalog knows."""
+        master_uri = self.master.get("uri") if self.master else None
+        return self.status == "failed" and isinstance(master_uri, str) and bool(self.probe) and bool(self.requested)
+
+    def public_record(
+        self, base_url: str, *, hidden_roots: tuple[str, ...] = (), tombstone: bool = False
+    ) -> dict[str, Any]:
+        """The video as a client reads it: no internal locations; `tombstone` strips a deleted video to its id."""
+        if tombstone and self.status == "deleted":
+            return Video(self.video_id, status="deleted", version=self.version).record(base_url) | {
+                "created_at": None,
+                "updated_at": None,
+            }
+        record = self.record(base_url)
+        for name in ("error", "last_error"):
+            if isinstance(record[name], str):
+                record[name] = redact(record[name], *hidden_roots)
+        return record
+
     def record(self, base_url: str, *, with_uris: bool = False) -> dict[str, Any]:
         """The video as clients see it; `with_uris` adds the bucket URIs (for the events other services read)."""
         own = f"{base_url.rstrip('/')}/videos/{self.video_id}"
@@ -101,6 +123,7 @@ class Video:
             "height": probe.get("height"),
             "attempt": self.attempt,
             "retries": self.round,
+            "retryable": self.retryable,
             "last_error": self.last_error,
             "created_at": iso(self.created_at),
             "updated_at": iso(self.updated_at),

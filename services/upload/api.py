@@ -12,6 +12,7 @@ from starlette.requests import ClientDisconnect
 
 from services.common.auth import Access, AccessRules
 from services.common.errors import NotFound
+from services.common.redaction import redact
 from services.upload.metadata import LADDER, MAX_TITLE_CHARS
 from services.upload.outbox import Outbox
 from services.upload.settings import UploadSettings
@@ -107,17 +108,39 @@ async def upload_video(
     except ClientDisconnect:
         log.info("an upload was abandoned by its client before the body ended; nothing was kept")
         return JSONResponse({}, status_code=400)  # nobody is left to read it
-    base = (settings.upload_public_url or str(request.base_url)).rstrip("/")
-    status_url = f"{base}/videos/{video_id}"
+    status_url = f"{_status_base(request, settings)}/videos/{video_id}"
     return JSONResponse(
         {"video_id": video_id, "status_url": status_url}, status_code=202, headers={"Location": status_url}
     )
 
 
+def _status_base(request: Request, settings: UploadSettings) -> str:
+    """Where a person follows a video: the store's record when its address is known, else this service."""
+    if settings.store_public_url:
+        return settings.store_public_url.rstrip("/")
+    return (settings.upload_public_url or str(request.base_url)).rstrip("/")
+
+
 @router.get("/videos/{video_id}", responses={404: {}})
-async def get_video(video_id: str, outbox: OutboxDep) -> dict[str, Any]:
-    """What the upload service knows of an upload: title, renditions, master, probe, and its event's state."""
+async def get_video(video_id: str, outbox: OutboxDep, settings: SettingsDep) -> dict[str, Any]:
+    """What the upload service knows of an upload: title, renditions, master, probe, and its event's state.
+
+    Only the upload: the video's status, renditions and deletion are the store's (`status_url` leads there
+    when CATTUBE_STORE_PUBLIC_URL is set).
+    """
     record = await outbox.get(video_id)
     if record is None:
         raise NotFound(f"no upload with video_id {video_id!r}")
-    return record
+    return _public(record, settings)
+
+
+def _public(record: dict[str, Any], settings: UploadSettings) -> dict[str, Any]:
+    """The record without the bucket URI of the master or any server path (the event keeps the URI)."""
+    master = {key: value for key, value in record.get("master", {}).items() if key != "uri"}
+    event = dict(record.get("event", {}))
+    if isinstance(event.get("error"), str):
+        event["error"] = redact(event["error"], *settings.hidden_roots)
+    shown = {**record, "master": master, "event": event}
+    if settings.store_public_url:
+        shown["store_url"] = f"{settings.store_public_url.rstrip('/')}/videos/{record['video_id']}"
+    return shown

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from router.client import RouterClient
 from services.common import outbox
 from services.common.database import Database
 from services.common.outbox import OutboxRelay, Published
+from services.common.timestamps import iso_utc
 
 UPLOADS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
@@ -141,6 +141,4 @@ def _get(conn: sqlite3.Connection, video_id: str) -> dict[str, Any] | None:
 
 
 def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return None if timestamp is None else iso_utc(timestamp)

@@ -142,6 +142,8 @@ def check_container(
         )
 
     start_s = container.start_time / av.time_base if container.start_time is not None else 0.0
+    # The video stream's own duration: a subtitle (or data) track may end long after the picture does,
+    # and the container's duration covers it too. The container's is the upper bound packets may reach.
     declared_s = _declared_duration(container, video)
     if declared_s is None or declared_s <= 0:
         raise Rejected(422, "The video does not declare its duration; remux it (to MP4, say) and upload it again.")
@@ -157,7 +159,8 @@ def check_container(
             stream.codec_context.thread_type = "AUTO"
             stream.codec_context.thread_count = 2
     first = first_frame(container, video)
-    end_s = decoded_end(container, video, audio, start_s=start_s, declared_s=declared_s)
+    upper_s = max(declared_s, _container_duration(container) or 0.0)
+    end_s = decoded_end(container, video, audio, start_s=start_s, declared_s=declared_s, upper_s=upper_s)
     if end_s < declared_s - tolerance_s(declared_s):
         raise Rejected(
             422,
@@ -190,14 +193,18 @@ def first_frame(container: Any, video: Any) -> Any:
     raise Rejected(422, "No video frame could be decoded; the file looks damaged or truncated.")
 
 
-def decoded_end(container: Any, video: Any, audio: Any | None, *, start_s: float, declared_s: float) -> float:
+def decoded_end(
+    container: Any, video: Any, audio: Any | None, *, start_s: float, declared_s: float, upper_s: float | None = None
+) -> float:
     """Where the content really stops, in seconds from the start: the last group of pictures, decoded.
 
     Seek to shortly before the declared end and demux to the end of the file (cheap), keeping the video
     packets since the last keyframe; then decode only those. When the seek lands past the last keyframe
     (or the data stops long before the declared end) look again from further back, finally from the start.
     """
-    limit_s = declared_s + tolerance_s(declared_s)
+    upper_s = declared_s if upper_s is None else upper_s
+    limit_s = upper_s + tolerance_s(upper_s)
+    # Only the video and the first audio stream are demuxed and decoded: subtitles are never read.
     streams = [video] if audio is None else [video, audio]
     for window_s in TAIL_WINDOWS_S:
         back_s = declared_s if window_s is None else min(window_s, declared_s)
@@ -276,11 +283,35 @@ def _end(pts: int | None, duration: int | None, time_base: Any, start_s: float) 
 
 
 def _declared_duration(container: Any, video: Any) -> float | None:
+    """The video stream's duration: its own header field, else Matroska's per-track DURATION tag, else the
+    container's (which spans every stream, subtitles included)."""
+    if video.duration is not None and video.duration > 0 and video.time_base is not None:
+        return float(video.duration * video.time_base)
+    tagged = _tag_seconds(video.metadata.get("DURATION") or video.metadata.get("duration"))
+    if tagged is not None and tagged > 0:
+        return tagged
+    return _container_duration(container)
+
+
+def _container_duration(container: Any) -> float | None:
     if container.duration is not None and container.duration > 0:
         return float(container.duration / av.time_base)
-    if video.duration is not None and video.time_base is not None:
-        return float(video.duration * video.time_base)
     return None
+
+
+def _tag_seconds(value: str | None) -> float | None:
+    """`HH:MM:SS.fffffffff` (what Matroska muxers write per track) in seconds; None if it is not that."""
+    if not value:
+        return None
+    parts = value.strip().split(":")
+    if len(parts) != 3:
+        return None
+    try:
+        hours, minutes, seconds = int(parts[0]), int(parts[1]), float(parts[2])
+    except ValueError:
+        return None
+    total = hours * 3600 + minutes * 60 + seconds
+    return total if math.isfinite(total) and total >= 0 else None
 
 
 def _fps(video: Any) -> float:

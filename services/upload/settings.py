@@ -27,6 +27,11 @@ class UploadSettings(CommonSettings):
     upload_public_url: str | None = Field(
         None, description="Base URL of this service in status_url; default the URL the request came to."
     )
+    store_public_url: str | None = Field(
+        None,
+        description="The store's address (as its CATTUBE_STORE_PUBLIC_URL): status_url then leads to the video's "
+        "record there, which anyone can follow; unset, status_url is this service's GET /videos/{id}.",
+    )
     cors_origins: list[str] | None = Field(
         None, description="Origins allowed to POST from a browser (JSON list); default the store's page."
     )

@@ -15,7 +15,9 @@ start (`sweep`), and its record and event are committed together before the call
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import sqlite3
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,7 +26,13 @@ from typing import Any
 
 from router.client import new_event
 from services.common.blobs import BlobInfo, BlobStore, video_key
-from services.common.errors import BadRequest, CatTubeError, PayloadTooLarge, UnsupportedMedia
+from services.common.errors import (
+    BadRequest,
+    CatTubeError,
+    InsufficientStorage,
+    PayloadTooLarge,
+    UnsupportedMedia,
+)
 from services.upload.forms import FormStream
 from services.upload.metadata import UNTITLED, clean_title, parse_renditions, title_from_filename
 from services.upload.metrics import UploadMetrics
@@ -42,6 +50,10 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 # The body arrives in pieces of up to 64 KiB; the bucket is written in pieces of about 1 MiB, so the
 # file store's thread hand-offs stay few (memory stays flat: one piece at a time).
 WRITE_CHUNK_BYTES = 1 << 20
+NO_SPACE = (
+    "The server has no room left to store this upload (its disk or quota is full); nothing of it was kept. "
+    "Try again once an operator has freed space."
+)
 EXPECTED_CONTENT_TYPES = "multipart/form-data, video/* or application/octet-stream"
 
 # The extension and media type of a master, from the demuxer that read it (never from the client).
@@ -150,7 +162,12 @@ class Uploads:
 
     async def _receive(self, chunks: AsyncIterable[bytes], described: Callable[[], Described]) -> str:
         video_id = uuid.uuid4().hex
-        await self.outbox.begin(video_id)
+        try:
+            await self.outbox.begin(video_id)
+        except Exception as exc:
+            if _storage_full(exc):
+                raise InsufficientStorage(NO_SPACE) from None
+            raise
         try:
             incoming = await self.store.write(
                 _incoming_key(video_id), _pieces(chunks, WRITE_CHUNK_BYTES), max_bytes=self.settings.max_upload_bytes
@@ -165,8 +182,11 @@ class Uploads:
             record = _record(about, master, content_type, probe)
             event = new_event(UPLOADED, SOURCE, {"video_id": video_id, **record}, id=video_id, partitionkey=video_id)
             await self.outbox.accept(video_id, {**record, "container": probe.container}, event)
-        except BaseException:
+        except BaseException as exc:
             await asyncio.shield(self._discard(video_id))
+            if _storage_full(exc):
+                log.error("upload %s refused: the server's storage is full (%s)", video_id, exc)
+                raise InsufficientStorage(NO_SPACE) from None
             raise
         self.metrics.accepted.inc()
         self.metrics.accepted_bytes.inc(master.size_bytes)
@@ -219,6 +239,13 @@ class Uploads:
             title=cleaned or (title_from_filename(filename) if filename else UNTITLED),
             renditions=names or self.settings.default_rendition_names,
         )
+
+
+def _storage_full(exc: BaseException) -> bool:
+    """A full disk or quota, as the bucket (OSError) or the outbox (SQLite's SQLITE_FULL) reports it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
 
 
 def media_type(probe: Probe) -> tuple[str, str]:

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.async_api import async_playwright
 
@@ -74,5 +75,46 @@ async def test_upload_through_the_page_then_play(stack: Stack, tmp_path: Path) -
             if target := os.environ.get("CATTUBE_SCREENSHOT"):
                 shutil.copy(shot, target)
             assert errors == []
+        finally:
+            await browser.close()
+
+
+async def test_a_visitor_without_the_token_can_watch_and_a_mangled_link_still_renders(
+    stack: Stack, tmp_path: Path
+) -> None:
+    clip = make_clip(tmp_path / "visitor.mp4", 320, 180, 1)
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(
+            f"{stack.url('upload')}/videos",
+            params={"title": "A cat for visitors"},
+            content=clip.read_bytes(),
+            headers={"Content-Type": "video/mp4", **stack.auth},
+        )
+    assert response.status_code == 202, response.text
+    card_selector = f'.video[data-video-id="{response.json()["video_id"]}"]'
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            for address in ("/", "/#token=%E0%A4%A"):  # no token; a token link cut short (not UTF-8)
+                page = await browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda exc, errors=errors: errors.append(str(exc)))
+                await page.goto(f"{stack.url('store')}{address}")
+                await page.wait_for_selector("#connection[data-state=live]", timeout=20_000)
+                card = page.locator(card_selector)
+                await card.wait_for(timeout=60_000)
+                assert "A cat for visitors" in await card.inner_text()
+                assert await page.locator("#upload-form").is_hidden(), address
+                assert await page.locator("[data-testid=upload-locked]").is_visible(), address
+                assert await page.locator("#token-panel").is_visible(), address
+                assert await card.locator("[data-action=delete]").is_hidden(), address
+                assert await card.locator("[data-action=retry]").is_hidden(), address
+                problem = page.locator("[data-testid=token-problem]")
+                if "token=" in address:
+                    assert "could not be read" in await problem.inner_text()
+                else:
+                    assert await problem.is_hidden()
+                assert errors == [], address
+                await page.close()
         finally:
             await browser.close()

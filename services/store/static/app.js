@@ -14,31 +14,79 @@ let nextCursor = null;
 
 // -- the token (only when CATTUBE_TOKEN is set) ---------------------------------------------------
 
-// `cattube up` prints the page's address with the token after `#`: never sent to any server.
-(function takeTokenFromAddress() {
-  const match = location.hash.match(/(?:^#|&)token=([^&]+)/);
-  if (match) {
-    localStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
-    history.replaceState(null, "", location.pathname + location.search);
+// The browser may refuse storage (a private window, a policy): the page then keeps the token in memory.
+let memoryToken = null;
+function storedToken() {
+  try {
+    return localStorage.getItem(TOKEN_KEY) || memoryToken;
+  } catch {
+    return memoryToken;
   }
-})();
+}
+function storeToken(token) {
+  memoryToken = token;
+  try {
+    localStorage.setItem(TOKEN_KEY, token);
+  } catch {}
+}
+
+// `cattube up` prints the page's address with the token after `#`: never sent to any server. A link
+// cut short or mangled on the way (`#token=%E0%A4%A`) must not stop the page: say so and go on.
+function takeTokenFromAddress() {
+  const match = location.hash.match(/(?:^#|&)token=([^&]*)/);
+  if (!match) return;
+  history.replaceState(null, "", location.pathname + location.search);
+  let token = null;
+  try {
+    token = decodeURIComponent(match[1]).trim();
+  } catch {}
+  if (token) {
+    storeToken(token);
+  } else {
+    $("#token-problem").hidden = false;
+    $("#token-problem").textContent =
+      "The token in this page's address could not be read (the link looks cut short or mangled). " +
+      "Open the link `cattube up` printed again, or paste the token below.";
+  }
+}
+
+// Without the token (when the stack has one), uploading, retrying and deleting would only fail: the page
+// shows what a visitor can do (watch) and how to get the rest.
+function canChange() {
+  return !config.token_required || Boolean(storedToken());
+}
 
 function authHeaders() {
-  const token = localStorage.getItem(TOKEN_KEY);
+  const token = storedToken();
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
 
+function showControls() {
+  const allowed = canChange();
+  $("#upload-form").hidden = !allowed;
+  $("#upload-locked").hidden = allowed;
+  $("#token-panel").hidden = allowed;
+  for (const card of document.querySelectorAll(".video")) renderActions(card);
+}
+
 function askForToken() {
-  const panel = $("#token-panel");
-  panel.hidden = false;
+  // A token that was refused: forget it, so the page stops offering what it cannot do.
+  memoryToken = null;
+  try {
+    localStorage.removeItem(TOKEN_KEY);
+  } catch {}
+  showControls();
   $("#token-input").focus();
 }
 
 $("#token-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  localStorage.setItem(TOKEN_KEY, $("#token-input").value.trim());
+  const token = $("#token-input").value.trim();
+  if (!token) return;
+  storeToken(token);
   $("#token-input").value = "";
-  $("#token-panel").hidden = true;
+  $("#token-problem").hidden = true;
+  showControls();
 });
 
 async function problemText(response) {
@@ -201,7 +249,9 @@ function render(card, video) {
   note.hidden = !(processing && video.last_error);
   note.textContent = video.last_error ? `An attempt failed, trying again: ${video.last_error}` : "";
 
-  $('[data-action="retry"]', card).hidden = video.status !== "failed";
+  // Only what the store's retry accepts (its record says so): a button that can only get a 409 is a lie.
+  card.dataset.retryable = String(Boolean(video.retryable));
+  renderActions(card);
   renderPlayer($(".player", card), video, title);
 
   const facts = [video.video_id];
@@ -210,6 +260,12 @@ function render(card, video) {
   if (video.skipped?.length) facts.push(`skipped ${video.skipped.join(", ")} (larger than the source)`);
   if (video.created_at) facts.push(new Date(video.created_at).toLocaleString());
   $(".meta", card).textContent = facts.join(" · ");
+}
+
+function renderActions(card) {
+  const allowed = canChange();
+  $(".actions", card).hidden = !allowed;
+  $('[data-action="retry"]', card).hidden = !(allowed && card.dataset.retryable === "true");
 }
 
 function renderPlayer(player, video, title) {
@@ -439,7 +495,9 @@ function connect() {
   });
 }
 
+takeTokenFromAddress();
 setupUploadForm();
+showControls();
 drawScaling();
 connect();
 // The chart's time axis moves on while nothing changes.

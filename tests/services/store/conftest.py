@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -39,14 +40,29 @@ class FakeRouter:
     """Set on every publish request, refused or not."""
     authorizations: set[str | None] = field(default_factory=set)
     """Every Authorization header the store sent."""
+    declared: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set on every PUT of a subscription, refused or not."""
+    declare_status: int = 200
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Wakes the stats long polls (set by `delete`)."""
 
-    def handler(self, request: httpx.Request) -> httpx.Response:
+    def delete(self, name: str) -> None:
+        """Delete a subscription as an operator would on the router: its long polls wake to a 404."""
+        del self.subscriptions[name]
+        self.changed.set()
+
+    def handler(self, request: httpx.Request) -> Any:
         self.authorizations.add(request.headers.get("authorization"))
         if request.method == "PUT" and request.url.path.startswith("/subscriptions/"):
+            self.declared.set()
+            if self.declare_status != 200:
+                return httpx.Response(self.declare_status, json={"title": "down", "detail": "the fake router says no"})
             body = json.loads(request.content)
             name = request.url.path.rsplit("/", 1)[1]
             self.subscriptions[name] = body
             return httpx.Response(200, json={"name": name, **body, "secret": SECRET})
+        if request.method == "GET" and request.url.path.endswith("/stats"):
+            return self._stats(request)
         if request.method == "POST" and request.url.path == "/events":
             self.attempts += 1
             self.arrived.set()
@@ -58,6 +74,18 @@ class FakeRouter:
             results = [{"id": e["id"], "sequence": start + i + 1, "duplicate": False} for i, e in enumerate(events)]
             return httpx.Response(202, json={"results": results})
         return httpx.Response(404, json={"title": "Not found"})
+
+    async def _stats(self, request: httpx.Request) -> httpx.Response:
+        name = request.url.path.split("/")[2]
+        if name in self.subscriptions and "version" in request.url.params:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(float(request.url.params["wait_s"])):
+                    await self.changed.wait()
+        if name not in self.subscriptions:
+            return httpx.Response(404, json={"title": "Not found", "detail": f"no subscription named {name!r}"})
+        numbers = dict.fromkeys(("backlog", "in_flight", "delayed", "dead_lettered", "delivered_total"), 0)
+        return httpx.Response(200, json={**numbers, "failed_total": 0, "oldest_age_s": 0.0, "version": 1})
 
     async def wait_for(self, done: Callable[[], bool], timeout_s: float = 5) -> None:
         """Wait (on publish requests, not a sleep loop) until `done()`."""

@@ -12,6 +12,7 @@ import pytest
 from services.upload.app import create_app
 from services.upload.settings import UploadSettings
 from tests.conftest import running
+from tests.media import make_clip
 
 # Nothing listens on the discard port: the relay finds the router down at once.
 DEAD_ROUTER = "http://127.0.0.1:9"
@@ -30,6 +31,11 @@ def upload_settings(tmp_path: Path) -> Callable[..., UploadSettings]:
         return UploadSettings(**values)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return make_clip(tmp_path_factory.mktemp("clips") / "cat.mp4", 160, 96, 0.5).read_bytes()
 
 
 @pytest.fixture

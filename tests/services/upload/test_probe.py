@@ -19,7 +19,7 @@ import pytest
 
 from services.common.media import ffmpeg_exe, hardened_input_args, run_process
 from services.upload.probe import Probe, ProbeRejected, probe_file
-from tests.media import ffmpeg, make_audio, make_clip, make_h264_bomb, make_image
+from tests.media import ffmpeg, make_audio, make_clip, make_clip_with_subtitles, make_h264_bomb, make_image
 
 MAX_PIXELS = 7680 * 4320
 MAX_DURATION_S = 21600.0
@@ -128,6 +128,15 @@ async def test_landscape_clip_with_audio(tmp_path: Path) -> None:
         "audio_codec": "aac",
         "rotation": 0,
     }
+
+
+async def test_subtitles_that_end_after_the_video_are_not_truncation(tmp_path: Path) -> None:
+    path = make_clip_with_subtitles(tmp_path / "credits.mkv", 2.0, subtitles_end_s=10.0)
+    with av.open(str(path)) as container:
+        assert container.duration / av.time_base == pytest.approx(10.0) and container.streams.subtitles
+    found = await probe(path)
+    assert (found.container, found.video_codec, found.audio_codec) == ("matroska", "h264", "aac")
+    assert found.duration_s == pytest.approx(2.0, abs=0.1)  # the video's, not the subtitles'
 
 
 @pytest.mark.parametrize("rotate", [90, 180, 270])

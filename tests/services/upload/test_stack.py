@@ -145,7 +145,8 @@ async def test_a_video_is_stored_and_announced(stack: Stack, name: str, how: str
     assert (probe["video_codec"], probe["fps"]) == ("h264", 25.0)
     assert probe["duration_s"] == pytest.approx(1.0, abs=0.1)
     status = (await stack.http.get(f"/videos/{video_id}")).json()
-    assert status["master"] == data["master"] and status["event"]["status"] in ("pending", "published")
+    assert {"uri": data["master"]["uri"], **status["master"]} == data["master"] and "uri" not in status["master"]
+    assert status["event"]["status"] in ("pending", "published")
 
 
 # Everything else refused, leaving nothing behind
