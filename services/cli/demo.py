@@ -9,6 +9,7 @@ the backlog needs and back to zero. Then it prints where to watch them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import httpx
 
 from services.cli.failure import Failure
 from services.cli.progress import Bar, line, phase
+from services.cli.up import PAGE_LINE
 from services.cli.upload import live_changes, upload_file, urls
 from services.common.media import ffmpeg_exe
 from services.common.settings import CommonSettings
@@ -34,7 +36,6 @@ CLIPS = [
 STARTUP_S = 60
 STOP_S = 30
 """Longer than `cattube up` takes to stop its four services one by one, each by its deadline."""
-SERVICES = 4
 
 
 def stack_log(settings: CommonSettings) -> Path:
@@ -61,7 +62,7 @@ async def healthy(url: str) -> bool:
 
 
 async def start_stack(settings: CommonSettings) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
-    """Run `cattube up` and return once its four services say they are serving (read from its log,
+    """Run `cattube up` and return once it says every service serves (read from its log,
     which goes to `stack_log` rather than into the demo's own output)."""
     log_path = stack_log(settings)
     await asyncio.to_thread(log_path.parent.mkdir, parents=True, exist_ok=True)
@@ -72,22 +73,20 @@ async def start_stack(settings: CommonSettings) -> tuple[asyncio.subprocess.Proc
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         process_group=0,
     )  # fmt: skip
-    serving: set[str] = set()
+    serving = False
     ready = asyncio.Event()
-    last_line = ""
+    last_lines: collections.deque[str] = collections.deque(maxlen=2)  # a failure of `cattube up` is two lines
 
     async def follow() -> None:
-        nonlocal last_line
+        nonlocal serving
         assert stack.stdout is not None
         async with aiofiles.open(log_path, "ab") as log:
             async for raw in stack.stdout:
                 await log.write(raw)
-                last_line = raw.decode(errors="replace").strip()
-                name, _, text = raw.decode(errors="replace").partition(" | ")
-                if "Uvicorn running on" in text:
-                    serving.add(name.strip())
-                    if len(serving) == SERVICES:
-                        ready.set()
+                last_lines.append(raw.decode(errors="replace").strip())
+                if raw.startswith(PAGE_LINE.encode()):
+                    serving = True
+                    ready.set()
         ready.set()  # the stack exited: stop waiting
 
     follower = asyncio.create_task(follow())
@@ -96,9 +95,9 @@ async def start_stack(settings: CommonSettings) -> tuple[asyncio.subprocess.Proc
             await ready.wait()
     except TimeoutError:
         raise Failure(f"the stack did not start within {STARTUP_S}s; see {log_path}") from None
-    if len(serving) < SERVICES:
+    if not serving:
         await stack.wait()
-        raise Failure(f"cattube up exited ({last_line or f'status {stack.returncode}'}); see {log_path}")
+        raise Failure(f"cattube up exited ({' '.join(last_lines) or f'status {stack.returncode}'}); see {log_path}")
     return stack, follower
 
 
