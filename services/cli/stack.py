@@ -27,7 +27,7 @@ STOP_ORDER = ("upload", "store", "processing", "router")
 STOP_DEADLINE_S = 5.0
 """How long one service has to exit after SIGTERM before it is killed."""
 STARTUP_DEADLINE_S = 60.0
-START_RESTARTS = 2
+START_RESTARTS = 1
 """Restarts allowed before the stack is first up; a service that keeps dying by then will not start."""
 RESTART_BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0

@@ -45,6 +45,19 @@ async def test_a_taken_port_is_named_with_its_variable_and_nothing_starts(tmp_pa
     assert b"Open the page" not in out and b"Uvicorn running" not in out, out
 
 
+async def test_a_service_that_keeps_dying_at_start_ends_it_with_a_clear_line(tmp_path: Path) -> None:
+    stack = Stack(tmp_path / "data", CATTUBE_BLOB_URL="s3://bucket")  # the router starts; the others refuse it
+    stack.proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "up",
+        cwd=REPO, env=stack.env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(stack.proc.communicate(), 60)
+    assert stack.proc.returncode == 1
+    assert "exited 2 times while starting" in err.decode() and len(err.decode().strip().splitlines()) == 1, err
+    assert b"Open the page" not in out
+
+
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     stack = Stack(tmp_path / "data")
