@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -201,9 +202,7 @@ class Stack:
         self.killing = True
         print("CatTube: killing every service now")
         for child in self.children.values():
-            if child.running:
-                assert child.proc is not None
-                child.proc.kill()
+            _kill(child)
 
     async def until_stop_asked(self) -> None:
         await self._until_stopping()
@@ -224,7 +223,7 @@ class Stack:
                 async with asyncio.timeout(STOP_DEADLINE_S):
                     code = await child.proc.wait()
             except TimeoutError:
-                child.proc.kill()
+                _kill(child)
                 code = await child.proc.wait()
                 print(f"CatTube: {name} did not stop within {STOP_DEADLINE_S:g}s: killed", flush=True)
             else:
@@ -232,3 +231,11 @@ class Stack:
                 status = "" if code in (0, -signal.SIGTERM) else f" (status {code})"
                 print(f"CatTube: {name} {'killed' if self.killing else 'stopped'}{status}", flush=True)
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _kill(child: Child) -> None:
+    """SIGKILL the service's whole process group (it leads one): its ffmpeg children go with it."""
+    if child.running:
+        assert child.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.proc.pid, signal.SIGKILL)
