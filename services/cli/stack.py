@@ -137,6 +137,8 @@ class Stack:
                 env=self.env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, process_group=0,
             )  # fmt: skip
+            if self.stopping:  # asked while it was being spawned: `stop` may have passed it by already
+                child.proc.terminate()
             asking = None if self.announces else asyncio.create_task(self._ask_healthz(child))
             await self._pump(child)
             code = await child.proc.wait()
