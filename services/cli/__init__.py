@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from services.cli import demo, up, upload
+from services.cli.failure import Failure
 from services.cli.tokens import tokens_help
 from services.common.settings import CommonSettings
 
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "upload":
             return asyncio.run(upload.run(settings, args))
         return asyncio.run(demo.run(settings))
+    except Failure as failure:
+        print(f"cattube: {failure}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -9,6 +9,7 @@ the backlog needs and back to zero. Then it prints where to watch them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import signal
 import subprocess
@@ -19,7 +20,9 @@ from typing import Any
 import aiofiles
 import httpx
 
-from services.cli.progress import Bar, line
+from services.cli.failure import Failure
+from services.cli.progress import Bar, line, phase
+from services.cli.up import PAGE_LINE
 from services.cli.upload import live_changes, upload_file, urls
 from services.common.media import ffmpeg_exe
 from services.common.settings import CommonSettings
@@ -31,7 +34,13 @@ CLIPS = [
     ("whiskers-quiet.mp4", "Whiskers, quietly", 1280, 720, 4, False),
 ]
 STARTUP_S = 60
-SERVICES = 4
+STOP_S = 30
+"""Longer than `cattube up` takes to stop its four services one by one, each by its deadline."""
+
+
+def stack_log(settings: CommonSettings) -> Path:
+    """Where the demo keeps the log of the stack it started (the real path is printed, not a pattern)."""
+    return (settings.data_dir / "demo" / "stack.log").resolve()
 
 
 def make_clip(path: Path, width: int, height: int, seconds: int, audio: bool) -> None:
@@ -53,27 +62,31 @@ async def healthy(url: str) -> bool:
 
 
 async def start_stack(settings: CommonSettings) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
-    """Run `cattube up` and return once its four services say they are serving (read from its log,
-    which goes to DATA_DIR/demo/stack.log rather than into the demo's own output)."""
-    log_path = settings.data_dir / "demo" / "stack.log"
+    """Run `cattube up` and return once it says every service serves (read from its log,
+    which goes to `stack_log` rather than into the demo's own output)."""
+    log_path = stack_log(settings)
     await asyncio.to_thread(log_path.parent.mkdir, parents=True, exist_ok=True)
+    # In a process group of its own: a Ctrl-C at the terminal reaches the demo only, which then
+    # stops the stack once (a second SIGINT would make `cattube up` kill its services at once).
     stack = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli", "--data-dir", str(settings.data_dir), "up",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        process_group=0,
     )  # fmt: skip
-    serving: set[str] = set()
+    serving = False
     ready = asyncio.Event()
+    last_lines: collections.deque[str] = collections.deque(maxlen=2)  # a failure of `cattube up` is two lines
 
     async def follow() -> None:
+        nonlocal serving
         assert stack.stdout is not None
         async with aiofiles.open(log_path, "ab") as log:
             async for raw in stack.stdout:
                 await log.write(raw)
-                name, _, text = raw.decode(errors="replace").partition(" | ")
-                if "Uvicorn running on" in text:
-                    serving.add(name.strip())
-                    if len(serving) == SERVICES:
-                        ready.set()
+                last_lines.append(raw.decode(errors="replace").strip())
+                if raw.startswith(PAGE_LINE.encode()):
+                    serving = True
+                    ready.set()
         ready.set()  # the stack exited: stop waiting
 
     follower = asyncio.create_task(follow())
@@ -81,9 +94,10 @@ async def start_stack(settings: CommonSettings) -> tuple[asyncio.subprocess.Proc
         async with asyncio.timeout(STARTUP_S):
             await ready.wait()
     except TimeoutError:
-        raise SystemExit(f"the stack did not start within {STARTUP_S}s; see {log_path}") from None
-    if stack.returncode is not None or len(serving) < SERVICES:
-        raise SystemExit(f"cattube up exited; see {log_path}")
+        raise Failure(f"the stack did not start within {STARTUP_S}s; see {log_path}") from None
+    if not serving:
+        await stack.wait()
+        raise Failure(f"cattube up exited ({' '.join(last_lines) or f'status {stack.returncode}'}); see {log_path}")
     return stack, follower
 
 
@@ -95,7 +109,7 @@ async def run(settings: CommonSettings) -> int:
     stack: asyncio.subprocess.Process | None = None
     follower: asyncio.Task[None] | None = None
     if not all([await healthy(url) for url in service_urls]):
-        line("Starting the stack (cattube up; its log: DATA_DIR/demo/stack.log) ...")
+        line(f"Starting the stack (cattube up; its log: {stack_log(settings)}) ...")
         stack, follower = await start_stack(settings)
     try:
         await story(settings, store_url)
@@ -107,7 +121,7 @@ async def run(settings: CommonSettings) -> int:
         if stack is not None and stack.returncode is None:
             stack.send_signal(signal.SIGINT)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stack.wait(), 45)
+                await asyncio.wait_for(stack.wait(), STOP_S)
         if follower is not None:
             await follower
     return 0
@@ -123,30 +137,30 @@ async def story(settings: CommonSettings, store_url: str) -> None:
             await asyncio.to_thread(make_clip, path, width, height, seconds, audio)
         line(f"  {name}: {width}x{height}, {seconds}s{'' if audio else ', no audio'}")
 
-    changes = live_changes(store_url)
-    await anext(changes)  # listening before the uploads: nothing is missed
     videos: dict[str, str] = {}
-    for name, title, *_ in CLIPS:
-        videos[await upload_file(settings, folder / name, title=title, renditions="1080p,720p,360p")] = name
-
-    bars = {video_id: Bar(f"transcoding {name}") for video_id, name in videos.items()}
     finished: dict[str, dict[str, Any]] = {}
     workers, peak = 0, 0
-    async for event, data in changes:
-        if event == "scaled":
-            workers = int(data.get("to", 0))
-            peak = max(peak, workers)
-            line(f"  autoscaler: {data.get('from')} -> {workers} workers (backlog {data.get('backlog')})")
-        elif event == "video" and data.get("video_id") in videos:
-            video_id, status = data["video_id"], data.get("status")
-            if status in ("ready", "failed"):
-                if video_id not in finished:
-                    bars[video_id].done(status)
-                finished[video_id] = data
-            else:
-                bars[video_id].show(float(data.get("progress") or 0), status or "")
-        if len(finished) == len(videos) and workers == 0 and peak > 0:
-            break
+    async with contextlib.aclosing(live_changes(store_url)) as changes:
+        await anext(changes)  # listening before the uploads: nothing is missed
+        for name, title, *_ in CLIPS:
+            videos[await upload_file(settings, folder / name, title=title, renditions="1080p,720p,360p")] = name
+
+        bars = {video_id: Bar(name) for video_id, name in videos.items()}
+        async for event, data in changes:
+            if event == "scaled":
+                workers = int(data.get("to", 0))
+                peak = max(peak, workers)
+                line(f"  autoscaler: {data.get('from')} -> {workers} workers (backlog {data.get('backlog')})")
+            elif event == "video" and data.get("video_id") in videos:
+                video_id, status = data["video_id"], data.get("status") or ""
+                if status in ("ready", "failed"):
+                    if video_id not in finished:
+                        bars[video_id].done(phase(status))
+                    finished[video_id] = data
+                else:
+                    bars[video_id].show(float(data.get("progress") or 0), phase(status))
+            if len(finished) == len(videos) and workers == 0 and peak > 0:
+                break
 
     line(f"\nThe fleet went 0 -> {peak} -> 0 workers. Renditions:")
     for video_id, video in finished.items():

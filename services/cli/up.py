@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import sys
-from dataclasses import dataclass
 
 from services.cli import tokens
+from services.cli.stack import SERVICES, Child, Stack, check_ports
 from services.common.settings import CommonSettings
 
-# Each service: its name, the module `python -m` runs, and the setting holding its port.
-SERVICES = [
-    ("router", "router", "router_port"),
-    ("upload", "services.upload", "upload_port"),
-    ("processing", "services.processing", "processing_port"),
-    ("store", "services.store", "store_port"),
-]
-RESTART_BACKOFF_MAX_S = 30.0
-STABLE_S = 60.0
-"""A service that ran this long before it died starts its restart backoff over."""
-
-
-@dataclass
-class Child:
-    name: str
-    module: str
-    port: int
-    proc: asyncio.subprocess.Process | None = None
-    restarts: int = 0
+PAGE_LINE = "Open the page:"
+"""Printed once every service is serving (`cattube demo` waits for it)."""
 
 
 def settings_help() -> str:
@@ -67,60 +48,28 @@ def _describe(settings_type: type[CommonSettings], skip: set[str]) -> list[str]:
     return lines
 
 
-async def pump(child: Child, stream: asyncio.StreamReader) -> None:
-    async for raw in stream:
-        sys.stdout.write(f"{child.name:>10} | {raw.decode(errors='replace')}")
-        sys.stdout.flush()
-
-
-async def supervise(child: Child, env: dict[str, str], stopping: asyncio.Event) -> None:
-    """Run one service; restart it with backoff whenever it dies while the stack is up."""
-    loop = asyncio.get_running_loop()
-    while not stopping.is_set():
-        started = loop.time()
-        child.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", child.module, "--port", str(child.port),
-            env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        assert child.proc.stdout is not None
-        await pump(child, child.proc.stdout)
-        code = await child.proc.wait()
-        if stopping.is_set():
-            return
-        if loop.time() - started > STABLE_S:
-            child.restarts = 0
-        child.restarts += 1
-        delay = min(RESTART_BACKOFF_MAX_S, 0.5 * 2 ** min(child.restarts, 6))
-        print(f"{child.name:>10} | exited with status {code}; restarting in {delay:.1f}s (restart #{child.restarts})")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), delay)
-
-
 async def up(settings: CommonSettings, *, rotate_tokens: bool = False) -> int:
     env = dict(os.environ)
+    children = [Child(name, module, getattr(settings, field), field) for name, module, field in SERVICES]
+    check_ports(settings.host, children)
     stack_tokens = tokens.prepare(settings, rotate=rotate_tokens)
     env.update(stack_tokens.environment(), CATTUBE_DATA_DIR=str(settings.data_dir.resolve()))
-    children = [Child(name, module, getattr(settings, port_field)) for name, module, port_field in SERVICES]
+    # Where a person follows an upload (its status_url): the store's page of the video.
+    env.setdefault("CATTUBE_STORE_PUBLIC_URL", f"http://{settings.host}:{settings.store_port}")
     print(
         f"CatTube: data in {settings.data_dir.resolve()}; tokens in {tokens.tokens_file(settings.data_dir.resolve())}"
     )
-    for child in children:
-        print(f"  {child.name:<10} http://{settings.host}:{child.port}  (API docs: /docs)")
-    print(f"Open the page: http://{settings.host}:{settings.store_port}/#token={stack_tokens.user}")
-    stopping = asyncio.Event()
+    stack = Stack(settings.host, children, env, settings.log_level)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    tasks = [asyncio.create_task(supervise(child, env, stopping)) for child in children]
-    await stopping.wait()
-    print("CatTube: stopping every service")
-    for child in children:
-        if child.proc is not None and child.proc.returncode is None:
-            child.proc.send_signal(signal.SIGTERM)
-    _, pending = await asyncio.wait(tasks, timeout=40)
-    for child in children:
-        if child.proc is not None and child.proc.returncode is None:
-            child.proc.kill()
-    await asyncio.gather(*pending, return_exceptions=True)
-    return 0
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stack.ask_to_stop)
+    try:
+        await stack.start()
+        if not stack.stopping:
+            for child in children:
+                print(f"  {child.name:<10} http://{settings.host}:{child.port}  (API docs: /docs)")
+            print(f"{PAGE_LINE} http://{settings.host}:{settings.store_port}/#token={stack_tokens.user}", flush=True)
+            await stack.until_stop_asked()
+    finally:
+        await stack.stop()
+    return 130 if stack.killing else 0

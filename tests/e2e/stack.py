@@ -58,12 +58,12 @@ class Stack:
         assert self.proc is not None and self.proc.stdout is not None
         async for raw in self.proc.stdout:
             line = raw.decode(errors="replace").rstrip()
-            self.log.append(line)
             name, _, text = line.partition(" | ")
-            if "Uvicorn running on" in text:
-                async with self._changed:
+            async with self._changed:
+                self.log.append(line)
+                if "Uvicorn running on" in text:
                     self._running[name.strip()] = self._running.get(name.strip(), 0) + 1
-                    self._changed.notify_all()
+                self._changed.notify_all()
 
     async def wait_serving(self, names: set[str], timeout_s: float = 60, starts: int = 1) -> None:
         """Until each named service has said it is serving `starts` times (read from the logs, not polled)."""
@@ -72,6 +72,18 @@ class Stack:
                 await self._changed.wait_for(lambda: all(self._running.get(n, 0) >= starts for n in names))
         except TimeoutError:
             raise AssertionError("the stack did not start:\n" + "\n".join(self.log[-60:])) from None
+
+    async def wait_line(self, start: str, timeout_s: float = 60) -> int:
+        """Until `cattube up` has printed a line starting with `start`; returns its index in the log."""
+
+        def found() -> int | None:
+            return next((i for i, line in enumerate(self.log) if line.startswith(start)), None)
+
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: found() is not None)
+        index = found()
+        assert index is not None
+        return index
 
     def pid_of(self, service: str) -> int:
         """The process of one service, a child of `cattube up`."""
