@@ -8,7 +8,10 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from router import cloudevents
 from router.app import create_app
 from router.settings import RouterSettings
 from tests.conftest import running
@@ -242,3 +245,25 @@ async def test_binary_mode_without_a_content_type_reads_json_data_as_json(router
     assert got[0]["data"] == {"n": 1} and got[1]["data"] == "text"
     assert base64.b64decode(got[2]["data_base64"]) == b"\x00\x01 not json"
     assert all("datacontenttype" not in e for e in got)
+
+
+def json_depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(json_depth, value), default=0)
+    return 0
+
+
+tricky_text = st.sampled_from(["a[", '\\"{', "\n]", "\\", "\x00[", '}"', '"', 'x\\\\"[', "[]", "{}", "plain"])
+json_values = st.recursive(
+    tricky_text | st.integers(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(tricky_text, inner, max_size=3),
+    max_leaves=30,
+)
+
+
+@settings(database=None, deadline=None, max_examples=500)
+@given(value=json_values)
+def test_nesting_measured_on_the_text_is_the_nesting_of_the_value(value: object) -> None:
+    assert cloudevents._nesting(cloudevents.encode({"data": value})) == 1 + json_depth(value)
