@@ -34,12 +34,12 @@ from router.models import (
     SubscriptionList,
     SubscriptionOut,
 )
-from router.patterns import Pattern, PatternError, compile_pattern
+from router.patterns import Pattern, PatternError, PatternTooLarge, compile_pattern
 from router.persistence import Delivery, ReceiptResult, Replay, Subscription, SubscriptionSpec
 from router.settings import RouterSettings
 from services.common.auth import Access, AccessRules, granted_access
 from services.common.body import read_body
-from services.common.errors import Forbidden, InvalidInput
+from services.common.errors import Forbidden, InvalidInput, PayloadTooLarge
 from services.common.timestamps import iso_utc
 
 
@@ -135,8 +135,11 @@ async def test_pattern(body: PatternTestIn) -> PatternTestOut:
 
 
 def _compile(pattern: dict[str, Any]) -> Pattern:
+    """Compile a pattern from a request, within `router.patterns.LIMITS` (checked before anything is stored)."""
     try:
         return compile_pattern(pattern)
+    except PatternTooLarge as exc:
+        raise PayloadTooLarge("pattern", exc.reason) from None
     except PatternError as exc:
         raise InvalidInput(f"pattern.{exc.path}" if exc.path else "pattern", exc.reason) from None
 

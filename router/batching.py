@@ -4,6 +4,10 @@ Callers `submit` an item and wait for its result. One `run` loop takes everythin
 the previous commit was under way and commits it together, so concurrent callers share a
 transaction (and its fsync) and each is answered only after the commit that holds its item.
 The bus uses it for publishes; each push dispatcher for the outcomes of its deliveries.
+
+One item must not fail the others: when a shared commit fails, each of its items is committed
+again on its own (`commit` is all-or-nothing, so the failed attempt left nothing behind), and
+only the items that fail alone are answered with the error.
 """
 
 from __future__ import annotations
@@ -65,14 +69,30 @@ class GroupCommit(Generic[T, R]):
             try:
                 results = await self._commit([item for item, _ in batch])
             except Exception as exc:
-                log.exception("%s: a commit of %d items failed", self.name, len(batch))
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(Unavailable(f"{self.name}: the store refused the write: {exc}"))
+                if len(batch) == 1:
+                    self._fail(batch[0][1], exc)
+                    continue
+                log.warning("%s: a commit of %d items failed (%s); committing each alone", self.name, len(batch), exc)
+                for item, done in batch:
+                    await self._commit_alone(item, done)
                 continue
             for (_, done), result in zip(batch, results, strict=True):
                 if not done.done():
                     done.set_result(result)
+
+    async def _commit_alone(self, item: T, done: asyncio.Future[R]) -> None:
+        try:
+            (result,) = await self._commit([item])
+        except Exception as exc:
+            self._fail(done, exc)
+            return
+        if not done.done():
+            done.set_result(result)
+
+    def _fail(self, done: asyncio.Future[R], exc: Exception) -> None:
+        log.error("%s: a commit failed", self.name, exc_info=exc)
+        if not done.done():
+            done.set_exception(Unavailable(f"{self.name}: the store refused the write: {exc}"))
 
     def _take(self) -> list[tuple[T, asyncio.Future[R]]]:
         taken, weight = 0, 0

@@ -10,12 +10,15 @@ tests can control the clock.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 from router.cloudevents import Encoded
-from router.patterns import Pattern, compile_pattern
+from router.patterns import Pattern, PatternError, compile_pattern
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,13 +264,26 @@ def spec_to_json(spec: SubscriptionSpec) -> str:
     )
 
 
+def _compile_stored(name: str, pattern: dict[str, Any]) -> Pattern:
+    """Stored patterns were checked when they were PUT; ones stored before the limits existed still load.
+
+    One that no longer compiles (stored by a laxer router, or nested near Python's recursion
+    limit) matches nothing, loudly, rather than stop the router from starting.
+    """
+    try:
+        return compile_pattern(pattern, limits=None)
+    except (PatternError, RecursionError) as exc:
+        log.error("subscription %s: its stored pattern cannot be compiled (%s); it matches nothing", name, exc)
+        return Pattern((), ())
+
+
 def spec_from_json(name: str, text: str) -> SubscriptionSpec:
     raw = json.loads(text)
     pattern = raw["pattern"]
     return SubscriptionSpec(
         name=name,
         pattern=pattern,
-        compiled=None if pattern is None else compile_pattern(pattern),
+        compiled=None if pattern is None else _compile_stored(name, pattern),
         target=raw["target"],
         delivery=Delivery(**raw["delivery"]),
         owner=raw.get("owner", "service"),  # stored before scoped tokens: every caller was a service

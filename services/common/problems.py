@@ -38,8 +38,13 @@ def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
 
 
 def validation_problem(exc: RequestValidationError) -> JSONResponse:
-    errors = [{"field": _field_path(e.get("loc", ())), "expected": e.get("msg", "a valid value")} for e in exc.errors()]
+    raw = exc.errors()
+    errors = [{"field": _field_path(e.get("loc", ())), "expected": e.get("msg", "a valid value")} for e in raw]
     detail = "; ".join(f"{e['field']}: {e['expected']}" for e in errors) or "invalid request"
+    # A body that is not JSON at all cannot be read: 400 (RFC 9110 15.5.1). 422 is for JSON that
+    # parses but holds values we cannot use (15.5.21).
+    if any(e.get("type") == "json_invalid" for e in raw):
+        return problem_response(400, "Bad request", detail, errors=errors)
     return problem_response(422, "Invalid input", detail, errors=errors)
 
 

@@ -8,8 +8,11 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.router.events import BATCH, STRUCTURED, event
+
+JSON_TYPE = {"Content-Type": "application/json"}
 
 
 async def make_queue(router: httpx.AsyncClient, name: str = "q", pattern: Any = None, **delivery: Any) -> None:
@@ -204,3 +207,23 @@ async def test_structured_publish_fans_out_to_every_matching_queue(router: httpx
     await make_queue(router, "c", pattern={"source": ["nope"]})
     await router.post("/events", json=event(id="f"), headers=STRUCTURED)
     assert [len(await receive(router, n)) for n in ("a", "b", "c")] == [1, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("PUT", "/subscriptions/q"),
+        ("POST", "/subscriptions/q/receive"),
+        ("POST", "/subscriptions/q/ack"),
+        ("POST", "/subscriptions/q/nack"),
+        ("POST", "/subscriptions/q/extend"),
+        ("POST", "/subscriptions/q/replay"),
+        ("POST", "/patterns/test"),
+    ],
+)
+async def test_malformed_json_bodies_get_400(router: httpx.AsyncClient, method: str, path: str) -> None:
+    await router.put("/subscriptions/q", json={"pattern": None, "target": {"queue": {}}})
+    response = await router.request(method, path, content=b'{"max_messages": 1,', headers=JSON_TYPE)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["errors"][0]["field"].startswith("body")

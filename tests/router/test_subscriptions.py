@@ -95,3 +95,32 @@ async def test_pattern_test_endpoint(router: httpx.AsyncClient) -> None:
     assert (await router.post("/patterns/test", json={"pattern": pattern, "event": miss})).json() == {"match": False}
     bad = await router.post("/patterns/test", json={"pattern": {"a": 1}, "event": hit})
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"].startswith("pattern")
+
+
+def nested_pattern(depth: int) -> dict[str, Any]:
+    pattern: dict[str, Any] = {"x": ["y"]}
+    for _ in range(depth):
+        pattern = {"n": pattern}
+    return pattern
+
+
+@pytest.mark.parametrize(
+    ("pattern", "status", "field"),
+    [
+        (nested_pattern(900), 422, "pattern.n.n.n"),
+        ({".".join(["a"] * 1600): ["x"]}, 422, "pattern"),
+        ({f"f{i}": ["x" * 40] for i in range(50)}, 413, "pattern"),
+    ],
+)
+async def test_patterns_over_their_limits_are_refused_before_anything_is_stored(
+    router: httpx.AsyncClient, pattern: dict[str, Any], status: int, field: str
+) -> None:
+    response = await put(router, "big", pattern=pattern)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["errors"][0]["field"].startswith(field)
+    assert (await router.get("/subscriptions/big")).status_code == 404
+    listed = await router.get("/subscriptions")
+    assert listed.status_code == 200 and listed.json()["items"] == []
+    tested = await router.post("/patterns/test", json={"pattern": pattern, "event": {"x": "y"}})
+    assert tested.status_code == status and tested.json()["errors"][0]["field"].startswith(field)
