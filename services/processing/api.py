@@ -50,7 +50,8 @@ class AutoscalerOut(BaseModel):
 
 
 class AutoscalerIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON `false` is not 0 workers (it would pause processing), nor is "3" a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     min_workers: int | None = Field(None, ge=0, le=MAX_WORKERS_LIMIT)
     max_workers: int | None = Field(None, ge=0, le=MAX_WORKERS_LIMIT, description="0 pauses processing.")

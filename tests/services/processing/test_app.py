@@ -115,6 +115,11 @@ async def test_autoscaler_api_reports_and_validates(make_stack: Callable[..., An
             ({"target_backlog_per_worker": 0}, "body.target_backlog_per_worker"),
             ({"min_workers": -1}, "body.min_workers"),
             ({"max_workers": "many"}, "body.max_workers"),
+            # Strict types: a boolean or a numeric string is not a number of workers (false would pause).
+            ({"max_workers": False}, "body.max_workers"),
+            ({"min_workers": True}, "body.min_workers"),
+            ({"max_workers": "3"}, "body.max_workers"),
+            ({"target_backlog_per_worker": 2.0}, "body.target_backlog_per_worker"),
             ({"workers": 3}, "body.workers"),
         ]:
             refused = await stack.api.put("/autoscaler", json=body)
