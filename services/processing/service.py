@@ -28,7 +28,7 @@ from services.processing import events
 from services.processing.autoscaler import Autoscaler, Limits, ScalingChange
 from services.processing.deletions import DeletionConsumer
 from services.processing.events import EventSink
-from services.processing.job import RETRY_REQUESTED, UPLOADED, TranscodeJobs
+from services.processing.job import RETRY_REQUESTED, UPLOADED, TranscodeJobs, sweep_work_dir
 from services.processing.metrics import ProcessingMetrics
 from services.processing.settings import ProcessingSettings, cpu_count
 from services.processing.worker import WorkerPool
@@ -85,6 +85,10 @@ class ProcessingService:
 
     async def open(self) -> None:
         settings = self.settings
+        # Before any worker starts: partial outputs of jobs a kill -9 cut short (DESIGN: none may remain).
+        swept, size = await asyncio.to_thread(sweep_work_dir, settings.work_dir)
+        if swept:
+            log.info("swept %d work director(ies) (%d bytes) left by an earlier run", swept, size)
         self._store = await asyncio.to_thread(open_blob_store, settings.blob_base_url)
         token = settings.token_value
         self._control = RouterClient(settings.router_base_url, token=token, transport=self._router_transport)

@@ -246,3 +246,18 @@ async def test_starts_without_a_router_and_says_it_is_not_ready(tmp_path: Path) 
             ready = await api.get("/readyz")
             assert ready.status_code == 503 and "not declared yet" in ready.json()["detail"]
             assert (await api.get("/autoscaler")).json()["running"] == 0
+
+
+async def test_partial_outputs_left_by_a_killed_run_are_swept_at_start(
+    make_stack: Callable[..., Any], tmp_path: Path
+) -> None:
+    # What kill -9 mid-transcode leaves: a job's work directory with ffmpeg's hidden partial outputs,
+    # for a video that still exists and for one deleted since.
+    work = tmp_path / "data" / "processing" / "work"
+    planted = [work / "kept.k2j4x1" / "out" / ".transcode-a8f3", work / "deleted.p0q9z7" / "out" / ".transcode-77b1"]
+    for folder in planted:
+        folder.mkdir(parents=True)
+        (folder / "720p.mp4").write_bytes(b"\x00" * 1000)
+    (work / "kept.k2j4x1" / "master.mp4").write_bytes(b"x")
+    async for _stack in make_stack():
+        assert list(work.iterdir()) == []

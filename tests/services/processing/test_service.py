@@ -265,9 +265,15 @@ async def test_a_job_survives_kill_9_of_the_service(tmp_path: Path, clips: dict[
         # PR_SET_PDEATHSIG: the encoder dies with the service instead of encoding on for nobody.
         assert await no_ffmpeg_within(str(tmp_path), 3) == []
         assert not s.observer.of("cattube.transcode.completed")
+        # The killed run could not clean up: its partial outputs are still there...
+        work = Path(s.env["CATTUBE_DATA_DIR"]) / "processing" / "work"
+        partial = list(work.glob("*/out/.transcode-*"))
+        assert partial
 
         # After a restart the job is received again once its visibility timeout has run out, and completes.
         await s.processing.start()
+        # ...until the restart sweeps them, before any worker runs.
+        assert not any(folder.exists() for folder in partial)
         await s.observer.until(lambda seen: bool(s.observer.of("cattube.transcode.completed", "slow")))
         attempts = [e["data"]["attempt"] for e in s.observer.of("cattube.transcode.started", "slow")]
         assert attempts == [1, 2]
@@ -275,6 +281,7 @@ async def test_a_job_survives_kill_9_of_the_service(tmp_path: Path, clips: dict[
         assert completed["data"]["attempt"] == 2
         assert [r["name"] for r in completed["data"]["renditions"]] == ["720p", "360p"]
         assert await s.store.stat(video_key("slow", "720p.mp4")) is not None
+        assert list(work.glob("*/out/.transcode-*")) == []
 
 
 async def test_sigterm_hands_a_running_job_back_at_once(tmp_path: Path, clips: dict[str, Path]) -> None:
