@@ -32,20 +32,43 @@ class Stack:
     app: FastAPI
 
 
+class ReceiveWatch(httpx.AsyncBaseTransport):
+    """The router's transport, counting the processing service's transcode receives in flight."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.changed = asyncio.Condition()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/subscriptions/transcode/receive":
+            return await self.inner.handle_async_request(request)
+        await self._count(+1)
+        try:
+            return await self.inner.handle_async_request(request)
+        finally:
+            await self._count(-1)
+
+    async def _count(self, step: int) -> None:
+        async with self.changed:
+            self.in_flight += step
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.changed.notify_all()
+
+    async def until(self, holds: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10), self.changed:
+            await self.changed.wait_for(holds)
+
+
 @pytest.fixture
 def make_stack(tmp_path: Path, router_app: FastAPI) -> Callable[..., Any]:
     transport = httpx.ASGITransport(app=router_app)
 
-    def make(**overrides: Any) -> Any:
-        settings = ProcessingSettings(
-            data_dir=tmp_path / "data",
-            router_url="http://router",
-            max_workers=2,
-            scale_in_cooldown_s=0.1,
-            retry_delay_s=0,
-            **overrides,
-        )
-        app = create_app(settings, exit_on_failure=False, router_transport=transport)
+    def make(*, watch: ReceiveWatch | None = None, **overrides: Any) -> Any:
+        defaults: dict[str, Any] = {"max_workers": 2, "scale_in_cooldown_s": 0.1, "retry_delay_s": 0}
+        settings = ProcessingSettings(data_dir=tmp_path / "data", router_url="http://router", **(defaults | overrides))
+        app = create_app(settings, exit_on_failure=False, router_transport=watch or transport)
 
         async def stack() -> AsyncIterator[Stack]:
             async with running(app) as api, RouterClient("http://router", transport=transport) as router:
@@ -261,3 +284,36 @@ async def test_partial_outputs_left_by_a_killed_run_are_swept_at_start(
     (work / "kept.k2j4x1" / "master.mp4").write_bytes(b"x")
     async for _stack in make_stack():
         assert list(work.iterdir()) == []
+
+
+async def test_after_max_workers_0_returns_no_new_job_starts(
+    make_stack: Callable[..., Any], router_app: FastAPI
+) -> None:
+    watch = ReceiveWatch(httpx.ASGITransport(app=router_app))
+    async for stack in make_stack(min_workers=1, receive_wait_s=2, watch=watch):
+        service = stack.app.state.processing
+        await watch.until(lambda: watch.in_flight == 1)  # an idle worker's receive is waiting for a job
+        paused = await stack.api.put("/autoscaler", json={"min_workers": 0, "max_workers": 0})
+        assert paused.status_code == 200 and paused.json()["running"] == 0
+        await stack.router.publish(uploaded("late", None))
+        # Every receive of the paused service has ended, and the job still waits in the queue: none started.
+        await watch.until(lambda: watch.in_flight == 0)
+        stats = await stack.router.stats("transcode")
+        assert (stats.backlog, stats.in_flight, stats.delivered_total) == (1, 0, 0)
+        assert service.pool.busy == 0 and service.pool.running == 0
+
+
+async def test_a_large_fleet_shares_one_receive(make_stack: Callable[..., Any], router_app: FastAPI) -> None:
+    watch = ReceiveWatch(httpx.ASGITransport(app=router_app))
+    async for stack in make_stack(min_workers=50, max_workers=50, watch=watch):
+        await observe(stack.router)
+        await watch.until(lambda: watch.in_flight >= 1)
+        assert (await stack.api.get("/autoscaler")).json()["running"] == 50
+        missing = stack.store.uri(video_key("gone", "master.mp4"))
+        await stack.router.publish_batch([uploaded(f"v{n}", missing) for n in range(12)])
+        seen = await events_until(
+            stack.router, lambda seen: sum(e["type"] == "cattube.transcode.failed" for e in seen) == 12
+        )
+        assert len({e["data"]["video_id"] for e in seen if e["type"] == "cattube.transcode.failed"}) == 12
+        # 50 idle workers, one long poll between them (each worker its own poll would be 50 open connections).
+        assert watch.most_in_flight == 1
