@@ -26,6 +26,7 @@ from services.common.blobs import BlobStore, open_blob_store
 from services.common.supervisor import Supervisor
 from services.processing import events
 from services.processing.autoscaler import Autoscaler, Limits, ScalingChange
+from services.processing.capacity import FleetCap, fleet_cap
 from services.processing.deletions import DeletionConsumer
 from services.processing.events import EventSink
 from services.processing.job import RETRY_REQUESTED, UPLOADED, TranscodeJobs, sweep_work_dir
@@ -39,6 +40,7 @@ TRANSCODE_QUEUE = "transcode"
 DELETIONS_QUEUE = "processing-deletions"
 DELETED = "cattube.video.deleted"
 READY_CHECK_TIMEOUT_S = 2.0
+QUEUE_CONNECTIONS = 8
 SINK_FLUSH_S = 5.0
 
 
@@ -65,6 +67,7 @@ class ProcessingService:
         self._pool: WorkerPool | None = None
         self._autoscaler: Autoscaler | None = None
         self._deletions: DeletionConsumer | None = None
+        self.fleet_cap = FleetCap(None, "not measured yet")
 
     # -- the parts, once opened -------------------------------------------------------------------
 
@@ -92,9 +95,10 @@ class ProcessingService:
         self._store = await asyncio.to_thread(open_blob_store, settings.blob_base_url)
         token = settings.token_value
         self._control = RouterClient(settings.router_base_url, token=token, transport=self._router_transport)
-        # Every idle worker holds a long poll open: the workers get a pool of connections without a cap.
+        # Bounded: two long polls (the pool's one receive loop, deletions) and the busy workers' acks,
+        # nacks and heartbeats, which wait their turn for a connection rather than open one each.
         queue_transport = self._router_transport or httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)
+            limits=httpx.Limits(max_connections=QUEUE_CONNECTIONS, max_keepalive_connections=QUEUE_CONNECTIONS)
         )
         self._queues = RouterClient(settings.router_base_url, token=token, transport=queue_transport)
         self._sink = EventSink(self._control)
@@ -110,6 +114,14 @@ class ProcessingService:
             on_idle=self._worker_idle,
             on_outcome=self.metrics.job_settled,
         )
+        self.fleet_cap = fleet_cap()
+        if self.fleet_cap.workers is not None and settings.max_workers > self.fleet_cap.workers:
+            log.warning(
+                "max_workers %d is capped at %d: %s",
+                settings.max_workers,
+                self.fleet_cap.workers,
+                self.fleet_cap.reason,
+            )
         self._autoscaler = Autoscaler(
             self._pool,
             Limits(settings.min_workers, settings.max_workers, settings.target_backlog_per_worker),
@@ -117,6 +129,7 @@ class ProcessingService:
             stats=lambda: self._client().watch_stats(TRANSCODE_QUEUE, wait_s=20),
             on_change=self._scaled,
             history_size=settings.history_size,
+            cap=self.fleet_cap.workers,
         )
         self._deletions = DeletionConsumer(
             self._queues.queue(DELETIONS_QUEUE),

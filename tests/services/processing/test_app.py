@@ -121,6 +121,8 @@ async def test_autoscaler_api_reports_and_validates(make_stack: Callable[..., An
         assert state | {"history": []} == {
             "min_workers": 0,
             "max_workers": 2,
+            "max_workers_effective": 2,
+            "max_workers_reason": state["max_workers_reason"],
             "target_backlog_per_worker": 1,
             "scale_in_cooldown_s": 0.1,
             "desired": 0,
@@ -317,3 +319,17 @@ async def test_a_large_fleet_shares_one_receive(make_stack: Callable[..., Any], 
         assert len({e["data"]["video_id"] for e in seen if e["type"] == "cattube.transcode.failed"}) == 12
         # 50 idle workers, one long poll between them (each worker its own poll would be 50 open connections).
         assert watch.most_in_flight == 1
+
+
+async def test_the_fleet_is_capped_by_the_open_file_limit_and_says_so(
+    make_stack: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("services.processing.capacity.open_files_limit", lambda: 1024)
+    async for stack in make_stack(min_workers=200, max_workers=1337):
+        state = (await stack.api.get("/autoscaler")).json()
+        # (1024 - 256 kept for the service) // 8 files per running job
+        assert (state["max_workers"], state["max_workers_effective"], state["running"]) == (1337, 96, 96)
+        assert "RLIMIT_NOFILE" in state["max_workers_reason"] and "1024" in state["max_workers_reason"]
+        changed = (await stack.api.put("/autoscaler", json={"max_workers": 50, "min_workers": 0})).json()
+        assert (changed["max_workers"], changed["max_workers_effective"]) == (50, 50)
+        assert changed["max_workers_reason"].startswith("max_workers, as set")
