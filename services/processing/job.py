@@ -30,12 +30,12 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 
-from router.client import ReceivedMessage, RouterError
+from router.client import ReceivedMessage
 from services.common.blobs import BlobStore, video_key
 from services.common.errors import InvalidInput
 from services.common.media import ProcessTimeout
 from services.processing import events
-from services.processing.events import EventSink, run_id
+from services.processing.events import EventSink, OutboxUnavailable, run_id
 from services.processing.settings import ProcessingSettings
 from services.processing.transcode import TranscodeError, TranscodeResult, transcode
 from services.processing.worker import JobCancelled, JobContext, PermanentFailure, RetryLater, video_id_of
@@ -144,8 +144,8 @@ class TranscodeJobs:
         )
         try:
             await self.sink.publish(event)
-        except RouterError as exc:
-            raise RetryLater(f"The renditions are stored but the router did not take the news ({exc}).") from exc
+        except OutboxUnavailable as exc:
+            raise RetryLater(f"The renditions are stored but the news could not be recorded ({exc}).") from exc
 
     async def report_failure(
         self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str

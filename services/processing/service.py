@@ -5,7 +5,8 @@
     service.start(supervisor)        # declares the subscriptions in the background, then scales
     ...
     service.begin_shutdown()         # on SIGTERM: no new jobs
-    await service.close()            # running jobs get the grace period, then go back to the queue
+    await service.close()            # running jobs go back to the queue (after shutdown_grace_s, 0 by default);
+                                     # events the router does not take in 2 s stay in the outbox for the next start
 
 The subscriptions are declared in the background (retrying until the router answers), so the
 service starts, and answers `/healthz`, while the router is still down; `/readyz` says so.
@@ -23,6 +24,8 @@ import httpx
 
 from router.client import RouterClient, RouterError
 from services.common.blobs import BlobStore, open_blob_store
+from services.common.database import Database
+from services.common.outbox import OUTBOX_SCHEMA
 from services.common.supervisor import Supervisor
 from services.processing import events
 from services.processing.autoscaler import Autoscaler, Limits, ScalingChange
@@ -41,7 +44,9 @@ DELETIONS_QUEUE = "processing-deletions"
 DELETED = "cattube.video.deleted"
 READY_CHECK_TIMEOUT_S = 2.0
 QUEUE_CONNECTIONS = 8
-SINK_FLUSH_S = 5.0
+# At shutdown the router gets this long to take the outbox; what it does not take waits for the next start.
+SINK_FLUSH_S = 2.0
+EVENTS_TIMEOUT_S = 5.0
 
 
 class ProcessingService:
@@ -62,6 +67,7 @@ class ProcessingService:
         self._stopping = False
         self._store: BlobStore | None = None
         self._control: RouterClient | None = None
+        self._events: RouterClient | None = None
         self._queues: RouterClient | None = None
         self._sink: EventSink | None = None
         self._pool: WorkerPool | None = None
@@ -101,7 +107,16 @@ class ProcessingService:
             limits=httpx.Limits(max_connections=QUEUE_CONNECTIONS, max_keepalive_connections=QUEUE_CONNECTIONS)
         )
         self._queues = RouterClient(settings.router_base_url, token=token, transport=queue_transport)
-        self._sink = EventSink(self._control)
+        # The relay owns retries and their timing (backing off while the router is away): one try per call.
+        self._events = RouterClient(
+            settings.router_base_url,
+            token=token,
+            timeout_s=EVENTS_TIMEOUT_S,
+            transport=self._router_transport,
+            retries=0,
+        )
+        self._sink = EventSink(Database(settings.outbox_file, OUTBOX_SCHEMA, name="outbox"), self._events)
+        await self._sink.open()
         jobs = TranscodeJobs(self._store, self._sink, settings, is_deleted=self._is_deleted)
         self._pool = WorkerPool(
             self._queues.queue(TRANSCODE_QUEUE),
@@ -142,10 +157,11 @@ class ProcessingService:
     def start(self, supervisor: Supervisor) -> None:
         assert self._sink is not None
         supervisor.start("events", self._sink.run())
+        supervisor.start("outbox-relay", self._sink.run_relay())
         supervisor.start("autoscaler", self._main_loop(supervisor))
 
     def begin_shutdown(self) -> None:
-        """Take no new jobs; running ones have the grace period from now."""
+        """Take no new jobs; running ones have the grace period (shutdown_grace_s) from now."""
         self._stopping = True
         self.autoscaler.stop()
         if self._deletions is not None:
@@ -155,13 +171,13 @@ class ProcessingService:
         self.pool.begin_stop(self.settings.shutdown_grace_s)
 
     async def close(self) -> None:
-        """Let running jobs finish within the grace period (then stop them), publish what is left, disconnect."""
+        """Hand running jobs back (after the grace period), write every event to the outbox, disconnect."""
         if self._pool is not None:
             self.begin_shutdown()
             await self._pool.drain()
         if self._sink is not None:
             await self._sink.close(SINK_FLUSH_S)
-        for client in (self._queues, self._control):
+        for client in (self._queues, self._control, self._events):
             if client is not None:
                 await client.aclose()
 

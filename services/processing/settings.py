@@ -67,5 +67,10 @@ class ProcessingSettings(CommonSettings):
         """Where jobs write their outputs before they go into the bucket (same filesystem: linked, not copied)."""
         return self.data_dir / "processing" / "work"
 
+    @property
+    def outbox_file(self) -> Path:
+        """The SQLite outbox of the events this service owes the router (kept across restarts)."""
+        return self.data_dir / "processing" / "outbox.db"
+
     def job_timeout_s(self, duration_s: float) -> float:
         return self.job_timeout_factor * max(duration_s, 0.0) + self.job_timeout_base_s
