@@ -331,8 +331,8 @@ class WorkerPool:
     async def _process(self, worker: Worker, message: ReceivedMessage) -> None:
         worker.busy = True
         worker.video_id = video_id_of(message)
-        # Every live worker may run an ffmpeg: share the CPUs among the busy ones.
-        context = JobContext(worker.name, self._threads(max(1, self.busy)))
+        # Every live worker may run an ffmpeg: share the CPUs among them.
+        context = JobContext(worker.name, self._threads(max(1, len(self.workers))))
         started = time.monotonic()
         job = worker.job = asyncio.get_running_loop().create_task(self.handler.run(message, context))
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(message))
