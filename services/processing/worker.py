@@ -255,14 +255,15 @@ class WorkerPool:
             if receiving.cancelled():
                 continue  # no idle worker is left (a pause, a scale-in, shutdown)
             exc = receiving.exception()
-            if isinstance(exc, RouterError):
+            if exc is not None:
+                # Whatever went wrong (the router away, an answer that makes no sense), the idle workers
+                # depend on this loop: back off and try again rather than die.
                 failures += 1
                 delay = full_jitter(failures, 0.2, RECEIVE_BACKOFF_MAX_S)
-                log.warning("cannot receive jobs (%s); trying again in %.1f s", exc, delay)
+                detail = exc if isinstance(exc, RouterError) else repr(exc)
+                log.warning("cannot receive jobs (%s); trying again in %.1f s", detail, delay)
                 await self._sleep_unless_stopping(delay)
                 continue
-            if exc is not None:
-                raise exc
             failures = 0
             await self._hand_out(receiving.result())
 

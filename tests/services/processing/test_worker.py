@@ -43,7 +43,7 @@ class FakeQueue:
         self.most_in_flight = 0
         self.cancelled = 0
         self.changes = Changes()
-        self.answers: asyncio.Queue[list[ReceivedMessage]] = asyncio.Queue()
+        self.answers: asyncio.Queue[list[ReceivedMessage] | Exception] = asyncio.Queue()
         self.acked: list[str] = []
         self.nacked: list[tuple[str, float]] = []
 
@@ -58,12 +58,16 @@ class FakeQueue:
         try:
             while True:
                 try:
-                    return await asyncio.shield(answer)
+                    result = await asyncio.shield(answer)
                 except asyncio.CancelledError:
                     self.cancelled += 1
                     if not self.ignore_cancel:
                         answer.cancel()
                         raise
+                else:
+                    if isinstance(result, Exception):
+                        raise result
+                    return result
         finally:
             self.in_flight -= 1
             self.changes.changed()
@@ -184,3 +188,15 @@ async def test_stopping_hands_a_running_job_back_at_once(jobs: FakeJobs, pools: 
     await pool.drain()
     assert queue.nacked == [("r1", 0)] and queue.acked == []
     assert pool.workers == set() and queue.in_flight == 0
+
+
+async def test_the_receive_loop_outlives_a_failed_receive(jobs: FakeJobs, pools: list[WorkerPool]) -> None:
+    queue = FakeQueue()
+    pool = WorkerPool(queue, jobs, visibility_timeout_s=60)  # type: ignore[arg-type]
+    pools.append(pool)
+    pool.grow(1)
+    await receives(queue, 1)
+    queue.answers.put_nowait(KeyError("messages"))  # an answer that makes no sense
+    await receives(queue, 2)  # after a short backoff, it asks again
+    queue.answers.put_nowait([message(1)])
+    await jobs.changes.until(lambda: jobs.ran == ["r1"])
