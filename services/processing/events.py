@@ -169,7 +169,7 @@ class EventSink:
 
         What the router has not taken stays in the outbox for the next start.
         """
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, sqlite3.Error, Unavailable):
             async with asyncio.timeout(timeout_s):
                 if self._writer is not None:
                     await self._queue.join()
