@@ -82,7 +82,7 @@ def sweep_work_dir(work_dir: Path) -> tuple[int, int]:
 
     Call before any worker starts: every entry belongs to a job that no longer runs (its message
     comes back after the visibility timeout, or its video was deleted meanwhile). One processing
-    instance per data directory, so nothing here can belong to a live job of another process.
+    instance per data directory (the service holds a lock on it), so nothing here belongs to a live job.
     """
     if not work_dir.is_dir():
         return 0, 0

@@ -17,14 +17,18 @@ this service ever ran is still transcoded.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import secrets
+from pathlib import Path
+from typing import IO
 
 import httpx
 
 from router.client import RouterClient, RouterError
 from services.common.blobs import BlobStore, open_blob_store
 from services.common.database import Database
+from services.common.errors import Unavailable
 from services.common.outbox import OUTBOX_SCHEMA
 from services.common.supervisor import Supervisor
 from services.processing import events
@@ -47,6 +51,20 @@ QUEUE_CONNECTIONS = 8
 # At shutdown the router gets this long to take the outbox; what it does not take waits for the next start.
 SINK_FLUSH_S = 2.0
 EVENTS_TIMEOUT_S = 5.0
+
+
+def lock_data_dir(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock on `path` for as long as the returned file is open (a killed process drops it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = path.open("wb")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise Unavailable(
+            f"another processing instance is using {path.parent}; give each instance its own CATTUBE_DATA_DIR"
+        ) from None
+    return file
 
 
 class ProcessingService:
@@ -74,6 +92,7 @@ class ProcessingService:
         self._autoscaler: Autoscaler | None = None
         self._deletions: DeletionConsumer | None = None
         self.fleet_cap = FleetCap(None, "not measured yet")
+        self._lock: IO[bytes] | None = None
 
     # -- the parts, once opened -------------------------------------------------------------------
 
@@ -94,6 +113,8 @@ class ProcessingService:
 
     async def open(self) -> None:
         settings = self.settings
+        # The work directory and the outbox are this instance's alone: say so plainly if another has them.
+        self._lock = await asyncio.to_thread(lock_data_dir, settings.data_dir / "processing" / "instance.lock")
         # Before any worker starts: partial outputs of jobs a kill -9 cut short (DESIGN: none may remain).
         swept, size = await asyncio.to_thread(sweep_work_dir, settings.work_dir)
         if swept:
@@ -180,6 +201,9 @@ class ProcessingService:
         for client in (self._queues, self._control, self._events):
             if client is not None:
                 await client.aclose()
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
 
     # -- readiness --------------------------------------------------------------------------------
 

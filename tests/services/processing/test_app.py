@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from router.client import RouterClient, new_event
 from services.common.blobs import FileBlobStore, video_key
+from services.common.errors import Unavailable
 from services.processing.app import create_app
 from services.processing.settings import ProcessingSettings
 from tests.conftest import running
@@ -333,3 +334,15 @@ async def test_the_fleet_is_capped_by_the_open_file_limit_and_says_so(
         changed = (await stack.api.put("/autoscaler", json={"max_workers": 50, "min_workers": 0})).json()
         assert (changed["max_workers"], changed["max_workers_effective"]) == (50, 50)
         assert changed["max_workers_reason"].startswith("max_workers, as set")
+
+
+async def test_a_second_instance_on_the_same_data_dir_is_refused(
+    make_stack: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Its start-up sweep would remove the first one's running jobs' outputs, and they would share one outbox.
+    async for _stack in make_stack():
+        settings = ProcessingSettings(data_dir=tmp_path / "data", router_url="http://router")
+        second = create_app(settings, exit_on_failure=False)
+        with pytest.raises(Unavailable, match="another processing instance is using"):
+            async with running(second):
+                pass
