@@ -48,19 +48,24 @@ class ScalingOut(BaseModel):
 class AutoscalerOut(BaseModel):
     min_workers: int
     max_workers: int
+    max_workers_effective: int = Field(
+        description="The most workers this instance runs: max_workers, or less when its own limits allow fewer."
+    )
+    max_workers_reason: str = Field(description="Why max_workers_effective is what it is.")
     target_backlog_per_worker: int
     scale_in_cooldown_s: float
     desired: int = Field(description="Workers the queue asks for, within the limits.")
     running: int = Field(description="Workers in the group, busy or idle.")
     busy: int = Field(description="Workers running a job.")
-    retiring: int = Field(description="Retired workers finishing their last long poll.")
+    retiring: int = Field(description="Retired workers not gone yet (retiring an idle worker is immediate).")
     backlog: int = Field(description="Jobs waiting in the transcode queue, as last seen.")
     in_flight: int = Field(description="Jobs received and not yet settled, as last seen.")
     history: list[ScalingOut] = Field(description="Recent changes of the worker count, oldest first.")
 
 
 class AutoscalerIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON `false` is not 0 workers (it would pause processing), nor is "3" a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     min_workers: int | None = Field(None, ge=0, le=MAX_WORKERS_LIMIT)
     max_workers: int | None = Field(None, ge=0, le=MAX_WORKERS_LIMIT, description="0 pauses processing.")
@@ -82,9 +87,17 @@ def _state(service: ProcessingService) -> AutoscalerOut:
     autoscaler: Autoscaler = service.autoscaler
     pool = service.pool
     limits = autoscaler.limits
+    effective = autoscaler.effective_limits.max_workers
+    cap = service.fleet_cap
+    if cap.workers is not None and cap.workers < limits.max_workers:
+        reason = f"capped below max_workers: {cap.reason}"
+    else:
+        reason = f"max_workers, as set ({cap.reason})"
     return AutoscalerOut(
         min_workers=limits.min_workers,
         max_workers=limits.max_workers,
+        max_workers_effective=effective,
+        max_workers_reason=reason,
         target_backlog_per_worker=limits.target_backlog_per_worker,
         scale_in_cooldown_s=autoscaler.cooldown_s,
         desired=autoscaler.desired,

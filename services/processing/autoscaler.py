@@ -108,9 +108,12 @@ class Autoscaler:
         on_change: Callable[[ScalingChange], None] | None = None,
         history_size: int = 100,
         clock: Callable[[], float] = time.time,
+        cap: int | None = None,
     ) -> None:
         self.fleet = fleet
         self.limits = limits.checked()
+        self.cap = cap
+        """The most workers this process can run (`services.processing.capacity`), whatever max_workers says."""
         self.cooldown_s = cooldown_s
         self.backlog = 0
         self.in_flight = 0
@@ -143,6 +146,17 @@ class Autoscaler:
         self._cancel_timer()
         if self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
+
+    @property
+    def effective_limits(self) -> Limits:
+        """The limits as applied: min_workers and max_workers no higher than the cap."""
+        if self.cap is None:
+            return self.limits
+        return replace(
+            self.limits,
+            min_workers=min(self.limits.min_workers, self.cap),
+            max_workers=min(self.limits.max_workers, self.cap),
+        )
 
     def observe(self, backlog: int, in_flight: int) -> None:
         """New numbers from the queue."""
@@ -178,7 +192,7 @@ class Autoscaler:
         """Decide again from the last numbers; also called when a worker becomes idle."""
         if self._stopped:
             return
-        limits = self.limits
+        limits = self.effective_limits
         desired = self.desired = desired_size(self.backlog, self.in_flight, limits)
         running = self.fleet.running
         numbers = f"{self.backlog} waiting + {self.in_flight} in flight"
@@ -188,6 +202,8 @@ class Autoscaler:
             reason = because or f"{numbers} at {limits.target_backlog_per_worker} per worker"
             if desired == limits.min_workers and desired > self._asked():
                 reason = because or f"min_workers is {limits.min_workers}"
+            elif desired == limits.max_workers < self._asked() and limits.max_workers < self.limits.max_workers:
+                reason = f"{reason}; capped at {desired} by this process's open-file limit"
             self._record(running, desired, reason)
             return
         if desired == running:

@@ -13,6 +13,10 @@ stands for, so a publish retried after a lost answer is recognized as the same e
 `run` names one delivery of one job message: `{sequence}.{attempt}-{hash of the receipt}`. Each
 attempt is a new run (its outcome is news), and a dead letter redriven with its attempt count
 reset still gets new ids, since its receipt is new.
+
+Every event leaves through a durable outbox (`services.common.outbox`, a SQLite file under
+`DATA_DIR/processing`): when the router is away, or gone at shutdown, the events wait on disk and
+are published, in order, once it is back, after a restart too. Nothing is dropped.
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import sqlite3
 from collections.abc import Mapping
 from typing import Any
 
-from router.client import ReceivedMessage, RouterClient, RouterError, new_event
+from router.client import ReceivedMessage, RouterClient, new_event
+from services.common import outbox
+from services.common.database import Database
+from services.common.errors import Unavailable
+from services.common.outbox import OutboxRelay
 
 log = logging.getLogger(__name__)
 
 SOURCE = "cattube/processing"
 BATCH_MAX = 50
-PENDING_MAX = 10_000
 
 
 def run_id(message: ReceivedMessage) -> str:
@@ -87,78 +95,122 @@ def scaled(instance: str, n: int, *, from_: int, to: int, backlog: int, in_fligh
     return new_event("cattube.processing.scaled", SOURCE, data, id=f"scaled/{instance}/{n}")
 
 
+class OutboxUnavailable(Exception):
+    """The event could not be written to the outbox (a full disk, a closed database)."""
+
+
+def _enqueue_all(conn: sqlite3.Connection, events: list[Mapping[str, Any]]) -> None:
+    for event in events:
+        outbox.enqueue(conn, event)
+
+
+def _pending(conn: sqlite3.Connection) -> int:
+    return outbox.counts(conn)[0]
+
+
 class EventSink:
     """One ordered way out for every event: `announce` (fire and forget) and `publish` (wait until durable).
 
-    Both go through one queue drained by `run()` in batches, so a job's `started`, its progress
-    and its `completed` reach the router in the order they happened, and a slow or absent router
-    never blocks a job's progress callback. Announcements that cannot be published (the router
-    stays down through the client's retries) are dropped with a warning; `publish` raises instead.
+    Both go through one in-memory queue that `run()` writes to the outbox in batches (one
+    transaction each), so a job's `started`, its progress and its `completed` reach the router in
+    the order they happened, and a slow or absent router never blocks a job. `publish` returns once
+    the event is on disk: the router takes it when it can (`relay`, run by `run_relay()`).
+
+        sink = EventSink(Database(path, outbox.OUTBOX_SCHEMA, name="outbox"), router_client_with_no_retries)
+        await sink.open()
+        ...  run() and run_relay() in the background
+        await sink.close(timeout_s=2)    # writes what is queued; the router gets up to 2 s for the rest
     """
 
-    def __init__(self, client: RouterClient, *, pending_max: int = PENDING_MAX) -> None:
-        self.client = client
-        self.dropped = 0
+    def __init__(self, db: Database, client: RouterClient) -> None:
+        self.db = db
+        self.relay = OutboxRelay(db, client, on_published=self._on_published)
         self._queue: asyncio.Queue[tuple[Mapping[str, Any], asyncio.Future[None] | None]] = asyncio.Queue()
-        self._pending_max = pending_max
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._published = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._relaying: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def open(self) -> None:
+        await self.db.open()
+        if pending := await self.db.transact(_pending):
+            log.info("%d event(s) in the outbox from an earlier run; publishing them first", pending)
 
     def announce(self, event: Mapping[str, Any]) -> None:
-        if self._queue.qsize() >= self._pending_max:
-            self.dropped += 1
-            log.warning(
-                "dropping %s %s: %d events already wait for the router", event["type"], event["id"], self._pending_max
-            )
-            return
         self._queue.put_nowait((event, None))
 
     async def publish(self, event: Mapping[str, Any]) -> None:
+        """Returns once `event` is durable in the outbox; raises `OutboxUnavailable` if it could not be written."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((event, done))
         await done
 
     async def run(self) -> None:
-        self._task = asyncio.current_task()
-        while not self._closing:
+        """Write queued events to the outbox, in order, in batches."""
+        self._writer = asyncio.current_task()
+        while not self._closed:
             batch = [await self._queue.get()]
             while len(batch) < BATCH_MAX and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._send(batch)
+                await self._write(batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def close(self, timeout_s: float) -> None:
-        """Send what is still queued, for at most `timeout_s`, then stop `run()`."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._queue.join()
-        self._closing = True  # and if run() has not started yet, it never will
-        if not self._queue.empty():
-            log.warning("%d event(s) not published before shutdown", self._queue.qsize())
-        if self._task is not None:
-            self._task.cancel()
+    async def run_relay(self) -> None:
+        """Publish the outbox to the router (see `OutboxRelay`)."""
+        self._relaying = asyncio.current_task()
+        if not self._closed:
+            await self.relay.run()
 
-    async def _send(self, batch: list[tuple[Mapping[str, Any], asyncio.Future[None] | None]]) -> None:
+    async def close(self, timeout_s: float) -> None:
+        """Write what is still queued, give the router up to `timeout_s` to take the outbox, then stop.
+
+        What the router has not taken stays in the outbox for the next start.
+        """
+        with contextlib.suppress(TimeoutError, sqlite3.Error, Unavailable):
+            async with asyncio.timeout(timeout_s):
+                if self._writer is not None:
+                    await self._queue.join()
+                while True:
+                    self._published.clear()  # before counting: a publish from here on sets it again
+                    if not await self.db.transact(_pending):
+                        break
+                    await self._published.wait()
+        self._closed = True
+        self.relay.stop()
+        for task in (self._writer, self._relaying):
+            # A publish cut short is harmless: the events stay in the outbox and their ids are fixed.
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if not self._queue.empty():  # the database would not take them: say so, loudly
+            log.error("%d event(s) could not be written to the outbox before shutdown", self._queue.qsize())
+        with contextlib.suppress(sqlite3.Error, Unavailable):
+            if pending := await self.db.transact(_pending):
+                log.warning(
+                    "%d event(s) kept in the outbox (%s): the router did not take them before shutdown; "
+                    "they are published after the next start",
+                    pending,
+                    self.db.path,
+                )
+        await self.db.close()
+
+    def _on_published(self, count: int) -> None:
+        self._published.set()
+
+    async def _write(self, batch: list[tuple[Mapping[str, Any], asyncio.Future[None] | None]]) -> None:
         try:
-            await self.client.publish_batch([event for event, _ in batch])
-        except asyncio.CancelledError:
-            stopped = RouterError(503, {"title": "Not published", "detail": "the service is shutting down"})
+            await self.db.transact(_enqueue_all, [event for event, _ in batch])
+        except (sqlite3.Error, Unavailable, OSError) as exc:
+            log.error("could not write %d event(s) to the outbox at %s: %s", len(batch), self.db.path, exc)
+            failure = OutboxUnavailable(f"the outbox at {self.db.path} could not be written ({exc})")
             for _, done in batch:
                 if done is not None and not done.done():
-                    done.set_exception(stopped)
-            raise
-        except (RouterError, OSError) as exc:
-            announced = sum(1 for _, done in batch if done is None)
-            if announced:
-                self.dropped += announced
-                log.warning("could not publish %d event(s), dropped: %s", announced, exc)
-            for _, done in batch:
-                if done is not None and not done.done():
-                    done.set_exception(exc)
-        else:
-            for _, done in batch:
-                if done is not None and not done.done():
-                    done.set_result(None)
+                    done.set_exception(failure)
+            return
+        for _, done in batch:
+            if done is not None and not done.done():
+                done.set_result(None)
+        self.relay.wake()

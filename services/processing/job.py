@@ -12,7 +12,8 @@ A retry event without them fails permanently with a reason that says so.
 The master is read in place when the bucket is local (`BlobStore.local_path`), otherwise
 downloaded into the job's work directory first. ffmpeg writes into that work directory
 (`CATTUBE_DATA_DIR/processing/work`, on the bucket's filesystem by default, so outputs are
-linked into the bucket rather than copied); it is removed whatever happens.
+linked into the bucket rather than copied); it is removed whatever happens, and what a killed
+process could not remove is swept at the next start (`sweep_work_dir`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 
-from router.client import ReceivedMessage, RouterError
+from router.client import ReceivedMessage
 from services.common.blobs import BlobStore, video_key
 from services.common.errors import InvalidInput
 from services.common.media import ProcessTimeout
 from services.processing import events
-from services.processing.events import EventSink, run_id
+from services.processing.events import EventSink, OutboxUnavailable, run_id
 from services.processing.settings import ProcessingSettings
 from services.processing.transcode import TranscodeError, TranscodeResult, transcode
 from services.processing.worker import JobCancelled, JobContext, PermanentFailure, RetryLater, video_id_of
@@ -74,6 +75,27 @@ def parse_request(event: Mapping[str, Any]) -> TranscodeRequest:
     if not isinstance(renditions, list) or not renditions or not all(isinstance(r, str) for r in renditions):
         raise PermanentFailure("The job asks for no renditions (data.renditions must list names such as 720p).")
     return TranscodeRequest(str(video_id), master["uri"], probe, renditions)
+
+
+def sweep_work_dir(work_dir: Path) -> tuple[int, int]:
+    """Remove every job's work directory left by an earlier run (killed mid-job); returns (directories, bytes).
+
+    Call before any worker starts: every entry belongs to a job that no longer runs (its message
+    comes back after the visibility timeout, or its video was deleted meanwhile). One processing
+    instance per data directory (the service holds a lock on it), so nothing here belongs to a live job.
+    """
+    if not work_dir.is_dir():
+        return 0, 0
+    swept = size = 0
+    for entry in work_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            size += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            size += entry.lstat().st_size
+            entry.unlink(missing_ok=True)
+        swept += 1
+    return swept, size
 
 
 class TranscodeJobs:
@@ -122,8 +144,8 @@ class TranscodeJobs:
         )
         try:
             await self.sink.publish(event)
-        except RouterError as exc:
-            raise RetryLater(f"The renditions are stored but the router did not take the news ({exc}).") from exc
+        except OutboxUnavailable as exc:
+            raise RetryLater(f"The renditions are stored but the news could not be recorded ({exc}).") from exc
 
     async def report_failure(
         self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str

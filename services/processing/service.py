@@ -5,7 +5,8 @@
     service.start(supervisor)        # declares the subscriptions in the background, then scales
     ...
     service.begin_shutdown()         # on SIGTERM: no new jobs
-    await service.close()            # running jobs get the grace period, then go back to the queue
+    await service.close()            # running jobs go back to the queue (after shutdown_grace_s, 0 by default);
+                                     # events the router does not take in 2 s stay in the outbox for the next start
 
 The subscriptions are declared in the background (retrying until the router answers), so the
 service starts, and answers `/healthz`, while the router is still down; `/readyz` says so.
@@ -16,19 +17,26 @@ this service ever ran is still transcoded.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import secrets
+from pathlib import Path
+from typing import IO
 
 import httpx
 
 from router.client import RouterClient, RouterError
 from services.common.blobs import BlobStore, open_blob_store
+from services.common.database import Database
+from services.common.errors import Unavailable
+from services.common.outbox import OUTBOX_SCHEMA
 from services.common.supervisor import Supervisor
 from services.processing import events
 from services.processing.autoscaler import Autoscaler, Limits, ScalingChange
+from services.processing.capacity import FleetCap, fleet_cap
 from services.processing.deletions import DeletionConsumer
 from services.processing.events import EventSink
-from services.processing.job import RETRY_REQUESTED, UPLOADED, TranscodeJobs
+from services.processing.job import RETRY_REQUESTED, UPLOADED, TranscodeJobs, sweep_work_dir
 from services.processing.metrics import ProcessingMetrics
 from services.processing.settings import ProcessingSettings, cpu_count
 from services.processing.worker import WorkerPool
@@ -39,7 +47,24 @@ TRANSCODE_QUEUE = "transcode"
 DELETIONS_QUEUE = "processing-deletions"
 DELETED = "cattube.video.deleted"
 READY_CHECK_TIMEOUT_S = 2.0
-SINK_FLUSH_S = 5.0
+QUEUE_CONNECTIONS = 8
+# At shutdown the router gets this long to take the outbox; what it does not take waits for the next start.
+SINK_FLUSH_S = 2.0
+EVENTS_TIMEOUT_S = 5.0
+
+
+def lock_data_dir(path: Path) -> IO[bytes]:
+    """Hold an exclusive lock on `path` for as long as the returned file is open (a killed process drops it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = path.open("wb")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        raise Unavailable(
+            f"another processing instance is using {path.parent}; give each instance its own CATTUBE_DATA_DIR"
+        ) from None
+    return file
 
 
 class ProcessingService:
@@ -60,11 +85,14 @@ class ProcessingService:
         self._stopping = False
         self._store: BlobStore | None = None
         self._control: RouterClient | None = None
+        self._events: RouterClient | None = None
         self._queues: RouterClient | None = None
         self._sink: EventSink | None = None
         self._pool: WorkerPool | None = None
         self._autoscaler: Autoscaler | None = None
         self._deletions: DeletionConsumer | None = None
+        self.fleet_cap = FleetCap(None, "not measured yet")
+        self._lock: IO[bytes] | None = None
 
     # -- the parts, once opened -------------------------------------------------------------------
 
@@ -85,15 +113,31 @@ class ProcessingService:
 
     async def open(self) -> None:
         settings = self.settings
+        # The work directory and the outbox are this instance's alone: say so plainly if another has them.
+        self._lock = await asyncio.to_thread(lock_data_dir, settings.data_dir / "processing" / "instance.lock")
+        # Before any worker starts: partial outputs of jobs a kill -9 cut short (DESIGN: none may remain).
+        swept, size = await asyncio.to_thread(sweep_work_dir, settings.work_dir)
+        if swept:
+            log.info("swept %d work director(ies) (%d bytes) left by an earlier run", swept, size)
         self._store = await asyncio.to_thread(open_blob_store, settings.blob_base_url)
         token = settings.router_token
         self._control = RouterClient(settings.router_base_url, token=token, transport=self._router_transport)
-        # Every idle worker holds a long poll open: the workers get a pool of connections without a cap.
+        # Bounded: two long polls (the pool's one receive loop, deletions) and the busy workers' acks,
+        # nacks and heartbeats, which wait their turn for a connection rather than open one each.
         queue_transport = self._router_transport or httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)
+            limits=httpx.Limits(max_connections=QUEUE_CONNECTIONS, max_keepalive_connections=QUEUE_CONNECTIONS)
         )
         self._queues = RouterClient(settings.router_base_url, token=token, transport=queue_transport)
-        self._sink = EventSink(self._control)
+        # The relay owns retries and their timing (backing off while the router is away): one try per call.
+        self._events = RouterClient(
+            settings.router_base_url,
+            token=token,
+            timeout_s=EVENTS_TIMEOUT_S,
+            transport=self._router_transport,
+            retries=0,
+        )
+        self._sink = EventSink(Database(settings.outbox_file, OUTBOX_SCHEMA, name="outbox"), self._events)
+        await self._sink.open()
         jobs = TranscodeJobs(self._store, self._sink, settings, is_deleted=self._is_deleted)
         self._pool = WorkerPool(
             self._queues.queue(TRANSCODE_QUEUE),
@@ -106,6 +150,14 @@ class ProcessingService:
             on_idle=self._worker_idle,
             on_outcome=self.metrics.job_settled,
         )
+        self.fleet_cap = fleet_cap()
+        if self.fleet_cap.workers is not None and settings.max_workers > self.fleet_cap.workers:
+            log.warning(
+                "max_workers %d is capped at %d: %s",
+                settings.max_workers,
+                self.fleet_cap.workers,
+                self.fleet_cap.reason,
+            )
         self._autoscaler = Autoscaler(
             self._pool,
             Limits(settings.min_workers, settings.max_workers, settings.target_backlog_per_worker),
@@ -113,6 +165,7 @@ class ProcessingService:
             stats=lambda: self._client().watch_stats(TRANSCODE_QUEUE, wait_s=20),
             on_change=self._scaled,
             history_size=settings.history_size,
+            cap=self.fleet_cap.workers,
         )
         self._deletions = DeletionConsumer(
             self._queues.queue(DELETIONS_QUEUE),
@@ -125,10 +178,11 @@ class ProcessingService:
     def start(self, supervisor: Supervisor) -> None:
         assert self._sink is not None
         supervisor.start("events", self._sink.run())
+        supervisor.start("outbox-relay", self._sink.run_relay())
         supervisor.start("autoscaler", self._main_loop(supervisor))
 
     def begin_shutdown(self) -> None:
-        """Take no new jobs; running ones have the grace period from now."""
+        """Take no new jobs; running ones have the grace period (shutdown_grace_s) from now."""
         self._stopping = True
         self.autoscaler.stop()
         if self._deletions is not None:
@@ -138,15 +192,18 @@ class ProcessingService:
         self.pool.begin_stop(self.settings.shutdown_grace_s)
 
     async def close(self) -> None:
-        """Let running jobs finish within the grace period (then stop them), publish what is left, disconnect."""
+        """Hand running jobs back (after the grace period), write every event to the outbox, disconnect."""
         if self._pool is not None:
             self.begin_shutdown()
             await self._pool.drain()
         if self._sink is not None:
             await self._sink.close(SINK_FLUSH_S)
-        for client in (self._queues, self._control):
+        for client in (self._queues, self._control, self._events):
             if client is not None:
                 await client.aclose()
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
 
     # -- readiness --------------------------------------------------------------------------------
 

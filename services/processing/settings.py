@@ -39,7 +39,7 @@ class ProcessingSettings(CommonSettings):
     visibility_timeout_s: float = Field(
         60, ge=1, le=43_200, description="How long a received job stays hidden; extended every third of it."
     )
-    receive_wait_s: float = Field(20, gt=0, le=20, description="Long-poll wait of an idle worker's receive.")
+    receive_wait_s: float = Field(20, gt=0, le=20, description="Long-poll wait of the receive for idle workers.")
     retry_delay_s: float = Field(10, ge=0, le=43_200, description="Delay before a transiently failed job runs again.")
     max_receive_count: int = Field(3, ge=1, le=1000, description="Receives of a job before the router dead-letters it.")
     ffmpeg_preset: X264_PRESETS = Field("veryfast", description="libx264 preset: speed against size.")
@@ -49,7 +49,9 @@ class ProcessingSettings(CommonSettings):
     ffmpeg_memory_limit_bytes: int | None = Field(None, gt=0, description="Address-space limit of each ffmpeg run.")
     job_timeout_factor: float = Field(10, gt=0, description="A job's time limit is this times the video's duration…")
     job_timeout_base_s: float = Field(60, ge=0, description="…plus this many seconds.")
-    shutdown_grace_s: float = Field(30, ge=0, description="How long running jobs may finish after SIGTERM.")
+    shutdown_grace_s: float = Field(
+        0, ge=0, description="How long running jobs may finish after SIGTERM; 0: hand them back to the queue at once."
+    )
     max_pixels: int = Field(7680 * 4320, gt=0, description="Largest picture (width x height) a master may have.")
     ffmpeg: str | None = Field(None, description="The ffmpeg binary; default the one from imageio-ffmpeg.")
     history_size: int = Field(100, ge=1, le=10_000, description="Scaling changes kept for GET /autoscaler.")
@@ -64,6 +66,11 @@ class ProcessingSettings(CommonSettings):
     def work_dir(self) -> Path:
         """Where jobs write their outputs before they go into the bucket (same filesystem: linked, not copied)."""
         return self.data_dir / "processing" / "work"
+
+    @property
+    def outbox_file(self) -> Path:
+        """The SQLite outbox of the events this service owes the router (kept across restarts)."""
+        return self.data_dir / "processing" / "outbox.db"
 
     def job_timeout_s(self, duration_s: float) -> float:
         return self.job_timeout_factor * max(duration_s, 0.0) + self.job_timeout_base_s

@@ -1,14 +1,17 @@
-"""The worker pool: asyncio tasks that take jobs off a queue one at a time and own their ack or nack.
+"""The worker pool: asyncio tasks that run one job at a time, fed by one receive loop, and own their ack or nack.
 
     pool = WorkerPool(router.queue("transcode"), jobs, visibility_timeout_s=60)
     pool.grow(2)      # the autoscaler decides how many
     ...
-    pool.begin_stop(grace_s=30)
+    pool.begin_stop(grace_s=0)
     await pool.drain()
 
-A worker long-polls for one message (while it waits it is *idle*), runs the job in a task of its
-own (then it is *busy*), extends the message's visibility every third of the timeout while the
-job runs, and settles the message from the job's verdict, as arq's `Retry` does:
+Idle workers hold no connection of their own: they wait on a future, and ONE receive loop per
+pool long-polls the router for up to min(10, idle workers) messages and hands each to an idle
+worker. A fleet of 1,337 workers therefore costs the router one long poll, not 1,337 connections
+(each an open file on both sides). A worker with a message is *busy*: it runs the job in a task
+of its own, extends the message's visibility every third of the timeout while the job runs, and
+settles the message from the job's verdict, as arq's `Retry` does:
 
     the job returns          ack
     PermanentFailure(reason) `failed` event (permanent), then ack
@@ -18,14 +21,15 @@ job runs, and settles the message from the job's verdict, as arq's `Retry` does:
 
 After `max_receive_count` receives the router dead-letters a message that keeps failing.
 
-Retiring an idle worker (scale-in) does not cut its long poll: a receive cancelled on our side
-would still be answered by the router, and the message it leased would sit invisible until its
-visibility timeout ran out (with one more receive counted against it). The worker finishes its
-poll and leaves; if the poll brings a job it does that job first. Shutdown is the exception: idle
-workers are cancelled at once, so that stopping does not wait out a 20 s poll (a message the
-router leases to such an abandoned poll comes back after its visibility timeout); busy ones get
-`grace_s` to finish, then their job is cancelled (which kills its ffmpeg) and the message nacked
-with no delay so another worker takes it at once.
+Retiring idle workers (scale-in, `max_workers: 0`) takes effect at once: they leave without a
+poll to finish, and when no idle worker is left the pending receive is cancelled (the router
+releases whatever it leased to a receive whose client hung up). A receive that still brings
+messages nobody idle is left to run (the pause came as the answer was on its way) hands them
+back at once: nack with no delay, no job started. Shutdown retires idle workers the same way;
+busy ones get `grace_s` to finish (0 by default: hand the job back now), then their job is
+cancelled (which kills its ffmpeg group and removes its partial outputs) and the message nacked
+with no delay so another worker or the next start takes it at once. A nack that fails is logged
+as such: the message comes back after its visibility timeout anyway.
 """
 
 from __future__ import annotations
@@ -43,7 +47,11 @@ from router.client import QueueConsumer, ReceivedMessage, RouterError, full_jitt
 log = logging.getLogger(__name__)
 
 SETTLE_TIMEOUT_S = 10.0
+# At shutdown a hand-back gets one short try: a router that is gone must not hold the exit up.
+HANDBACK_TIMEOUT_S = 2.0
 RECEIVE_BACKOFF_MAX_S = 10.0
+# SQS's own ceiling on one receive; also bounds the messages a pause may have to hand back.
+RECEIVE_BATCH_MAX = 10
 
 
 class RetryLater(Exception):
@@ -114,6 +122,7 @@ class WorkerPool:
         visibility_timeout_s: float,
         receive_wait_s: float = 20,
         retry_delay_s: float = 10,
+        receive_batch_max: int = RECEIVE_BATCH_MAX,
         threads: Callable[[int], int] = lambda running: 1,
         name_prefix: str = "worker",
         on_idle: Callable[[], None] | None = None,
@@ -124,13 +133,23 @@ class WorkerPool:
         self.visibility_timeout_s = visibility_timeout_s
         self.receive_wait_s = receive_wait_s
         self.retry_delay_s = retry_delay_s
+        self.receive_batch_max = receive_batch_max
         self.workers: set[Worker] = set()
         self.on_idle = on_idle
         self.on_outcome = on_outcome
+        self.receives = 0
+        """Receive requests sent (metrics, tests)."""
+        self.handed_back = 0
+        """Messages received with no idle worker left to take them, nacked at once."""
         self._threads = threads
         self._names = (f"{name_prefix}-{n}" for n in itertools.count(1))
         self._stopping = asyncio.Event()
         self._deadline: float | None = None
+        # Idle workers, oldest first, each waiting on its future: a message, or None to leave.
+        self._waiting: dict[Worker, asyncio.Future[ReceivedMessage | None]] = {}
+        self._demand = asyncio.Event()
+        self._receiver: asyncio.Task[None] | None = None
+        self._receiving: asyncio.Task[list[ReceivedMessage]] | None = None
 
     # -- what the autoscaler sees -----------------------------------------------------------------
 
@@ -144,24 +163,27 @@ class WorkerPool:
 
     @property
     def retiring(self) -> int:
+        """Retired workers not gone yet (a moment at most: retiring an idle worker is immediate)."""
         return sum(1 for w in self.workers if w.retiring)
 
     def grow(self, count: int) -> None:
         if self._stopping.is_set():
             return
-        # Retired workers still in their last long poll (busy ones first) come back before new ones start.
-        for worker in sorted((w for w in self.workers if w.retiring), key=lambda w: not w.busy)[:count]:
-            worker.retiring = False
-            count -= 1
+        loop = asyncio.get_running_loop()
+        if self._receiver is None:
+            self._receiver = loop.create_task(self._receive_loop(), name="receiver")
         for _ in range(count):
             worker = Worker(next(self._names))
-            worker.task = asyncio.get_running_loop().create_task(self._run(worker), name=worker.name)
+            worker.task = loop.create_task(self._run(worker), name=worker.name)
             self.workers.add(worker)
 
     def shrink(self, count: int) -> int:
+        """Retire up to `count` idle workers now; if none is left idle, the pending receive is cancelled."""
         idle = [w for w in self.workers if not w.busy and not w.retiring][:count]
         for worker in idle:
             worker.retiring = True
+            self._release(worker)
+        self._cancel_unwanted_receive()
         return len(idle)
 
     # -- deletion and shutdown --------------------------------------------------------------------
@@ -175,14 +197,15 @@ class WorkerPool:
         return len(jobs)
 
     def begin_stop(self, grace_s: float) -> None:
-        """Take no more jobs; cancel idle workers now; busy ones have `grace_s` to finish (see `drain`)."""
+        """Take no more jobs: idle workers leave, the receive is cancelled; busy ones have `grace_s` (see `drain`)."""
         if self._stopping.is_set():
             return
         self._stopping.set()
         self._deadline = time.monotonic() + grace_s
-        for worker in self.workers:
-            if not worker.busy and worker.task is not None:
-                worker.task.cancel()
+        for worker in list(self._waiting):
+            self._release(worker)
+        self._cancel_unwanted_receive()
+        self._demand.set()  # the receive loop, if it waits for demand, wakes up and ends
 
     async def drain(self) -> None:
         """Wait for busy workers until the grace period ends, then cancel them (their messages are nacked)."""
@@ -190,36 +213,114 @@ class WorkerPool:
             self.begin_stop(0)
         assert self._deadline is not None
         tasks = [w.task for w in self.workers if w.task is not None]
+        if self._receiver is not None:
+            tasks.append(self._receiver)
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, self._deadline - time.monotonic()))
-        if pending:
-            log.warning("grace period over: stopping %d running job(s); they go back to the queue", len(pending))
+        jobs = sum(1 for task in pending if task is not self._receiver)
+        if jobs:
+            log.warning("stopping %d running job(s); they go back to the queue", jobs)
         for task in pending:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    # -- the receive loop -------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        """Long-poll for as many messages as there are idle workers (at most `receive_batch_max`)."""
+        failures = 0
+        while not self._stopping.is_set():
+            if not self._waiting:
+                self._demand.clear()
+                await self._demand.wait()
+                continue
+            wanted = min(self.receive_batch_max, len(self._waiting))
+            self.receives += 1
+            receiving = self._receiving = asyncio.ensure_future(
+                self.queue.receive(
+                    max_messages=wanted, wait_s=self.receive_wait_s, visibility_timeout_s=self.visibility_timeout_s
+                )
+            )
+            try:
+                await asyncio.wait({receiving})
+            except asyncio.CancelledError:
+                receiving.cancel()
+                await asyncio.gather(receiving, return_exceptions=True)
+                if not receiving.cancelled() and receiving.exception() is None:
+                    await self._hand_back(receiving.result())
+                raise
+            finally:
+                self._receiving = None
+            if receiving.cancelled():
+                continue  # no idle worker is left (a pause, a scale-in, shutdown)
+            exc = receiving.exception()
+            if exc is not None:
+                # Whatever went wrong (the router away, an answer that makes no sense), the idle workers
+                # depend on this loop: back off and try again rather than die.
+                failures += 1
+                delay = full_jitter(failures, 0.2, RECEIVE_BACKOFF_MAX_S)
+                detail = exc if isinstance(exc, RouterError) else repr(exc)
+                log.warning("cannot receive jobs (%s); trying again in %.1f s", detail, delay)
+                await self._sleep_unless_stopping(delay)
+                continue
+            failures = 0
+            await self._hand_out(receiving.result())
+
+    async def _hand_out(self, messages: list[ReceivedMessage]) -> None:
+        """Give each message to an idle worker; hand back at once what no idle worker is left for."""
+        surplus = []
+        for message in messages:
+            if self._waiting and not self._stopping.is_set():
+                worker = next(iter(self._waiting))
+                # No await between here and the worker's future: shutdown and scale-in never take it for idle.
+                worker.busy = True
+                worker.video_id = video_id_of(message)
+                self._waiting.pop(worker).set_result(message)
+            else:
+                surplus.append(message)
+        await self._hand_back(surplus)
+
+    async def _hand_back(self, messages: list[ReceivedMessage]) -> None:
+        if not messages:
+            return
+        self.handed_back += len(messages)
+        log.info("handing back %d job(s) received after the workers were retired or stopped", len(messages))
+        await self._settle_all("nack", messages, delay_s=0)
+
+    def _release(self, worker: Worker) -> None:
+        waiting = self._waiting.pop(worker, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    def _cancel_unwanted_receive(self) -> None:
+        if not self._waiting and self._receiving is not None:
+            self._receiving.cancel()
+
     # -- one worker -------------------------------------------------------------------------------
 
     async def _run(self, worker: Worker) -> None:
-        failures = 0
         try:
             while not self._stopping.is_set() and not worker.retiring:
-                try:
-                    messages = await self.queue.receive(
-                        max_messages=1, wait_s=self.receive_wait_s, visibility_timeout_s=self.visibility_timeout_s
-                    )
-                except RouterError as exc:
-                    failures += 1
-                    delay = full_jitter(failures, 0.2, RECEIVE_BACKOFF_MAX_S)
-                    log.warning("%s cannot receive (%s); trying again in %.1f s", worker.name, exc, delay)
-                    await self._sleep_unless_stopping(delay)
-                    continue
-                failures = 0
-                for message in messages:
-                    await self._process(worker, message)
+                message = await self._next_message(worker)
+                if message is None:
+                    break
+                await self._process(worker, message)
         finally:
+            self._release(worker)
             self.workers.discard(worker)
+
+    async def _next_message(self, worker: Worker) -> ReceivedMessage | None:
+        waiting: asyncio.Future[ReceivedMessage | None] = asyncio.get_running_loop().create_future()
+        self._waiting[worker] = waiting
+        self._demand.set()
+        try:
+            return await waiting
+        except asyncio.CancelledError:
+            # Cancelled just as a message was handed over: give it back rather than let it wait out its lease.
+            if waiting.done() and not waiting.cancelled() and (message := waiting.result()) is not None:
+                await self._settle("nack", message, delay_s=0)
+            raise
 
     async def _sleep_unless_stopping(self, delay_s: float) -> None:
         try:
@@ -229,10 +330,9 @@ class WorkerPool:
             pass
 
     async def _process(self, worker: Worker, message: ReceivedMessage) -> None:
-        # No await between the receive returning and `busy`: shutdown must never take this worker for idle.
         worker.busy = True
         worker.video_id = video_id_of(message)
-        # Every live worker may run an ffmpeg (a retired one finishing its last poll too): share the CPUs among them.
+        # Every live worker may run an ffmpeg: share the CPUs among them.
         context = JobContext(worker.name, self._threads(max(1, len(self.workers))))
         started = time.monotonic()
         job = worker.job = asyncio.get_running_loop().create_task(self.handler.run(message, context))
@@ -241,8 +341,8 @@ class WorkerPool:
             try:
                 await asyncio.wait({job})
             except asyncio.CancelledError:
-                # Shutdown past the grace period: stop the job (its ffmpeg dies with it) and hand the
-                # message back at once, so another worker can take it.
+                # Shutdown past the grace period: stop the job (its ffmpeg dies with it, its partial
+                # outputs are removed) and hand the message back at once, so another worker can take it.
                 job.cancel()
                 await asyncio.gather(job, return_exceptions=True)
                 await self._settle("nack", message, delay_s=0)
@@ -300,22 +400,32 @@ class WorkerPool:
         return True
 
     async def _settle(self, verb: str, message: ReceivedMessage, *, delay_s: float = 0) -> None:
-        """Ack or nack, bounded in time; if it fails the visibility timeout brings the message back anyway."""
+        await self._settle_all(verb, [message], delay_s=delay_s)
+
+    async def _settle_all(self, verb: str, messages: list[ReceivedMessage], *, delay_s: float = 0) -> None:
+        """Ack or nack, bounded in time; if it fails the visibility timeout brings the messages back anyway."""
+        videos = ", ".join(str(video_id_of(m)) for m in messages)
+        timeout_s = HANDBACK_TIMEOUT_S if self._stopping.is_set() else SETTLE_TIMEOUT_S
         try:
-            async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
+                receipts = [m.receipt for m in messages]
                 if verb == "ack":
-                    results = await self.queue.ack([message.receipt])
+                    results = await self.queue.ack(receipts)
                 else:
-                    results = await self.queue.nack([message.receipt], delay_s=delay_s)
-        except (RouterError, TimeoutError) as exc:
+                    results = await self.queue.nack(receipts, delay_s=delay_s)
+        except TimeoutError:
             log.warning(
-                "%s of video %s failed (%s); it comes back after its visibility timeout",
+                "%s of video %s failed (no answer from the router within %g s); "
+                "it comes back after its visibility timeout",
                 verb,
-                video_id_of(message),
-                exc,
+                videos,
+                timeout_s,
             )
             return
-        for result in results:
+        except RouterError as exc:
+            log.warning("%s of video %s failed (%s); it comes back after its visibility timeout", verb, videos, exc)
+            return
+        for message, result in zip(messages, results, strict=False):
             if not result.get("ok"):
                 log.warning("%s of video %s refused: %s", verb, video_id_of(message), result.get("error"))
 

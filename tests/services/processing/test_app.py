@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from router.client import RouterClient, new_event
 from services.common.blobs import FileBlobStore, video_key
+from services.common.errors import Unavailable
 from services.processing.app import create_app
 from services.processing.settings import ProcessingSettings
 from tests.conftest import running
@@ -32,20 +33,43 @@ class Stack:
     app: FastAPI
 
 
+class ReceiveWatch(httpx.AsyncBaseTransport):
+    """The router's transport, counting the processing service's transcode receives in flight."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.changed = asyncio.Condition()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/subscriptions/transcode/receive":
+            return await self.inner.handle_async_request(request)
+        await self._count(+1)
+        try:
+            return await self.inner.handle_async_request(request)
+        finally:
+            await self._count(-1)
+
+    async def _count(self, step: int) -> None:
+        async with self.changed:
+            self.in_flight += step
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.changed.notify_all()
+
+    async def until(self, holds: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10), self.changed:
+            await self.changed.wait_for(holds)
+
+
 @pytest.fixture
 def make_stack(tmp_path: Path, router_app: FastAPI) -> Callable[..., Any]:
     transport = httpx.ASGITransport(app=router_app)
 
-    def make(**overrides: Any) -> Any:
-        settings = ProcessingSettings(
-            data_dir=tmp_path / "data",
-            router_url="http://router",
-            max_workers=2,
-            scale_in_cooldown_s=0.1,
-            retry_delay_s=0,
-            **overrides,
-        )
-        app = create_app(settings, exit_on_failure=False, router_transport=transport)
+    def make(*, watch: ReceiveWatch | None = None, **overrides: Any) -> Any:
+        defaults: dict[str, Any] = {"max_workers": 2, "scale_in_cooldown_s": 0.1, "retry_delay_s": 0}
+        settings = ProcessingSettings(data_dir=tmp_path / "data", router_url="http://router", **(defaults | overrides))
+        app = create_app(settings, exit_on_failure=False, router_transport=watch or transport)
 
         async def stack() -> AsyncIterator[Stack]:
             async with running(app) as api, RouterClient("http://router", transport=transport) as router:
@@ -98,6 +122,8 @@ async def test_autoscaler_api_reports_and_validates(make_stack: Callable[..., An
         assert state | {"history": []} == {
             "min_workers": 0,
             "max_workers": 2,
+            "max_workers_effective": 2,
+            "max_workers_reason": state["max_workers_reason"],
             "target_backlog_per_worker": 1,
             "scale_in_cooldown_s": 0.1,
             "desired": 0,
@@ -115,6 +141,11 @@ async def test_autoscaler_api_reports_and_validates(make_stack: Callable[..., An
             ({"target_backlog_per_worker": 0}, "body.target_backlog_per_worker"),
             ({"min_workers": -1}, "body.min_workers"),
             ({"max_workers": "many"}, "body.max_workers"),
+            # Strict types: a boolean or a numeric string is not a number of workers (false would pause).
+            ({"max_workers": False}, "body.max_workers"),
+            ({"min_workers": True}, "body.min_workers"),
+            ({"max_workers": "3"}, "body.max_workers"),
+            ({"target_backlog_per_worker": 2.0}, "body.target_backlog_per_worker"),
             ({"workers": 3}, "body.workers"),
         ]:
             refused = await stack.api.put("/autoscaler", json=body)
@@ -259,3 +290,77 @@ async def test_starts_without_a_router_and_says_it_is_not_ready(tmp_path: Path) 
             ready = await api.get("/readyz")
             assert ready.status_code == 503 and "not declared yet" in ready.json()["detail"]
             assert (await api.get("/autoscaler")).json()["running"] == 0
+
+
+async def test_partial_outputs_left_by_a_killed_run_are_swept_at_start(
+    make_stack: Callable[..., Any], tmp_path: Path
+) -> None:
+    # What kill -9 mid-transcode leaves: a job's work directory with ffmpeg's hidden partial outputs,
+    # for a video that still exists and for one deleted since.
+    work = tmp_path / "data" / "processing" / "work"
+    planted = [work / "kept.k2j4x1" / "out" / ".transcode-a8f3", work / "deleted.p0q9z7" / "out" / ".transcode-77b1"]
+    for folder in planted:
+        folder.mkdir(parents=True)
+        (folder / "720p.mp4").write_bytes(b"\x00" * 1000)
+    (work / "kept.k2j4x1" / "master.mp4").write_bytes(b"x")
+    async for _stack in make_stack():
+        assert list(work.iterdir()) == []
+
+
+async def test_after_max_workers_0_returns_no_new_job_starts(
+    make_stack: Callable[..., Any], router_app: FastAPI
+) -> None:
+    watch = ReceiveWatch(httpx.ASGITransport(app=router_app))
+    async for stack in make_stack(min_workers=1, receive_wait_s=2, watch=watch):
+        service = stack.app.state.processing
+        await watch.until(lambda: watch.in_flight == 1)  # an idle worker's receive is waiting for a job
+        paused = await stack.api.put("/autoscaler", json={"min_workers": 0, "max_workers": 0})
+        assert paused.status_code == 200 and paused.json()["running"] == 0
+        await stack.router.publish(uploaded("late", None))
+        # Every receive of the paused service has ended, and the job still waits in the queue: none started.
+        await watch.until(lambda: watch.in_flight == 0)
+        stats = await stack.router.stats("transcode")
+        assert (stats.backlog, stats.in_flight, stats.delivered_total) == (1, 0, 0)
+        assert service.pool.busy == 0 and service.pool.running == 0
+
+
+async def test_a_large_fleet_shares_one_receive(make_stack: Callable[..., Any], router_app: FastAPI) -> None:
+    watch = ReceiveWatch(httpx.ASGITransport(app=router_app))
+    async for stack in make_stack(min_workers=50, max_workers=50, watch=watch):
+        await observe(stack.router)
+        await watch.until(lambda: watch.in_flight >= 1)
+        assert (await stack.api.get("/autoscaler")).json()["running"] == 50
+        missing = stack.store.uri(video_key("gone", "master.mp4"))
+        await stack.router.publish_batch([uploaded(f"v{n}", missing) for n in range(12)])
+        seen = await events_until(
+            stack.router, lambda seen: sum(e["type"] == "cattube.transcode.failed" for e in seen) == 12
+        )
+        assert len({e["data"]["video_id"] for e in seen if e["type"] == "cattube.transcode.failed"}) == 12
+        # 50 idle workers, one long poll between them (each worker its own poll would be 50 open connections).
+        assert watch.most_in_flight == 1
+
+
+async def test_the_fleet_is_capped_by_the_open_file_limit_and_says_so(
+    make_stack: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("services.processing.capacity.open_files_limit", lambda: 1024)
+    async for stack in make_stack(min_workers=200, max_workers=1337):
+        state = (await stack.api.get("/autoscaler")).json()
+        # (1024 - 256 kept for the service) // 8 files per running job
+        assert (state["max_workers"], state["max_workers_effective"], state["running"]) == (1337, 96, 96)
+        assert "RLIMIT_NOFILE" in state["max_workers_reason"] and "1024" in state["max_workers_reason"]
+        changed = (await stack.api.put("/autoscaler", json={"max_workers": 50, "min_workers": 0})).json()
+        assert (changed["max_workers"], changed["max_workers_effective"]) == (50, 50)
+        assert changed["max_workers_reason"].startswith("max_workers, as set")
+
+
+async def test_a_second_instance_on_the_same_data_dir_is_refused(
+    make_stack: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Its start-up sweep would remove the first one's running jobs' outputs, and they would share one outbox.
+    async for _stack in make_stack():
+        settings = ProcessingSettings(data_dir=tmp_path / "data", router_url="http://router")
+        second = create_app(settings, exit_on_failure=False)
+        with pytest.raises(Unavailable, match="another processing instance is using"):
+            async with running(second):
+                pass

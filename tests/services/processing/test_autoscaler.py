@@ -10,6 +10,7 @@ import pytest
 from router.client import QueueStats
 from services.common.errors import InvalidInput
 from services.processing.autoscaler import Autoscaler, Limits, ScalingChange, desired_size
+from services.processing.capacity import fleet_cap
 
 
 class FakeFleet:
@@ -196,3 +197,18 @@ async def test_history_is_bounded() -> None:
             h.stats.put(backlog=backlog)
             await h.next_change()
         assert [(c.from_, c.to) for c in h.autoscaler.history] == [(2, 3), (3, 4), (4, 5)]
+
+
+def test_the_open_file_limit_caps_the_fleet() -> None:
+    assert fleet_cap(1024).workers == 96  # (1024 - 256) // 8
+    assert fleet_cap(65_536).workers == 8_160
+    assert fleet_cap(200).workers == 0
+    assert "1024" in fleet_cap(1024).reason
+
+
+async def test_desired_never_passes_the_cap() -> None:
+    autoscaler = Autoscaler(FakeFleet(), Limits(5, 1337, 1), cooldown_s=0, stats=FakeStats().watch, cap=3)
+    autoscaler.observe(backlog=100, in_flight=0)
+    assert autoscaler.desired == 3 and autoscaler.fleet.running == 3
+    assert autoscaler.effective_limits == Limits(3, 3, 1)
+    assert "open-file limit" in autoscaler.history[-1].reason

@@ -6,8 +6,11 @@ Every test checks afterwards that no ffmpeg started on its files is still runnin
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -265,9 +268,15 @@ async def test_a_job_survives_kill_9_of_the_service(tmp_path: Path, clips: dict[
         # PR_SET_PDEATHSIG: the encoder dies with the service instead of encoding on for nobody.
         assert await no_ffmpeg_within(str(tmp_path), 3) == []
         assert not s.observer.of("cattube.transcode.completed")
+        # The killed run could not clean up: its partial outputs are still there...
+        work = Path(s.env["CATTUBE_DATA_DIR"]) / "processing" / "work"
+        partial = list(work.glob("*/out/.transcode-*"))
+        assert partial
 
         # After a restart the job is received again once its visibility timeout has run out, and completes.
         await s.processing.start()
+        # ...until the restart sweeps them, before any worker runs.
+        assert not any(folder.exists() for folder in partial)
         await s.observer.until(lambda seen: bool(s.observer.of("cattube.transcode.completed", "slow")))
         attempts = [e["data"]["attempt"] for e in s.observer.of("cattube.transcode.started", "slow")]
         assert attempts == [1, 2]
@@ -275,6 +284,7 @@ async def test_a_job_survives_kill_9_of_the_service(tmp_path: Path, clips: dict[
         assert completed["data"]["attempt"] == 2
         assert [r["name"] for r in completed["data"]["renditions"]] == ["720p", "360p"]
         assert await s.store.stat(video_key("slow", "720p.mp4")) is not None
+        assert list(work.glob("*/out/.transcode-*")) == []
 
 
 async def test_sigterm_hands_a_running_job_back_at_once(tmp_path: Path, clips: dict[str, Path]) -> None:
@@ -291,6 +301,47 @@ async def test_sigterm_hands_a_running_job_back_at_once(tmp_path: Path, clips: d
         # Nacked with no delay: ready for the next worker now, not after a visibility timeout.
         assert (stats.backlog, stats.in_flight, stats.delayed) == (1, 0, 0)
         assert await s.store.stat(video_key("slow", "720p.mp4")) is None
+
+
+def outbox_ids(data_dir: Path) -> list[str]:
+    """Ids of the events waiting in the processing service's outbox."""
+    path = data_dir / "processing" / "outbox.db"
+    if not path.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [json.loads(row[0])["id"] for row in db.execute("SELECT event FROM outbox ORDER BY seq")]
+
+
+async def test_sigterm_after_the_router_went_first_drops_nothing(tmp_path: Path, clips: dict[str, Path]) -> None:
+    """What Ctrl-C on `cattube up` used to do: the router stops first, then processing, mid-transcode."""
+    data = tmp_path / "data"
+    async with stack(tmp_path, visibility_timeout_s="3") as s:
+        await s.upload("slow", clips["slow"], ["720p", "360p"])
+        await s.observer.until(lambda seen: bool(s.observer.of("cattube.transcode.progress", "slow")))
+        await s.router.stop()
+        # The job keeps reporting progress with nobody to take it: those events go to the outbox.
+        for _ in range(100):  # an SQLite file has no event to wait on: look a few times a second
+            if outbox_ids(data):
+                break
+            await asyncio.sleep(0.1)
+        assert await s.processing.stop() in (0, -signal.SIGTERM)
+        log = "\n".join(s.processing.log)
+        assert "dropped" not in log and "Traceback" not in log, log
+        # The hand-back could not reach the router: said once, plainly, and the lease expires on its own.
+        assert "WARNING" in log and "nack of video slow failed" in log and "visibility timeout" in log
+        kept = outbox_ids(data)
+        assert kept and "kept in the outbox" in log
+        assert ffmpeg_processes(str(tmp_path)) == []
+        assert list((data / "processing" / "work").glob("*/out/.transcode-*")) == []
+
+        # Both back: the kept events go out first, and the job runs again (after its lease ran out) to the end.
+        await s.router.start()
+        await s.processing.start()
+        await s.observer.until(lambda seen: bool(s.observer.of("cattube.transcode.completed", "slow")), 60)
+        assert set(kept) <= {e["id"] for e in s.observer.seen}
+        assert outbox_ids(data) == []
+        attempts = [e["data"]["attempt"] for e in s.observer.of("cattube.transcode.started", "slow")]
+        assert attempts == [1, 2]
 
 
 async def test_deleting_a_video_stops_its_job_and_removes_its_blobs(tmp_path: Path, clips: dict[str, Path]) -> None:
