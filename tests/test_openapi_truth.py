@@ -24,29 +24,58 @@ EXAMPLES = 25
 
 SERVICES = ["router", "services.upload", "services.processing", "services.store"]
 
+UNSAYABLE: dict[str, dict[str, str]] = {
+    # Operations whose acceptance hangs on what no JSON schema can say: each is still checked with
+    # every other check (bad input refused, documented answers, auth), in a run of its own.
+    "services.upload": {
+        "POST /videos": "only a real, self-contained video is accepted: a schema-valid body may be refused "
+        "as empty (400), too large (413), not a video (415) or hostile / truncated (422)",
+    },
+    "services.processing": {
+        "PUT /autoscaler": "min_workers <= max_workers relates two fields, which a JSON schema cannot",
+    },
+    "services.store": {
+        "POST /inbox": "a delivery is accepted only with a valid Standard Webhooks signature (401 otherwise)",
+    },
+}
+
+
+async def schemathesis(url: str, cwd: Path, *selection: str) -> tuple[int, str]:
+    st = Path(sys.executable).with_name("st")
+    run = await asyncio.create_subprocess_exec(
+        str(st), "run", f"{url}/openapi.json",
+        "--checks", "all",
+        "--max-examples", str(EXAMPLES),
+        "--generation-deterministic",
+        "--workers", "1",
+        "--header", f"Authorization: Bearer {TOKEN}",
+        *selection,
+        cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output, _ = await run.communicate()
+    assert run.returncode is not None
+    return run.returncode, output.decode(errors="replace")
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("module", SERVICES)
 async def test_openapi_document_is_the_truth(module: str, tmp_path: Path) -> None:
     env = {"CATTUBE_DATA_DIR": str(tmp_path / "data"), "CATTUBE_TOKEN": TOKEN}
+    unsayable = UNSAYABLE.get(module, {})
     async with AsyncExitStack() as stack:
         if module != "router":
             # A real router, so the service is ready (its subscriptions made) as in production.
             router = await stack.enter_async_context(service("router", env))
             env["CATTUBE_ROUTER_URL"] = router.url
         proc = await stack.enter_async_context(service(module, env))
-        st = Path(sys.executable).with_name("st")
-        run = await asyncio.create_subprocess_exec(
-            str(st), "run", f"{proc.url}/openapi.json",
-            "--checks", "all",
-            "--max-examples", str(EXAMPLES),
-            "--generation-deterministic",
-            "--workers", "1",
-            "--header", f"Authorization: Bearer {TOKEN}",
-            cwd=tmp_path, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        output, _ = await run.communicate()
-    report = output.decode(errors="replace")
-    assert run.returncode == 0, f"schemathesis found mismatches in {module}'s OpenAPI document:\n{report}"
+        runs = [await schemathesis(proc.url, tmp_path, *(f"--exclude-name={name}" for name in unsayable))]
+        for name in unsayable:
+            runs.append(
+                await schemathesis(
+                    proc.url, tmp_path, f"--include-name={name}", "--exclude-checks=positive_data_acceptance"
+                )
+            )
+    for code, report in runs:
+        assert code == 0, f"schemathesis found mismatches in {module}'s OpenAPI document:\n{report}"

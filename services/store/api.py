@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common.auth import Access, AccessRules, granted_access
 from services.common.blobs import BlobStore
 from services.common.errors import InvalidInput, NotFound
+from services.common.openapi import problems
 from services.common.problems import problem_response
 from services.store.catalog import Catalog
 from services.store.feed import Feed
@@ -37,6 +38,7 @@ from services.store.playback import (
 )
 from services.store.records import Video
 from services.store.settings import StoreSettings
+from services.store.tables import CURSOR_PATTERN
 
 router = APIRouter()
 
@@ -163,7 +165,9 @@ async def list_videos(
     catalog: CatalogDep,
     settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=100)] = None,
+    cursor: Annotated[
+        str | None, Query(description="The last page's `next_cursor`.", json_schema_extra={"pattern": CURSOR_PATTERN})
+    ] = None,
     status: Literal["uploaded", "processing", "failed", "ready", "deleted"] | None = None,
 ) -> dict[str, Any]:
     """Videos, newest first; deleted ones only with `status=deleted` (bare ids, unless the token is given)."""
@@ -275,7 +279,19 @@ async def _serve_blob(request: Request, blobs: BlobStore, metrics: StoreMetrics,
 # -- events in and out ----------------------------------------------------------------------------
 
 
-@router.post("/inbox", status_code=204, tags=["events"])
+WEBHOOK_HEADERS: dict[str, Any] = {
+    "parameters": [
+        {"name": name, "in": "header", "required": True, "schema": {"type": "string"}, "description": doc}
+        for name, doc in (
+            ("webhook-id", "Standard Webhooks: the delivery's id"),
+            ("webhook-timestamp", "Standard Webhooks: seconds since the epoch, within 5 minutes of now"),
+            ("webhook-signature", "Standard Webhooks: v1,<base64 HMAC-SHA256> with the subscription's secret"),
+        )
+    ]
+}
+
+
+@router.post("/inbox", status_code=204, tags=["events"], responses=problems(401), openapi_extra=WEBHOOK_HEADERS)
 async def inbox(
     event: Annotated[dict[str, Any], Depends(delivered_event)], catalog: CatalogDep, metrics: MetricsDep
 ) -> Response:

@@ -13,7 +13,7 @@ from starlette.requests import ClientDisconnect
 from services.common.auth import Access, AccessRules
 from services.common.errors import NotFound
 from services.common.redaction import redact
-from services.upload.metadata import LADDER, MAX_TITLE_CHARS
+from services.upload.metadata import LADDER, MAX_TITLE_CHARS, RENDITIONS_PATTERN
 from services.upload.outbox import Outbox
 from services.upload.settings import UploadSettings
 from services.upload.uploads import Uploads
@@ -68,8 +68,13 @@ REQUEST_BODY: dict[str, Any] = {
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "The master video."},
                         "title": {"type": "string", "maxLength": MAX_TITLE_CHARS},
-                        "renditions": {"type": "string", "description": "Comma-separated, e.g. 720p,360p."},
+                        "renditions": {
+                            "type": "string",
+                            "pattern": RENDITIONS_PATTERN,
+                            "description": "Comma-separated, e.g. 720p,360p.",
+                        },
                     },
+                    "additionalProperties": False,
                 }
             },
             "video/*": _BINARY,
@@ -93,7 +98,9 @@ async def upload_video(
     uploads: UploadsDep,
     settings: SettingsDep,
     title: Annotated[str | None, Query(description=TITLE_DOC)] = None,
-    renditions: Annotated[str | None, Query(description=RENDITIONS_DOC)] = None,
+    renditions: Annotated[
+        str | None, Query(description=RENDITIONS_DOC, json_schema_extra={"pattern": RENDITIONS_PATTERN})
+    ] = None,
 ) -> JSONResponse:
     """Upload a master video; 202 once it is stored, probed and its event committed to the outbox."""
     declared = request.headers.get("content-length")

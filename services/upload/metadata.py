@@ -16,6 +16,9 @@ from services.common.errors import InvalidInput
 __all__ = ["LADDER", "MAX_TITLE_CHARS", "UNTITLED", "clean_title", "parse_renditions", "title_from_filename"]
 
 LADDER: tuple[str, ...] = ("2160p", "1440p", "1080p", "720p", "480p", "360p", "240p", "144p")
+_NAME = "(?:" + "|".join(name[:-1] for name in LADDER) + ")[pP]"
+RENDITIONS_PATTERN = rf"^\s*(?:{_NAME}\s*)?(?:,\s*(?:{_NAME}\s*)?)*$"
+"""What `parse_renditions` takes, as a regular expression for the OpenAPI document."""
 MAX_TITLE_CHARS = 200
 UNTITLED = "Untitled"
 
