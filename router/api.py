@@ -97,13 +97,35 @@ def owner_of_new(request: Request) -> str:
 
 router = APIRouter(dependencies=[Depends(check_owner)])
 
+CLOUDEVENT = {
+    "type": "object",
+    "required": ["specversion", "id", "source", "type"],
+    "properties": {
+        "specversion": {"type": "string", "enum": ["1.0"]},
+        "id": {"type": "string", "minLength": 1},
+        "source": {"type": "string", "minLength": 1},
+        "type": {"type": "string", "minLength": 1},
+        "subject": {"type": "string"},
+        "time": {"type": "string", "format": "date-time"},
+        "datacontenttype": {"type": "string"},
+        "dataschema": {"type": "string", "format": "uri"},
+        "partitionkey": {"type": "string", "description": "Ordering key (the video id for video events)."},
+        "data": {"description": "Any JSON value, nested at most 64 deep."},
+        "data_base64": {"type": "string", "format": "byte"},
+    },
+    "additionalProperties": {"type": ["string", "integer", "boolean"], "description": "Extension attributes."},
+}
 PUBLISH_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
+        "description": (
+            "A CloudEvent (structured mode), a JSON array of them (batched mode), or binary mode: `ce-*` headers "
+            "carry the attributes and the body is the data. Strings hold no control characters, surrogates or "
+            "noncharacters; integers are 32-bit; an event is at most CATTUBE_MAX_EVENT_BYTES."
+        ),
         "content": {
-            cloudevents.STRUCTURED: {"schema": {"type": "object"}},
-            cloudevents.BATCH: {"schema": {"type": "array", "items": {"type": "object"}}},
-            "*/*": {"schema": {"description": "binary mode: ce-* headers carry the attributes, the body is data"}},
+            cloudevents.STRUCTURED: {"schema": CLOUDEVENT},
+            cloudevents.BATCH: {"schema": {"type": "array", "minItems": 1, "items": CLOUDEVENT}},
         },
     }
 }
@@ -162,7 +184,12 @@ def _out(sub: Subscription) -> SubscriptionOut:
     )
 
 
-@router.put("/subscriptions/{name}", response_model=SubscriptionOut, tags=["subscriptions"])
+@router.put(
+    "/subscriptions/{name}",
+    response_model=SubscriptionOut,
+    responses={201: {"model": SubscriptionOut, "description": "Created"}},
+    tags=["subscriptions"],
+)
 async def put_subscription(name: str, body: SubscriptionIn, bus: BusDep, request: Request) -> JSONResponse:
     """Create or update a subscription (idempotent); 201 when created, 200 otherwise."""
     _check_name(name)

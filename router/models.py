@@ -2,27 +2,85 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+import pydantic
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Discriminator, Field, Tag
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TargetIn(Strict):
-    url: str | None = Field(None, pattern=r"^https?://", description="Push: the router POSTs each event here.")
-    queue: dict[str, Any] | None = Field(None, description="Queue: `{}`; consumers receive, ack and nack.")
+PUSH_URL = r"^https?://([A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/\S*)?$"
+"""http(s), a host name or IP literal, an optional port and path: what aiohttp can connect to."""
 
-    @model_validator(mode="after")
-    def exactly_one(self) -> TargetIn:
-        if (self.url is None) == (self.queue is None):
-            raise ValueError('exactly one of {"url": ...} or {"queue": {}}')
-        return self
+
+MAX_SEQUENCE = 2**53 - 1
+"""The largest integer every JSON parser reads exactly (JavaScript's too): far beyond any log's length."""
+
+
+def _sequence(value: Any) -> Any:
+    # JSON Schema's integer: 18 and 18.0, not true (Python's int) nor "18" (pydantic's lax int).
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("a sequence: a whole number from 0")
+    if value != int(value) or not 0 <= value <= MAX_SEQUENCE:
+        raise ValueError("a sequence: a whole number from 0")
+    return int(value)
+
+
+Sequence = Annotated[
+    int,
+    pydantic.BeforeValidator(_sequence),
+    pydantic.WithJsonSchema({"type": "integer", "minimum": 0, "maximum": MAX_SEQUENCE}),
+]
+"""A position in the log."""
+RFC_3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc_3339(value: Any) -> Any:
+    # pydantic would also read 5 or "5" as seconds since 1970: a client sending those meant a sequence.
+    if not isinstance(value, str) or RFC_3339.fullmatch(value) is None:
+        raise ValueError("an RFC 3339 time with its offset, e.g. 2026-11-30T12:00:00Z")
+    return value
+
+
+Instant = Annotated[AwareDatetime, pydantic.BeforeValidator(_rfc_3339)]
+"""An RFC 3339 time with its offset (`format: date-time`)."""
+
+
+class PushTarget(Strict):
+    url: str = Field(pattern=PUSH_URL, max_length=2048, description="Push: the router POSTs each event here.")
 
     def as_json(self) -> dict[str, Any]:
-        return {"url": self.url} if self.url is not None else {"queue": {}}
+        return {"url": self.url}
+
+
+class QueueOptions(Strict):
+    """No options yet: `{}`."""
+
+
+class QueueTarget(Strict):
+    queue: QueueOptions = Field(description="Queue: `{}`; consumers receive, ack and nack.")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"queue": {}}
+
+
+def _target_kind(value: Any) -> str:
+    # Names the one branch to report errors for, instead of both. The tags are bracketed so that
+    # problem details leave them out of field paths (`body.target.url`, services/common/problems.py).
+    if isinstance(value, dict):
+        return "[push]" if "url" in value else "[queue]"
+    return "[push]" if isinstance(value, PushTarget) else "[queue]"
+
+
+TargetIn = Annotated[
+    Annotated[PushTarget, Tag("[push]")] | Annotated[QueueTarget, Tag("[queue]")], Discriminator(_target_kind)
+]
+"""Exactly one of `{"url": ...}` or `{"queue": {}}`."""
 
 
 class DeliveryIn(Strict):
@@ -37,21 +95,21 @@ class DeliveryIn(Strict):
     mode: Literal["structured", "binary"] = "structured"
 
 
+PATTERN_OUTLINE: dict[str, pydantic.JsonValue] = {"minProperties": 1}
+"""What a schema can say of an EventBridge pattern; its grammar and limits are the compiler's (patterns.py)."""
+
+
 class SubscriptionIn(Strict):
     pattern: dict[str, Any] | None = Field(
-        None, description="EventBridge event pattern over the CloudEvent as JSON; null matches every event."
+        None,
+        description="EventBridge event pattern over the CloudEvent as JSON; null matches every event.",
+        json_schema_extra=PATTERN_OUTLINE,
     )
     target: TargetIn
     delivery: DeliveryIn = Field(default_factory=DeliveryIn)
-    start: Literal["latest", "earliest"] | int = Field(
+    start: Literal["latest", "earliest"] | Sequence = Field(
         "latest", description="Where a new subscription starts: latest, earliest (replays the log) or a sequence."
     )
-
-    @model_validator(mode="after")
-    def start_is_a_sequence(self) -> SubscriptionIn:
-        if isinstance(self.start, int) and self.start < 0:
-            raise ValueError("start: a sequence is >= 0")
-        return self
 
 
 class SubscriptionOut(BaseModel):
@@ -119,7 +177,7 @@ class PublishOut(BaseModel):
 
 
 class PatternTestIn(Strict):
-    pattern: dict[str, Any]
+    pattern: dict[str, Any] = Field(json_schema_extra=PATTERN_OUTLINE)
     event: dict[str, Any]
 
 
@@ -137,15 +195,8 @@ class ReplayIn(Strict):
     name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$", description="Names the replay; default replay-<time>."
     )
-    start: int | AwareDatetime = Field(alias="from", description="First sequence, or RFC 3339 append time.")
-    end: int | AwareDatetime | None = Field(None, alias="to", description="Last sequence or time; default: now.")
-
-    @model_validator(mode="after")
-    def sequences_are_positive(self) -> ReplayIn:
-        for value in (self.start, self.end):
-            if isinstance(value, int) and value < 0:
-                raise ValueError("a sequence is >= 0")
-        return self
+    start: Sequence | Instant = Field(alias="from", description="First sequence, or RFC 3339 append time.")
+    end: Sequence | Instant | None = Field(None, alias="to", description="Last sequence or time; default: now.")
 
 
 class ReplayOut(BaseModel):

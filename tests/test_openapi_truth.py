@@ -27,6 +27,14 @@ SERVICES = ["router", "services.upload", "services.processing", "services.store"
 UNSAYABLE: dict[str, dict[str, str]] = {
     # Operations whose acceptance hangs on what no JSON schema can say: each is still checked with
     # every other check (bad input refused, documented answers, auth), in a run of its own.
+    "router": {
+        "POST /events": "CloudEvents' type system (no control characters, surrogates or noncharacters in "
+        "strings, 32-bit integers, data depth, event size) is the router's to check",
+        "POST /patterns/test": "an EventBridge pattern's grammar (leaves are lists, operators, numeric ranges) "
+        "and its limits are the pattern compiler's",
+        "PUT /subscriptions/{name}": "the same pattern grammar, and a push URL's address must be in "
+        "CATTUBE_PUSH_ALLOWED_NETWORKS",
+    },
     "services.upload": {
         "POST /videos": "only a real, self-contained video is accepted: a schema-valid body may be refused "
         "as empty (400), too large (413), not a video (415) or hostile / truncated (422)",

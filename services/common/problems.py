@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,7 +35,12 @@ def problem_response(
 
 def _field_path(loc: tuple[Any, ...] | list[Any]) -> str:
     # FastAPI locations start with where the value came from ("body", "query", ...); keep it, it helps.
-    return ".".join(str(part) for part in loc)
+    # pydantic adds the validator or union member it tried (`function-after[...]`, `literal['a']`,
+    # `constrained-int`): those name our code, not the client's field.
+    return ".".join(str(part) for part in loc if not _VALIDATOR_STEP.search(str(part)))
+
+
+_VALIDATOR_STEP = re.compile(r"[\[(]|^constrained-|^function-|^(int|str|float|bool|datetime)$")
 
 
 def validation_problem(exc: RequestValidationError) -> JSONResponse:
