@@ -15,6 +15,7 @@ from router.metrics import RouterMetrics
 from router.settings import RouterSettings
 from router.sqlite import SQLiteEventStore
 from services.common.auth import BearerAuthMiddleware
+from services.common.body_limit import bound_request_bodies
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
@@ -65,6 +66,7 @@ def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> Fas
     # The hot path skips FastAPI's per-request machinery (dependency solving, response models): the same
     # handler as a plain Starlette route, matched first. The FastAPI route stays for /docs.
     app.router.routes.insert(0, Route("/events", publish, methods=["POST"]))
+    bound_request_bodies(app, settings, streaming=[("POST", "/events")])  # publish bounds its own (max_request_bytes)
     if settings.token_value:
         app.add_middleware(BearerAuthMiddleware, token=settings.token_value)
     return app

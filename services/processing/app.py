@@ -9,6 +9,7 @@ import httpx
 from fastapi import FastAPI
 
 from services.common.auth import BearerAuthMiddleware
+from services.common.body_limit import bound_request_bodies
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
@@ -61,6 +62,7 @@ def create_app(
     install_problem_handlers(app)
     app.include_router(ops_router(metrics.registry, [supervisor.readiness, service.readiness], refresh_metrics))
     app.include_router(api_router)
+    bound_request_bodies(app, settings)
     if settings.token_value:
         app.add_middleware(BearerAuthMiddleware, token=settings.token_value)
     return app

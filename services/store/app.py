@@ -12,6 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from router.client import RouterClient
 from services.common.blobs import open_blob_store
+from services.common.body_limit import bound_request_bodies
 from services.common.database import Database
 from services.common.ops import ops_router
 from services.common.outbox import OutboxRelay
@@ -112,4 +113,5 @@ def create_app(
     )
     app.include_router(api_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    bound_request_bodies(app, settings)
     return app

@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from router.client import RouterClient
 from services.common.auth import BearerAuthMiddleware
 from services.common.blobs import open_blob_store
+from services.common.body_limit import bound_request_bodies
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
@@ -91,6 +92,7 @@ def create_app(
     install_problem_handlers(app)
     app.include_router(ops_router(metrics.registry, [supervisor.readiness], before_scrape=refresh_gauges))
     app.include_router(api_router)
+    bound_request_bodies(app, settings, streaming=[("POST", "/videos")])  # uploads stream, bounded by max_upload_bytes
     if settings.token_value:
         app.add_middleware(BearerAuthMiddleware, token=settings.token_value)
     # Added last, so outermost: a browser's preflight is answered before authentication is asked for.
