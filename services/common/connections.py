@@ -159,10 +159,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
         self.loop.call_later(LINGER_S, self.transport.close)
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:
         if self._lingering:
             self.transport.close()
-        return None
 
 
 def protocol_with(limits: ConnectionLimits) -> type[LimitedHttpToolsProtocol]:
