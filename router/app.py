@@ -12,6 +12,7 @@ from router.api import publish
 from router.api import router as api_router
 from router.bus import Bus
 from router.metrics import RouterMetrics
+from router.push_policy import PushPolicy
 from router.settings import RouterSettings
 from router.sqlite import SQLiteEventStore
 from services.common.auth import BearerAuthMiddleware
@@ -26,14 +27,23 @@ CatTube's event router: a durable event bus (CloudEvents 1.0) with content-based
 """
 
 
-def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> FastAPI:
+def create_app(
+    settings: RouterSettings, *, exit_on_failure: bool = True, push_policy: PushPolicy | None = None
+) -> FastAPI:
+    """The app; `push_policy` replaces the one built from the settings (tests give it a resolver)."""
+    policy = push_policy or PushPolicy(settings.push_networks)
     metrics = RouterMetrics()
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = SQLiteEventStore(settings.bus_file, synchronous=settings.sqlite_synchronous)
-        bus = Bus(store, retention_s=settings.retention_s, purge_interval_s=settings.purge_interval_s)
+        bus = Bus(
+            store,
+            retention_s=settings.retention_s,
+            purge_interval_s=settings.purge_interval_s,
+            push_policy=policy,
+        )
         await bus.start()
         app.state.bus = bus
 
