@@ -37,7 +37,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = SQLiteEventStore(settings.bus_file, synchronous=settings.sqlite_synchronous)
+        store = SQLiteEventStore(
+            settings.bus_file, synchronous=settings.sqlite_synchronous, wal_limit_bytes=settings.wal_limit_bytes
+        )
         bus = Bus(
             store,
             retention_s=settings.retention_s,
@@ -68,7 +70,11 @@ def create_app(
     app.include_router(
         ops_router(
             metrics.registry,
-            [supervisor.readiness, lambda: app.state.bus.dispatchers.readiness()],
+            [
+                supervisor.readiness,
+                lambda: app.state.bus.readiness(),
+                lambda: app.state.bus.dispatchers.readiness(),
+            ],
             before_scrape=lambda: metrics.refresh(app.state.bus),
         )
     )

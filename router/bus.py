@@ -31,7 +31,7 @@ from router.persistence import (
 )
 from router.push_policy import PushPolicy
 from router.signals import Signals, wait_any, wait_for
-from services.common.errors import InvalidInput, NotFound
+from services.common.errors import InsufficientStorage, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,19 @@ class Bus:
 
     async def publish(self, events: Sequence[Encoded]) -> list[Appended]:
         """Append events durably; returns after the commit that holds them."""
-        return await self._writer.submit(events)
+        try:
+            return await self._writer.submit(events)
+        except Unavailable:
+            # The group commit answers every failed commit as unavailable; a full disk is not a moment's trouble.
+            if (failure := self.store.write_failure) is not None:
+                raise InsufficientStorage(f"the bus cannot store events: {failure}; nothing was written") from None
+            raise
+
+    async def readiness(self) -> str | None:
+        """Not ready while commits fail for want of storage: every publish would fail."""
+        if (failure := self.store.write_failure) is not None:
+            return f"the bus cannot commit: {failure}"
+        return None
 
     # -- subscriptions ----------------------------------------------------------------------------
 

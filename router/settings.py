@@ -18,6 +18,11 @@ class RouterSettings(CommonSettings):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="FULL survives power loss; NORMAL survives a process crash only (faster)."
     )
+    wal_limit_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Past this size the bus's WAL is checkpointed and truncated between two commits.",
+    )
     max_event_bytes: int = Field(256 * 1024, gt=0, description="Largest event accepted (413 above).")
     max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest publish request body.")
     push_allowed_networks: str = Field(

@@ -8,7 +8,8 @@
      ├── NotFound                404  no such resource
      ├── Conflict                409  the resource is in a state that forbids this
      ├── UnsupportedMedia        415  a body of a type we do not take
-     └── Unavailable             503  a dependency (the router, the bucket) cannot be reached now
+     ├── Unavailable             503  a dependency (the router, the bucket) cannot be reached now
+     └── InsufficientStorage     507  the disk is full: nothing was written
 
 Domain code raises these; `install_problem_handlers(app)` turns them into RFC 9457
 `application/problem+json` answers. `errors` (a list of `{"field", "expected"}`) lets one
@@ -77,3 +78,8 @@ class UnsupportedMedia(CatTubeError):
 class Unavailable(CatTubeError):
     status = 503
     title = "Service unavailable"
+
+
+class InsufficientStorage(CatTubeError):
+    status = 507
+    title = "Insufficient storage"
