@@ -13,9 +13,11 @@ from router.api import ACCESS, publish
 from router.api import router as api_router
 from router.bus import Bus
 from router.metrics import RouterMetrics
+from router.push_policy import PushPolicy
 from router.settings import RouterSettings
 from router.sqlite import SQLiteEventStore
 from services.common.auth import protect
+from services.common.body_limit import bound_request_bodies
 from services.common.openapi import document_problems
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
@@ -27,14 +29,25 @@ CatTube's event router: a durable event bus (CloudEvents 1.0) with content-based
 """
 
 
-def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> FastAPI:
+def create_app(
+    settings: RouterSettings, *, exit_on_failure: bool = True, push_policy: PushPolicy | None = None
+) -> FastAPI:
+    """The app; `push_policy` replaces the one built from the settings (tests give it a resolver)."""
+    policy = push_policy or PushPolicy(settings.push_networks)
     metrics = RouterMetrics()
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = SQLiteEventStore(settings.bus_file, synchronous=settings.sqlite_synchronous)
-        bus = Bus(store, retention_s=settings.retention_s, purge_interval_s=settings.purge_interval_s)
+        store = SQLiteEventStore(
+            settings.bus_file, synchronous=settings.sqlite_synchronous, wal_limit_bytes=settings.wal_limit_bytes
+        )
+        bus = Bus(
+            store,
+            retention_s=settings.retention_s,
+            purge_interval_s=settings.purge_interval_s,
+            push_policy=policy,
+        )
         await bus.start()
         app.state.bus = bus
 
@@ -59,7 +72,11 @@ def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> Fas
     app.include_router(
         ops_router(
             metrics.registry,
-            [supervisor.readiness, lambda: app.state.bus.dispatchers.readiness()],
+            [
+                supervisor.readiness,
+                lambda: app.state.bus.readiness(),
+                lambda: app.state.bus.dispatchers.readiness(),
+            ],
             before_scrape=lambda: metrics.refresh(app.state.bus),
         )
     )
@@ -69,4 +86,5 @@ def create_app(settings: RouterSettings, *, exit_on_failure: bool = True) -> Fas
     app.router.routes.insert(0, Route("/events", publish, methods=["POST"]))
     protect(app, ACCESS, settings)
     document_problems(app)
+    bound_request_bodies(app, settings, streaming=[("POST", "/events")])  # publish bounds its own (max_request_bytes)
     return app

@@ -29,8 +29,9 @@ from router.persistence import (
     Subscription,
     SubscriptionSpec,
 )
+from router.push_policy import PushPolicy
 from router.signals import Signals, wait_any, wait_for
-from services.common.errors import InvalidInput, NotFound
+from services.common.errors import InsufficientStorage, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,20 @@ def now_ms() -> int:
 
 
 class Bus:
-    def __init__(self, store: EventStore, *, retention_s: float, purge_interval_s: float = 3600) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        retention_s: float,
+        purge_interval_s: float = 3600,
+        push_policy: PushPolicy | None = None,
+    ) -> None:
         self.store = store
         self.retention_s = retention_s
         self.purge_interval_s = purge_interval_s
         self.signals = Signals(lambda name: store.next_visible_ms(name, now_ms()), on_timer=store.mark_ready)
-        self.dispatchers = Dispatchers(store, self.signals)
+        self.push_policy = push_policy or PushPolicy.default()
+        self.dispatchers = Dispatchers(store, self.signals, self.push_policy)
         store.listener = self._on_change
         self._writer = GroupCommit("the bus", self._append, weight=len, max_weight=MAX_EVENTS_PER_COMMIT)
         self._stopping = asyncio.Event()
@@ -106,11 +115,25 @@ class Bus:
 
     async def publish(self, events: Sequence[Encoded]) -> list[Appended]:
         """Append events durably; returns after the commit that holds them."""
-        return await self._writer.submit(events)
+        try:
+            return await self._writer.submit(events)
+        except Unavailable:
+            # The group commit answers every failed commit as unavailable; a full disk is not a moment's trouble.
+            if (failure := self.store.write_failure) is not None:
+                raise InsufficientStorage(f"the bus cannot store events: {failure}; nothing was written") from None
+            raise
+
+    async def readiness(self) -> str | None:
+        """Not ready while commits fail for want of storage: every publish would fail."""
+        if (failure := self.store.write_failure) is not None:
+            return f"the bus cannot commit: {failure}"
+        return None
 
     # -- subscriptions ----------------------------------------------------------------------------
 
     async def put_subscription(self, spec: SubscriptionSpec) -> tuple[Subscription, bool]:
+        if not spec.is_queue:
+            self.push_policy.check_url(spec.target["url"])
         sub, created = await self.store.put_subscription(spec, now_ms())
         await self.dispatchers.sync(sub)
         return sub, created

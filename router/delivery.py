@@ -5,7 +5,9 @@ never sits in memory), sends each over a pooled keep-alive aiohttp session (plai
 ~2 ms of CPU per request under concurrency here, see DESIGN.md), and commits the outcome of every
 attempt before it moves on: 2xx acks; 408, 429, 5xx, timeouts and connection errors are retried
 with exponential backoff and full jitter (honouring `Retry-After`); any other 4xx, or running out
-of `max_attempts` / `max_age_s`, dead-letters the message. The lease outlives the attempt's
+of `max_attempts` / `max_age_s`, dead-letters the message. Connections go only to addresses the
+push policy allows (router.push_policy; a refusal is permanent and says only "refused by policy"),
+and redirects are never followed: a 3xx is a failed attempt, retried like a 5xx. The lease outlives the attempt's
 timeout, and a restarted router releases the leases of its push subscriptions, so a crash
 mid-delivery means the event is delivered again (at least once) with its attempt count intact.
 """
@@ -27,6 +29,7 @@ from standardwebhooks.webhooks import Webhook
 
 from router.batching import GroupCommit
 from router.persistence import EventStore, Message, Settlement, Subscription
+from router.push_policy import REFUSED, PushPolicy, TargetRefused
 from router.signals import Signals
 from services.common.timestamps import iso_utc
 
@@ -113,8 +116,9 @@ def _header_value(value: Any) -> str:
 class Dispatcher:
     """Delivers one push subscription's messages until stopped."""
 
-    def __init__(self, sub: Subscription, store: EventStore, signals: Signals) -> None:
+    def __init__(self, sub: Subscription, store: EventStore, signals: Signals, policy: PushPolicy) -> None:
         self.sub = sub
+        self.policy = policy
         self.store = store
         self.signals = signals
         self.name = sub.spec.name
@@ -143,7 +147,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         delivery = self.sub.spec.delivery
-        connector = aiohttp.TCPConnector(limit=max(delivery.max_in_flight, 1), keepalive_timeout=30)
+        connector = self.policy.connector(limit=max(delivery.max_in_flight, 1))
         async with aiohttp.ClientSession(connector=connector) as session:
             await self.store.release_leases(self.name, _now_ms())
             settler = asyncio.create_task(self._outcomes.run())
@@ -249,16 +253,26 @@ class Dispatcher:
         if self._timeout.total != spec.delivery.timeout_s:
             self._timeout = aiohttp.ClientTimeout(total=spec.delivery.timeout_s)
         try:
-            async with session.post(url, data=body, headers=headers, timeout=self._timeout) as response:
+            # Redirects are never followed: a 307 would re-POST the signed body to wherever it points.
+            post = session.post(url, data=body, headers=headers, timeout=self._timeout, allow_redirects=False)
+            async with post as response:
                 await response.read()
                 status = response.status
                 retry_after = None if status < 300 else parse_retry_after(response.headers.get("Retry-After"))
+                location = response.headers.get("Location", "")
         except TimeoutError:
             return Outcome(False, retry=True, error=f"timed out after {spec.delivery.timeout_s}s")
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, TargetRefused):  # permanent, and nothing about the address or port
+                return Outcome(False, retry=False, error=REFUSED)
+            return Outcome(False, retry=True, error=f"{type(exc).__name__}: {exc}")
         except aiohttp.ClientError as exc:
             return Outcome(False, retry=True, error=f"{type(exc).__name__}: {exc}")
         if 200 <= status < 300:
             return Outcome(True, status=status)
+        if 300 <= status < 400:  # a failed attempt, retried as webhook senders do
+            error = f"HTTP {status}: redirect to {location[:200]!r} not followed"
+            return Outcome(False, retry=True, status=status, error=error, retry_after_s=retry_after)
         retry = status in RETRYABLE or status >= 500
         return Outcome(False, retry=retry, status=status, error=f"HTTP {status}", retry_after_s=retry_after)
 
@@ -270,9 +284,10 @@ def _now_ms() -> int:
 class Dispatchers:
     """The running dispatchers, one per push subscription, started and stopped as subscriptions change."""
 
-    def __init__(self, store: EventStore, signals: Signals) -> None:
+    def __init__(self, store: EventStore, signals: Signals, policy: PushPolicy) -> None:
         self.store = store
         self.signals = signals
+        self.policy = policy
         self.failures: dict[str, str] = {}
         self._running: dict[str, tuple[Dispatcher, asyncio.Task[None]]] = {}
 
@@ -284,7 +299,7 @@ class Dispatchers:
         if name in self._running:
             self._running[name][0].update(sub)
             return
-        dispatcher = Dispatcher(sub, self.store, self.signals)
+        dispatcher = Dispatcher(sub, self.store, self.signals, self.policy)
         task = asyncio.create_task(dispatcher.run(), name=f"push:{name}")
         task.add_done_callback(lambda t: self._ended(name, t))
         self._running[name] = (dispatcher, task)

@@ -156,6 +156,9 @@ class EventStore(Protocol):
     """
 
     listener: ChangeListener | None
+    write_failure: str | None
+    """Why the last commit failed for want of storage (disk full, I/O error); None once one succeeds.
+    The router is not ready meanwhile, and publishes answer 507."""
 
     async def open(self) -> None: ...
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from router.push_policy import DEFAULT_NETWORKS, Network, parse_networks
 from services.common.settings import CommonSettings
 
 
@@ -17,8 +18,28 @@ class RouterSettings(CommonSettings):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="FULL survives power loss; NORMAL survives a process crash only (faster)."
     )
+    wal_limit_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Past this size the bus's WAL is checkpointed and truncated between two commits.",
+    )
     max_event_bytes: int = Field(256 * 1024, gt=0, description="Largest event accepted (413 above).")
     max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest publish request body.")
+    push_allowed_networks: str = Field(
+        DEFAULT_NETWORKS,
+        description="Comma-separated CIDRs push targets may connect to (checked per connection); default loopback."
+        " Link-local and metadata addresses only when a listed network lies within them.",
+    )
+
+    @field_validator("push_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        parse_networks(value)
+        return value
+
+    @property
+    def push_networks(self) -> list[Network]:
+        return parse_networks(self.push_allowed_networks)
 
     @property
     def bus_file(self) -> Path:

@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 from collections.abc import Callable
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI
 
+from services.common.connections import ConnectionLimits, protocol_with
 from services.common.settings import CommonSettings
 
 S = TypeVar("S", bound=CommonSettings)
+log = logging.getLogger(__name__)
+
+FILES_BESIDE_CONNECTIONS = 256
+"""Open files a service needs besides its clients' connections: databases, its own client connections, blobs."""
 
 
 class _Server(uvicorn.Server):
@@ -59,12 +65,37 @@ def serve(name: str, settings_type: type[S], create_app: Callable[[S], FastAPI],
     # Services hold long polls on the router: httpx would log every one of them at INFO.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=getattr(settings, port_field),
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    config = uvicorn.Config(app, **server_options(settings, port=getattr(settings, port_field)))
     _Server(config, app).run()
+
+
+def server_options(settings: CommonSettings, port: int) -> dict[str, Any]:
+    """uvicorn's options for a service: httptools with the connection limits of `connections.py`."""
+    limits = ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=connection_cap(settings.max_connections),
+    )
+    return {
+        "host": settings.host,
+        "port": port,
+        "http": protocol_with(limits),
+        "log_level": settings.log_level,
+        "access_log": False,
+        "timeout_graceful_shutdown": 30,
+    }
+
+
+def connection_cap(wanted: int) -> int:
+    """Raise the open-file limit to what `wanted` connections need, as far as the hard limit allows, and
+    return the cap that fits: past the file limit accept() fails and every client waits, 503 or not."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + FILES_BESIDE_CONNECTIONS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    cap = max(1, soft - FILES_BESIDE_CONNECTIONS)
+    log.warning("open-file limit %d: serving at most %d connections, not %d", soft, cap, wanted)
+    return cap

@@ -38,6 +38,21 @@ class CommonSettings(BaseSettings):
     router_url: str | None = Field(None, description="Base URL of the router; default http://127.0.0.1:ROUTER_PORT.")
     log_level: str = Field("info", description="debug, info, warning or error.")
     blob_url: str | None = Field(None, description="The bucket: file:///abs/dir; default file://DATA_DIR/bucket.")
+    # What one client can make a service hold (DESIGN.md, Limits): see services/common/connections.py.
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request line + headers of one request (431 above)."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time a client has to send a request's headers once it starts one (408 after)."
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Open connections served at once; requests on connections beyond get 503."
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest request body on endpoints that read it whole (413 above); streaming ones bound their own.",
+    )
 
     @property
     def router_base_url(self) -> str:

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from services.common.auth import protect
+from services.common.body_limit import bound_request_bodies
 from services.common.openapi import document_problems
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
@@ -66,4 +67,5 @@ def create_app(
     app.include_router(api_router)
     protect(app, ACCESS, settings)
     document_problems(app)
+    bound_request_bodies(app, settings)
     return app

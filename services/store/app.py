@@ -14,6 +14,7 @@ from fastapi_offline import FastAPIOffline
 from router.client import RouterClient
 from services.common.auth import protect
 from services.common.blobs import open_blob_store
+from services.common.body_limit import bound_request_bodies
 from services.common.database import Database
 from services.common.openapi import document_problems
 from services.common.ops import ops_router
@@ -118,4 +119,5 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     protect(app, ACCESS, settings)
     document_problems(app)
+    bound_request_bodies(app, settings)
     return app

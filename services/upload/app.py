@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 from router.client import RouterClient
 from services.common.auth import protect
 from services.common.blobs import open_blob_store
+from services.common.body_limit import bound_request_bodies
 from services.common.openapi import document_problems
 from services.common.ops import ops_router
 from services.common.problems import install_problem_handlers
@@ -96,6 +97,7 @@ def create_app(
     app.include_router(api_router)
     protect(app, ACCESS, settings)
     document_problems(app)
+    bound_request_bodies(app, settings, streaming=[("POST", "/videos")])  # uploads stream, bounded by max_upload_bytes
     # Added last, so outermost: a browser's preflight is answered before authentication is asked for.
     app.add_middleware(
         CORSMiddleware,

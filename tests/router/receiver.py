@@ -28,8 +28,9 @@ async def accept(delivery: Delivery, count: int) -> web.Response:
 
 
 class Receiver:
-    def __init__(self, answer: Answer = accept, port: int | None = None) -> None:
+    def __init__(self, answer: Answer = accept, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.answer = answer
+        self.host = host
         self.port = port or free_port()
         self.deliveries: list[Delivery] = []
         self.arrived = asyncio.Condition()
@@ -38,14 +39,14 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"http://{self.host}:{self.port}/hook"
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/hook", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port).start()
 
     async def hang(self) -> None:
         """For an answer that never comes: waits until the receiver stops."""

@@ -1,0 +1,90 @@
+"""A bound on every request body a service reads whole.
+
+FastAPI reads a route's whole body before it validates it, whatever its content type: a 105 MB
+`PUT /subscriptions/big` was accepted and echoed back at 815 MB RSS. `BodyLimitMiddleware` reads
+the body first, up to `max_bytes`, and answers 413 problem+json past it (at once when
+`Content-Length` says so, or as soon as a chunked body crosses it), so the app never sees it.
+Routes that stream their body (an upload, the router's publish path) are named in `streaming` and
+keep their own limits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.problems import problem_response
+from services.common.settings import CommonSettings
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, streaming: Iterable[tuple[str, str]] = ()) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.streaming = [(method, re.compile(path)) for method, path in streaming]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope) or self._streams(scope):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send, f"at most {self.max_bytes} bytes, got {int(declared)}")
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it as it would have
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, f"at most {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+    def _streams(self, scope: Scope) -> bool:
+        return any(scope["method"] == method and path.fullmatch(scope["path"]) for method, path in self.streaming)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, expected: str) -> None:
+        # `Connection: close`: the rest of the body is not worth reading to keep the connection.
+        response = problem_response(
+            413,
+            "Payload too large",
+            f"body: expected {expected}",
+            errors=[{"field": "body", "expected": expected}],
+            headers={"connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """`receive` that hands out `messages` first, then defers to the server (to hear of a disconnect)."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
+def bound_request_bodies(app: FastAPI, settings: CommonSettings, *, streaming: Iterable[tuple[str, str]] = ()) -> None:
+    """Install `BodyLimitMiddleware` with the service's `max_body_bytes`; `streaming` lists the
+    `(method, path regex)` of the routes that read their body as a stream under their own limit."""
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, streaming=list(streaming))

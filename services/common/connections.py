@@ -1,0 +1,169 @@
+"""Connection limits the HTTP server itself does not have: header size, header-read time, open connections.
+
+uvicorn 0.54 with httptools (the stack every service runs on, see `server.serve`) has none of the
+three. httptools buffers a header of any size (100 MB were answered 200, and ten such connections
+took the router from 67 MB to 1 GB); `timeout_keep_alive` is armed only after a response, so a
+client that sends one header line and then nothing holds its connection forever;
+`h11_max_incomplete_event_size` exists for the h11 parser only; `limit_concurrency` answers a
+plain-text 503. So each service runs this subclass of uvicorn's httptools protocol, which:
+
+- counts the bytes of a request until its headers are complete, and past `max_header_bytes`
+  answers 431 and closes the connection (the bytes held are bounded by the limit plus one read);
+- arms a timer when a connection opens and when a request starts, disarmed once its headers are
+  complete: a client that takes longer than `header_timeout_s` gets 408 and the connection closes;
+- serves at most `max_connections` connections at once: a request on a connection beyond gets
+  503 problem+json with `Connection: close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from services.common.problems import PROBLEM_JSON
+
+log = logging.getLogger(__name__)
+
+LINGER_S = 2.0
+"""How long a refused connection's remaining input is read and dropped before it is closed (see `_linger`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_header_bytes: int = 64 * 1024
+    header_timeout_s: float = 10.0
+    max_connections: int = 1000
+
+
+def _problem(status: int, title: str, detail: str) -> bytes:
+    return json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail}).encode()
+
+
+async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
+    """The ASGI app that answers requests on connections beyond the cap (in place of the service)."""
+    body = _problem(503, "Service unavailable", "too many open connections; try again shortly")
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with `limits` enforced; build one with `protocol_with`."""
+
+    limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limit_concurrency = None  # uvicorn's own cap answers in plain text: ours replaces it
+        self._header_bytes = 0
+        self._reading_headers = True  # a connection opens waiting for its first request's headers
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._lingering = False
+
+    # -- the header-read timer ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        detail = f"the request's headers did not arrive within {self.limits.header_timeout_s:g} s"
+        self._refuse(408, "Request timeout", detail)
+
+    # -- counting header bytes ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_headers = True
+        self._header_bytes = 0
+        self._arm_header_timer()  # an idle keep-alive connection was under uvicorn's keep-alive timer
+
+    def on_headers_complete(self) -> None:
+        self._reading_headers = False
+        self._header_bytes = 0
+        self._disarm_header_timer()
+        # `self.app` is per connection: a request on a connection beyond the cap is answered by a 503 app.
+        over = len(self.connections) > self.limits.max_connections
+        self.app = _over_capacity if over else self.config.loaded_app
+        if over:
+            log.warning("over %d open connections: answering 503", self.limits.max_connections)
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
+        super().data_received(data)
+        # Counted after parsing: a read that completes the headers may carry body bytes, which do not count.
+        # A read that ends still inside the headers is all header bytes (bar a pipelined predecessor's tail).
+        if self._reading_headers and not self.transport.is_closing():
+            self._header_bytes += len(data)
+            if self._header_bytes > self.limits.max_header_bytes:
+                detail = f"the request line and headers exceed {self.limits.max_header_bytes} bytes"
+                self._refuse(431, "Request header fields too large", detail)
+
+    # -- answering and closing ------------------------------------------------------------------------
+
+    def _refuse(self, status: int, title: str, detail: str) -> None:
+        """Answer `status` and close, unless a response is under way on this connection (then just close)."""
+        if self.transport.is_closing() or self._lingering:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()
+            return
+        body = _problem(status, title, detail)
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: ", PROBLEM_JSON.encode(), b"\r\n",
+            b"content-length: ", str(len(body)).encode(), b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]  # fmt: skip
+        self.transport.write(b"".join(head) + body)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close without losing the answer: closing a socket with unread bytes in it sends a reset, and the
+        client's TCP stack drops what it had not read yet (our answer with it). So, as nginx does, stop
+        sending (FIN), read and drop what still comes for a moment, then close."""
+        self._lingering = True
+        self._disarm_header_timer()
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def eof_received(self) -> None:
+        if self._lingering:
+            self.transport.close()
+
+
+def protocol_with(limits: ConnectionLimits) -> type[LimitedHttpToolsProtocol]:
+    """The protocol class to hand uvicorn (`uvicorn.Config(http=...)`), enforcing `limits`."""
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"limits": limits})

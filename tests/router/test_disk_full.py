@@ -1,0 +1,65 @@
+"""A router whose disk is full says so: publishes get 507, `/readyz` fails until a commit succeeds again.
+
+The full disk is SQLite's own: `PRAGMA max_page_count` at the database's current size makes every
+commit that needs a new page fail with SQLITE_FULL, exactly as a full disk does, without one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sqlite3
+
+import httpx
+from fastapi import FastAPI
+
+from router.sqlite import SQLiteEventStore
+from router.sqlite_core import storage_failure
+from tests.router.events import BATCH, event
+
+
+async def set_max_pages(app: FastAPI, pages: int | None) -> None:
+    store: SQLiteEventStore = app.state.bus.store
+
+    def limit() -> None:
+        (current,) = store.conn.execute("PRAGMA page_count").fetchone()
+        store.conn.execute(f"PRAGMA max_page_count={current if pages is None else pages}")
+
+    await store._run(limit)
+
+
+def big_batch(prefix: str) -> str:
+    return json.dumps([event(id=f"{prefix}{i}", data={"pad": "x" * 100_000}) for i in range(5)])
+
+
+async def test_publishing_on_a_full_disk_gets_507_and_readyz_fails_until_a_commit_succeeds(
+    router_app: FastAPI, router: httpx.AsyncClient
+) -> None:
+    assert (await router.get("/readyz")).status_code == 200
+    await set_max_pages(router_app, None)  # the disk is full from here on
+
+    refused = await router.post("/events", content=big_batch("a"), headers=BATCH)
+    assert refused.status_code == 507
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert "disk is full" in refused.json()["detail"]
+    ready = await router.get("/readyz")
+    assert ready.status_code == 503 and "disk is full" in ready.json()["detail"]
+
+    await set_max_pages(router_app, 1_000_000)  # space again
+    assert (await router.get("/readyz")).status_code == 503  # nothing has committed yet
+    accepted = await router.post("/events", content=big_batch("b"), headers=BATCH)
+    assert accepted.status_code == 202
+    assert (await router.get("/readyz")).status_code == 200
+    # Nothing of the refused publish was kept.
+    await router.put("/subscriptions/all", json={"pattern": None, "target": {"queue": {}}, "start": "earliest"})
+    messages = (await router.post("/subscriptions/all/receive", json={"max_messages": 10})).json()["messages"]
+    assert sorted(m["event"]["id"] for m in messages) == [f"b{i}" for i in range(5)]
+
+
+def test_what_counts_as_running_out_of_storage() -> None:
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    assert storage_failure(full) == "the disk is full (SQLITE_FULL)"
+    assert storage_failure(OSError(errno.ENOSPC, "No space left on device")) == "cannot write: No space left on device"
+    assert storage_failure(sqlite3.IntegrityError("UNIQUE constraint failed")) is None
+    assert storage_failure(ValueError("bad event")) is None
