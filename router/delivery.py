@@ -2,7 +2,7 @@
 
 A dispatcher leases at most `max_in_flight` messages at a time from the store (so a huge backlog
 never sits in memory), sends each over a pooled keep-alive aiohttp session (plain httpx costs
-~2 ms of CPU per request under concurrency here, see DESIGN.md), and commits the outcome of every
+~2 ms of CPU per request under concurrency here, bench/README.md, "HTTP clients"), and commits the outcome of every
 attempt before it moves on: 2xx acks; 408, 429, 5xx, timeouts and connection errors are retried
 with exponential backoff and full jitter (honouring `Retry-After`); any other 4xx, or running out
 of `max_attempts` / `max_age_s`, dead-letters the message. Connections go only to addresses the

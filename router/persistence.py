@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """How a subscription's events are handed out (DESIGN.md, Shapes: `delivery`)."""
+    """How a subscription's events are handed out (docs/architecture.md, Shapes clients rely on: `delivery`)."""
 
     max_attempts: int = 185
     max_age_s: int = 86_400

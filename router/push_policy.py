@@ -1,4 +1,4 @@
-"""Which addresses push delivery may connect to (DESIGN.md, Push target policy).
+"""Which addresses push delivery may connect to (docs/architecture.md, Push target policy).
 
 A push target is any URL a subscriber names, so without a policy the router is a proxy into its own
 network: it POSTs (signed) to whatever a URL resolves to. `PushPolicy` allows only the networks in

@@ -1,6 +1,6 @@
 """Scoped bearer tokens: one declarative access table per service, checked by a pure ASGI middleware.
 
-Three tokens, three scopes, each wider than the one before (DESIGN.md, Router: Auth):
+Three tokens, three scopes, each wider than the one before (docs/architecture.md, Tokens and scopes):
 
     user     upload, list, retry, delete videos         CATTUBE_USER_TOKEN     (what the page holds)
     service  publish, receive/ack, own subscriptions    CATTUBE_SERVICE_TOKEN  (what services call with)

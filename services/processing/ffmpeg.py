@@ -10,7 +10,7 @@ Choices baked in here, and why:
 - The hardened input options (`services.common.media.hardened_input_args`) come before
   `-i`; only `0:v:0` and `0:a:0?` are mapped, and each output is bounded by `-t` (probed
   duration plus a margin) and `-fs`, so a lying or hostile master cannot make us write
-  forever (DESIGN.md, "Untrusted media").
+  forever (docs/architecture.md, "Untrusted media").
 - Rotation: ffmpeg autorotates on decode, so the filter graph already sees the picture
   upright and the display matrix is consumed; outputs are plain upright frames with no
   rotation left for a player to get wrong. Sizes come from the ladder (displayed sizes).

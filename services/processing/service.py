@@ -115,7 +115,7 @@ class ProcessingService:
         settings = self.settings
         # The work directory and the outbox are this instance's alone: say so plainly if another has them.
         self._lock = await asyncio.to_thread(lock_data_dir, settings.data_dir / "processing" / "instance.lock")
-        # Before any worker starts: partial outputs of jobs a kill -9 cut short (DESIGN: none may remain).
+        # Before any worker starts: partial outputs a kill -9 left (docs/architecture.md, Workers and jobs).
         swept, size = await asyncio.to_thread(sweep_work_dir, settings.work_dir)
         if swept:
             log.info("swept %d work director(ies) (%d bytes) left by an earlier run", swept, size)

@@ -56,7 +56,7 @@ class Probe:
     rotation: int
 
     def as_event_data(self) -> dict[str, Any]:
-        """The `probe` object of `cattube.video.uploaded` (DESIGN.md, Events)."""
+        """The `probe` object of `cattube.video.uploaded` (docs/architecture.md, Events)."""
         return {
             "duration_s": self.duration_s,
             "width": self.width,
