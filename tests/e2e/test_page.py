@@ -88,7 +88,7 @@ async def test_a_visitor_without_the_token_can_watch_and_a_mangled_link_still_re
             f"{stack.url('upload')}/videos",
             params={"title": "A cat for visitors"},
             content=clip.read_bytes(),
-            headers={"Content-Type": "video/mp4", **stack.auth},
+            headers={"Content-Type": "video/mp4", **stack.auth("user")},
         )
     assert response.status_code == 202, response.text
     card_selector = f'.video[data-video-id="{response.json()["video_id"]}"]'
