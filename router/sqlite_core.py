@@ -15,6 +15,7 @@ import logging
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -135,9 +136,11 @@ class SQLiteCore:
         is in the way, which a busy router never offers (issue 10: 107 MB to 449 MB in 25 s). The
         PASSIVE ones keep most frames copied already, so this one has only the remainder to copy.
         """
-        if self._conn is None or self._wal_bytes() <= self.wal_limit_bytes:
+        if self._conn is None or (size := self._wal_bytes()) <= self.wal_limit_bytes:
             return
+        started = time.perf_counter()
         busy, frames, copied = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        log.info("WAL of %d bytes checkpointed and truncated in %.0f ms", size, (time.perf_counter() - started) * 1000)
         if busy:
             log.warning(
                 "WAL checkpoint (TRUNCATE) could not finish (%d of %d frames copied); next commit retries",
