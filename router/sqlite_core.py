@@ -51,6 +51,7 @@ class SQLiteCore:
         self.wal_limit_bytes = wal_limit_bytes
         self._wal = path.with_name(path.name + "-wal")
         self._wal_over_limit = False
+        self._truncating = False
         self.write_failure: str | None = None
         """Why the last commit failed for want of storage (disk full, I/O error); None once one succeeds."""
         self.listener: ChangeListener | None = None
@@ -98,9 +99,11 @@ class SQLiteCore:
         if self._checkpoint_due:
             self._checkpoint_due = False
             self._in_background(loop.run_in_executor(self._checkpointer, self._checkpoint))
-        if self._wal_over_limit:
-            self._wal_over_limit = False
-            self._in_background(loop.run_in_executor(self._executor, self._call, self._truncate_wal, ()))
+        if self._wal_over_limit and not self._truncating:  # one truncation queued at a time
+            self._wal_over_limit, self._truncating = False, True
+            truncation = loop.run_in_executor(self._executor, self._call, self._truncate_wal, ())
+            truncation.add_done_callback(lambda _: setattr(self, "_truncating", False))
+            self._in_background(truncation)
         if touched and self.listener is not None:
             self.listener(touched, hidden, handoffs)
         return result
