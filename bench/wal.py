@@ -81,10 +81,10 @@ async def run(url: str, data: Path, seconds: float, every_s: float) -> None:
         async def report() -> None:
             started = time.monotonic()
             while True:
+                wal_mb, db_mb = mb(data / "bus.db-wal"), mb(data / "bus.db")
                 print(
                     f"{time.monotonic() - started:6.0f} s  published {len(published):8d}  acked {len(acked):8d}"
-                    f"  pushed {len(pushed):8d}  WAL {mb(data / 'bus.db-wal'):7.1f} MB"
-                    f"  db {mb(data / 'bus.db'):7.1f} MB",
+                    f"  pushed {len(pushed):8d}  WAL {wal_mb:7.1f} MB  db {db_mb:7.1f} MB",
                     flush=True,
                 )
                 await asyncio.sleep(every_s)

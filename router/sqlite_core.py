@@ -15,6 +15,7 @@ import logging
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -50,6 +51,7 @@ class SQLiteCore:
         self.wal_limit_bytes = wal_limit_bytes
         self._wal = path.with_name(path.name + "-wal")
         self._wal_over_limit = False
+        self._truncating = False
         self.write_failure: str | None = None
         """Why the last commit failed for want of storage (disk full, I/O error); None once one succeeds."""
         self.listener: ChangeListener | None = None
@@ -97,9 +99,11 @@ class SQLiteCore:
         if self._checkpoint_due:
             self._checkpoint_due = False
             self._in_background(loop.run_in_executor(self._checkpointer, self._checkpoint))
-        if self._wal_over_limit:
-            self._wal_over_limit = False
-            self._in_background(loop.run_in_executor(self._executor, self._call, self._truncate_wal, ()))
+        if self._wal_over_limit and not self._truncating:  # one truncation queued at a time
+            self._wal_over_limit, self._truncating = False, True
+            truncation = loop.run_in_executor(self._executor, self._call, self._truncate_wal, ())
+            truncation.add_done_callback(lambda _: setattr(self, "_truncating", False))
+            self._in_background(truncation)
         if touched and self.listener is not None:
             self.listener(touched, hidden, handoffs)
         return result
@@ -135,9 +139,11 @@ class SQLiteCore:
         is in the way, which a busy router never offers (issue 10: 107 MB to 449 MB in 25 s). The
         PASSIVE ones keep most frames copied already, so this one has only the remainder to copy.
         """
-        if self._conn is None or self._wal_bytes() <= self.wal_limit_bytes:
+        if self._conn is None or (size := self._wal_bytes()) <= self.wal_limit_bytes:
             return
+        started = time.perf_counter()
         busy, frames, copied = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        log.info("WAL of %d bytes checkpointed and truncated in %.0f ms", size, (time.perf_counter() - started) * 1000)
         if busy:
             log.warning(
                 "WAL checkpoint (TRUNCATE) could not finish (%d of %d frames copied); next commit retries",
