@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from router.app import create_app as create_router
 from router.settings import RouterSettings
+from tests.postgres import PostgresServer, PostgresUnavailable, fresh_database, postgres_server
 
 
 @asynccontextmanager
@@ -43,3 +44,26 @@ async def router(router_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """An httpx client talking to an in-process router with a fresh bus."""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=router_app), base_url="http://router") as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL for the whole session: ours (tests/postgres.py), or CATTUBE_TEST_DATABASE_URL's."""
+    try:
+        with postgres_server() as server:
+            yield server
+    except PostgresUnavailable as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres: PostgresServer) -> str:
+    """The session server's maintenance database, as a superuser URL."""
+    return postgres.url
+
+
+@pytest.fixture
+async def database_url(postgres_url: str) -> AsyncIterator[str]:
+    """A database of this test's own, created empty and dropped afterwards."""
+    async with fresh_database(postgres_url) as url:
+        yield url
