@@ -30,6 +30,7 @@ class ServiceProcess:
     proc: asyncio.subprocess.Process | None = None
     log: list[str] = field(default_factory=list)
     _reader: asyncio.Task[None] | None = None
+    _waiters: list[tuple[str, asyncio.Future[str]]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -55,10 +56,22 @@ class ServiceProcess:
         async for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             self.log.append(line)
+            for text, waiter in self._waiters:
+                if text in line and not waiter.done():
+                    waiter.set_result(line)
             if "Uvicorn running on" in line and not started.done():
                 started.set_result(None)
         if not started.done():
             started.set_exception(RuntimeError("exited"))
+
+    async def wait_for_log(self, text: str, timeout_s: float = 30) -> str:
+        """The first log line from now on that holds `text` (woken by each line, not polled)."""
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters.append((text, waiter))
+        try:
+            return await asyncio.wait_for(waiter, timeout_s)
+        finally:
+            self._waiters.remove((text, waiter))
 
     async def kill(self) -> None:
         """kill -9: no shutdown code runs."""
