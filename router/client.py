@@ -15,6 +15,11 @@ Every CatTube service talks to the router through this module and nothing else:
 Publishing retries connection errors and 5xx answers with exponential backoff and full jitter.
 That is safe because an event's `source`+`id` are fixed before the first try: the router keeps
 the first copy and answers repeats with `duplicate: true`.
+
+Given several routers (replicas over one PostgreSQL), the client sticks with one and moves on to the
+next, in order and coming back around, when one cannot be reached or answers 503:
+
+    RouterClient(["http://r1:8700", "http://r2:8700"], token=token)
 """
 
 from __future__ import annotations
@@ -139,7 +144,13 @@ def new_event(
 
 
 class RouterClient:
-    """A connection pool to one router. Use as an async context manager, or call `aclose()`.
+    """A connection pool to a router, or to several replicas of one. Use as an async context manager, or
+    call `aclose()`.
+
+    `base_url` is one URL, or a list of replicas: requests go to one of them until it fails to
+    connect or answers 503, then to the next in order (coming back around), within the same call
+    and before any backoff. Replicas are interchangeable (publishing is idempotent on source+id,
+    a receipt from one acks on another), so what failed on one is simply sent again on the next.
 
     `transport` lets tests run against an in-process router (`httpx.ASGITransport(app)`), and lets a
     hot path plug in a faster transport (such as `httpx-aiohttp`'s).
@@ -147,7 +158,7 @@ class RouterClient:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         token: str | None = None,
         timeout_s: float = 30.0,
@@ -156,14 +167,24 @@ class RouterClient:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
     ) -> None:
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not urls:
+            raise ValueError("base_url: expected at least one router URL")
+        self.base_urls = tuple(url.rstrip("/") for url in urls)
+        # The replica requests go to: moved on only when it fails, so connections are reused.
+        self._current = 0
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        # Long polls wait up to 20 s on the server: the read timeout leaves room for that.
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(timeout_s), transport=transport
-        )
+        # Long polls wait up to 20 s on the server: the read timeout leaves room for that. One pool for
+        # every replica: httpx keeps connections per origin.
+        self._http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s), transport=transport)
         self.retries = retries
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+
+    @property
+    def base_url(self) -> str:
+        """The router requests go to now (one of `base_urls`)."""
+        return self.base_urls[self._current]
 
     async def __aenter__(self) -> RouterClient:
         return self
@@ -180,23 +201,52 @@ class RouterClient:
         attempt = 0
         while True:
             try:
-                response = await self._http.request(method, path, **kwargs)
+                return await self._send(method, path, kwargs)
+            except RouterUnavailable as exc:
+                attempt += 1
+                if not retry or attempt > self.retries:
+                    raise
+                delay = full_jitter(attempt, self.backoff_initial_s, self.backoff_max_s)
+                log.debug("router %s %s failed (%s); retrying in %.2fs", method, path, exc.problem.get("detail"), delay)
+            await asyncio.sleep(delay)
+
+    async def _send(self, method: str, path: str, kwargs: dict[str, Any]) -> httpx.Response:
+        """One try on each router, from the current one on, until one answers other than 503.
+
+        Raises `RouterError` for a refusal, `RouterUnavailable` for a retryable failure (the last one's).
+        """
+        start = self._current
+        count = len(self.base_urls)
+        for step in range(count):
+            index = (start + step) % count
+            try:
+                response = await self._http.request(method, self.base_urls[index] + path, **kwargs)
             except httpx.TransportError as exc:
                 problem: dict[str, Any] = {"title": "Router unreachable", "detail": f"{type(exc).__name__}: {exc}"}
                 status = 503
             else:
                 if response.status_code < 400:
+                    self._current = index
                     return response
                 problem = _problem(response)
                 status = response.status_code
                 if status not in RETRYABLE_STATUS:
                     raise RouterError(status, problem)
-            attempt += 1
-            if not retry or attempt > self.retries:
-                raise RouterUnavailable(status, problem)
-            delay = full_jitter(attempt, self.backoff_initial_s, self.backoff_max_s)
-            log.debug("router %s %s failed (%s); retrying in %.2fs", method, path, problem.get("detail"), delay)
-            await asyncio.sleep(delay)
+                if status != 503:  # this router is there but failed the request: retry it there
+                    break
+            if count > 1:
+                # Concurrent requests may all see this router fail: only the first moves everyone on.
+                if self._current == index:
+                    self._current = (index + 1) % count
+                log.warning(
+                    "router %s failed %s %s (%s); moving on to %s",
+                    self.base_urls[index],
+                    method,
+                    path,
+                    problem.get("detail") or problem.get("title"),
+                    self.base_urls[(index + 1) % count],
+                )
+        raise RouterUnavailable(status, problem)
 
     # -- publishing -------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,7 +35,11 @@ class CommonSettings(BaseSettings):
     upload_port: int = Field(8701, ge=1, le=65535)
     processing_port: int = Field(8702, ge=1, le=65535)
     store_port: int = Field(8703, ge=1, le=65535)
-    router_url: str | None = Field(None, description="Base URL of the router; default http://127.0.0.1:ROUTER_PORT.")
+    router_url: str | None = Field(
+        None,
+        description="Base URL of the router, or a comma-separated list of replicas (the client moves on when one "
+        "fails); default http://127.0.0.1:ROUTER_PORT.",
+    )
     log_level: str = Field("info", description="debug, info, warning or error.")
     blob_url: str | None = Field(None, description="The bucket: file:///abs/dir; default file://DATA_DIR/bucket.")
     # What one client can make a service hold (docs/architecture.md, Limits): see services/common/connections.py.
@@ -56,7 +60,29 @@ class CommonSettings(BaseSettings):
 
     @property
     def router_base_url(self) -> str:
-        return (self.router_url or f"http://127.0.0.1:{self.router_port}").rstrip("/")
+        """The router's URL, or the replicas' URLs joined by commas (for messages: clients take `router_urls`)."""
+        return ",".join(self.router_urls)
+
+    @property
+    def router_urls(self) -> tuple[str, ...]:
+        """The router replicas, in the order a client tries them."""
+        if self.router_url is None:
+            return (f"http://127.0.0.1:{self.router_port}",)
+        return tuple(url.strip().rstrip("/") for url in self.router_url.split(","))
+
+    @field_validator("router_url")
+    @classmethod
+    def _router_urls_valid(cls, value: str | None) -> str | None:
+        # Refused at start, naming the variable: a typo here would otherwise surface as a router "down".
+        if value is None or not value.strip():
+            return None  # empty means unset, as it always has: the default router
+        for position, url in enumerate(value.split(","), start=1):
+            if not _is_http_url(url.strip()):
+                raise ValueError(
+                    f"CATTUBE_ROUTER_URL: expected http(s)://host[:port] URLs separated by commas; "
+                    f"entry {position} ({url.strip()!r}) is not one"
+                )
+        return value
 
     @property
     def blob_base_url(self) -> str:
@@ -101,3 +127,12 @@ class CommonSettings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return any((self.token, self.service_token, self.user_token))
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 (reading it checks it: "host:x" or a port past 65535 raises)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)

@@ -121,16 +121,16 @@ class ProcessingService:
             log.info("swept %d work director(ies) (%d bytes) left by an earlier run", swept, size)
         self._store = await asyncio.to_thread(open_blob_store, settings.blob_base_url)
         token = settings.router_token
-        self._control = RouterClient(settings.router_base_url, token=token, transport=self._router_transport)
+        self._control = RouterClient(settings.router_urls, token=token, transport=self._router_transport)
         # Bounded: two long polls (the pool's one receive loop, deletions) and the busy workers' acks,
         # nacks and heartbeats, which wait their turn for a connection rather than open one each.
         queue_transport = self._router_transport or httpx.AsyncHTTPTransport(
             limits=httpx.Limits(max_connections=QUEUE_CONNECTIONS, max_keepalive_connections=QUEUE_CONNECTIONS)
         )
-        self._queues = RouterClient(settings.router_base_url, token=token, transport=queue_transport)
+        self._queues = RouterClient(settings.router_urls, token=token, transport=queue_transport)
         # The relay owns retries and their timing (backing off while the router is away): one try per call.
         self._events = RouterClient(
-            settings.router_base_url,
+            settings.router_urls,
             token=token,
             timeout_s=EVENTS_TIMEOUT_S,
             transport=self._router_transport,

@@ -51,10 +51,10 @@ def create_app(
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
     live = Live(settings.live_queue_size)
     db = Database(settings.catalog_file, SCHEMA, name="catalog")
-    client = RouterClient(settings.router_base_url, token=settings.router_token, transport=router_transport)
+    client = RouterClient(settings.router_urls, token=settings.router_token, transport=router_transport)
     # The relay backs off on its own (and stops mid-wait at shutdown): no retries inside the client.
     relay_client = RouterClient(
-        settings.router_base_url, token=settings.router_token, transport=router_transport, retries=0
+        settings.router_urls, token=settings.router_token, transport=router_transport, retries=0
     )
     relay = OutboxRelay(db, relay_client)
     feed = Feed(client, name=settings.subscription, url=f"{settings.public_base_url}/inbox")

@@ -53,7 +53,7 @@ def create_app(
             stack.push_async_callback(outbox.close)
             # The relay owns retries and their timing: the client tries once per call.
             client = RouterClient(
-                settings.router_base_url,
+                settings.router_urls,
                 token=settings.router_token,
                 timeout_s=ROUTER_TIMEOUT_S,
                 transport=router_transport,

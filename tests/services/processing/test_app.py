@@ -20,6 +20,7 @@ from services.processing.app import create_app
 from services.processing.settings import ProcessingSettings
 from tests.conftest import running
 from tests.media import make_clip
+from tests.replicas import DOWN, Replicas
 from tests.services.processing.test_transcode import children_of_this_process
 
 PROBE = {"duration_s": 1.0, "width": 320, "height": 180, "fps": 10.0, "video_codec": "h264", "rotation": 0}
@@ -364,3 +365,17 @@ async def test_a_second_instance_on_the_same_data_dir_is_refused(
         with pytest.raises(Unavailable, match="another processing instance is using"):
             async with running(second):
                 pass
+
+
+async def test_with_two_routers_listed_it_works_through_the_one_that_answers(
+    tmp_path: Path, router_app: FastAPI
+) -> None:
+    replicas = Replicas({"http://down": DOWN, "http://router": httpx.ASGITransport(app=router_app)})
+    settings = ProcessingSettings(data_dir=tmp_path / "data", router_url="http://down,http://router", max_workers=1)
+    app = create_app(settings, exit_on_failure=False, router_transport=replicas)
+    async with running(app) as api:
+        await wait_ready(app)  # both subscriptions declared
+        assert (await api.get("/readyz")).status_code == 200
+    assert "http://down" in replicas.seen
+    async with RouterClient("http://router", transport=httpx.ASGITransport(app=router_app)) as router:
+        assert (await router.get_subscription("transcode"))["target"] == {"queue": {}}

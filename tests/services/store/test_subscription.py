@@ -15,6 +15,7 @@ from router.client import RouterClient
 from services.store.app import create_app
 from services.store.settings import StoreSettings
 from tests.conftest import running
+from tests.replicas import DOWN, Replicas
 from tests.services.store.conftest import FakeRouter, uploaded
 
 
@@ -63,3 +64,20 @@ async def test_against_the_real_router_a_deletion_is_followed_by_a_new_declarati
         assert feed.lost == 1 and (await router.get_subscription("store"))["target"] == {"url": "http://store/inbox"}
         assert feed.receiver.secret != first_secret  # a new subscription, a new signing secret, taken up
         assert (await store.get("/readyz")).status_code == 200
+
+
+async def test_with_two_routers_listed_the_store_declares_and_watches_through_the_one_that_answers(
+    router_app: FastAPI, tmp_path: Path
+) -> None:
+    replicas = Replicas({"http://down": DOWN, "http://router": httpx.ASGITransport(app=router_app)})
+    settings = StoreSettings(
+        data_dir=tmp_path / "store", router_url="http://down,http://router", store_public_url="http://store"
+    )
+    app = create_app(settings, exit_on_failure=False, router_transport=replicas)
+    async with running(app, base_url="http://store") as store:
+        async with asyncio.timeout(10):
+            await app.state.feed.subscribed.wait()
+        assert (await store.get("/readyz")).status_code == 200
+    assert "http://down" in replicas.seen
+    async with RouterClient("http://router", transport=httpx.ASGITransport(app=router_app)) as router:
+        assert (await router.get_subscription("store"))["target"] == {"url": "http://store/inbox"}

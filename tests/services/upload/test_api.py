@@ -19,6 +19,7 @@ from services.upload.outbox import Outbox
 from services.upload.settings import UploadSettings
 from tests.conftest import running
 from tests.media import make_clip
+from tests.replicas import DOWN, Replicas
 from tests.services.upload.uploading import bucket_files, chunks_of, multipart
 
 
@@ -344,3 +345,19 @@ def test_settings_refuse_unknown_default_renditions() -> None:
         "http://127.0.0.1:8703",
         "http://localhost:8703",
     ]
+
+
+async def test_with_two_routers_listed_the_event_goes_through_the_one_that_answers(
+    upload_settings: Callable[..., UploadSettings], router_app: FastAPI, clip: bytes
+) -> None:
+    replicas = Replicas({"http://down": DOWN, "http://router": httpx.ASGITransport(app=router_app)})
+    settings = upload_settings(router_url="http://down,http://router")
+    async with RouterClient("http://router", transport=httpx.ASGITransport(app=router_app)) as router:
+        await router.ensure_subscription(
+            "uploads", pattern={"type": ["cattube.video.uploaded"]}, target={"queue": {}}, start="earliest"
+        )
+        async with running(create_app(settings, exit_on_failure=False, router_transport=replicas)) as upload:
+            found = await record(upload, await upload.post("/videos", files={"file": ("cat.mp4", clip)}))
+            (message,) = await router.queue("uploads").receive(wait_s=5)
+    assert message.event["id"] == found["video_id"]
+    assert replicas.seen[:2] == ["http://down", "http://router"]
