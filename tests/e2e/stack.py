@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from services.cli.up import PAGE_LINE
 from tests.process import REPO, free_port
 
 SERVICES = ("router", "upload", "processing", "store")
@@ -51,8 +52,18 @@ class Stack:
             cwd=REPO, env=self.env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
+        pages = self._pages()
         self._reader = asyncio.create_task(self._read())
         await self.wait_serving(set(SERVICES), timeout_s)
+        # Up means `cattube up` said so: it prints the page once it has seen every service serve.
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(lambda: self._pages() > pages)
+        except TimeoutError:
+            raise AssertionError("cattube up never showed the page:\n" + "\n".join(self.log[-60:])) from None
+
+    def _pages(self) -> int:
+        return sum(line.startswith(PAGE_LINE) for line in self.log)
 
     async def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
