@@ -18,9 +18,10 @@ import logging
 from collections import OrderedDict
 
 from router.client import QueueConsumer, ReceivedMessage, RouterError, full_jitter
+from services.common import contract
 from services.common.blobs import BlobStore, video_key
 from services.common.errors import InvalidInput
-from services.processing.worker import WorkerPool, video_id_of
+from services.processing.worker import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,13 @@ class DeletionConsumer:
             self._task.cancel()
 
     async def _handle(self, message: ReceivedMessage) -> None:
-        video_id = video_id_of(message)
         try:
-            prefix = video_key(video_id or "", "x")[:-1]
-        except InvalidInput:
-            log.error("ignoring a deletion event without a valid video id: %r", video_id)
+            video_id = contract.parse(message.event, contract.VideoDeleted).video_id
+        except InvalidInput as exc:
+            log.error("ignoring a malformed deletion event %s: %s", message.event.get("id"), exc)
             await self.queue.ack([message.receipt])
             return
-        assert video_id is not None
+        prefix = video_key(video_id, "x")[:-1]
         self._remember(video_id)
         try:
             cancelled = await self.pool.cancel_video(video_id)

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from router.client import ReceivedMessage, RouterClient, new_event
-from services.common import outbox
+from services.common import contract, outbox
 from services.common.database import Database
 from services.common.errors import Unavailable
 from services.common.outbox import OutboxRelay
@@ -46,53 +46,53 @@ def run_id(message: ReceivedMessage) -> str:
     return f"{message.sequence}.{message.attempt}-{tag}"
 
 
-def _video_event(kind: str, video_id: str, run: str, data: dict[str, Any], suffix: str = "") -> dict[str, Any]:
+def _video_event(kind: str, data: contract.EventData, run: str, suffix: str = "") -> dict[str, Any]:
+    video_id = data.video_id  # type: ignore[attr-defined]  # every transcode.* model has one
     return new_event(
-        f"cattube.transcode.{kind}",
-        SOURCE,
-        {"video_id": video_id, **data},
-        id=f"{video_id}/{kind}/{run}{suffix}",
-        partitionkey=video_id,
+        f"cattube.transcode.{kind}", SOURCE, data.dump(), id=f"{video_id}/{kind}/{run}{suffix}", partitionkey=video_id
     )
 
 
 def started(video_id: str, run: str, *, worker: str, attempt: int) -> dict[str, Any]:
-    return _video_event("started", video_id, run, {"worker": worker, "attempt": attempt})
+    return _video_event("started", contract.TranscodeStarted(video_id=video_id, worker=worker, attempt=attempt), run)
 
 
 def progress(video_id: str, run: str, n: int, *, percent: float, speed: float) -> dict[str, Any]:
-    return _video_event("progress", video_id, run, {"percent": round(percent, 1), "speed": round(speed, 2)}, f"/{n}")
+    data = contract.TranscodeProgress(video_id=video_id, percent=round(percent, 1), speed=round(speed, 2))
+    return _video_event("progress", data, run, f"/{n}")
 
 
 def completed(
     video_id: str,
     run: str,
     *,
-    renditions: list[dict[str, Any]],
+    renditions: list[contract.Rendition],
     skipped: list[str],
     poster_uri: str,
     elapsed_s: float,
     worker: str,
     attempt: int,
 ) -> dict[str, Any]:
-    data = {
-        "renditions": renditions,
-        "skipped": skipped,
-        "poster": {"uri": poster_uri},
-        "elapsed_s": round(elapsed_s, 3),
-        "worker": worker,
-        "attempt": attempt,
-    }
-    return _video_event("completed", video_id, run, data)
+    data = contract.TranscodeCompleted(
+        video_id=video_id,
+        renditions=renditions,
+        skipped=skipped,
+        poster=contract.Poster(uri=poster_uri),
+        elapsed_s=round(elapsed_s, 3),
+        worker=worker,
+        attempt=attempt,
+    )
+    return _video_event("completed", data, run)
 
 
 def failed(video_id: str, run: str, *, attempt: int, permanent: bool, reason: str) -> dict[str, Any]:
-    return _video_event("failed", video_id, run, {"attempt": attempt, "permanent": permanent, "reason": reason})
+    data = contract.TranscodeFailed(video_id=video_id, attempt=attempt, permanent=permanent, reason=reason)
+    return _video_event("failed", data, run)
 
 
 def scaled(instance: str, n: int, *, from_: int, to: int, backlog: int, in_flight: int, reason: str) -> dict[str, Any]:
-    data = {"from": from_, "to": to, "backlog": backlog, "in_flight": in_flight, "reason": reason}
-    return new_event("cattube.processing.scaled", SOURCE, data, id=f"scaled/{instance}/{n}")
+    data = contract.ProcessingScaled(from_=from_, to=to, backlog=backlog, in_flight=in_flight, reason=reason)
+    return new_event(contract.PROCESSING_SCALED, SOURCE, data.dump(), id=f"scaled/{instance}/{n}")
 
 
 class OutboxUnavailable(Exception):

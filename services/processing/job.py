@@ -31,6 +31,7 @@ import aiofiles
 import aiofiles.os
 
 from router.client import ReceivedMessage
+from services.common import contract
 from services.common.blobs import BlobStore, video_key
 from services.common.errors import InvalidInput
 from services.common.media import ProcessTimeout
@@ -38,43 +39,38 @@ from services.processing import events
 from services.processing.events import EventSink, OutboxUnavailable, run_id
 from services.processing.settings import ProcessingSettings
 from services.processing.transcode import TranscodeError, TranscodeResult, transcode
-from services.processing.worker import JobCancelled, JobContext, PermanentFailure, RetryLater, video_id_of
+from services.processing.worker import JobCancelled, JobContext, PermanentFailure, RetryLater
 
 log = logging.getLogger(__name__)
-
-UPLOADED = "cattube.video.uploaded"
-RETRY_REQUESTED = "cattube.video.retry-requested"
 
 
 @dataclass(frozen=True)
 class TranscodeRequest:
     video_id: str
     master_uri: str
-    probe: Mapping[str, Any]
+    probe: contract.Probe
     renditions: list[str]
 
 
 def parse_request(event: Mapping[str, Any]) -> TranscodeRequest:
     """What an uploaded or retry-requested event asks for, or `PermanentFailure` saying what is missing."""
-    data = event.get("data")
-    if not isinstance(data, dict):
-        raise PermanentFailure("The job's event carries no data object, so there is nothing to transcode.")
-    video_id = data.get("video_id")
     try:
-        video_key(video_id if isinstance(video_id, str) else "", "master")
-    except InvalidInput:
-        raise PermanentFailure(f"The job's video_id {video_id!r} is not a valid video id.") from None
-    master, probe, renditions = data.get("master"), data.get("probe"), data.get("renditions")
-    if not isinstance(master, dict) or not isinstance(master.get("uri"), str) or not isinstance(probe, dict):
-        if event.get("type") == RETRY_REQUESTED:
+        data = contract.parse(event, contract.VideoUploaded)
+    except InvalidInput as exc:
+        if exc.field == "data.video_id":
+            video_id = event["data"].get("video_id")
+            raise PermanentFailure(f"The job's video_id {video_id!r} is not a valid video id.") from None
+        raise PermanentFailure(f"The job's event is malformed: {exc.detail}.") from None
+    if data.master is None or data.probe is None:
+        if event.get("type") == contract.RETRY_REQUESTED:
             raise PermanentFailure(
                 "The retry request carries no master and probe (data.master.uri, data.probe); the processing "
                 "service needs those of the original upload to run the video again. Upload the video again."
             )
         raise PermanentFailure("The upload event carries no master (data.master.uri) or no probe (data.probe).")
-    if not isinstance(renditions, list) or not renditions or not all(isinstance(r, str) for r in renditions):
+    if not data.renditions:
         raise PermanentFailure("The job asks for no renditions (data.renditions must list names such as 720p).")
-    return TranscodeRequest(str(video_id), master["uri"], probe, renditions)
+    return TranscodeRequest(data.video_id, data.master.uri, data.probe, data.renditions)
 
 
 def sweep_work_dir(work_dir: Path) -> tuple[int, int]:
@@ -150,13 +146,10 @@ class TranscodeJobs:
     async def report_failure(
         self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str
     ) -> None:
-        video_id = video_id_of(message)
-        try:
-            video_key(video_id or "", "master")
-        except InvalidInput:
+        video_id = contract.video_id_of(message.event)
+        if video_id is None:
             log.error("not announcing the failure of a job without a valid video id: %s", reason)
             return
-        assert video_id is not None
         event = events.failed(video_id, run_id(message), attempt=message.attempt, permanent=permanent, reason=reason)
         await self.sink.publish(event)
 
@@ -189,8 +182,8 @@ class TranscodeJobs:
     async def _transcode(
         self, request: TranscodeRequest, master: Path, out_dir: Path, context: JobContext, run: str
     ) -> TranscodeResult:
-        duration = request.probe.get("duration_s")
-        duration_s = float(duration) if isinstance(duration, int | float) and math.isfinite(duration) else 0.0
+        duration = request.probe.duration_s
+        duration_s = duration if duration is not None and math.isfinite(duration) else 0.0
         timeout_s = self.settings.job_timeout_s(duration_s)
         reports = 0
 
@@ -203,7 +196,7 @@ class TranscodeJobs:
             return await transcode(
                 master,
                 out_dir,
-                probe=request.probe,
+                probe=request.probe.dump(),
                 renditions=request.renditions,
                 threads=context.threads,
                 preset=self.settings.ffmpeg_preset,
@@ -231,21 +224,21 @@ class TranscodeJobs:
         except OSError as exc:
             raise RetryLater(f"The transcode could not run ({exc}).") from exc
 
-    async def _store_outputs(self, video_id: str, result: TranscodeResult) -> tuple[list[dict[str, Any]], str]:
+    async def _store_outputs(self, video_id: str, result: TranscodeResult) -> tuple[list[contract.Rendition], str]:
         try:
             renditions = []
             for rendition in result.renditions:
                 info = await self.store.put_file(video_key(video_id, rendition.path.name), rendition.path)
                 renditions.append(
-                    {
-                        "name": rendition.name,
-                        "uri": info.uri,
-                        "width": rendition.width,
-                        "height": rendition.height,
-                        "bitrate": rendition.bitrate,
-                        "size_bytes": info.size_bytes,
-                        "duration_s": rendition.duration_s,
-                    }
+                    contract.Rendition(
+                        name=rendition.name,
+                        uri=info.uri,
+                        width=rendition.width,
+                        height=rendition.height,
+                        bitrate=rendition.bitrate,
+                        size_bytes=info.size_bytes,
+                        duration_s=rendition.duration_s,
+                    )
                 )
             poster = await self.store.put_file(video_key(video_id, result.poster.name), result.poster)
         except OSError as exc:

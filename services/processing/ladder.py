@@ -1,5 +1,8 @@
 """The rendition ladder: which sizes a master becomes, and the bitrate budget of each.
 
+The names and their sizes are the contract's (`services.common.contract.LADDER`); this module adds
+what only ffmpeg needs: the output sizes and the rate control of each rung.
+
 A rung's number is the shorter side of the picture *as displayed* (rotation applied), so a
 portrait 1080x1920 phone clip is 1080p and stays portrait. A rung larger than that shorter
 side is skipped, never upscaled: upscaling costs CPU and bytes and adds no detail.
@@ -28,21 +31,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from services.common.contract import LADDER, RENDITION_NAMES
 from services.common.errors import InvalidInput
 
-# Shorter side (pixels) and peak video bitrate (bits/s at <= 30 fps) of every rung, largest first.
-_LADDER: Final[dict[str, tuple[int, int]]] = {
-    "2160p": (2160, 20_000_000),
-    "1440p": (1440, 10_000_000),
-    "1080p": (1080, 6_000_000),
-    "720p": (720, 3_000_000),
-    "480p": (480, 1_500_000),
-    "360p": (360, 800_000),
-    "240p": (240, 400_000),
-    "144p": (144, 200_000),
+# Peak video bitrate (bits/s at <= 30 fps) of every rung of the contract's ladder, largest first.
+_PEAK_BPS: Final[dict[str, int]] = {
+    "2160p": 20_000_000,
+    "1440p": 10_000_000,
+    "1080p": 6_000_000,
+    "720p": 3_000_000,
+    "480p": 1_500_000,
+    "360p": 800_000,
+    "240p": 400_000,
+    "144p": 200_000,
 }
+assert tuple(_PEAK_BPS) == RENDITION_NAMES, "every rung of the contract's ladder needs a bitrate cap"
 
-RUNG_NAMES: Final[tuple[str, ...]] = tuple(_LADDER)
+RUNG_NAMES: Final[tuple[str, ...]] = RENDITION_NAMES
 CRF: Final = 23
 HIGH_FPS: Final = 30.0
 HIGH_FPS_FACTOR: Final = 1.5
@@ -102,7 +107,7 @@ def fit_short_side(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def rate_caps(name: str, fps: float | None = None) -> tuple[int, int]:
     """(maxrate bits/s, bufsize bits) of a rung; higher frame rates get 1.5x the budget."""
-    maxrate = _LADDER[name][1]
+    maxrate = _PEAK_BPS[name]
     if fps is not None and fps > HIGH_FPS:
         maxrate = int(maxrate * HIGH_FPS_FACTOR)
     return maxrate, maxrate * BUFSIZE_SECONDS
@@ -124,7 +129,7 @@ def plan_ladder(
     >>> plan_ladder(1280, 720, 0, ["1080p", "720p"]).skipped
     ('1080p',)
     """
-    unknown = [name for name in names if name not in _LADDER]
+    unknown = [name for name in names if name not in LADDER]
     if unknown:
         raise InvalidInput("renditions", f"names from {','.join(RUNG_NAMES)}, not {','.join(unknown)}")
     if width <= 0 or height <= 0:
@@ -134,7 +139,7 @@ def plan_ladder(
     rungs: list[Rung] = []
     skipped: list[str] = []
     for name in dict.fromkeys(names):
-        short_side = _LADDER[name][0]
+        short_side = LADDER[name]
         if short_side > short_src:
             skipped.append(name)
             continue

@@ -26,6 +26,7 @@ from typing import IO
 import httpx
 
 from router.client import RouterClient, RouterError
+from services.common import contract
 from services.common.blobs import BlobStore, open_blob_store
 from services.common.database import Database
 from services.common.errors import Unavailable
@@ -36,7 +37,7 @@ from services.processing.autoscaler import Autoscaler, Limits, ScalingChange
 from services.processing.capacity import FleetCap, fleet_cap
 from services.processing.deletions import DeletionConsumer
 from services.processing.events import EventSink
-from services.processing.job import RETRY_REQUESTED, UPLOADED, TranscodeJobs, sweep_work_dir
+from services.processing.job import TranscodeJobs, sweep_work_dir
 from services.processing.metrics import ProcessingMetrics
 from services.processing.settings import ProcessingSettings, cpu_count
 from services.processing.worker import WorkerPool
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 TRANSCODE_QUEUE = "transcode"
 DELETIONS_QUEUE = "processing-deletions"
-DELETED = "cattube.video.deleted"
 READY_CHECK_TIMEOUT_S = 2.0
 QUEUE_CONNECTIONS = 8
 # At shutdown the router gets this long to take the outbox; what it does not take waits for the next start.
@@ -230,7 +230,7 @@ class ProcessingService:
         client = self._client()
         await client.ensure_subscription(
             TRANSCODE_QUEUE,
-            pattern={"type": [UPLOADED, RETRY_REQUESTED]},
+            pattern={"type": [contract.UPLOADED, contract.RETRY_REQUESTED]},
             target={"queue": {}},
             delivery={"max_receive_count": self.settings.max_receive_count},
             start="earliest",
@@ -238,7 +238,7 @@ class ProcessingService:
         )
         await client.ensure_subscription(
             DELETIONS_QUEUE,
-            pattern={"type": [DELETED]},
+            pattern={"type": [contract.VIDEO_DELETED]},
             target={"queue": {}},
             delivery={"max_receive_count": 10},
             start="earliest",

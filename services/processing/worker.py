@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from router.client import QueueConsumer, ReceivedMessage, RouterError, full_jitter
+from services.common import contract
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,7 @@ class JobHandler(Protocol):
 
 
 def video_id_of(message: ReceivedMessage) -> str | None:
-    data = message.data
-    video_id = data.get("video_id") if isinstance(data, dict) else None
-    return video_id if isinstance(video_id, str) else None
+    return contract.video_id_of(message.event)
 
 
 class Worker:
