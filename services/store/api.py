@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.auth import Access, AccessRules, granted_access
 from services.common.blobs import BlobStore
+from services.common.contract import RENDITION_NAMES
 from services.common.errors import InvalidInput, NotFound
 from services.common.openapi import problems
 from services.common.problems import problem_response
@@ -60,7 +61,6 @@ ACCESS = AccessRules(
     ]
 )
 
-LADDER = ("2160p", "1440p", "1080p", "720p", "480p", "360p", "240p", "144p")
 VIDEO_ID = r"^[A-Za-z0-9_-]{1,64}$"
 RENDITION = r"^[0-9]{3,4}p$"
 # Timestamps are strings from `services.common.timestamps` (milliseconds, `Z`): a `datetime` field would be
@@ -352,7 +352,7 @@ async def page(request: Request, settings: SettingsDep) -> HTMLResponse:
         "upload_url": settings.upload_base_url,
         "processing_url": settings.processing_base_url,
         "token_required": settings.auth_enabled,
-        "renditions": LADDER,
+        "renditions": RENDITION_NAMES,
         "default_renditions": ["720p", "360p"],
     }
     # `<` escaped: the JSON cannot close its <script> element whatever a URL holds.

@@ -41,19 +41,18 @@ from datetime import datetime
 from typing import Any
 
 from router.client import new_event
-from services.common import outbox
+from services.common import contract, outbox
 from services.common.blobs import video_key
 from services.common.database import Database
 from services.common.errors import Conflict, InvalidInput, NotFound
 from services.store import tables
-from services.store.records import ScalingPoint, Video, parse_renditions
+from services.store.records import Rendition, ScalingPoint, Video
 from services.store.tables import Page
 
 log = logging.getLogger(__name__)
 
 SOURCE = "cattube/store"
-UPLOADED = "cattube.video.uploaded"
-RETRY_REQUESTED = "cattube.video.retry-requested"
+UPLOADED, RETRY_REQUESTED = contract.UPLOADED, contract.RETRY_REQUESTED
 PRUNE_EVERY = 1000
 
 
@@ -68,7 +67,7 @@ class Outcome:
     announced: int = 0
 
 
-Handler = Callable[[sqlite3.Connection, Mapping[str, Any], dict[str, Any], float], Outcome]
+Handler = Callable[[sqlite3.Connection, Mapping[str, Any], float], Outcome]
 
 
 class Catalog:
@@ -92,14 +91,14 @@ class Catalog:
         self.on_change = on_change
         self._applied_since_prune = 0
         self._handlers: dict[str, Handler] = {
-            UPLOADED: self._on_uploaded,
-            "cattube.transcode.started": self._on_started,
-            "cattube.transcode.progress": self._on_progress,
-            "cattube.transcode.completed": self._on_completed,
-            "cattube.transcode.failed": self._on_failed,
-            "cattube.router.dead-lettered": self._on_dead_lettered,
-            "cattube.processing.scaled": self._on_scaled,
-            "cattube.video.deleted": self._on_deleted,
+            contract.UPLOADED: self._on_uploaded,
+            contract.TRANSCODE_STARTED: self._on_started,
+            contract.TRANSCODE_PROGRESS: self._on_progress,
+            contract.TRANSCODE_COMPLETED: self._on_completed,
+            contract.TRANSCODE_FAILED: self._on_failed,
+            contract.DEAD_LETTERED: self._on_dead_lettered,
+            contract.PROCESSING_SCALED: self._on_scaled,
+            contract.VIDEO_DELETED: self._on_deleted,
         }
 
     # -- events -----------------------------------------------------------------------------------
@@ -120,117 +119,104 @@ class Catalog:
         handler = self._handlers.get(kind)
         if handler is None:
             return Outcome(ignored=f"{kind} does not change the catalog")
-        if kind == "cattube.video.deleted" and source == SOURCE:
+        if kind == contract.VIDEO_DELETED and source == SOURCE:
             return Outcome(ignored="the store's own deletion, already applied")
-        data = event.get("data")
-        if not isinstance(data, dict):
-            raise InvalidInput("data", f"a JSON object (the payload of {kind})")
-        return handler(conn, event, data, now)
+        return handler(conn, event, now)
 
-    def _on_uploaded(
-        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
-    ) -> Outcome:
-        video = self._load_or_new(conn, _video_id(data.get("video_id")), now)
+    def _on_uploaded(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        data = contract.parse(event, contract.VideoUploaded)
+        video = self._load_or_new(conn, data.video_id, now)
         if video.status == "deleted":
             return Outcome(ignored="the video was deleted")
         before = copy.deepcopy(video)
-        if isinstance(data.get("title"), str):
-            video.title = data["title"]
-        if isinstance(data.get("master"), dict):
-            video.master = data["master"]
-        if isinstance(data.get("probe"), dict):
-            video.probe = data["probe"]
-        if isinstance(data.get("renditions"), list):
-            video.requested = [name for name in data["renditions"] if isinstance(name, str)]
+        # What an event left out stays as it was: a row created by an earlier event keeps what it learned.
+        if data.title is not None:
+            video.title = data.title
+        if data.master is not None:
+            video.master = data.master.dump()
+        if data.probe is not None:
+            video.probe = data.probe.dump()
+        if data.renditions is not None:
+            video.requested = list(data.renditions)
         video.created_at = _event_time(event, now)
         return self._save(conn, video, before, now)
 
-    def _on_started(
-        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
-    ) -> Outcome:
-        video = self._load_or_new(conn, _video_id(data.get("video_id")), now)
+    def _on_started(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        data = contract.parse(event, contract.TranscodeStarted)
+        video = self._load_or_new(conn, data.video_id, now)
         if video.status not in ("uploaded", "processing"):
             return Outcome(ignored=f"a start after the video became {video.status}")
         before = copy.deepcopy(video)
         video.status = "processing"
-        attempt = data.get("attempt")
-        if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt != video.attempt:
-            video.attempt = attempt
+        if data.attempt is not None and data.attempt != video.attempt:
+            video.attempt = data.attempt
             video.progress = 0.0
         if video.progress is None:
             video.progress = 0.0
-        if isinstance(data.get("worker"), str):
-            video.worker = data["worker"]
+        if data.worker is not None:
+            video.worker = data.worker
         video.speed = None
         return self._save(conn, video, before, now)
 
-    def _on_progress(
-        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
-    ) -> Outcome:
-        video = self._load_or_new(conn, _video_id(data.get("video_id")), now)
+    def _on_progress(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        data = contract.parse(event, contract.TranscodeProgress)
+        video = self._load_or_new(conn, data.video_id, now)
         if video.status not in ("uploaded", "processing"):
             return Outcome(ignored=f"progress after the video became {video.status}")
-        percent = _number(data.get("percent"), "data.percent", "a number from 0 to 100")
         before = copy.deepcopy(video)
         video.status = "processing"
         # Out-of-order reports of one run must not make the bar go back; a new attempt resets it (`started`).
-        video.progress = max(video.progress or 0.0, min(100.0, max(0.0, percent)))
-        speed = data.get("speed")
-        video.speed = float(speed) if isinstance(speed, int | float) and not isinstance(speed, bool) else None
+        video.progress = max(video.progress or 0.0, min(100.0, max(0.0, data.percent)))
+        video.speed = data.speed
         return self._save(conn, video, before, now)
 
-    def _on_completed(
-        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
-    ) -> Outcome:
-        video = self._load_or_new(conn, _video_id(data.get("video_id")), now)
+    def _on_completed(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        data = contract.parse(event, contract.TranscodeCompleted)
+        video = self._load_or_new(conn, data.video_id, now)
         if video.status == "deleted":
             return Outcome(ignored="the video was deleted")
-        renditions = parse_renditions(data.get("renditions"))
-        poster = data.get("poster")
         before = copy.deepcopy(video)
         became_ready = video.status != "ready"
         # Also on a ready video: a job run twice (at least once delivery) rewrote the same keys; keep its facts.
         video.status = "ready"
-        video.renditions = renditions
-        video.poster_uri = poster["uri"] if isinstance(poster, dict) and isinstance(poster.get("uri"), str) else None
-        if isinstance(data.get("skipped"), list):
-            video.skipped = [name for name in data["skipped"] if isinstance(name, str)]
-        elapsed = data.get("elapsed_s")
-        video.elapsed_s = float(elapsed) if isinstance(elapsed, int | float) and not isinstance(elapsed, bool) else None
+        video.renditions = [
+            Rendition(r.name, r.uri, r.width, r.height, r.bitrate, r.size_bytes, r.duration_s) for r in data.renditions
+        ]
+        video.poster_uri = data.poster.uri if data.poster is not None else None
+        if data.skipped is not None:
+            video.skipped = list(data.skipped)
+        video.elapsed_s = data.elapsed_s
         video.progress = 100.0
         video.speed = None
         video.error = None
         outcome = self._save(conn, video, before, now)
         if became_ready:
             outcome.announced += self._announce(
-                conn, "cattube.video.ready", video, f"{video.video_id}/ready/{video.round}"
+                conn, contract.VIDEO_READY, video, f"{video.video_id}/ready/{video.round}"
             )
         return outcome
 
-    def _on_failed(
-        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
-    ) -> Outcome:
-        video = self._load_or_new(conn, _video_id(data.get("video_id")), now)
+    def _on_failed(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        data = contract.parse(event, contract.TranscodeFailed)
+        video = self._load_or_new(conn, data.video_id, now)
         if video.status not in ("uploaded", "processing"):
             return Outcome(ignored=f"a failure after the video became {video.status}")
-        reason = data.get("reason") if isinstance(data.get("reason"), str) else None
-        reason = reason or "Transcoding failed (no reason given)."
+        reason = data.reason or "Transcoding failed (no reason given)."
         before = copy.deepcopy(video)
         video.last_error = reason
         video.speed = None
-        if data.get("permanent") is not True:
+        if not data.permanent:
             video.status = "processing"  # the queue gives the job to a worker again
             return self._save(conn, video, before, now)
         return self._fail(conn, video, before, reason, now)
 
-    def _on_dead_lettered(
-        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
-    ) -> Outcome:
-        subscription, job_type, job_id = data.get("subscription"), data.get("event_type"), data.get("event_id")
+    def _on_dead_lettered(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        data = contract.parse(event, contract.DeadLettered)
+        subscription, job_type, job_id = data.subscription, data.event_type, data.event_id
         if subscription == self.subscription:
             log.error(
                 "the router gave up delivering %s %s to the store after %s attempt(s): %s",
-                job_type, job_id, data.get("attempts"), data.get("last_error"),
+                job_type, job_id, data.attempts, data.last_error,
             )  # fmt: skip
             return Outcome(ignored="a dead letter of the store's own subscription")
         if subscription != self.transcode_subscription or job_type not in (UPLOADED, RETRY_REQUESTED):
@@ -241,29 +227,26 @@ class Catalog:
             return Outcome(ignored="a dead letter of an earlier round of this video")
         if video.status not in ("uploaded", "processing"):
             return Outcome(ignored=f"a dead letter after the video became {video.status}")
-        attempts = data.get("attempts")
-        cause = video.last_error or data.get("last_error") or "no reason given"
-        reason = f"Transcoding gave up after {attempts} attempt(s): {cause}"
+        cause = video.last_error or data.last_error or "no reason given"
+        reason = f"Transcoding gave up after {data.attempts} attempt(s): {cause}"
         return self._fail(conn, video, copy.deepcopy(video), reason, now)
 
-    def _on_scaled(
-        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
-    ) -> Outcome:
+    def _on_scaled(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        data = contract.parse(event, contract.ProcessingScaled)
         point = ScalingPoint(
             at=_event_time(event, now),
-            from_=_count(data.get("from"), "data.from"),
-            to=_count(data.get("to"), "data.to"),
-            backlog=_count(data.get("backlog", 0), "data.backlog"),
-            in_flight=_count(data.get("in_flight", 0), "data.in_flight"),
-            reason=str(data.get("reason") or ""),
+            from_=data.from_,
+            to=data.to,
+            backlog=data.backlog,
+            in_flight=data.in_flight,
+            reason=data.reason,
         )
         tables.add_scaling(conn, point, self.history_size)
         return Outcome(scaled=point)
 
-    def _on_deleted(
-        self, conn: sqlite3.Connection, event: Mapping[str, Any], data: dict[str, Any], now: float
-    ) -> Outcome:
-        video = tables.load_video(conn, _video_id(data.get("video_id")))
+    def _on_deleted(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        data = contract.parse(event, contract.VideoDeleted)
+        video = tables.load_video(conn, data.video_id)
         if video is None or video.status == "deleted":
             return Outcome(ignored="nothing to delete")
         return self._tombstone(conn, video, now)
@@ -291,16 +274,16 @@ class Catalog:
         video.error = video.last_error = video.speed = video.attempt = video.worker = None
         video.progress = 0.0
         outcome = self._save(conn, video, before, now)
-        data = {
-            "video_id": video.video_id,
-            "title": video.title,
-            "renditions": video.requested,
-            "master": video.master,
-            "probe": video.probe,
-            "round": video.round,
-        }
+        data = contract.RetryRequested(
+            video_id=video.video_id,
+            title=video.title,
+            renditions=video.requested,
+            master=contract.Master.model_validate(video.master),
+            probe=contract.Probe.model_validate(video.probe),
+            round=video.round,
+        )
         event = new_event(
-            RETRY_REQUESTED, SOURCE, data, id=_retry_id(video.video_id, video.round), partitionkey=video.video_id
+            RETRY_REQUESTED, SOURCE, data.dump(), id=_retry_id(video.video_id, video.round), partitionkey=video.video_id
         )
         outbox.enqueue(conn, event)
         outcome.announced += 1
@@ -321,10 +304,14 @@ class Catalog:
             return Outcome(videos=[video])
         uris = video.blob_uris()
         outcome = self._tombstone(conn, video, now)
-        data = {"video_id": video.video_id, "blob_uris": uris, "prefix": video_key(video.video_id, "x")[:-1]}
+        data = contract.VideoDeleted(
+            video_id=video.video_id, blob_uris=uris, prefix=video_key(video.video_id, "x")[:-1]
+        )
         outbox.enqueue(
             conn,
-            new_event("cattube.video.deleted", SOURCE, data, id=f"{video.video_id}/deleted", partitionkey=video_id),
+            new_event(
+                contract.VIDEO_DELETED, SOURCE, data.dump(), id=f"{video.video_id}/deleted", partitionkey=video_id
+            ),
         )
         outcome.announced += 1
         return outcome
@@ -359,7 +346,7 @@ class Catalog:
         video.speed = None
         outcome = self._save(conn, video, before, now)
         outcome.announced += self._announce(
-            conn, "cattube.video.failed", video, f"{video.video_id}/failed/{video.round}"
+            conn, contract.VIDEO_FAILED, video, f"{video.video_id}/failed/{video.round}"
         )
         return outcome
 
@@ -371,8 +358,8 @@ class Catalog:
         return self._save(conn, video, before, now)
 
     def _announce(self, conn: sqlite3.Connection, kind: str, video: Video, event_id: str) -> int:
-        data = video.record(self.public_url, with_uris=True)
-        outbox.enqueue(conn, new_event(kind, SOURCE, data, id=event_id, partitionkey=video.video_id))
+        data = contract.VideoRecord.model_validate(video.record(self.public_url, with_uris=True))
+        outbox.enqueue(conn, new_event(kind, SOURCE, data.dump(), id=event_id, partitionkey=video.video_id))
         return 1
 
     def _existing(self, conn: sqlite3.Connection, video_id: str) -> Video:
@@ -412,24 +399,12 @@ def _attribute(event: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def _video_id(value: Any, field: str = "data.video_id") -> str:
+def _video_id(value: Any, field: str) -> str:
     try:
         video_key(value, "x")
     except InvalidInput:
-        raise InvalidInput(field, "a video id: 1 to 64 characters of A-Z a-z 0-9 _ -") from None
+        raise InvalidInput(field, contract.VIDEO_ID_EXPECTED) from None
     assert isinstance(value, str)
-    return value
-
-
-def _number(value: Any, field: str, expected: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise InvalidInput(field, expected)
-    return float(value)
-
-
-def _count(value: Any, field: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidInput(field, "a whole number >= 0")
     return value
 
 

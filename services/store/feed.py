@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from router.client import PushReceiver, RouterClient, RouterError, full_jitter
+from services.common import contract
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,8 @@ PATTERN: dict[str, Any] = {
     "type": [
         {"prefix": "cattube.video."},
         {"prefix": "cattube.transcode."},
-        "cattube.processing.scaled",
-        "cattube.router.dead-lettered",
+        contract.PROCESSING_SCALED,
+        contract.DEAD_LETTERED,
     ]
 }
 DELIVERY: dict[str, Any] = {

@@ -9,11 +9,9 @@ URL, never from the request's `Host` header (which any client can set).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.errors import InvalidInput
 from services.common.redaction import redact
 from services.common.timestamps import iso_utc
 
@@ -155,42 +153,3 @@ class ScalingPoint:
             "in_flight": self.in_flight,
             "reason": self.reason,
         }
-
-
-RENDITION_NAME = re.compile(r"[0-9]{3,4}p")
-
-
-def parse_renditions(value: Any) -> list[Rendition]:
-    """The `renditions` of a `cattube.transcode.completed`; `InvalidInput` naming the first bad entry."""
-    if not isinstance(value, list):
-        raise InvalidInput("data.renditions", "a list of {name, uri, width, height, bitrate, size_bytes, duration_s}")
-    renditions: list[Rendition] = []
-    for i, item in enumerate(value):
-        where = f"data.renditions[{i}]"
-        if not isinstance(item, dict):
-            raise InvalidInput(where, "an object")
-        name, uri = item.get("name"), item.get("uri")
-        if not isinstance(name, str) or not RENDITION_NAME.fullmatch(name):
-            raise InvalidInput(f"{where}.name", "a rendition name such as 720p")
-        if not isinstance(uri, str) or not uri:
-            raise InvalidInput(f"{where}.uri", "the URI of the rendition in the bucket")
-        renditions.append(
-            Rendition(
-                name,
-                uri,
-                width=_whole(item.get("width")),
-                height=_whole(item.get("height")),
-                bitrate=_whole(item.get("bitrate")),
-                size_bytes=_whole(item.get("size_bytes")),
-                duration_s=_real(item.get("duration_s")),
-            )
-        )
-    return renditions
-
-
-def _whole(value: Any) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _real(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
