@@ -17,11 +17,8 @@ import httpx
 from services.cli.failure import Failure
 from services.cli.progress import Bar, line, phase
 from services.cli.tokens import user_token
+from services.common.contract import RENDITION_NAMES  # checked here before a byte is sent
 from services.common.settings import CommonSettings
-
-RENDITION_NAMES = ("2160p", "1440p", "1080p", "720p", "480p", "360p", "240p", "144p")
-"""The ladder's names, checked here before a byte is sent (the CLI imports no service; a test keeps
-this equal to the processing service's ladder)."""
 
 
 def add_parser(commands: Any) -> None:

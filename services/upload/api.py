@@ -11,9 +11,10 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from services.common.auth import Access, AccessRules
+from services.common.contract import RENDITION_NAMES
 from services.common.errors import NotFound
 from services.common.redaction import redact
-from services.upload.metadata import LADDER, MAX_TITLE_CHARS, RENDITIONS_PATTERN
+from services.upload.metadata import MAX_TITLE_CHARS, RENDITIONS_PATTERN
 from services.upload.outbox import Outbox
 from services.upload.settings import UploadSettings
 from services.upload.uploads import Uploads
@@ -83,7 +84,7 @@ REQUEST_BODY: dict[str, Any] = {
     }
 }
 TITLE_DOC = f"At most {MAX_TITLE_CHARS} characters (control characters are removed); for raw bodies."
-RENDITIONS_DOC = f"Comma-separated names out of {', '.join(LADDER)}, in the order wanted; for raw bodies."
+RENDITIONS_DOC = f"Comma-separated names out of {', '.join(RENDITION_NAMES)}, in the order wanted; for raw bodies."
 
 
 @router.post(

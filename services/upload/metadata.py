@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from services.common.contract import RENDITION_NAMES
 from services.common.errors import InvalidInput
 
-__all__ = ["LADDER", "MAX_TITLE_CHARS", "UNTITLED", "clean_title", "parse_renditions", "title_from_filename"]
+__all__ = ["MAX_TITLE_CHARS", "UNTITLED", "clean_title", "parse_renditions", "title_from_filename"]
 
-LADDER: tuple[str, ...] = ("2160p", "1440p", "1080p", "720p", "480p", "360p", "240p", "144p")
-_NAME = "(?:" + "|".join(name[:-1] for name in LADDER) + ")[pP]"
+_NAME = "(?:" + "|".join(name[:-1] for name in RENDITION_NAMES) + ")[pP]"
 RENDITIONS_PATTERN = rf"^\s*(?:{_NAME}\s*)?(?:,\s*(?:{_NAME}\s*)?)*$"
 """What `parse_renditions` takes, as a regular expression for the OpenAPI document."""
 MAX_TITLE_CHARS = 200
@@ -62,9 +62,9 @@ def parse_renditions(raw: str, field: str = "renditions") -> tuple[str, ...]:
         name = item.strip().lower()
         if not name:
             continue
-        if name not in LADDER:
+        if name not in RENDITION_NAMES:
             shown = item.strip()[:20]
-            raise InvalidInput(field, f"comma-separated names out of {', '.join(LADDER)}; got {shown!r}")
+            raise InvalidInput(field, f"comma-separated names out of {', '.join(RENDITION_NAMES)}; got {shown!r}")
         if name not in names:
             names.append(name)
     return tuple(names)

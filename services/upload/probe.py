@@ -1,7 +1,7 @@
 """The safe probe of an uploaded file: is it a self-contained video we accept, and what is in it?
 
     probe = await probe_file(path, max_pixels=7680 * 4320, max_duration_s=21600)
-    event_data["probe"] = probe.as_event_data()
+    event_data["probe"] = probe.as_event_data().dump()
 
 `ProbeRejected` carries a status (415: not a video at all; 422: a video, but broken or too big) and a
 reason a person can act on.
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import services
+from services.common import contract
 from services.common.media import ProcessTimeout, run_process
 
 log = logging.getLogger(__name__)
@@ -55,17 +56,17 @@ class Probe:
     audio_codec: str | None
     rotation: int
 
-    def as_event_data(self) -> dict[str, Any]:
+    def as_event_data(self) -> contract.Probe:
         """The `probe` object of `cattube.video.uploaded` (docs/architecture.md, Events)."""
-        return {
-            "duration_s": self.duration_s,
-            "width": self.width,
-            "height": self.height,
-            "fps": self.fps,
-            "video_codec": self.video_codec,
-            "audio_codec": self.audio_codec,
-            "rotation": self.rotation,
-        }
+        return contract.Probe(
+            duration_s=self.duration_s,
+            width=self.width,
+            height=self.height,
+            fps=self.fps,
+            video_codec=self.video_codec,
+            audio_codec=self.audio_codec,
+            rotation=self.rotation,
+        )
 
 
 class ProbeRejected(Exception):

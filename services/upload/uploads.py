@@ -22,9 +22,9 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from router.client import new_event
+from services.common import contract
 from services.common.blobs import BlobInfo, BlobStore, video_key
 from services.common.errors import (
     BadRequest,
@@ -43,7 +43,6 @@ from services.upload.settings import UploadSettings
 
 log = logging.getLogger(__name__)
 
-UPLOADED = "cattube.video.uploaded"
 SOURCE = "cattube/upload"
 # Room for the form's boundaries, part headers and text fields next to the file itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -179,8 +178,9 @@ class Uploads:
             extension, content_type = media_type(probe)
             master = await self.store.put_file(video_key(video_id, f"master.{extension}"), self._local(incoming.key))
             await self.store.delete_prefix(_incoming_prefix(video_id))
-            record = _record(about, master, content_type, probe)
-            event = new_event(UPLOADED, SOURCE, {"video_id": video_id, **record}, id=video_id, partitionkey=video_id)
+            data = _uploaded(video_id, about, master, content_type, probe).dump()
+            event = new_event(contract.UPLOADED, SOURCE, data, id=video_id, partitionkey=video_id)
+            record = {name: value for name, value in data.items() if name != "video_id"}
             await self.outbox.accept(video_id, {**record, "container": probe.container}, event)
         except BaseException as exc:
             await asyncio.shield(self._discard(video_id))
@@ -265,18 +265,18 @@ def _incoming_key(video_id: str) -> str:
     return f"{_incoming_prefix(video_id)}master.upload"  # a name no client chose
 
 
-def _record(about: Described, master: BlobInfo, content_type: str, probe: Probe) -> dict[str, Any]:
-    return {
-        "title": about.title,
-        "master": {
-            "uri": master.uri,
-            "size_bytes": master.size_bytes,
-            "sha256": master.sha256,
-            "content_type": content_type,
-        },
-        "probe": probe.as_event_data(),
-        "renditions": list(about.renditions),
-    }
+def _uploaded(
+    video_id: str, about: Described, master: BlobInfo, content_type: str, probe: Probe
+) -> contract.VideoUploaded:
+    return contract.VideoUploaded(
+        video_id=video_id,
+        title=about.title,
+        master=contract.Master(
+            uri=master.uri, size_bytes=master.size_bytes, sha256=master.sha256, content_type=content_type
+        ),
+        probe=probe.as_event_data(),
+        renditions=list(about.renditions),
+    )
 
 
 async def _pieces(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 from services.cli import main
-from services.cli.upload import RENDITION_NAMES
-from services.processing.ladder import RUNG_NAMES
 from tests.process import REPO, ServiceProcess, free_port, service
 
 
@@ -82,10 +80,6 @@ def test_a_file_that_cannot_be_read_is_refused_before_connecting(
     assert code != 0
     assert str(path) in err and len(err.strip().splitlines()) <= 2, err
     assert not connected(listener)
-
-
-def test_the_cli_knows_the_ladder_the_processing_service_knows() -> None:
-    assert RENDITION_NAMES == RUNG_NAMES
 
 
 @pytest.fixture

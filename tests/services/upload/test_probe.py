@@ -119,7 +119,7 @@ async def test_landscape_clip_with_audio(tmp_path: Path) -> None:
     )
     assert found.duration_s == pytest.approx(5.0, abs=0.1)
     assert elapsed < 5
-    assert found.as_event_data() == {
+    assert found.as_event_data().dump() == {
         "duration_s": found.duration_s,
         "width": 1280,
         "height": 720,
@@ -157,7 +157,7 @@ async def test_portrait_phone_clip_turns_upright_in_ffmpeg(tmp_path: Path) -> No
 async def test_clip_without_audio(tmp_path: Path) -> None:
     found = await probe(make_clip(tmp_path / "silent.mp4", 320, 240, 1.0, audio=False))
     assert found.audio_codec is None
-    assert found.as_event_data()["audio_codec"] is None
+    assert found.as_event_data().audio_codec is None
 
 
 @pytest.mark.parametrize(
