@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import obstore
 from obstore.store import S3Store
 
@@ -60,6 +61,19 @@ class S3Server:
     app: Identity
     admin: Identity
     pid: int | None  # the process we started, None for an external server
+    filer: str | None = None  # SeaweedFS's filer (no auth, loopback), to look behind S3: unfinished uploads
+
+    async def unfinished_uploads(self, bucket: str) -> list[str]:
+        """Multipart uploads begun and neither completed nor aborted (SeaweedFS keeps them under `.uploads`)."""
+        assert self.filer is not None
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(
+                f"{self.filer}/buckets/{bucket}/.uploads/", headers={"Accept": "application/json"}
+            )
+        if answer.status_code == 404:
+            return []
+        answer.raise_for_status()
+        return [entry["FullPath"] for entry in answer.json().get("Entries") or []]
 
     def config(self, identity: Identity | None = None) -> dict[str, str]:
         """obstore's S3 config reaching this server as `identity` (the app's by default)."""
@@ -110,8 +124,14 @@ def throwaway_seaweedfs() -> Iterator[S3Server]:
         attempts = 3
         for attempt in range(1, attempts + 1):
             try:
-                with _running(weed, directory, config) as (pid, s3_port):
-                    yield S3Server(f"http://127.0.0.1:{s3_port}", app, admin, pid)
+                with _running(weed, directory, config) as (pid, ports):
+                    yield S3Server(
+                        f"http://127.0.0.1:{ports['s3.port']}",
+                        app,
+                        admin,
+                        pid,
+                        f"http://127.0.0.1:{ports['filer.port']}",
+                    )
                 return
             except _PortTaken:
                 if attempt == attempts:
@@ -129,7 +149,7 @@ def _credentials(identity: Identity) -> dict[str, str]:
 
 
 @contextmanager
-def _running(weed: Path, directory: Path, config: Path) -> Iterator[tuple[int, int]]:
+def _running(weed: Path, directory: Path, config: Path) -> Iterator[tuple[int, dict[str, int]]]:
     data = directory / f"data-{secrets.token_hex(3)}"
     data.mkdir()
     ports = {flag: free_port() for flag in PORT_FLAGS}
@@ -168,7 +188,7 @@ def _running(weed: Path, directory: Path, config: Path) -> Iterator[tuple[int, i
             log.append(line)
             if READY_LINE in line:
                 break
-        yield process.pid, ports["s3.port"]
+        yield process.pid, ports
     finally:
         process.terminate()
         try:

@@ -18,9 +18,11 @@ Credentials and endpoint come from the standard variables (`AWS_ENDPOINT_URL`, `
 - A missing bucket, refused credentials or an unreachable endpoint raise `Unavailable` naming the
   bucket and endpoint; the bucket is checked once, at first use (or at `check()`).
 
-A task cancelled mid-`write` drops obstore's upload without an `AbortMultipartUpload` (the request
-cannot be sent from a cancelled task): no object appears, but the parts stay hidden in the bucket
-until a lifecycle rule ("abort incomplete multipart uploads after N days") removes them.
+A task cancelled mid-`write` does not drop obstore's upload half-way (that would leave its parts
+hidden in the bucket): the upload runs shielded, the source is stopped with an error, obstore sends
+`AbortMultipartUpload`, and only then does the cancellation go on. A process killed mid-upload
+still leaves parts behind: give the bucket a lifecycle rule that aborts incomplete multipart
+uploads after a day.
 """
 
 from __future__ import annotations
@@ -141,10 +143,20 @@ class S3BlobStore:
         await self.check()
         digest = hashlib.sha256()
         size = 0
+        pulling: asyncio.Future[bytes] | None = None
+        stopping = False
 
         async def counted() -> AsyncIterator[bytes]:
-            nonlocal size
-            async for chunk in chunks:
+            nonlocal size, pulling
+            source = aiter(chunks)
+            while not stopping:
+                pulling = asyncio.ensure_future(anext(source))
+                try:
+                    chunk = await pulling
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    raise _WriteCancelled() from None  # an ordinary error, so obstore aborts the upload
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
                     # Raised inside obstore's upload, which aborts it and re-raises this very error.
@@ -154,11 +166,25 @@ class S3BlobStore:
                 else:
                     digest.update(chunk)
                 yield chunk
+            raise _WriteCancelled()
 
+        upload = asyncio.ensure_future(
+            obstore.put_async(self.store, path, counted(), chunk_size=PART_BYTES, max_concurrency=PART_CONCURRENCY)
+        )
         with self._errors("write", self.uri(key)):
-            result = await obstore.put_async(
-                self.store, path, counted(), chunk_size=PART_BYTES, max_concurrency=PART_CONCURRENCY
-            )
+            try:
+                # Shielded: a cancelled caller must not drop obstore's upload half-way, which would leave its
+                # parts in the bucket. Instead the source stops, obstore aborts the upload, and then we go.
+                result = await asyncio.shield(upload)
+            except asyncio.CancelledError:
+                stopping = True
+                if pulling is not None:
+                    pulling.cancel()
+                with contextlib.suppress(BaseException):
+                    await upload
+                if upload.done() and not upload.cancelled() and upload.exception() is None:
+                    await obstore.delete_async(self.store, path)  # it completed as we were cancelled: undo
+                raise
         sha256 = digest.hexdigest()
         try:
             await self._put_sidecar(path, result["e_tag"], sha256)
@@ -317,6 +343,10 @@ class S3BlobStore:
             )
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         return Unavailable(f"{where} could not {action} {uri}: {first_line}")
+
+
+class _WriteCancelled(Exception):
+    """Raised into obstore's upload from the source when the writing task is cancelled."""
 
 
 # obstore raises its NotFoundError from some calls and Python's FileNotFoundError from others (get, head).

@@ -410,3 +410,37 @@ def test_the_test_s3_server_listens_on_loopback_only(s3: S3Server) -> None:
     assert bound, "found none of the server's sockets"
     loopback = {"0100007F", "00000000000000000000000001000000"}
     assert set(bound) <= loopback
+
+
+async def test_s3_a_refused_or_cancelled_write_leaves_no_unfinished_upload(s3: S3Server, s3_bucket: str) -> None:
+    if s3.filer is None:
+        pytest.skip("an external S3 server: its unfinished uploads are not visible through obstore")
+    store = S3BlobStore(f"s3://{s3_bucket}", config=s3.config(), client_options=CLIENT)  # type: ignore[arg-type]
+    block = os.urandom(64 * 1024)
+    # Past one 5 MiB part, so that a multipart upload has begun when the write stops.
+    enough = 12 * 1024 * 1024 // len(block)
+
+    async def too_big() -> AsyncIterator[bytes]:
+        for _ in range(enough):
+            yield bytes(bytearray(block))
+
+    with pytest.raises(PayloadTooLarge):
+        await store.write("videos/v1/big.mp4", too_big(), max_bytes=11 * 1024 * 1024)
+    assert await s3.unfinished_uploads(s3_bucket) == []
+
+    stalled = asyncio.Event()
+
+    async def stalls() -> AsyncIterator[bytes]:
+        for _ in range(enough):
+            yield bytes(bytearray(block))
+        stalled.set()
+        await asyncio.Event().wait()
+        yield b"never"
+
+    task = asyncio.create_task(store.write("videos/v1/slow.mp4", stalls()))
+    await stalled.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await s3.unfinished_uploads(s3_bucket) == []
+    assert await store.list("") == []
