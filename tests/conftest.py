@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from router.app import create_app as create_router
 from router.settings import RouterSettings
 from tests.postgres import PostgresServer, PostgresUnavailable, fresh_database, postgres_server
+from tests.s3 import S3Server, S3Unavailable, s3_server
 
 
 @asynccontextmanager
@@ -67,3 +68,13 @@ async def database_url(postgres_url: str) -> AsyncIterator[str]:
     """A database of this test's own, created empty and dropped afterwards."""
     async with fresh_database(postgres_url) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """One S3 server for the whole session: a SeaweedFS of ours (tests/s3.py), or CATTUBE_TEST_S3_ENDPOINT's."""
+    try:
+        with s3_server() as server:
+            yield server
+    except S3Unavailable as error:
+        pytest.fail(str(error), pytrace=False)

