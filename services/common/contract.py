@@ -119,6 +119,8 @@ class TranscodeStarted(EventData):
     video_id: VideoId
     worker: str | None = None
     attempt: int | None = None
+    instance: str | None = None
+    """The processing instance running the job (`CATTUBE_INSTANCE`)."""
 
 
 class TranscodeProgress(EventData):
@@ -163,7 +165,12 @@ class ProcessingScaled(EventData):
     to: NonNegativeInt
     backlog: NonNegativeInt = 0
     in_flight: NonNegativeInt = 0
+    """Queue-wide: jobs received by any instance and not yet settled."""
+    busy: NonNegativeInt | None = None
+    """This instance's own running jobs (what it sized itself on, with the backlog)."""
     reason: str = ""
+    instance: str | None = None
+    """The processing instance that scaled (`CATTUBE_INSTANCE`); each instance has its own fleet."""
 
 
 class RecordRendition(EventData):

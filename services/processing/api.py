@@ -41,11 +41,13 @@ class ScalingOut(BaseModel):
     from_: int = Field(alias="from")
     to: int
     backlog: int
-    in_flight: int
+    in_flight: int = Field(description="Queue-wide: jobs received by any instance and not yet settled.")
+    busy: int = Field(description="This instance's running jobs when it scaled.")
     reason: str
 
 
 class AutoscalerOut(BaseModel):
+    instance: str = Field(description="This instance's name (CATTUBE_INSTANCE; default the hostname).")
     min_workers: int
     max_workers: int
     max_workers_effective: int = Field(
@@ -59,7 +61,10 @@ class AutoscalerOut(BaseModel):
     busy: int = Field(description="Workers running a job.")
     retiring: int = Field(description="Retired workers not gone yet (retiring an idle worker is immediate).")
     backlog: int = Field(description="Jobs waiting in the transcode queue, as last seen.")
-    in_flight: int = Field(description="Jobs received and not yet settled, as last seen.")
+    in_flight: int = Field(
+        description="Jobs received and not yet settled, on any instance, as last seen (not sized on: "
+        "desired counts the backlog and this instance's busy workers)."
+    )
     history: list[ScalingOut] = Field(description="Recent changes of the worker count, oldest first.")
 
 
@@ -79,6 +84,7 @@ def _change_out(change: ScalingChange) -> ScalingOut:
         to=change.to,
         backlog=change.backlog,
         in_flight=change.in_flight,
+        busy=change.busy,
         reason=change.reason,
     )
 
@@ -94,6 +100,7 @@ def _state(service: ProcessingService) -> AutoscalerOut:
     else:
         reason = f"max_workers, as set ({cap.reason})"
     return AutoscalerOut(
+        instance=service.instance,
         min_workers=limits.min_workers,
         max_workers=limits.max_workers,
         max_workers_effective=effective,

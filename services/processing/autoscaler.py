@@ -7,9 +7,13 @@ It reads the queue's numbers through the router's long-polling stats (`watch_sta
 soon as they change), so it reacts within moments and does nothing at all while nothing
 changes. Each change of the numbers, of the limits, or of a worker going idle re-decides:
 
-    desired = clamp(ceil((backlog + in_flight) / target_backlog_per_worker), min_workers, max_workers)
+    desired = clamp(ceil((backlog + busy) / target_backlog_per_worker), min_workers, max_workers)
 
-`in_flight` counts the jobs workers hold, so a busy worker keeps its own place. Scale-out is
+`backlog` is the queue's (jobs waiting for any instance); `busy` is this instance's own running
+jobs, so a busy worker keeps its own place. Not the queue's `in_flight`: that also counts jobs
+running on other instances, and sizing on it would make every instance keep idle workers for
+jobs that run elsewhere. With this share of the demand, N instances on one queue together
+follow the backlog (each may reach for all of it; whoever receives first runs it). Scale-out is
 immediate. Scale-in waits until the queue has asked for fewer workers for `cooldown_s` without
 a break (a timer, not a poll), then retires idle workers only: a busy one finishes its job and
 goes when it is idle, if the queue still does not need it. Lowering `max_workers` below the
@@ -57,9 +61,9 @@ class Limits:
         return self
 
 
-def desired_size(backlog: int, in_flight: int, limits: Limits) -> int:
-    """How many workers the queue asks for, within the limits."""
-    wanted = math.ceil(max(0, backlog + in_flight) / limits.target_backlog_per_worker)
+def desired_size(backlog: int, busy: int, limits: Limits) -> int:
+    """How many workers this instance's share of the queue asks for (waiting jobs + its own running ones)."""
+    wanted = math.ceil(max(0, backlog + busy) / limits.target_backlog_per_worker)
     return max(limits.min_workers, min(limits.max_workers, wanted))
 
 
@@ -71,6 +75,9 @@ class ScalingChange:
     to: int
     backlog: int
     in_flight: int
+    """Queue-wide, every instance's jobs: reported, not sized on."""
+    busy: int
+    """This instance's running jobs."""
     reason: str
 
 
@@ -193,9 +200,10 @@ class Autoscaler:
         if self._stopped:
             return
         limits = self.effective_limits
-        desired = self.desired = desired_size(self.backlog, self.in_flight, limits)
+        busy = self.fleet.busy
+        desired = self.desired = desired_size(self.backlog, busy, limits)
         running = self.fleet.running
-        numbers = f"{self.backlog} waiting + {self.in_flight} in flight"
+        numbers = f"{self.backlog} waiting + {busy} running here"
         if desired > running:
             self._reset_cooldown()
             self.fleet.grow(desired - running)
@@ -226,7 +234,7 @@ class Autoscaler:
         self._scale_in(running, desired, f"{numbers} needed {desired} for {self.cooldown_s:g} s")
 
     def _asked(self) -> int:
-        return math.ceil(max(0, self.backlog + self.in_flight) / self.limits.target_backlog_per_worker)
+        return math.ceil(max(0, self.backlog + self.fleet.busy) / self.limits.target_backlog_per_worker)
 
     def _scale_in(self, running: int, target: int, reason: str) -> None:
         retired = self.fleet.shrink(running - target)
@@ -247,7 +255,7 @@ class Autoscaler:
             self._timer = None
 
     def _record(self, before: int, after: int, reason: str) -> None:
-        change = ScalingChange(self._clock(), before, after, self.backlog, self.in_flight, reason)
+        change = ScalingChange(self._clock(), before, after, self.backlog, self.in_flight, self.fleet.busy, reason)
         self.history.append(change)
         log.info("scaled %d -> %d workers: %s", before, after, reason)
         if self._on_change is not None:

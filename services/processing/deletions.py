@@ -5,16 +5,20 @@ later, sees it and drops its work), cancel any running job for it (its ffmpeg is
 work directory removed), then delete everything under `videos/{id}/`. Deleting is idempotent,
 so a redelivered event does no harm.
 
-The deletion queue is shared by every processing instance, like the transcode queue, so only
-one instance hears of a deletion: a job for that video running in another instance is not
-cancelled and stores its outputs afterwards. Running several instances calls for a deletion
-queue per instance (a subscription name with the instance in it).
+Unlike the transcode queue, which every instance shares, each instance has a deletion queue of
+its own (`deletions_queue_name`, named after `CATTUBE_INSTANCE`): every instance hears of every
+deletion, so a job for that video is cancelled wherever it runs. The name is stable across
+restarts, so a restart takes up its queue again (and what was deleted meanwhile) rather than
+leaving it behind and declaring a new one. An instance retired for good leaves its queue: delete
+it (`DELETE /subscriptions/{name}` on the router).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 from collections import OrderedDict
 
 from router.client import QueueConsumer, ReceivedMessage, RouterError, full_jitter
@@ -27,6 +31,24 @@ log = logging.getLogger(__name__)
 
 REMEMBERED_MAX = 10_000
 RETRY_DELAY_S = 10.0
+DELETIONS_QUEUE_PREFIX = "processing-deletions-"
+# The router's subscription names: [A-Za-z0-9][A-Za-z0-9._-]{0,79}.
+SUBSCRIPTION_NAME_MAX = 80
+_NOT_ALLOWED = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def deletions_queue_name(instance: str) -> str:
+    """This instance's deletion queue: `processing-deletions-{instance}`, made a valid subscription name.
+
+    Characters the router does not allow become `-`; a name that had any, or that is too long, ends in a
+    hash of the instance name instead of its tail, so two instance names never share one queue.
+    """
+    safe = _NOT_ALLOWED.sub("-", instance)
+    name = DELETIONS_QUEUE_PREFIX + safe
+    if safe == instance and len(name) <= SUBSCRIPTION_NAME_MAX:
+        return name
+    digest = hashlib.sha256(instance.encode()).hexdigest()[:12]
+    return f"{name[: SUBSCRIPTION_NAME_MAX - len(digest) - 1]}-{digest}"
 
 
 class DeletionConsumer:

@@ -8,11 +8,12 @@ stands for, so a publish retried after a lost answer is recognized as the same e
     cattube.transcode.progress    {video_id}/progress/{run}/{n}
     cattube.transcode.completed   {video_id}/completed/{run}
     cattube.transcode.failed      {video_id}/failed/{run}
-    cattube.processing.scaled     scaled/{instance}/{n}
+    cattube.processing.scaled     scaled/{instance}/{start}/{n}
 
-`run` names one delivery of one job message: `{sequence}.{attempt}-{hash of the receipt}`. Each
-attempt is a new run (its outcome is news), and a dead letter redriven with its attempt count
-reset still gets new ids, since its receipt is new.
+`start` is drawn at random when the service starts: the instance name is stable across
+restarts, and `n` counts from 1 again. `run` names one delivery of one job message:
+`{sequence}.{attempt}-{hash of the receipt}`. Each attempt is a new run (its outcome is news),
+and a dead letter redriven with its attempt count reset still gets new ids, since its receipt is new.
 
 Every event leaves through a durable outbox (`services.common.outbox`, a SQLite file under
 `DATA_DIR/processing`): when the router is away, or gone at shutdown, the events wait on disk and
@@ -53,8 +54,9 @@ def _video_event(kind: str, data: contract.EventData, run: str, suffix: str = ""
     )
 
 
-def started(video_id: str, run: str, *, worker: str, attempt: int) -> dict[str, Any]:
-    return _video_event("started", contract.TranscodeStarted(video_id=video_id, worker=worker, attempt=attempt), run)
+def started(video_id: str, run: str, *, worker: str, attempt: int, instance: str) -> dict[str, Any]:
+    data = contract.TranscodeStarted(video_id=video_id, worker=worker, attempt=attempt, instance=instance)
+    return _video_event("started", data, run)
 
 
 def progress(video_id: str, run: str, n: int, *, percent: float, speed: float) -> dict[str, Any]:
@@ -90,9 +92,13 @@ def failed(video_id: str, run: str, *, attempt: int, permanent: bool, reason: st
     return _video_event("failed", data, run)
 
 
-def scaled(instance: str, n: int, *, from_: int, to: int, backlog: int, in_flight: int, reason: str) -> dict[str, Any]:
-    data = contract.ProcessingScaled(from_=from_, to=to, backlog=backlog, in_flight=in_flight, reason=reason)
-    return new_event(contract.PROCESSING_SCALED, SOURCE, data.dump(), id=f"scaled/{instance}/{n}")
+def scaled(
+    instance: str, start: str, n: int, *, from_: int, to: int, backlog: int, in_flight: int, busy: int, reason: str
+) -> dict[str, Any]:
+    data = contract.ProcessingScaled(
+        from_=from_, to=to, backlog=backlog, in_flight=in_flight, busy=busy, reason=reason, instance=instance
+    )
+    return new_event(contract.PROCESSING_SCALED, SOURCE, data.dump(), id=f"scaled/{instance}/{start}/{n}")
 
 
 class OutboxUnavailable(Exception):

@@ -116,7 +116,11 @@ class TranscodeJobs:
         if self.is_deleted(video_id):
             raise JobCancelled(video_id)
         run = run_id(message)
-        self.sink.announce(events.started(video_id, run, worker=context.worker, attempt=message.attempt))
+        self.sink.announce(
+            events.started(
+                video_id, run, worker=context.worker, attempt=message.attempt, instance=self.settings.instance
+            )
+        )
         await aiofiles.os.makedirs(self.settings.work_dir, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f"{video_id}.", dir=self.settings.work_dir))
         try:

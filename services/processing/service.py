@@ -11,7 +11,9 @@
 The subscriptions are declared in the background (retrying until the router answers), so the
 service starts, and answers `/healthz`, while the router is still down; `/readyz` says so.
 Both start at the `earliest` retained event when first created: an upload announced before
-this service ever ran is still transcoded.
+this service ever ran is still transcoded. The transcode queue is shared by every instance; the
+deletion queue is this instance's own, named after `CATTUBE_INSTANCE` (`deletions_queue_name`), so
+every instance hears of every deletion and a restart takes up the same queue again.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from services.common.supervisor import Supervisor
 from services.processing import events
 from services.processing.autoscaler import Autoscaler, Limits, ScalingChange
 from services.processing.capacity import FleetCap, fleet_cap
-from services.processing.deletions import DeletionConsumer
+from services.processing.deletions import DeletionConsumer, deletions_queue_name
 from services.processing.events import EventSink
 from services.processing.job import TranscodeJobs, sweep_work_dir
 from services.processing.metrics import ProcessingMetrics
@@ -45,7 +47,6 @@ from services.processing.worker import WorkerPool
 log = logging.getLogger(__name__)
 
 TRANSCODE_QUEUE = "transcode"
-DELETIONS_QUEUE = "processing-deletions"
 READY_CHECK_TIMEOUT_S = 2.0
 QUEUE_CONNECTIONS = 8
 # At shutdown the router gets this long to take the outbox; what it does not take waits for the next start.
@@ -77,7 +78,10 @@ class ProcessingService:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.instance = secrets.token_hex(4)
+        self.instance = settings.instance
+        self.deletions_queue = deletions_queue_name(settings.instance)
+        # The scaled events' ids count from 1 at each start: this tells one start's from the next's.
+        self._start = secrets.token_hex(4)
         self.subscribed = asyncio.Event()
         self._router_transport = router_transport
         self._scalings = 0
@@ -168,7 +172,7 @@ class ProcessingService:
             cap=self.fleet_cap.workers,
         )
         self._deletions = DeletionConsumer(
-            self._queues.queue(DELETIONS_QUEUE),
+            self._queues.queue(self.deletions_queue),
             self._store,
             self._pool,
             receive_wait_s=settings.receive_wait_s,
@@ -237,7 +241,7 @@ class ProcessingService:
             wait_for_router=True,
         )
         await client.ensure_subscription(
-            DELETIONS_QUEUE,
+            self.deletions_queue,
             pattern={"type": [contract.VIDEO_DELETED]},
             target={"queue": {}},
             delivery={"max_receive_count": 10},
@@ -245,7 +249,13 @@ class ProcessingService:
             wait_for_router=True,
         )
         self.subscribed.set()
-        log.info("subscribed to %s and %s at %s", TRANSCODE_QUEUE, DELETIONS_QUEUE, self.settings.router_base_url)
+        log.info(
+            "instance %s subscribed to %s and %s at %s",
+            self.instance,
+            TRANSCODE_QUEUE,
+            self.deletions_queue,
+            self.settings.router_base_url,
+        )
         assert self._deletions is not None
         supervisor.start("deletions", self._deletions.run())
         await self.autoscaler.run()
@@ -269,11 +279,13 @@ class ProcessingService:
             self._sink.announce(
                 events.scaled(
                     self.instance,
+                    self._start,
                     self._scalings,
                     from_=change.from_,
                     to=change.to,
                     backlog=change.backlog,
                     in_flight=change.in_flight,
+                    busy=change.busy,
                     reason=change.reason,
                 )
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,14 @@ def cpu_count() -> int:
 
 
 class ProcessingSettings(CommonSettings):
+    instance: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=253,
+        pattern=r"^\S+$",
+        description="This instance's name, stable across restarts (its deletion queue is named after it); "
+        "default the hostname.",
+    )
     min_workers: int = Field(0, ge=0, le=MAX_WORKERS_LIMIT, description="Workers kept even with an empty queue.")
     max_workers: int = Field(
         default_factory=cpu_count,

@@ -15,6 +15,7 @@ import pytest
 
 from router.client import RouterClient
 from services.cli.upload import live_changes
+from services.processing.deletions import deletions_queue_name
 from tests.e2e.stack import Stack
 from tests.media import make_clip
 
@@ -103,13 +104,16 @@ async def test_delete_removes_every_blob(stack: Stack, tmp_path: Path) -> None:
     bucket = stack.data_dir / "bucket" / "videos" / video_id
     assert any(bucket.iterdir())
     async with RouterClient(stack.url("router"), token=stack.tokens["service"]) as router:
-        before = await router.stats("processing-deletions")
+        async with httpx.AsyncClient() as client:
+            processing = await client.get(f"{stack.url('processing')}/autoscaler", headers=stack.auth("service"))
+            deletions = deletions_queue_name(processing.json()["instance"])  # the processing instance's own queue
+        before = await router.stats(deletions)
         async with httpx.AsyncClient() as client:
             deleted = await client.delete(f"{stack.url('store')}/videos/{video_id}", headers=stack.auth("user"))
             assert deleted.status_code == 202
             assert (await client.get(f"{stack.url('store')}/videos/{video_id}")).status_code == 404
         # The processing service acks the deletion once the blobs are gone: follow its queue, no polling.
-        async with asyncio.timeout(60), aclosing(router.watch_stats("processing-deletions")) as watch:
+        async with asyncio.timeout(60), aclosing(router.watch_stats(deletions)) as watch:
             async for stats in watch:
                 if stats.delivered_total > before.delivered_total:
                     break

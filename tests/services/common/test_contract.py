@@ -48,7 +48,7 @@ def processing_events(video_id: str = "v1") -> list[dict[str, Any]]:
         duration_s=2.0,
     )
     return [
-        events.started(video_id, "1.1-ab", worker="worker-a-1", attempt=1),
+        events.started(video_id, "1.1-ab", worker="worker-a-1", attempt=1, instance="host-a"),
         events.progress(video_id, "1.1-ab", 1, percent=42.42, speed=1.234),
         events.completed(
             video_id,
@@ -88,7 +88,7 @@ async def test_every_producer_s_event_reads_back_through_its_model_unchanged(tmp
         uploaded_event(),
         *processing_events(),
         events.failed("v1", "1.2-ef", attempt=2, permanent=False, reason="The bucket was away."),
-        events.scaled("host-1", 3, from_=0, to=2, backlog=5, in_flight=1, reason="backlog 5"),
+        events.scaled("host-1", "5eed", 3, from_=0, to=2, backlog=5, in_flight=1, busy=0, reason="backlog 5"),
         announcements.dead_lettered(
             "transcode", 7, uploaded_event(), attempts=5, last_error="boom", context={"limit": "max_receive_count"}
         ),

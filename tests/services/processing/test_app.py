@@ -13,10 +13,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from router.api import SUBSCRIPTION_NAME
 from router.client import RouterClient, new_event
 from services.common.blobs import FileBlobStore, video_key
 from services.common.errors import Unavailable
 from services.processing.app import create_app
+from services.processing.deletions import deletions_queue_name
 from services.processing.settings import ProcessingSettings
 from tests.conftest import running
 from tests.media import make_clip
@@ -121,6 +123,7 @@ async def test_autoscaler_api_reports_and_validates(make_stack: Callable[..., An
     async for stack in make_stack():
         state = (await stack.api.get("/autoscaler")).json()
         assert state | {"history": []} == {
+            "instance": socket.gethostname(),  # CATTUBE_INSTANCE's default
             "min_workers": 0,
             "max_workers": 2,
             "max_workers_effective": 2,
@@ -221,7 +224,7 @@ async def test_deleted_video_loses_every_blob(make_stack: Callable[..., Any]) ->
         await stack.router.publish(
             new_event("cattube.video.deleted", "cattube/store", {"video_id": "doomed"}, id="doomed/deleted")
         )
-        async for stats in stack.router.watch_stats("processing-deletions", wait_s=5):
+        async for stats in stack.router.watch_stats(deletions_queue_name(socket.gethostname()), wait_s=5):
             if stats.delivered_total == 1 and (stats.backlog, stats.in_flight) == (0, 0):
                 break
         assert await stack.store.stat(video_key("doomed", "master.mp4")) is None
@@ -379,3 +382,115 @@ async def test_with_two_routers_listed_it_works_through_the_one_that_answers(
     assert "http://down" in replicas.seen
     async with RouterClient("http://router", transport=httpx.ASGITransport(app=router_app)) as router:
         assert (await router.get_subscription("transcode"))["target"] == {"queue": {}}
+
+
+class StatsWatch(httpx.AsyncBaseTransport):
+    """The router's transport, telling when the autoscaler has read the transcode queue's numbers of a version.
+
+    `watch_stats` asks for the numbers after version V only once its reader (the autoscaler) has acted on V.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.acted_on = -1
+        self.changed = asyncio.Condition()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        version = request.url.params.get("version")
+        if request.url.path == "/subscriptions/transcode/stats" and version is not None:
+            async with self.changed:
+                self.acted_on = max(self.acted_on, int(version))
+                self.changed.notify_all()
+        return await self.inner.handle_async_request(request)
+
+    async def until_acted_on(self, version: int) -> None:
+        async with asyncio.timeout(10), self.changed:
+            await self.changed.wait_for(lambda: self.acted_on >= version)
+
+
+async def test_jobs_another_instance_holds_ask_for_no_workers_here(
+    make_stack: Callable[..., Any], router_app: FastAPI
+) -> None:
+    watch = StatsWatch(httpx.ASGITransport(app=router_app))
+    async for stack in make_stack(max_workers=0, watch=watch):
+        await stack.router.publish_batch([uploaded(f"v{n}", None) for n in range(3)])
+        # Another instance (this test) takes all three: nothing waits, three run elsewhere.
+        held = await stack.router.queue("transcode").receive(max_messages=3, visibility_timeout_s=60)
+        assert len(held) == 3
+        stats = await stack.router.stats("transcode")
+        assert (stats.backlog, stats.in_flight) == (0, 3)
+        await watch.until_acted_on(stats.version)
+        state = (await stack.api.put("/autoscaler", json={"min_workers": 1, "max_workers": 3})).json()
+        assert (state["backlog"], state["in_flight"], state["busy"]) == (0, 3, 0)
+        assert (state["desired"], state["running"]) == (1, 1)  # min_workers: no idle workers for others' jobs
+
+
+async def test_the_instance_is_named_in_its_events_and_its_api(make_stack: Callable[..., Any]) -> None:
+    async for stack in make_stack(instance="edge-1"):
+        await observe(stack.router)
+        await stack.router.publish(uploaded("v1", stack.store.uri(video_key("v1", "master.mp4"))))
+        seen = await events_until(stack.router, lambda seen: any(e["type"] == "cattube.transcode.failed" for e in seen))
+        (started,) = [e for e in seen if e["type"] == "cattube.transcode.started"]
+        assert started["data"]["instance"] == "edge-1"
+        assert started["data"]["worker"].startswith("worker-edge-1-")
+        scaled = [e for e in seen if e["type"] == "cattube.processing.scaled"]
+        assert scaled and {e["data"]["instance"] for e in scaled} == {"edge-1"}
+        assert (await stack.api.get("/autoscaler")).json()["instance"] == "edge-1"
+
+
+def test_the_instance_defaults_to_the_hostname(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CATTUBE_INSTANCE", raising=False)
+    assert ProcessingSettings(data_dir=tmp_path).instance == socket.gethostname()
+    monkeypatch.setenv("CATTUBE_INSTANCE", "edge-2")
+    assert ProcessingSettings(data_dir=tmp_path).instance == "edge-2"
+
+
+@pytest.mark.parametrize(
+    "instance", ["edge-1", "host.example.org", "my host/1", "_x", "é" * 10, "a" * 253, "a" * 60, "a" * 59]
+)
+def test_the_deletion_queue_name_is_a_valid_subscription_name(instance: str) -> None:
+    name = deletions_queue_name(instance)
+    assert SUBSCRIPTION_NAME.fullmatch(name), name
+    assert name == deletions_queue_name(instance)  # stable: a restart finds it again
+
+
+def test_instance_names_that_sanitise_alike_get_distinct_queues() -> None:
+    assert deletions_queue_name("edge-1") == "processing-deletions-edge-1"
+    assert len({deletions_queue_name(name) for name in ("a/b", "a-b", "a b", "a" * 70, "a" * 71)}) == 5
+
+
+async def subscription_names(router_app: FastAPI) -> set[str]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=router_app), base_url="http://router") as http:
+        return {sub["name"] for sub in (await http.get("/subscriptions")).json()["items"]}
+
+
+async def test_each_instance_has_one_deletion_queue_that_a_restart_takes_up_again(
+    tmp_path: Path, router_app: FastAPI
+) -> None:
+    transport = httpx.ASGITransport(app=router_app)
+
+    def app_for(instance: str) -> FastAPI:
+        settings = ProcessingSettings(
+            data_dir=tmp_path / instance, router_url="http://router", max_workers=1, instance=instance
+        )
+        return create_app(settings, exit_on_failure=False, router_transport=transport)
+
+    before = await subscription_names(router_app)
+    for _restart in range(2):
+        first, second = app_for("edge-1"), app_for("edge-2")
+        async with running(first), running(second):
+            await wait_ready(first)
+            await wait_ready(second)
+    added = await subscription_names(router_app) - before
+    assert added == {"transcode", "processing-deletions-edge-1", "processing-deletions-edge-2"}
+
+    # A deletion published while both are down reaches each of them once they are back.
+    async with RouterClient("http://router", transport=transport) as router:
+        await router.publish(new_event("cattube.video.deleted", "cattube/store", {"video_id": "gone"}, id="gone/del"))
+        first, second = app_for("edge-1"), app_for("edge-2")
+        async with running(first), running(second):
+            for instance in ("edge-1", "edge-2"):
+                async for stats in router.watch_stats(deletions_queue_name(instance), wait_s=5):
+                    if stats.delivered_total == 1 and (stats.backlog, stats.in_flight) == (0, 0):
+                        break
+    assert await subscription_names(router_app) - before == added

@@ -86,7 +86,7 @@ class Harness:
 
 
 @pytest.mark.parametrize(
-    ("backlog", "in_flight", "limits", "desired"),
+    ("backlog", "busy", "limits", "desired"),
     [
         (0, 0, Limits(0, 4, 1), 0),
         (1, 0, Limits(0, 4, 1), 1),
@@ -98,8 +98,24 @@ class Harness:
         (-1, 0, Limits(0, 4, 1), 0),
     ],
 )
-def test_desired_size(backlog: int, in_flight: int, limits: Limits, desired: int) -> None:
-    assert desired_size(backlog, in_flight, limits) == desired
+def test_desired_size(backlog: int, busy: int, limits: Limits, desired: int) -> None:
+    assert desired_size(backlog, busy, limits) == desired
+
+
+async def test_jobs_running_on_other_instances_ask_for_no_workers_here() -> None:
+    async with Harness(Limits(1, 4, 1), cooldown_s=60) as h:
+        assert await h.next_change() == (0, 1)  # min_workers
+        # Another instance holds 3 jobs and nothing waits: this one has nothing to do for them.
+        h.stats.put(backlog=0, in_flight=3)
+        await h.settle()
+        assert (h.autoscaler.desired, h.fleet.running) == (1, 1)
+        # Its share: the 2 waiting jobs plus its own running one (not the other instance's 3).
+        h.fleet.busy = 1
+        h.stats.put(backlog=2, in_flight=6)
+        assert await h.next_change() == (1, 3)
+        change = h.autoscaler.history[-1]
+        assert (change.backlog, change.in_flight, change.busy) == (2, 6, 1)
+        assert change.reason.startswith("2 waiting + 1 running here")
 
 
 async def test_scales_out_at_once_and_in_after_the_cooldown() -> None:
@@ -124,6 +140,7 @@ async def test_demand_that_returns_within_the_cooldown_cancels_the_scale_in() ->
         assert await h.next_change() == (0, 2)
         h.stats.put(backlog=0)
         await h.settle()
+        h.fleet.busy = 1
         h.stats.put(backlog=1, in_flight=1)
         with pytest.raises(TimeoutError):
             await h.next_change(timeout_s=0.5)

@@ -34,7 +34,9 @@ async def test_events_the_router_cannot_take_wait_in_the_outbox_and_go_out_after
             tasks = [asyncio.create_task(sink.run()), asyncio.create_task(sink.run_relay())]
             for n in range(12):
                 sink.announce(events.progress("v1", "1.1-ab", n + 1, percent=n * 8.0, speed=1.0))
-            await sink.publish(events.scaled("i1", 1, from_=1, to=0, backlog=0, in_flight=0, reason="shutdown"))
+            await sink.publish(
+                events.scaled("i1", "5eed", 1, from_=1, to=0, backlog=0, in_flight=0, busy=0, reason="shutdown")
+            )
             await sink.close(timeout_s=0.5)
             await asyncio.gather(*tasks, return_exceptions=True)
     assert "dropped" not in caplog.text
@@ -57,4 +59,4 @@ async def test_events_the_router_cannot_take_wait_in_the_outbox_and_go_out_after
                         seen.append(message.event["id"])
             await sink.close(timeout_s=1)
             await asyncio.gather(relay, return_exceptions=True)
-    assert seen == [f"v1/progress/1.1-ab/{n + 1}" for n in range(12)] + ["scaled/i1/1"]
+    assert seen == [f"v1/progress/1.1-ab/{n + 1}" for n in range(12)] + ["scaled/i1/5eed/1"]

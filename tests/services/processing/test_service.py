@@ -24,6 +24,7 @@ import pytest
 
 from router.client import RouterClient, new_event
 from services.common.blobs import FileBlobStore, video_key
+from services.processing.deletions import deletions_queue_name
 from services.processing.ladder import displayed_size
 from tests.media import make_clip, probe_of
 from tests.process import ServiceProcess, service
@@ -355,7 +356,7 @@ async def test_deleting_a_video_stops_its_job_and_removes_its_blobs(tmp_path: Pa
                 break
         assert not (s.store.root / "videos" / "doomed").exists()
         assert not s.observer.of("cattube.transcode.completed") and not s.observer.of("cattube.transcode.failed")
-        deletions = await s.client.stats("processing-deletions")
+        deletions = await s.client.stats(deletions_queue_name((await s.autoscaler())["instance"]))
         assert (deletions.backlog, deletions.in_flight, deletions.delivered_total) == (0, 0, 1)
 
 
