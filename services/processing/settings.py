@@ -42,7 +42,7 @@ class ProcessingSettings(CommonSettings):
         description="Most workers at once (0 pauses); default CPU count.",
     )
     target_backlog_per_worker: int = Field(
-        1, ge=1, le=MAX_WORKERS_LIMIT, description="Messages (waiting + in flight) one worker is meant to cover."
+        1, ge=1, le=MAX_WORKERS_LIMIT, description="Messages (waiting + running here) one worker is meant to cover."
     )
     scale_in_cooldown_s: float = Field(15, ge=0, description="How long the queue must ask for fewer workers first.")
     visibility_timeout_s: float = Field(
