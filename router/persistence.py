@@ -1,6 +1,6 @@
 """The storage port behind the bus: what the router needs from a durable store, and its records.
 
-`EventStore` has one implementation today, the embedded SQLite one (`router.sqlite`), and one
+`EventStore` has one implementation today, the embedded SQLite one (`router.stores.sqlite`), and one
 contract test suite (`tests/router/test_store_contract.py`, parametrized over implementations).
 A networked store (PostgreSQL, not written yet) would implement this protocol and have to pass
 those same tests. Times are integer milliseconds since the epoch, passed in by the caller so

@@ -36,6 +36,12 @@ class CommonSettings(BaseSettings):
     processing_port: int = Field(8702, ge=1, le=65535)
     store_port: int = Field(8703, ge=1, le=65535)
     router_url: str | None = Field(None, description="Base URL of the router; default http://127.0.0.1:ROUTER_PORT.")
+    database_url: str | None = Field(
+        None,
+        description="One database for the services (each keeps its own tables), e.g. sqlite:////abs/file.db;"
+        " CATTUBE_<SERVICE>_DATABASE_URL overrides it per service. Default: SQLite files under DATA_DIR."
+        " Only the router reads it so far.",
+    )
     log_level: str = Field("info", description="debug, info, warning or error.")
     blob_url: str | None = Field(None, description="The bucket: file:///abs/dir; default file://DATA_DIR/bucket.")
     # What one client can make a service hold (DESIGN.md, Limits): see services/common/connections.py.

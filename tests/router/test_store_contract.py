@@ -14,7 +14,7 @@ import pytest
 from router.cloudevents import encoded
 from router.patterns import compile_pattern
 from router.persistence import Delivery, EventStore, Settlement, SubscriptionSpec
-from router.sqlite import SQLiteEventStore
+from router.stores.sqlite import SQLiteEventStore
 
 STORES: dict[str, Callable[[Path], EventStore]] = {
     "sqlite": lambda tmp: SQLiteEventStore(tmp / "bus.db"),

@@ -22,7 +22,7 @@ from router.persistence import (
     SubscriptionSpec,
     spec_to_json,
 )
-from router.sqlite_queues import SQLiteQueues
+from router.stores.sqlite.queues import SQLiteQueues
 from services.common.errors import Conflict
 
 PURGE_CHUNK = 5_000

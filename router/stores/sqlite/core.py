@@ -29,7 +29,7 @@ from router.persistence import (
     Subscription,
     spec_from_json,
 )
-from router.sqlite_schema import SCHEMA
+from router.stores.sqlite.schema import SCHEMA
 
 T = TypeVar("T")
 

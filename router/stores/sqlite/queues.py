@@ -17,7 +17,7 @@ from router.persistence import (
     Settlement,
     Stats,
 )
-from router.sqlite_core import STALE_RECEIPT, SQLiteCore, mark_replay, message_id_of
+from router.stores.sqlite.core import STALE_RECEIPT, SQLiteCore, mark_replay, message_id_of
 
 
 class SQLiteQueues(SQLiteCore):
