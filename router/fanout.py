@@ -1,11 +1,11 @@
 """Fan-out: which subscriptions a new event is queued for, and which of those go straight to a dispatcher.
 
 The rule is the bus's, not a store's: an event is queued for every subscription whose pattern
-matches it (router.patterns), once per subscription, in the transaction that appends it. A store
-calls `targets` for each new event inside that transaction, after `refresh` has made sure the
-subscriptions matched against are the ones committed at the store's current catalog version (a
-counter the store bumps with every create, change and delete): a subscription committed by any
-replica is matched from the next append on, and none that was deleted.
+matches it (router.patterns), once per subscription, in the transaction that appends it. Inside
+that transaction a store reads its catalog version (a counter it moves on with every create, change
+and delete), asks `at` for the subscriptions of that version (read again through `load` when it
+moved), and calls `targets` for each new event: a subscription committed by any replica is matched
+from the next append on, and none that was deleted.
 
 The same object is the bus's read cache of subscriptions (`get`, `all`): it is invalidated by the
 notifier whenever the catalog changes anywhere, and loaded again from the store on the next read.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from router.persistence import Message, Subscription
@@ -28,11 +29,17 @@ from router.persistence import Message, Subscription
 Handoffs = dict[str, list[Message]]
 
 
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """The subscriptions as committed at one catalog version (None: not read yet)."""
+
+    version: int | None = None
+    subs: dict[str, Subscription] = field(default_factory=dict)
+
+
 class Fanout:
     def __init__(self) -> None:
-        self.version: int | None = None
-        """The catalog version the subscriptions below were read at (None: never read)."""
-        self._subs: dict[str, Subscription] = {}
+        self._catalog = Catalog()
         self._fresh = False
         self._generation = 0
         self._grant_lock = threading.Lock()
@@ -41,20 +48,28 @@ class Fanout:
 
     # -- the subscriptions ---------------------------------------------------------------------------
 
-    def refresh(self, version: int, load: Callable[[], Iterable[Subscription]]) -> None:
-        """Inside a store transaction that read the catalog at `version`: reload if it moved on."""
-        if version != self.version:
-            self._set(version, load())
+    @property
+    def version(self) -> int | None:
+        return self._catalog.version
+
+    def at(self, version: int, load: Callable[[], Iterable[Subscription]]) -> Catalog:
+        """Inside a store transaction that read the catalog at `version`: its subscriptions, read again
+        through `load` if the version moved. A newer read replaces the cached one (never an older one,
+        which a concurrent transaction of a networked store may still see); it does not make the cache
+        fresh for the bus's reads, which only `load` after an invalidation does."""
+        catalog = self._catalog
+        if catalog.version != version:
+            catalog = Catalog(version, {sub.spec.name: sub for sub in load()})
+            if self._catalog.version is None or version > self._catalog.version:
+                self._catalog = catalog  # one reference swap: readers see the old or the new
+        return catalog
 
     def load(self, version: int, subs: Iterable[Subscription], generation: int) -> None:
-        """A read from the store started at `generation`: keep it, and trust it, unless invalidated since."""
+        """The bus read the subscriptions when the cache was at `generation`: keep them, and trust them
+        for reads, unless the notifier invalidated the cache meanwhile."""
         if generation == self._generation:
-            self._set(version, subs)
-
-    def _set(self, version: int, subs: Iterable[Subscription]) -> None:
-        self._subs = {sub.spec.name: sub for sub in subs}  # one reference swap: readers see old or new
-        self.version = version
-        self._fresh = True
+            self._catalog = Catalog(version, {sub.spec.name: sub for sub in subs})
+            self._fresh = True
 
     def invalidate(self) -> None:
         """The catalog changed somewhere: the next read goes to the store."""
@@ -70,17 +85,17 @@ class Fanout:
         return self._generation
 
     def get(self, name: str) -> Subscription | None:
-        return self._subs.get(name)
+        return self._catalog.subs.get(name)
 
     def all(self) -> list[Subscription]:
-        return sorted(self._subs.values(), key=lambda s: s.spec.name)
+        return sorted(self._catalog.subs.values(), key=lambda s: s.spec.name)
 
     # -- routing ---------------------------------------------------------------------------------------
 
-    def targets(self, event: dict[str, Any]) -> Iterator[tuple[Subscription, int | None]]:
-        """The subscriptions `event` is queued for, each with the lease length (ms) of a dispatcher slot
-        it takes, or None to queue it the ordinary way."""
-        for sub in self._subs.values():
+    def targets(self, catalog: Catalog, event: dict[str, Any]) -> Iterator[tuple[Subscription, int | None]]:
+        """The subscriptions of `catalog` that `event` is queued for, each with the lease length (ms) of a
+        dispatcher slot it takes, or None to queue it the ordinary way."""
+        for sub in catalog.subs.values():
             if sub.spec.matches(event):
                 yield sub, (None if sub.spec.is_queue else self._take_grant(sub.spec.name))
 

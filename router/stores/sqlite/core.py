@@ -259,7 +259,7 @@ class SQLiteCore:
         results: list[Appended] = []
         queued: list[tuple[str, int, str | None, int, int]] = []
         # The subscriptions committed as of this transaction, whoever committed them.
-        self._fanout.refresh(self._catalog_version(conn), lambda: self._read_subscriptions(conn))
+        catalog = self._fanout.at(self._catalog_version(conn), lambda: self._read_subscriptions(conn))
         nonce = new_nonce()
         for event, body in events:
             row = conn.execute(
@@ -275,7 +275,7 @@ class SQLiteCore:
                 continue
             seq = row[0]
             results.append(Appended(event["id"], seq, duplicate=False))
-            for sub, lease_ms in self._fanout.targets(event):
+            for sub, lease_ms in self._fanout.targets(catalog, event):
                 name = sub.spec.name
                 self._touched.add(name)
                 if lease_ms is None:
