@@ -80,7 +80,7 @@ async def check_owner(request: Request) -> None:
     name = request.path_params.get("name")
     if name is None or granted_access(request.scope) is not Access.SERVICE:
         return
-    sub = await request.app.state.bus.store.get_subscription(name)
+    sub = await request.app.state.bus.find_subscription(name)
     if sub is not None and sub.spec.owner != Access.SERVICE.label:
         raise Forbidden(
             f"subscription {name!r} was created with the admin token; only the admin token may use it",
@@ -193,7 +193,7 @@ def _out(sub: Subscription) -> SubscriptionOut:
 async def put_subscription(name: str, body: SubscriptionIn, bus: BusDep, request: Request) -> JSONResponse:
     """Create or update a subscription (idempotent); 201 when created, 200 otherwise."""
     _check_name(name)
-    existing = await bus.store.get_subscription(name)
+    existing = await bus.find_subscription(name)
     spec = SubscriptionSpec(
         name=name,
         pattern=body.pattern,

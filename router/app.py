@@ -15,7 +15,7 @@ from router.bus import Bus
 from router.metrics import RouterMetrics
 from router.push_policy import PushPolicy
 from router.settings import RouterSettings
-from router.sqlite import SQLiteEventStore
+from router.stores import store_factory
 from services.common.auth import protect
 from services.common.body_limit import bound_request_bodies
 from services.common.openapi import document_problems
@@ -33,17 +33,15 @@ def create_app(
     settings: RouterSettings, *, exit_on_failure: bool = True, push_policy: PushPolicy | None = None
 ) -> FastAPI:
     """The app; `push_policy` replaces the one built from the settings (tests give it a resolver)."""
+    make_store = store_factory(settings)  # a URL naming no usable store fails here, at start
     policy = push_policy or PushPolicy(settings.push_networks)
     metrics = RouterMetrics()
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = SQLiteEventStore(
-            settings.bus_file, synchronous=settings.sqlite_synchronous, wal_limit_bytes=settings.wal_limit_bytes
-        )
         bus = Bus(
-            store,
+            make_store(),
             retention_s=settings.retention_s,
             purge_interval_s=settings.purge_interval_s,
             push_policy=policy,

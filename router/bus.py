@@ -3,13 +3,18 @@
 `Bus` sits between the HTTP API and an `EventStore`. Publishers hand their events to one writer
 task; whatever has queued up while the previous transaction was committing goes into the next
 one, so concurrent publishers share a transaction (and its fsync) and each is answered only after
-the commit that holds its events. Long polls wait on `Signals`, woken by commits and by the
-moment a hidden message becomes visible, never by sleeping.
+the commit that holds its events. Long polls wait on `Signals`, woken through the notifier by
+commits (on any replica) and by the moment a hidden message becomes visible, never by sleeping.
+
+The store only stores, claims and counts; the rules are here and in small engine-neutral modules
+the store calls: `fanout` (which subscriptions an event goes to, and the subscription cache),
+`dead_letters`, `receipts`, `replays`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -18,6 +23,8 @@ from datetime import datetime
 from router.batching import GroupCommit
 from router.cloudevents import Encoded
 from router.delivery import Dispatchers
+from router.fanout import Fanout
+from router.notifier import Changes, InProcessNotifier, Notifier
 from router.persistence import (
     Appended,
     DeadLetter,
@@ -50,30 +57,39 @@ class Bus:
         retention_s: float,
         purge_interval_s: float = 3600,
         push_policy: PushPolicy | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.store = store
         self.retention_s = retention_s
         self.purge_interval_s = purge_interval_s
-        self.signals = Signals(lambda name: store.next_visible_ms(name, now_ms()), on_timer=store.mark_ready)
+        self.notifier = notifier or InProcessNotifier()
+        self.fanout = Fanout()
         self.push_policy = push_policy or PushPolicy.default()
-        self.dispatchers = Dispatchers(store, self.signals, self.push_policy)
-        store.listener = self._on_change
+        self.signals = Signals(lambda name: store.next_visible_ms(name, now_ms()), on_timer=self._visible_again)
+        self.dispatchers = Dispatchers(store, self.signals, self.push_policy, self.fanout)
+        self.fanout.on_handoff = self.dispatchers.hand_off
+        self.notifier.listen(self._on_change)
         self._writer = GroupCommit("the bus", self._append, weight=len, max_weight=MAX_EVENTS_PER_COMMIT)
         self._stopping = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.store.open()
-        for sub in await self.store.list_subscriptions():
+        await self.store.open(self.notifier, self.fanout)
+        for sub in await self.list_subscriptions():
             if (at := await self.store.next_visible_ms(sub.spec.name, now_ms())) is not None:
                 self.signals.schedule(sub.spec.name, at)
             await self.dispatchers.sync(sub)
 
-    def _on_change(self, touched: set[str], hidden_until: dict[str, int], handoffs: dict[str, list[Message]]) -> None:
-        self.signals.on_change(touched, hidden_until)
-        if handoffs:
-            self.dispatchers.hand_off(handoffs)
+    def _on_change(self, changes: Changes) -> None:
+        if changes.catalog:
+            self.fanout.invalidate()
+        self.dispatchers.mark_ready(changes.ready)
+        self.signals.on_change(changes.touched, changes.hidden_until)
+
+    def _visible_again(self, name: str) -> None:
+        """A hidden message's time has come (a retry delay or a lease ran out): a lease may find it."""
+        self.dispatchers.mark_ready((name,))
 
     async def run_writer(self) -> None:
         """The group-commit writer: runs until `stop()`, then commits what is still pending."""
@@ -138,8 +154,22 @@ class Bus:
         await self.dispatchers.sync(sub)
         return sub, created
 
+    async def find_subscription(self, name: str) -> Subscription | None:
+        """From the cache, read again from the store after any change to the subscriptions (router.fanout)."""
+        if not self.fanout.fresh:
+            await self._load_subscriptions()
+        return self.fanout.get(name)
+
+    async def _load_subscriptions(self) -> None:
+        generation = self.fanout.generation
+        version, subs = await self.store.load_subscriptions()
+        self.fanout.load(version, subs, generation)
+        if not self.fanout.fresh:  # invalidated while we read: what we read may predate the change
+            version, subs = await self.store.load_subscriptions()
+            self.fanout.load(version, subs, self.fanout.generation)
+
     async def subscription(self, name: str) -> Subscription:
-        sub = await self.store.get_subscription(name)
+        sub = await self.find_subscription(name)
         if sub is None:
             raise NotFound(f"no subscription named {name!r}")
         return sub
@@ -151,7 +181,9 @@ class Bus:
         return sub
 
     async def list_subscriptions(self) -> list[Subscription]:
-        return await self.store.list_subscriptions()
+        if not self.fanout.fresh:
+            await self._load_subscriptions()
+        return self.fanout.all()
 
     async def delete_subscription(self, name: str) -> None:
         await self.dispatchers.remove(name)
@@ -175,12 +207,14 @@ class Bus:
         it meanwhile are released at once (their attempt not counted) rather than hidden from every
         other consumer for a visibility timeout.
         """
-        await self.queue(name)
+        sub = await self.queue(name)
         gone = gone or asyncio.Event()
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
             changed = self.signals[name].changed  # captured before the read: no lost wake-ups
-            messages = await self.store.receive(name, max_messages, int(visibility_timeout_s * 1000), now_ms())
+            messages = await self.store.receive(
+                name, max_messages, int(visibility_timeout_s * 1000), now_ms(), sub.spec.delivery.max_receive_count
+            )
             if messages and gone.is_set():
                 await self.store.release(name, [m.receipt for m in messages], now_ms())
                 return []
@@ -188,7 +222,7 @@ class Bus:
             if messages or remaining <= 0 or self._stopping.is_set() or gone.is_set():
                 return messages
             await wait_any([changed, gone], remaining)
-            await self.queue(name)  # it may have been deleted while we waited
+            sub = await self.queue(name)  # it may have been deleted or changed while we waited
 
     async def ack(self, name: str, receipts: Sequence[str]) -> list[ReceiptResult]:
         await self.queue(name)
@@ -206,12 +240,16 @@ class Bus:
         """The subscription's numbers and their version; with `version` equal to the current one,
         waits up to `wait_s` for them to change first."""
         await self.subscription(name)
-        signal = self.signals[name]
-        if version is not None and version == signal.version and wait_s > 0 and not self._stopping.is_set():
-            await wait_for(signal.changed, wait_s)
-            await self.subscription(name)
-        current = signal.version
-        return await self.store.stats(name, now_ms()), current
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            changed = self.signals[name].changed  # captured before the read: no lost wake-ups
+            numbers = await self.store.stats(name, now_ms())
+            current = stats_version(numbers)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if version is None or version != current or remaining <= 0 or self._stopping.is_set():
+                return numbers, current
+            await wait_for(changed, remaining)
+            await self.subscription(name)  # it may have been deleted while we waited
 
     async def dead_letters(self, name: str, limit: int) -> list[DeadLetter]:
         await self.subscription(name)
@@ -248,6 +286,28 @@ class Bus:
         if status is None:
             raise NotFound(f"subscription {name!r} has no replay named {replay!r}")
         return status
+
+
+def stats_version(stats: Stats) -> int:
+    """A subscription's stats version: the same on every replica for the same state, and different
+    whenever its numbers or its change counter differ.
+
+    The counter is stored and moved on in the transaction of every change (`Stats.changes`), so it
+    survives restarts and is shared by replicas; the numbers are mixed in because some change without
+    a commit (a hidden message becoming visible moves it from in flight to backlog). A client holding a
+    version from before a restart is answered at once if anything changed meanwhile, and waits if not.
+    """
+    state = (
+        stats.changes,
+        stats.backlog,
+        stats.in_flight,
+        stats.delayed,
+        stats.dead_lettered,
+        stats.delivered_total,
+        stats.failed_total,
+    )
+    digest = hashlib.blake2b(repr(state).encode(), digest_size=6).digest()
+    return int.from_bytes(digest, "big")  # 48 bits: exact in every JSON number reader
 
 
 def _ms(at: datetime) -> int:

@@ -8,8 +8,10 @@ with exponential backoff and full jitter (honouring `Retry-After`); any other 4x
 of `max_attempts` / `max_age_s`, dead-letters the message. Connections go only to addresses the
 push policy allows (router.push_policy; a refusal is permanent and says only "refused by policy"),
 and redirects are never followed: a 3xx is a failed attempt, retried like a 5xx. The lease outlives the attempt's
-timeout, and a restarted router releases the leases of its push subscriptions, so a crash
-mid-delivery means the event is delivered again (at least once) with its attempt count intact.
+timeout and names the replica that holds it; a dispatcher starting up releases its own replica's
+leases at once and leaves any other holder's (a live replica's, or a crashed incarnation's) to
+expire, after which they are leased again: a crash mid-delivery means the event is delivered again
+(at least once) with its attempt count intact.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -28,6 +31,7 @@ import aiohttp
 from standardwebhooks.webhooks import Webhook
 
 from router.batching import GroupCommit
+from router.fanout import Fanout
 from router.persistence import EventStore, Message, Settlement, Subscription
 from router.push_policy import REFUSED, PushPolicy, TargetRefused
 from router.signals import Signals
@@ -116,11 +120,14 @@ def _header_value(value: Any) -> str:
 class Dispatcher:
     """Delivers one push subscription's messages until stopped."""
 
-    def __init__(self, sub: Subscription, store: EventStore, signals: Signals, policy: PushPolicy) -> None:
+    def __init__(
+        self, sub: Subscription, store: EventStore, signals: Signals, policy: PushPolicy, fanout: Fanout
+    ) -> None:
         self.sub = sub
         self.policy = policy
         self.store = store
         self.signals = signals
+        self.fanout = fanout
         self.name = sub.spec.name
         self._signer = Webhook(sub.secret)  # decodes the secret once, not per request
         self._timeout = aiohttp.ClientTimeout(total=sub.spec.delivery.timeout_s)
@@ -129,7 +136,10 @@ class Dispatcher:
         self._wake = asyncio.Event()
         """Set when a slot frees up, the subscription's queue changes, or the dispatcher stops."""
         self._reserved = 0
-        """Slots offered to the store for hand-off and not yet handed over or withdrawn."""
+        """Slots offered to the fan-out for hand-off and not yet handed over or withdrawn."""
+        self._maybe_ready = True
+        """False only when the last lease found nothing more and nothing was made visible since."""
+        self._ready_marks = 0
         self._session: aiohttp.ClientSession | None = None
         self._outcomes: GroupCommit[Settlement, None] = GroupCommit(f"push:{self.name}", self._settle)
 
@@ -137,12 +147,17 @@ class Dispatcher:
         """A re-PUT changed the URL or the delivery policy: the next leases use them."""
         self.sub = sub
         # An outstanding offer was made under the old policy (say, unordered): take it back.
-        self._reserved -= self.store.withdraw(self.name)
+        self._reserved -= self.fanout.withdraw(self.name)
         self.signals[self.name].bump()
+
+    def mark_ready(self) -> None:
+        """Messages may have become visible (queued, released, or a hidden one's time came)."""
+        self._maybe_ready = True
+        self._ready_marks += 1
 
     def stop(self) -> None:
         self._stopping.set()
-        self.store.withdraw(self.name)
+        self.fanout.withdraw(self.name)
         self._wake.set()
 
     async def run(self) -> None:
@@ -169,7 +184,7 @@ class Dispatcher:
             while not self._stopping.is_set():
                 self._wake.clear()  # before any read: a change from here on sets it again
                 delivery = self.sub.spec.delivery
-                self._reserved -= self.store.withdraw(self.name)
+                self._reserved -= self.fanout.withdraw(self.name)
                 free = delivery.max_in_flight - len(self._in_flight) - self._reserved
                 if free <= 0:
                     await self._wake.wait()
@@ -177,15 +192,18 @@ class Dispatcher:
                 lease_ms = int((delivery.timeout_s + LEASE_MARGIN_S) * 1000)
                 messages: list[Message] = []
                 # Ordered delivery leases every time: a key unblocks when its head is acked, which no hint follows.
-                if delivery.ordered or self.store.may_have_ready(self.name):
-                    messages = await self.store.lease(self.name, free, lease_ms, _now_ms())
+                if delivery.ordered or self._maybe_ready:
+                    marks = self._ready_marks
+                    messages = await self.store.lease(self.name, free, lease_ms, _now_ms(), delivery.ordered)
                     self._start(messages)
                     if len(messages) == free:
                         continue
+                    if marks == self._ready_marks:  # nothing was made visible while we leased
+                        self._maybe_ready = False
                 if not delivery.ordered:
                     # Idle: new matching events are leased to us in the commit that appends them.
                     slots = free - len(messages)
-                    self.store.offer(self.name, slots, lease_ms)
+                    self.fanout.offer(self.name, slots, lease_ms)
                     self._reserved += slots
                 await self._wake.wait()
         finally:
@@ -284,10 +302,11 @@ def _now_ms() -> int:
 class Dispatchers:
     """The running dispatchers, one per push subscription, started and stopped as subscriptions change."""
 
-    def __init__(self, store: EventStore, signals: Signals, policy: PushPolicy) -> None:
+    def __init__(self, store: EventStore, signals: Signals, policy: PushPolicy, fanout: Fanout) -> None:
         self.store = store
         self.signals = signals
         self.policy = policy
+        self.fanout = fanout
         self.failures: dict[str, str] = {}
         self._running: dict[str, tuple[Dispatcher, asyncio.Task[None]]] = {}
 
@@ -299,7 +318,7 @@ class Dispatchers:
         if name in self._running:
             self._running[name][0].update(sub)
             return
-        dispatcher = Dispatcher(sub, self.store, self.signals, self.policy)
+        dispatcher = Dispatcher(sub, self.store, self.signals, self.policy, self.fanout)
         task = asyncio.create_task(dispatcher.run(), name=f"push:{name}")
         task.add_done_callback(lambda t: self._ended(name, t))
         self._running[name] = (dispatcher, task)
@@ -311,6 +330,12 @@ class Dispatchers:
         if not task.cancelled() and (exc := task.exception()) is not None:
             self.failures[name] = f"push dispatcher for {name} stopped: {exc!r}"
             log.error("push dispatcher for %s stopped", name, exc_info=exc)
+
+    def mark_ready(self, names: Iterable[str]) -> None:
+        for name in names:
+            entry = self._running.get(name)
+            if entry is not None:
+                entry[0].mark_ready()
 
     def hand_off(self, handoffs: dict[str, list[Message]]) -> None:
         for name, messages in handoffs.items():

@@ -1,9 +1,9 @@
 """The storage port behind the bus: what the router needs from a durable store, and its records.
 
-`EventStore` has one implementation today, the embedded SQLite one (`router.sqlite`), and one
-contract test suite (`tests/router/test_store_contract.py`, parametrized over implementations).
-A networked store (PostgreSQL, not written yet) would implement this protocol and have to pass
-those same tests. Times are integer milliseconds since the epoch, passed in by the caller so
+`EventStore` has one implementation today, the embedded SQLite one (`router.stores.sqlite`), and one
+contract test suite (`tests/router/test_store_contract.py`, parametrized over store factories).
+A networked store (PostgreSQL, not written yet) implements this protocol and passes those same
+tests: append one factory there. Times are integer milliseconds since the epoch, passed in by the caller so
 tests can control the clock.
 """
 
@@ -13,10 +13,14 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from router.cloudevents import Encoded
 from router.patterns import Pattern, PatternError, compile_pattern
+
+if TYPE_CHECKING:
+    from router.fanout import Fanout
+    from router.notifier import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,9 @@ class Stats:
     oldest_age_s: float
     delivered_total: int
     failed_total: int
+    changes: int = 0
+    """The subscription's change counter: moved on by every commit that touches its queue (router.bus
+    derives the stats `version` from it and the numbers, so any replica answers the same version)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,33 +147,35 @@ class Replay:
     created_at_ms: int
 
 
-class ChangeListener(Protocol):
-    def __call__(self, touched: set[str], hidden_until: dict[str, int], handoffs: dict[str, list[Message]]) -> None:
-        """Called on the event loop after a commit: `touched` subscriptions had their queue change;
-        `hidden_until[name]` is the earliest time a message that was just hidden becomes visible;
-        `handoffs[name]` are messages leased in the commit to an idle push dispatcher (see `offer`)."""
-
-
 class EventStore(Protocol):
-    """A durable, append-only event log with per-subscription message queues.
+    """A durable, append-only event log with per-subscription message queues: it stores, claims and counts.
 
-    Every method commits before it returns: once a call has answered, a crash loses nothing it did.
-    After each commit that changes a queue, the store calls `listener` (set by the bus), which wakes
-    long polls and moves the subscription's stats `version` on.
+    The rules live in the bus and its engine-neutral modules, which a store calls: which subscriptions
+    an event goes to (`router.fanout`), when a queue message is dead-lettered and how that is announced
+    (`router.dead_letters`), the receipt format (`router.receipts`), how a replayed event is marked
+    (`router.replays`). Every method commits before it returns: once a call has answered, a crash loses
+    nothing it did. After each commit that changes a queue or the subscriptions, the store publishes
+    what changed through the notifier given to `open` (router.notifier), and moves each touched
+    subscription's change counter (`Stats.changes`) on in the same transaction.
+
+    Leases (queue receives and push leases) record the `replica_id` that holds them and their expiry
+    (the moment the message is visible again); an expired lease is claimed again by anyone.
     """
 
-    listener: ChangeListener | None
+    replica_id: str
+    """Names this process's leases: random per start, so a restarted router is another holder."""
     write_failure: str | None
     """Why the last commit failed for want of storage (disk full, I/O error); None once one succeeds.
     The router is not ready meanwhile, and publishes answer 507."""
 
-    async def open(self) -> None: ...
+    async def open(self, notifier: Notifier, fanout: Fanout) -> None: ...
 
     async def close(self) -> None: ...
 
     async def append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         """Store events in one transaction, skipping repeats of `source`+`id`, and queue each new one
-        for every subscription whose pattern matches, in the same transaction."""
+        for every subscription `fanout.targets` names, in the same transaction (leased at once to an
+        idle dispatcher when it names a lease length; those messages go to `fanout.hand_off`)."""
         ...
 
     async def put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
@@ -174,15 +183,23 @@ class EventStore(Protocol):
         retained events from the start position are queued for it in the same transaction."""
         ...
 
-    async def get_subscription(self, name: str) -> Subscription | None: ...
+    async def get_subscription(self, name: str) -> Subscription | None:
+        """Read from the database (the bus serves reads from its `Fanout` cache)."""
+        ...
 
     async def list_subscriptions(self) -> list[Subscription]: ...
 
+    async def load_subscriptions(self) -> tuple[int, list[Subscription]]:
+        """Every subscription, with the catalog version they were read at (one read)."""
+        ...
+
     async def delete_subscription(self, name: str) -> bool: ...
 
-    async def receive(self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int) -> list[Message]:
-        """Lease up to `max_messages` visible messages; a message received `max_receive_count` times
-        already is dead-lettered (and announced on the bus) instead of being handed out again."""
+    async def receive(
+        self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int, max_receive_count: int
+    ) -> list[Message]:
+        """Lease up to `max_messages` visible messages; one already received `max_receive_count` times is
+        dead-lettered (`router.dead_letters`) instead of being handed out again."""
         ...
 
     async def ack(self, name: str, receipts: Sequence[str], now_ms: int) -> list[ReceiptResult]: ...
@@ -193,9 +210,9 @@ class EventStore(Protocol):
         """Release leases; the messages become visible again after `delay_ms` (`error` is kept for a dead letter)."""
         ...
 
-    async def lease(self, name: str, max_messages: int, lease_ms: int, now_ms: int) -> list[Message]:
-        """Push delivery's receive: no max_receive_count; with `ordered` delivery only the oldest pending
-        message of each partition key is eligible."""
+    async def lease(self, name: str, max_messages: int, lease_ms: int, now_ms: int, ordered: bool) -> list[Message]:
+        """Push delivery's receive: no max_receive_count; when `ordered`, only the oldest pending message
+        of each partition key is eligible, and not while it is itself leased or waiting to be retried."""
         ...
 
     async def settle(self, name: str, settlements: Sequence[Settlement], now_ms: int) -> list[ReceiptResult]:
@@ -207,24 +224,9 @@ class EventStore(Protocol):
         ...
 
     async def release_leases(self, name: str, now_ms: int) -> int:
-        """Make every leased message of the subscription visible now (a push dispatcher starting up)."""
-        ...
-
-    def offer(self, name: str, slots: int, lease_ms: int) -> None:
-        """An idle push dispatcher grants `slots`: appends lease matching events to it in their own
-        transaction and hand them over through the listener, so they go out without a lease round trip."""
-        ...
-
-    def withdraw(self, name: str) -> int:
-        """Take the offer back; returns the slots not handed off."""
-        ...
-
-    def may_have_ready(self, name: str) -> bool:
-        """Whether a lease might find something (False only when it cannot)."""
-        ...
-
-    def mark_ready(self, name: str) -> None:
-        """A hidden message may have become visible."""
+        """A push dispatcher starting up: make visible now the subscription's leases held by this replica
+        (`replica_id`: none of them is being delivered any more). Leases of other holders are left to
+        expire, live replicas' and earlier incarnations' alike: an expired one is claimed again anyway."""
         ...
 
     async def replay(self, name: str, replay: str, from_seq: int, to_seq: int, now_ms: int) -> Replay:

@@ -12,6 +12,11 @@ from services.common.settings import CommonSettings
 
 
 class RouterSettings(CommonSettings):
+    router_database_url: str | None = Field(
+        None,
+        description="The router's database, overriding DATABASE_URL: sqlite:///relative.db or sqlite:////absolute.db"
+        " (postgresql:// is not available yet); default the SQLite file BUS_PATH.",
+    )
     bus_path: Path | None = Field(None, description="SQLite file of the bus; default DATA_DIR/router/bus.db.")
     retention_s: float = Field(7 * 86_400, gt=0, description="How long the bus keeps events (replay, dedup).")
     purge_interval_s: float = Field(3600, gt=0, description="How often expired events are purged.")

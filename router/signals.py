@@ -1,4 +1,5 @@
-"""Wake-ups for long polls: one `Signal` per subscription, moved on by every commit that touches it.
+"""Wake-ups for long polls on this replica: one `Signal` per subscription, set off by the notifier
+(router.notifier) for every commit that touches it, whichever replica made it.
 
 Nothing here polls. A waiter captures the current `changed` event *before* it reads the store,
 then awaits it, so a commit that lands between the read and the wait still wakes it. Messages
@@ -14,15 +15,13 @@ from collections.abc import Awaitable, Callable
 
 
 class Signal:
-    def __init__(self, version: int) -> None:
-        self.version = version
+    def __init__(self) -> None:
         self.changed = asyncio.Event()
         self._watchers: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_ms: int | None = None
 
     def bump(self) -> None:
-        self.version += 1
         self.changed.set()
         self.changed = asyncio.Event()
         for watcher in self._watchers:
@@ -80,7 +79,7 @@ async def wait_any(events: list[asyncio.Event], timeout_s: float) -> None:
 
 
 class Signals:
-    """The signals of every subscription, plus the loop-side half of the store's change listener."""
+    """The signals of every subscription; `on_change` is fed from the notifier."""
 
     def __init__(
         self, next_visible: Callable[[str], Awaitable[int | None]], on_timer: Callable[[str], None] = lambda name: None
@@ -89,16 +88,14 @@ class Signals:
         self._next_visible = next_visible
         self._on_timer = on_timer
         self._tasks: set[asyncio.Task[None]] = set()
-        # Versions start from the clock so a client holding a version from before a restart sees a change.
-        self._epoch = int(time.time() * 1000)
 
     def __getitem__(self, name: str) -> Signal:
         signal = self._signals.get(name)
         if signal is None:
-            signal = self._signals[name] = Signal(self._epoch)
+            signal = self._signals[name] = Signal()
         return signal
 
-    def on_change(self, touched: set[str], hidden_until: dict[str, int]) -> None:
+    def on_change(self, touched: frozenset[str], hidden_until: dict[str, int]) -> None:
         for name in touched:
             self[name].bump()
         for name, at_ms in hidden_until.items():

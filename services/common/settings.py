@@ -40,6 +40,12 @@ class CommonSettings(BaseSettings):
         description="Base URL of the router, or a comma-separated list of replicas (the client moves on when one "
         "fails); default http://127.0.0.1:ROUTER_PORT.",
     )
+    database_url: str | None = Field(
+        None,
+        description="One database for the services (each keeps its own tables), e.g. sqlite:////abs/file.db;"
+        " CATTUBE_<SERVICE>_DATABASE_URL overrides it per service. Default: SQLite files under DATA_DIR."
+        " Only the router reads it so far.",
+    )
     log_level: str = Field("info", description="debug, info, warning or error.")
     blob_url: str | None = Field(
         None,

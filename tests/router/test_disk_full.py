@@ -13,8 +13,8 @@ import sqlite3
 import httpx
 from fastapi import FastAPI
 
-from router.sqlite import SQLiteEventStore
-from router.sqlite_core import storage_failure
+from router.stores.sqlite import SQLiteEventStore
+from router.stores.sqlite.core import storage_failure
 from tests.router.events import BATCH, event
 
 

@@ -222,7 +222,11 @@ async def test_replay_redelivers_marked_events(client: RouterClient, receiver: R
     assert (status["total"], status["delivered"], status["pending"], status["done"]) == (3, 3, 0, True)
 
 
-async def test_kill_9_mid_delivery_redelivers_with_attempts_intact(tmp_path: Path, receiver: Receiver) -> None:
+async def test_kill_9_mid_delivery_redelivers_after_the_lease_expires_with_attempts_intact(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The restarted router is another replica: it leaves the dead one's lease to expire (it cannot tell a
+    dead holder from a live one on another machine), then takes the delivery over."""
     held = asyncio.Event()
 
     async def hold_first(delivery: Delivery, count: int) -> web.Response:
@@ -236,7 +240,7 @@ async def test_kill_9_mid_delivery_redelivers_with_attempts_intact(tmp_path: Pat
     await router.start()
     try:
         async with RouterClient(router.url) as client:
-            await subscribe(client, receiver, max_attempts=3, timeout_s=30)
+            await subscribe(client, receiver, max_attempts=3, timeout_s=2)  # a lease of 2 + 5 s
             await client.ensure_subscription(
                 "dlq", pattern={"type": ["cattube.router.dead-lettered"]}, target={"queue": {}}
             )
@@ -244,7 +248,7 @@ async def test_kill_9_mid_delivery_redelivers_with_attempts_intact(tmp_path: Pat
             await asyncio.wait_for(held.wait(), 10)
             await router.kill()  # attempt 1 is under way
             await router.start()
-            (announcement,) = await client.queue("dlq").receive(wait_s=15)
+            (announcement,) = await client.queue("dlq").receive(wait_s=20)
             # Attempt 1 before the crash counted: two more after it, not three.
             assert announcement.data["attempts"] == 3
             assert len(receiver.deliveries) == 3

@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
+from router.app import create_app
+from router.settings import RouterSettings
+from tests.conftest import running
 from tests.router.events import BATCH, STRUCTURED, event
 
 JSON_TYPE = {"Content-Type": "application/json"}
@@ -227,3 +231,21 @@ async def test_malformed_json_bodies_get_400(router: httpx.AsyncClient, method: 
     assert response.status_code == 400, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["errors"][0]["field"].startswith("body")
+
+
+async def test_stats_versions_come_from_the_database_not_the_process(
+    router_settings: Callable[..., RouterSettings],
+) -> None:
+    """Two routers over one database (one after the other here; replicas at once later) answer the same
+    version for the same state, so a client's long poll never turns into a loop of instant answers, and
+    one holding a version from before a restart is answered at once only if something changed."""
+    settings = router_settings()
+    async with running(create_app(settings, exit_on_failure=False)) as first:
+        await make_queue(first)
+        await publish(first, event())
+        before = await stats(first)
+    async with running(create_app(settings, exit_on_failure=False)) as second:
+        assert (await stats(second))["version"] == before["version"]
+        await publish(second, event())
+        after = (await second.get("/subscriptions/q/stats", params={"wait_s": 10, "version": before["version"]})).json()
+        assert after["backlog"] == 2 and after["version"] != before["version"]

@@ -1,37 +1,73 @@
-"""The EventStore contract: every implementation (SQLite now, PostgreSQL later) passes these tests.
+"""The EventStore contract: every implementation (SQLite now, PostgreSQL next) passes these tests.
 
-Add an implementation to `STORES` and the whole suite runs against it.
+Append a factory to `STORES` and the whole suite runs against it. A factory makes a store on the
+database named by a directory (each test gets a fresh one) for a replica id; two stores made from
+the same directory are two replicas on one database.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from router.cloudevents import encoded
+from router.fanout import Fanout, Handoffs
+from router.notifier import Changes, InProcessNotifier
 from router.patterns import compile_pattern
-from router.persistence import Delivery, EventStore, Settlement, SubscriptionSpec
-from router.sqlite import SQLiteEventStore
+from router.persistence import Delivery, EventStore, Message, Settlement, SubscriptionSpec
+from router.stores.sqlite import SQLiteEventStore
+from services.common.errors import Conflict
 
-STORES: dict[str, Callable[[Path], EventStore]] = {
-    "sqlite": lambda tmp: SQLiteEventStore(tmp / "bus.db"),
-}
+StoreFactory = Callable[[Path, str], EventStore]
+STORES: list[Any] = [
+    pytest.param(lambda db, replica: SQLiteEventStore(db / "bus.db", replica_id=replica), id="sqlite"),
+]
 T0 = 1_800_000_000_000  # a fixed clock, in ms
 
 
-@pytest.fixture(params=sorted(STORES))
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[EventStore]:
-    made = STORES[request.param](tmp_path)
-    changes: list[tuple[set[str], dict[str, int]]] = []
-    made.listener = lambda touched, hidden, handoffs: changes.append((touched, hidden))
-    await made.open()
+@dataclass
+class Opened:
+    """A store as the bus opens it, with what its notifier and fan-out heard."""
+
+    store: EventStore
+    fanout: Fanout
+    changes: list[Changes] = field(default_factory=list)
+    handoffs: list[Handoffs] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def opened(make: StoreFactory, db: Path, replica: str = "replica-a") -> AsyncIterator[Opened]:
+    notifier, fanout = InProcessNotifier(), Fanout()
+    made = Opened(make(db, replica), fanout)
+    notifier.listen(made.changes.append)
+    fanout.on_handoff = made.handoffs.append
+    await made.store.open(notifier, fanout)
     try:
         yield made
     finally:
-        await made.close()
+        await made.store.close()
+
+
+@pytest.fixture(params=STORES)
+def make(request: pytest.FixtureRequest) -> StoreFactory:
+    factory: StoreFactory = request.param
+    return factory
+
+
+@pytest.fixture
+async def bus_store(make: StoreFactory, tmp_path: Path) -> AsyncIterator[Opened]:
+    async with opened(make, tmp_path) as made:
+        yield made
+
+
+@pytest.fixture
+def store(bus_store: Opened) -> EventStore:
+    return bus_store.store
 
 
 def ev(id: str, **fields: Any) -> Any:
@@ -59,7 +95,7 @@ async def test_fan_out_follows_patterns_and_start_positions(store: EventStore) -
     await store.put_subscription(queue("all", start="earliest"), T0)
     await store.put_subscription(queue("picky", {"data": {"k": ["yes"]}}, start="earliest"), T0)
     await store.append([ev("new", data={"k": "yes"}), ev("other", data={"k": "no"})], T0)
-    ids = {name: [m.sequence for m in await store.receive(name, 10, 1000, T0)] for name in ("late", "all", "picky")}
+    ids = {name: [m.sequence for m in await receive(store, name, 10, 1000, T0)] for name in ("late", "all", "picky")}
     assert ids == {"late": [2, 3], "all": [1, 2, 3], "picky": [2]}
 
 
@@ -68,41 +104,49 @@ async def test_put_is_idempotent_and_keeps_secret_and_start(store: EventStore) -
     again, created_again = await store.put_subscription(queue("q", {"type": ["x"]}), T0 + 1)
     assert was_created and not created_again
     assert again.secret == created.secret and again.start_sequence == created.start_sequence
-    assert (await store.get_subscription("q")) == again
+    read = await store.get_subscription("q")
+    assert read is not None and read.spec.same_as(again.spec)
+    assert (read.secret, read.created_at_ms, read.start_sequence) == (again.secret, T0, created.start_sequence)
     assert [s.spec.name for s in await store.list_subscriptions()] == ["q"]
 
 
-async def test_subscriptions_survive_reopening(tmp_path: Path) -> None:
-    for name, make in STORES.items():
-        first = make(tmp_path / name)
-        await first.open()
-        await first.put_subscription(queue("q", {"type": ["t"]}), T0)
-        await first.append([ev("a")], T0)
-        await first.close()
-        second = make(tmp_path / name)
-        await second.open()
-        try:
-            sub = await second.get_subscription("q")
-            assert sub is not None and sub.spec.compiled is not None
-            await second.append([ev("b")], T0)
-            assert len(await second.receive("q", 10, 1000, T0)) == 2
-        finally:
-            await second.close()
+def push(name: str, **delivery: Any) -> SubscriptionSpec:
+    """A push subscription to the contract's own events (not to the router's announcements)."""
+    pattern = {"source": ["contract"]}
+    return SubscriptionSpec(
+        name, pattern, compile_pattern(pattern), {"url": "http://127.0.0.1:9/x"}, Delivery(**delivery)
+    )
+
+
+async def receive(store: EventStore, name: str, max_messages: int, hide_ms: int, now_ms: int) -> list[Message]:
+    """A queue receive with the default max_receive_count."""
+    return await store.receive(name, max_messages, hide_ms, now_ms, Delivery().max_receive_count)
+
+
+async def test_subscriptions_survive_reopening(make: StoreFactory, tmp_path: Path) -> None:
+    async with opened(make, tmp_path) as first:
+        await first.store.put_subscription(queue("q", {"type": ["t"]}), T0)
+        await first.store.append([ev("a")], T0)
+    async with opened(make, tmp_path) as second:
+        sub = await second.store.get_subscription("q")
+        assert sub is not None and sub.spec.compiled is not None
+        await second.store.append([ev("b")], T0)
+        assert len(await receive(second.store, "q", 10, 1000, T0)) == 2
 
 
 async def test_visibility_ack_nack_extend(store: EventStore) -> None:
     await store.put_subscription(queue("q"), T0)
     await store.append([ev("a")], T0)
-    (message,) = await store.receive("q", 10, 1000, T0)
-    assert await store.receive("q", 10, 1000, T0 + 999) == []
+    (message,) = await receive(store, "q", 10, 1000, T0)
+    assert await receive(store, "q", 10, 1000, T0 + 999) == []
     assert await store.next_visible_ms("q", T0) == T0 + 1000
     (extended,) = await store.extend("q", [message.receipt], 5000, T0 + 500)
-    assert extended.ok and await store.receive("q", 10, 1000, T0 + 1500) == []
+    assert extended.ok and await receive(store, "q", 10, 1000, T0 + 1500) == []
     (nacked,) = await store.nack("q", [message.receipt], 100, T0 + 600)
     assert nacked.ok
     stats = await store.stats("q", T0 + 650)
     assert (stats.backlog, stats.in_flight, stats.delayed, stats.failed_total) == (0, 0, 1, 1)
-    (again,) = await store.receive("q", 10, 1000, T0 + 700)
+    (again,) = await receive(store, "q", 10, 1000, T0 + 700)
     assert again.attempt == 2
     (acked,) = await store.ack("q", [again.receipt], T0 + 800)
     (stale,) = await store.ack("q", [message.receipt], T0 + 800)
@@ -115,16 +159,16 @@ async def test_max_receive_count_dead_letters_redrive_purge(store: EventStore) -
     await store.put_subscription(queue("q", {"source": ["contract"]}, max_receive_count=1), T0)
     await store.put_subscription(queue("dlq-watch", {"type": ["cattube.router.dead-lettered"]}), T0)
     await store.append([ev("a")], T0)
-    await store.receive("q", 1, 10, T0)
-    assert await store.receive("q", 1, 10, T0 + 20) == []
+    await store.receive("q", 1, 10, T0, 1)
+    assert await store.receive("q", 1, 10, T0 + 20, 1) == []
     (dead,) = await store.dead_letters("q", 10)
     assert dead.attempts == 1 and dead.sequence == 1
-    (announcement,) = await store.receive("dlq-watch", 10, 1000, T0 + 20)
+    (announcement,) = await receive(store, "dlq-watch", 10, 1000, T0 + 20)
     assert b"cattube.router.dead-lettered" in announcement.event
     assert await store.redrive("q", T0 + 30) == 1
-    (fresh,) = await store.receive("q", 1, 10, T0 + 30)
+    (fresh,) = await store.receive("q", 1, 10, T0 + 30, 1)
     assert fresh.attempt == 1
-    await store.receive("q", 1, 10, T0 + 50)
+    await store.receive("q", 1, 10, T0 + 50, 1)
     assert await store.purge_dead_letters("q") == 1
     assert (await store.stats("q", T0 + 60)).dead_lettered == 0
 
@@ -133,7 +177,7 @@ async def test_retention_keeps_what_a_queue_still_holds(store: EventStore) -> No
     await store.put_subscription(queue("q", {"data": {"keep": [True]}}), T0)
     await store.append([ev("held", data={"keep": True}), ev("free", data={"keep": False})], T0)
     assert await store.purge_expired(T0 + 1) == 1
-    assert len(await store.receive("q", 10, 1000, T0)) == 1
+    assert len(await receive(store, "q", 10, 1000, T0)) == 1
     # A purged id may be published again as new (the dedup window is the retention window).
     (again,) = await store.append([ev("free")], T0 + 2)
     assert not again.duplicate
@@ -149,41 +193,185 @@ async def test_delete_subscription_drops_its_messages(store: EventStore) -> None
     assert (await store.stats("q", T0)).backlog == 0
 
 
-async def test_the_listener_hears_about_every_queue_change(tmp_path: Path) -> None:
-    store = SQLiteEventStore(tmp_path / "bus.db")
-    changes: list[tuple[set[str], dict[str, int]]] = []
-    store.listener = lambda touched, hidden, handoffs: changes.append((set(touched), dict(hidden)))
-    await store.open()
-    try:
-        await store.put_subscription(queue("q"), T0)
-        changes.clear()
-        await store.append([ev("a")], T0)
-        assert changes == [({"q"}, {})]
-        (message,) = await store.receive("q", 1, 1000, T0)
-        assert changes[-1] == ({"q"}, {"q": T0 + 1000})
-        await store.ack("q", [message.receipt], T0)
-        assert changes[-1] == ({"q"}, {})
-    finally:
-        await store.close()
+async def test_the_notifier_hears_about_every_queue_change(bus_store: Opened) -> None:
+    store, changes = bus_store.store, bus_store.changes
+    await store.put_subscription(queue("q"), T0)
+    assert changes[-1].catalog
+    changes.clear()
+    await store.append([ev("a")], T0)
+    assert [(c.touched, c.ready, c.hidden_until, c.catalog) for c in changes] == [({"q"}, {"q"}, {}, False)]
+    (message,) = await receive(store, "q", 1, 1000, T0)
+    assert (changes[-1].touched, changes[-1].hidden_until) == ({"q"}, {"q": T0 + 1000})
+    await store.ack("q", [message.receipt], T0)
+    assert (changes[-1].touched, changes[-1].hidden_until) == ({"q"}, {})
+    changes.clear()
+    assert await receive(store, "q", 1, 1000, T0) == []
+    assert changes == []  # nothing changed, nobody is woken
 
 
-async def test_an_offer_leases_new_events_in_the_append_itself(store: EventStore) -> None:
-    handed: list[dict[str, list[Any]]] = []
-    store.listener = lambda touched, hidden, handoffs: handed.append(handoffs)
-    push = SubscriptionSpec("hook", None, None, {"url": "http://127.0.0.1:9/x"}, Delivery())
-    await store.put_subscription(push, T0)
-    store.offer("hook", 2, 1000)
+async def test_the_change_counter_moves_with_every_change_and_survives_reopening(
+    make: StoreFactory, tmp_path: Path
+) -> None:
+    async with opened(make, tmp_path) as first:
+        await first.store.put_subscription(queue("q"), T0)
+        counters = [(await first.store.stats("q", T0)).changes]
+        await first.store.append([ev("a")], T0)
+        counters.append((await first.store.stats("q", T0)).changes)
+        (message,) = await receive(first.store, "q", 1, 1000, T0)
+        counters.append((await first.store.stats("q", T0)).changes)
+        await first.store.extend("q", [message.receipt], 5000, T0)
+        counters.append((await first.store.stats("q", T0)).changes)
+        await first.store.append([ev("other-type", type="x")], T0)  # matches, but changes nothing else
+        assert counters == sorted(set(counters)), counters
+    async with opened(make, tmp_path, "replica-b") as second:
+        assert (await second.store.stats("q", T0)).changes > counters[-1]
+
+
+async def test_an_offer_leases_new_events_in_the_append_itself(bus_store: Opened) -> None:
+    store, fanout = bus_store.store, bus_store.fanout
+    await store.put_subscription(push("hook"), T0)
+    fanout.offer("hook", 2, 1000)
     await store.append([ev("a"), ev("b"), ev("c")], T0)
-    (handoffs,) = [h for h in handed if h]
+    (handoffs,) = bus_store.handoffs
     assert [(m.sequence, m.attempt) for m in handoffs["hook"]] == [(1, 1), (2, 1)]
-    assert store.withdraw("hook") == 0  # both slots were used
-    assert store.may_have_ready("hook")  # the third is queued the ordinary way
-    (third,) = await store.lease("hook", 10, 1000, T0)
+    assert fanout.withdraw("hook") == 0  # both slots were used
+    assert "hook" in bus_store.changes[-1].ready  # the third is queued the ordinary way
+    (third,) = await store.lease("hook", 10, 1000, T0, False)
     assert third.sequence == 3
     # The handed-off ones are leased: settled like any other.
     results = await store.settle("hook", [Settlement(m.receipt, "ack") for m in handoffs["hook"]], T0)
     assert all(r.ok for r in results)
-    assert store.withdraw("hook") == 0 and not (await store.lease("hook", 10, 1000, T0))
+    assert not await store.lease("hook", 10, 1000, T0, False)
+
+
+async def test_a_subscription_made_on_one_replica_is_fanned_out_to_by_another(
+    make: StoreFactory, tmp_path: Path
+) -> None:
+    async with opened(make, tmp_path, "a") as a, opened(make, tmp_path, "b") as b:
+        await b.store.append([ev("before")], T0)  # b has read the (empty) subscriptions
+        await a.store.put_subscription(queue("q"), T0)
+        await b.store.append([ev("after")], T0)
+        assert [m.sequence for m in await receive(a.store, "q", 10, 1000, T0)] == [2]
+        assert await a.store.delete_subscription("q")
+        await b.store.append([ev("gone")], T0)
+        assert await b.store.get_subscription("q") is None
+        version, subs = await b.store.load_subscriptions()
+        assert subs == [] and version == b.fanout.version
+
+
+async def test_a_receipt_from_one_replica_settles_on_another(make: StoreFactory, tmp_path: Path) -> None:
+    async with opened(make, tmp_path, "a") as a, opened(make, tmp_path, "b") as b:
+        await a.store.put_subscription(queue("q"), T0)
+        await a.store.append([ev("a")], T0)
+        (message,) = await receive(a.store, "q", 1, 1000, T0)
+        assert await receive(b.store, "q", 1, 1000, T0) == []  # held by a
+        (acked,) = await b.store.ack("q", [message.receipt], T0)
+        assert acked.ok
+
+
+async def test_replay_queues_the_range_again_marked_and_counted(store: EventStore) -> None:
+    await store.put_subscription(queue("q", {"data": {"k": ["yes"]}}), T0)
+    await store.append([ev(f"e{i}", data={"k": "yes" if i != 3 else "no"}) for i in range(1, 6)], T0)
+    for message in await receive(store, "q", 10, 1000, T0):
+        await store.ack("q", [message.receipt], T0)
+    status = await store.replay("q", "again", 2, 4, T0 + 1)
+    assert (status.from_sequence, status.to_sequence, status.total, status.pending) == (2, 4, 2, 2)
+    replayed = await receive(store, "q", 10, 1000, T0 + 1)
+    assert [(m.sequence, m.replay) for m in replayed] == [(2, "again"), (4, "again")]
+    assert all(b'"replay":"again"' in m.event for m in replayed)
+    await store.ack("q", [replayed[0].receipt], T0 + 2)
+    status = await store.replay_status("q", "again")
+    assert status is not None and (status.delivered, status.pending, status.dead_lettered) == (1, 1, 0)
+    with pytest.raises(Conflict):
+        await store.replay("q", "again", 1, 5, T0 + 3)
+    assert await store.replay_status("q", "never") is None
+    assert await store.sequence_at(T0) == 1 and await store.sequence_at(T0 + 1) == 6
+
+
+async def test_ordered_leasing_holds_each_key_behind_its_head(store: EventStore) -> None:
+    await store.put_subscription(push("hook", ordered=True), T0)
+    await store.append(
+        [ev("k1-a", partitionkey="k1"), ev("k1-b", partitionkey="k1"), ev("k2-a", partitionkey="k2"), ev("free")],
+        T0,
+    )
+    first = await store.lease("hook", 10, 1000, T0, True)
+    assert [m.sequence for m in first] == [1, 3, 4]  # k1's second waits for its head
+    assert await store.lease("hook", 10, 1000, T0, True) == []
+    head = first[0]
+    # A retry keeps the key blocked until the head goes out again and is acked.
+    (retried,) = await store.settle("hook", [Settlement(head.receipt, "retry", delay_ms=500, error="HTTP 503")], T0)
+    assert retried.ok and await store.lease("hook", 10, 1000, T0 + 100, True) == []
+    (again,) = await store.lease("hook", 10, 1000, T0 + 500, True)
+    assert (again.sequence, again.attempt) == (1, 2)
+    await store.settle("hook", [Settlement(again.receipt, "ack")], T0 + 600)
+    (second,) = await store.lease("hook", 10, 1000, T0 + 600, True)
+    assert second.sequence == 2
+    # Unordered leasing of the same queue does not hold keys back.
+    await store.append([ev("k3-a", partitionkey="k3"), ev("k3-b", partitionkey="k3")], T0 + 700)
+    assert [m.sequence for m in await store.lease("hook", 10, 1000, T0 + 700, False)] == [5, 6]
+
+
+async def test_settlement_acks_retries_and_dead_letters_in_one_call(store: EventStore) -> None:
+    await store.put_subscription(push("hook"), T0)
+    await store.put_subscription(queue("dlq-watch", {"type": ["cattube.router.dead-lettered"]}), T0)
+    await store.append([ev("ok"), ev("later"), ev("never")], T0)
+    ok, later, never = await store.lease("hook", 10, 1000, T0, False)
+    context = {"limit": "permanent", "status": 410}
+    results = await store.settle(
+        "hook",
+        [
+            Settlement(ok.receipt, "ack"),
+            Settlement(later.receipt, "retry", delay_ms=2000, error="HTTP 503"),
+            Settlement(never.receipt, "dead", error="HTTP 410 (a permanent failure)", context=context),
+            Settlement("999.stale", "ack"),
+        ],
+        T0 + 10,
+    )
+    assert [r.ok for r in results] == [True, True, True, False] and results[3].error
+    stats = await store.stats("hook", T0 + 20)
+    assert (stats.backlog, stats.delayed, stats.dead_lettered) == (0, 1, 1)
+    assert (stats.delivered_total, stats.failed_total) == (1, 2)
+    assert await store.next_visible_ms("hook", T0 + 20) == T0 + 2010
+    (dead,) = await store.dead_letters("hook", 10)
+    assert (dead.sequence, dead.last_error, dead.context) == (3, "HTTP 410 (a permanent failure)", context)
+    (announcement,) = await receive(store, "dlq-watch", 10, 1000, T0 + 20)
+    assert b'"event_id":"never"' in announcement.event.replace(b" ", b"")
+    # A settled receipt is spent.
+    (spent,) = await store.settle("hook", [Settlement(ok.receipt, "ack")], T0 + 30)
+    assert not spent.ok
+
+
+async def test_lease_release_frees_only_this_replicas_leases(make: StoreFactory, tmp_path: Path) -> None:
+    async with opened(make, tmp_path, "a") as a, opened(make, tmp_path, "b") as b:
+        await a.store.put_subscription(push("hook"), T0)
+        await a.store.append([ev("x"), ev("y")], T0)
+        (held_by_a,) = await a.store.lease("hook", 1, 10_000, T0, False)
+        (held_by_b,) = await b.store.lease("hook", 1, 10_000, T0, False)
+        # b's dispatcher starting up must not take a's live lease, nor a b's.
+        assert await b.store.release_leases("hook", T0 + 1) == 1
+        assert await a.store.release_leases("hook", T0 + 2) == 1
+        assert await a.store.release_leases("hook", T0 + 3) == 0
+        again = await a.store.lease("hook", 10, 10_000, T0 + 4, False)
+        assert sorted(m.sequence for m in again) == sorted([held_by_a.sequence, held_by_b.sequence])
+        assert all(m.attempt == 2 for m in again)
+
+
+async def test_a_dead_replicas_leases_are_taken_over_after_they_expire(make: StoreFactory, tmp_path: Path) -> None:
+    async with opened(make, tmp_path, "dead") as dead:
+        await dead.store.put_subscription(push("hook"), T0)
+        await dead.store.append([ev("x")], T0)
+        (leased,) = await dead.store.lease("hook", 1, 10_000, T0, False)
+    async with opened(make, tmp_path, "new") as new:
+        assert await new.store.release_leases("hook", T0 + 1) == 0  # another holder's live lease stays
+        assert await new.store.lease("hook", 10, 10_000, T0 + 1, False) == []
+        assert await new.store.next_visible_ms("hook", T0 + 1) == T0 + 10_000
+        (taken,) = await new.store.lease("hook", 10, 10_000, T0 + 10_000, False)
+        assert (taken.sequence, taken.attempt) == (leased.sequence, 2)
+        # The old holder's receipt no longer settles anything.
+        (late,) = await new.store.settle("hook", [Settlement(leased.receipt, "ack")], T0 + 10_001)
+        assert not late.ok
+        (done,) = await new.store.settle("hook", [Settlement(taken.receipt, "ack")], T0 + 10_001)
+        assert done.ok
 
 
 async def test_oldest_age_counts_ready_and_hidden_messages(store: EventStore) -> None:
@@ -191,7 +379,7 @@ async def test_oldest_age_counts_ready_and_hidden_messages(store: EventStore) ->
     await store.append([ev("first")], T0)
     await store.append([ev("second")], T0 + 2000)
     assert (await store.stats("q", T0 + 5000)).oldest_age_s == 5.0
-    (first,) = await store.receive("q", 1, 60_000, T0 + 5000)  # the oldest is now hidden, still counted
+    (first,) = await receive(store, "q", 1, 60_000, T0 + 5000)  # the oldest is now hidden, still counted
     stats = await store.stats("q", T0 + 6000)
     assert (stats.backlog, stats.in_flight, stats.oldest_age_s) == (1, 1, 6.0)
     await store.ack("q", [first.receipt], T0 + 6000)

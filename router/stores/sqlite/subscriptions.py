@@ -1,13 +1,5 @@
-"""The embedded `EventStore`: one SQLite database in WAL mode, written from one thread.
-
-Every call runs as one transaction on a dedicated thread, so calls are serialized and each
-commits before its coroutine returns. The bus batches concurrent publishes into one `append`
-call (group commit), so one fsync covers many publishers.
-
-Three modules, one class: `sqlite_core` (plumbing, lifecycle, the log, hand-off to push
-dispatchers), `sqlite_queues` (receives, leases, outcomes, dead letters), and this one
-(subscriptions, replays, retention).
-"""
+"""The embedded `EventStore`, part 3: subscriptions, replays and retention (`core` and `queues` hold
+the rest; `SQLiteEventStore` is the whole)."""
 
 from __future__ import annotations
 
@@ -20,10 +12,11 @@ from router.persistence import (
     Replay,
     Subscription,
     SubscriptionSpec,
+    spec_from_json,
     spec_to_json,
 )
-from router.sqlite_queues import SQLiteQueues
-from services.common.errors import Conflict
+from router.stores.sqlite.queues import SQLiteQueues
+from services.common.errors import Conflict, NotFound
 
 PURGE_CHUNK = 5_000
 
@@ -43,9 +36,11 @@ class SQLiteEventStore(SQLiteQueues):
 
     def _put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
         with self._transaction() as conn:
-            existing = self._subs.get(spec.name)
+            existing = conn.execute(
+                "SELECT secret, created_at, start_seq FROM subscriptions WHERE name = ?", (spec.name,)
+            ).fetchone()
             if existing is not None:
-                sub = Subscription(spec, existing.secret, existing.created_at_ms, existing.start_sequence)
+                sub = Subscription(spec, *existing)
                 conn.execute("UPDATE subscriptions SET spec = ? WHERE name = ?", (spec_to_json(spec), spec.name))
                 created = False
             else:
@@ -60,8 +55,12 @@ class SQLiteEventStore(SQLiteQueues):
                 )
                 self._enqueue_retained(conn, spec, start_seq, None, None, now_ms)
                 created = True
-        self._subs[spec.name] = sub
+            self._catalog_changed(conn)
         return sub, created
+
+    def _catalog_changed(self, conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE catalog SET version = version + 1")
+        self._catalog = True
 
     def _enqueue_retained(
         self,
@@ -91,23 +90,35 @@ class SQLiteEventStore(SQLiteQueues):
         return len(rows)
 
     async def get_subscription(self, name: str) -> Subscription | None:
-        return self._subs.get(name)
+        return await self._run(self._get_subscription, name)
+
+    def _get_subscription(self, name: str) -> Subscription | None:
+        row = self.conn.execute(
+            "SELECT spec, secret, created_at, start_seq FROM subscriptions WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else Subscription(spec_from_json(name, row[0]), *row[1:])
 
     async def list_subscriptions(self) -> list[Subscription]:
-        return sorted(self._subs.values(), key=lambda s: s.spec.name)
+        return (await self.load_subscriptions())[1]
+
+    async def load_subscriptions(self) -> tuple[int, list[Subscription]]:
+        return await self._run(self._load_subscriptions)
+
+    def _load_subscriptions(self) -> tuple[int, list[Subscription]]:
+        conn = self.conn
+        return self._catalog_version(conn), self._read_subscriptions(conn)
 
     async def delete_subscription(self, name: str) -> bool:
         return await self._run(self._delete_subscription, name)
 
     def _delete_subscription(self, name: str) -> bool:
-        if name not in self._subs:
-            return False
         with self._transaction() as conn:
+            if not conn.execute("DELETE FROM subscriptions WHERE name = ?", (name,)).rowcount:
+                return False
             conn.execute("DELETE FROM messages WHERE sub = ?", (name,))
             conn.execute("DELETE FROM dead_letters WHERE sub = ?", (name,))
-            conn.execute("DELETE FROM subscriptions WHERE name = ?", (name,))
-        del self._subs[name]
-        self._touched.add(name)
+            self._catalog_changed(conn)
+            self._touched.add(name)
         return True
 
     # -- replays ---------------------------------------------------------------------------------
@@ -119,7 +130,11 @@ class SQLiteEventStore(SQLiteQueues):
         with self._transaction() as conn:
             if conn.execute("SELECT 1 FROM replays WHERE sub = ? AND name = ?", (name, replay)).fetchone():
                 raise Conflict(f"subscription {name!r} already has a replay named {replay!r}")
-            total = self._enqueue_retained(conn, self._subs[name].spec, from_seq, to_seq, replay, now_ms)
+            row = conn.execute("SELECT spec FROM subscriptions WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFound(f"no subscription named {name!r}")
+            spec = spec_from_json(name, row[0])
+            total = self._enqueue_retained(conn, spec, from_seq, to_seq, replay, now_ms)
             conn.execute(
                 "INSERT INTO replays (sub, name, from_seq, to_seq, total, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (name, replay, from_seq, to_seq, total, now_ms),

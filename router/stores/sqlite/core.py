@@ -2,20 +2,20 @@
 
 Every call runs as one transaction on a dedicated thread, so calls are serialized and each
 commits before its coroutine returns. The bus batches concurrent publishes into one `append`
-call (group commit), so one fsync covers many publishers. `SQLiteEventStore` (router.sqlite)
-puts the parts together.
+call (group commit), so one fsync covers many publishers. After each commit the call's changes
+go to the notifier (router.notifier); `SQLiteEventStore` (router.stores.sqlite) puts the parts
+together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
-import secrets
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,21 +23,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from router.cloudevents import Encoded
-from router.persistence import (
-    Appended,
-    ChangeListener,
-    Message,
-    Subscription,
-    spec_from_json,
-)
-from router.sqlite_schema import SCHEMA
+from router.fanout import Fanout, Handoffs
+from router.notifier import Changes, Notifier
+from router.persistence import Appended, Message, Subscription, spec_from_json
+from router.receipts import new_nonce, receipt_for
+from router.stores.sqlite.schema import SCHEMA, migrate
 
 T = TypeVar("T")
 
 
 log = logging.getLogger(__name__)
 
-STALE_RECEIPT = "unknown receipt, or the message was received again since (its visibility timeout expired)"
 CHECKPOINT_EVERY = 2000
 """Commits between PASSIVE WAL checkpoints, which run on a thread of their own (never inline, see `_run`)."""
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
@@ -45,8 +41,16 @@ WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 class SQLiteCore:
-    def __init__(self, path: Path, *, synchronous: str = "FULL", wal_limit_bytes: int = WAL_LIMIT_BYTES) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "FULL",
+        wal_limit_bytes: int = WAL_LIMIT_BYTES,
+        replica_id: str | None = None,
+    ) -> None:
         self.path = path
+        self.replica_id = replica_id or uuid.uuid4().hex[:16]
         self.synchronous = synchronous
         self.wal_limit_bytes = wal_limit_bytes
         self._wal = path.with_name(path.name + "-wal")
@@ -54,7 +58,8 @@ class SQLiteCore:
         self._truncating = False
         self.write_failure: str | None = None
         """Why the last commit failed for want of storage (disk full, I/O error); None once one succeeds."""
-        self.listener: ChangeListener | None = None
+        self._notifier: Notifier | None = None
+        self._fanout = Fanout()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-sqlite")
         # One caller at a time on the connection: the store's thread, or the event loop inline (see `_run`).
         self._lock = threading.Lock()
@@ -67,16 +72,12 @@ class SQLiteCore:
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._conn: sqlite3.Connection | None = None
         self._level = synchronous
-        # Hand-off to push dispatchers (see `offer`): slots and lease length each idle dispatcher grants,
-        # and the subscriptions that may have messages ready to lease.
-        self._grant_lock = threading.Lock()
-        self._grants: dict[str, list[int]] = {}
-        self._ready: set[str] = set()
-        self._handoffs: dict[str, list[Message]] = {}
-        self._subs: dict[str, Subscription] = {}
-        # Filled on the store's thread during a call, handed to the listener on the loop after commit.
+        # Filled on the store's thread during a call, published on the loop after its commit.
         self._touched: set[str] = set()
+        self._ready: set[str] = set()
         self._hidden_until: dict[str, int] = {}
+        self._catalog = False
+        self._handoffs: Handoffs = {}
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -91,11 +92,11 @@ class SQLiteCore:
         loop = asyncio.get_running_loop()
         if inline and self._conn is not None and self._lock.acquire(blocking=False):
             try:
-                result, touched, hidden, handoffs = self._call_locked(fn, args)
+                result, changes, handoffs = self._call_locked(fn, args)
             finally:
                 self._lock.release()
         else:
-            result, touched, hidden, handoffs = await loop.run_in_executor(self._executor, self._call, fn, args)
+            result, changes, handoffs = await loop.run_in_executor(self._executor, self._call, fn, args)
         if self._checkpoint_due:
             self._checkpoint_due = False
             self._in_background(loop.run_in_executor(self._checkpointer, self._checkpoint))
@@ -104,25 +105,27 @@ class SQLiteCore:
             truncation = loop.run_in_executor(self._executor, self._call, self._truncate_wal, ())
             truncation.add_done_callback(lambda _: setattr(self, "_truncating", False))
             self._in_background(truncation)
-        if touched and self.listener is not None:
-            self.listener(touched, hidden, handoffs)
+        if changes and self._notifier is not None:
+            self._notifier.publish(changes)
+        self._fanout.hand_off(handoffs)
         return result
 
     def _in_background(self, future: asyncio.Future[Any]) -> None:
         self._background.add(future)
         future.add_done_callback(self._background.discard)
 
-    def _call(
-        self, fn: Callable[..., T], args: tuple[Any, ...]
-    ) -> tuple[T, set[str], dict[str, int], dict[str, list[Message]]]:
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, Changes, Handoffs]:
         with self._lock:
             return self._call_locked(fn, args)
 
-    def _call_locked(
-        self, fn: Callable[..., T], args: tuple[Any, ...]
-    ) -> tuple[T, set[str], dict[str, int], dict[str, list[Message]]]:
-        self._touched, self._hidden_until, self._handoffs = set(), {}, {}
-        return fn(*args), self._touched, self._hidden_until, self._handoffs
+    def _call_locked(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, Changes, Handoffs]:
+        self._forget_changes()
+        result = fn(*args)
+        changes = Changes(frozenset(self._touched), frozenset(self._ready), self._hidden_until, self._catalog)
+        return result, changes, self._handoffs
+
+    def _forget_changes(self) -> None:
+        self._touched, self._ready, self._hidden_until, self._catalog, self._handoffs = set(), set(), {}, False, {}
 
     def _checkpoint(self) -> None:
         # Automatic checkpoints are off (an inline commit could otherwise copy the WAL on the loop).
@@ -181,6 +184,10 @@ class SQLiteCore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            if self._touched:  # every touched subscription's change counter moves on with the commit
+                conn.executemany(
+                    "UPDATE subscriptions SET version = version + 1 WHERE name = ?", [(n,) for n in self._touched]
+                )
             conn.execute("COMMIT")
         except BaseException as exc:
             # SQLite may have rolled back already (SQLITE_FULL and SQLITE_IOERR can do that).
@@ -189,13 +196,8 @@ class SQLiteCore:
             if (failure := storage_failure(exc)) is not None:
                 self.write_failure = failure
                 log.error("the bus could not commit: %s", failure)
-            self._touched, self._hidden_until = set(), {}
-            if self._handoffs:  # the leases handed off were rolled back: give the slots back
-                with self._grant_lock:
-                    for name, messages in self._handoffs.items():
-                        if name in self._grants:
-                            self._grants[name][0] += len(messages)
-                self._handoffs = {}
+            self._fanout.rolled_back(self._handoffs)  # the leases handed off were rolled back
+            self._forget_changes()
             raise
         self.write_failure = None
         self._commits += 1
@@ -210,7 +212,8 @@ class SQLiteCore:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, notifier: Notifier, fanout: Fanout) -> None:
+        self._notifier, self._fanout = notifier, fanout
         await self._run(self._open)
 
     def _open(self) -> None:
@@ -223,11 +226,20 @@ class SQLiteCore:
         # Once a checkpoint has let the WAL start over, its file is cut back to this size.
         conn.execute(f"PRAGMA journal_size_limit={int(self.wal_limit_bytes)}")
         conn.executescript(SCHEMA)
+        migrate(conn)
         self._conn = conn
-        for name, spec, secret, created_at, start_seq in conn.execute(
-            "SELECT name, spec, secret, created_at, start_seq FROM subscriptions"
-        ):
-            self._subs[name] = Subscription(spec_from_json(name, spec), secret, created_at, start_seq)
+
+    def _read_subscriptions(self, conn: sqlite3.Connection) -> list[Subscription]:
+        return [
+            Subscription(spec_from_json(name, spec), secret, created_at, start_seq)
+            for name, spec, secret, created_at, start_seq in conn.execute(
+                "SELECT name, spec, secret, created_at, start_seq FROM subscriptions ORDER BY name"
+            )
+        ]
+
+    def _catalog_version(self, conn: sqlite3.Connection) -> int:
+        (version,) = conn.execute("SELECT version FROM catalog").fetchone()
+        return int(version)
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._checkpointer, self._close_checkpointer)
@@ -251,11 +263,10 @@ class SQLiteCore:
 
     def _append_in(self, conn: sqlite3.Connection, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         results: list[Appended] = []
-        fanout: list[tuple[str, int, str | None, int, int]] = []
-        subs = list(self._subs.values())
-        # One random nonce per call: with the message id it makes each receipt unique and unguessable,
-        # without a getrandom() call per message.
-        nonce = secrets.token_urlsafe(12)
+        queued: list[tuple[str, int, str | None, int, int]] = []
+        # The subscriptions committed as of this transaction, whoever committed them.
+        catalog = self._fanout.at(self._catalog_version(conn), lambda: self._read_subscriptions(conn))
+        nonce = new_nonce()
         for event, body in events:
             row = conn.execute(
                 "INSERT INTO events (source, id, type, partitionkey, appended_at, body) VALUES (?, ?, ?, ?, ?, ?)"
@@ -270,63 +281,29 @@ class SQLiteCore:
                 continue
             seq = row[0]
             results.append(Appended(event["id"], seq, duplicate=False))
-            for sub in subs:
-                if not sub.spec.matches(event):
-                    continue
+            for sub, lease_ms in self._fanout.targets(catalog, event):
                 name = sub.spec.name
                 self._touched.add(name)
-                lease_ms = self._take_grant(name)
                 if lease_ms is None:
-                    fanout.append((name, seq, event.get("partitionkey"), now_ms, now_ms))
-                    if not sub.spec.is_queue:
-                        self._ready.add(name)
+                    queued.append((name, seq, event.get("partitionkey"), now_ms, now_ms))
+                    self._ready.add(name)
                     continue
                 # An idle dispatcher granted a slot: the message is leased in this very transaction and
-                # handed to it after the commit, sparing a lease transaction and a wake-up on the way out.
+                # handed to it after the commit (router.fanout).
                 (msg_id,) = conn.execute(
-                    "INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at, attempts) VALUES (?, ?, ?, ?, ?, 1)"
-                    " RETURNING msg_id",
-                    (name, seq, event.get("partitionkey"), now_ms, now_ms + lease_ms),
+                    "INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at, attempts, holder)"
+                    " VALUES (?, ?, ?, ?, ?, 1, ?) RETURNING msg_id",
+                    (name, seq, event.get("partitionkey"), now_ms, now_ms + lease_ms, self.replica_id),
                 ).fetchone()
-                receipt = f"{msg_id}.{nonce}"
+                receipt = receipt_for(msg_id, nonce)
                 conn.execute("UPDATE messages SET receipt = ? WHERE msg_id = ?", (receipt, msg_id))
                 self._handoffs.setdefault(name, []).append(Message(receipt, 1, seq, body, now_ms))
                 self._hide(name, now_ms + lease_ms)
-        if fanout:
+        if queued:
             conn.executemany(
-                "INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at) VALUES (?, ?, ?, ?, ?)", fanout
+                "INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at) VALUES (?, ?, ?, ?, ?)", queued
             )
         return results
-
-    # -- hand-off to idle push dispatchers -----------------------------------------------------------
-    # Called from the event loop; the grant is read and taken on the store's thread during an append.
-
-    def offer(self, name: str, slots: int, lease_ms: int) -> None:
-        """An idle dispatcher with `slots` free: lease new matching events to it as they are appended."""
-        with self._grant_lock:
-            self._grants[name] = [slots, lease_ms]
-
-    def withdraw(self, name: str) -> int:
-        """Take the offer back; returns the slots it had left (the rest were handed off)."""
-        with self._grant_lock:
-            grant = self._grants.pop(name, None)
-        return grant[0] if grant else 0
-
-    def may_have_ready(self, name: str) -> bool:
-        """False when the last lease found nothing more and nothing was queued for it since."""
-        return name in self._ready
-
-    def mark_ready(self, name: str) -> None:
-        """A hidden message's time has come (a retry delay or a lease ran out)."""
-        self._ready.add(name)
-
-    def _take_grant(self, name: str) -> int | None:
-        with self._grant_lock:
-            grant = self._grants.get(name)
-            if grant is None or grant[0] <= 0:
-                return None
-            grant[0] -= 1
-            return grant[1]
 
 
 def storage_failure(exc: BaseException) -> str | None:
@@ -340,15 +317,3 @@ def storage_failure(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
         return f"cannot write: {exc.strerror}"
     return None
-
-
-def mark_replay(body: bytes, replay: str | None) -> bytes:
-    """A replayed event goes out with a `replay` extension attribute naming its replay."""
-    if replay is None:
-        return body
-    return body[:-1] + b',"replay":' + json.dumps(replay).encode() + b"}"
-
-
-def message_id_of(receipt: str) -> int:
-    head = receipt.split(".", 1)[0]
-    return int(head) if head.isdigit() else -1

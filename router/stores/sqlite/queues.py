@@ -3,73 +3,71 @@
 from __future__ import annotations
 
 import json
-import secrets
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from router import announcements
-from router.cloudevents import encoded
-from router.persistence import (
-    DeadLetter,
-    Message,
-    ReceiptResult,
-    Settlement,
-    Stats,
-)
-from router.sqlite_core import STALE_RECEIPT, SQLiteCore, mark_replay, message_id_of
+from router import dead_letters
+from router.persistence import DeadLetter, Message, ReceiptResult, Settlement, Stats
+from router.receipts import STALE_RECEIPT, message_id_of, new_nonce, receipt_for
+from router.replays import mark_replay
+from router.stores.sqlite.core import SQLiteCore
 
 
 class SQLiteQueues(SQLiteCore):
     # -- queues and push leases --------------------------------------------------------------------
 
-    async def receive(self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int) -> list[Message]:
-        return await self._run(self._lease, name, max_messages, visibility_timeout_ms, now_ms, True, inline=True)
+    async def receive(
+        self, name: str, max_messages: int, visibility_timeout_ms: int, now_ms: int, max_receive_count: int
+    ) -> list[Message]:
+        return await self._run(
+            self._lease, name, max_messages, visibility_timeout_ms, now_ms, max_receive_count, False, inline=True
+        )
 
-    async def lease(self, name: str, max_messages: int, lease_ms: int, now_ms: int) -> list[Message]:
-        return await self._run(self._lease, name, max_messages, lease_ms, now_ms, False, inline=True)
+    async def lease(self, name: str, max_messages: int, lease_ms: int, now_ms: int, ordered: bool) -> list[Message]:
+        return await self._run(self._lease, name, max_messages, lease_ms, now_ms, None, ordered, inline=True)
 
-    def _lease(self, name: str, max_messages: int, hide_ms: int, now_ms: int, is_queue: bool) -> list[Message]:
-        delivery = self._subs[name].spec.delivery
+    def _lease(
+        self, name: str, max_messages: int, hide_ms: int, now_ms: int, max_receive_count: int | None, ordered: bool
+    ) -> list[Message]:
         # Ordered push: only the oldest pending message of each partition key may go out, and not
         # while it is itself in flight or waiting to be retried; events without a key are not held.
-        ordered = (
+        held_back = (
             ""
-            if is_queue or not delivery.ordered
+            if not ordered
             else (
                 " AND (m.pkey IS NULL OR NOT EXISTS (SELECT 1 FROM messages o"
                 " WHERE o.sub = m.sub AND o.pkey = m.pkey AND o.seq < m.seq))"
             )
         )
         messages: list[Message] = []
-        nonce = secrets.token_urlsafe(12)  # one per receive: with the message id, each receipt is unique
+        nonce = new_nonce()
         with self._transaction(bookkeeping=True) as conn:
             while len(messages) < max_messages:
                 rows = conn.execute(
                     "SELECT m.msg_id, m.seq, m.replay, m.attempts, m.last_error, m.enqueued_at, e.body"
                     " FROM messages m JOIN events e ON e.seq = m.seq"
-                    f" WHERE m.sub = ? AND m.visible_at <= ?{ordered} ORDER BY m.visible_at, m.msg_id LIMIT ?",
+                    f" WHERE m.sub = ? AND m.visible_at <= ?{held_back} ORDER BY m.visible_at, m.msg_id LIMIT ?",
                     (name, now_ms, max_messages - len(messages)),
                 ).fetchall()
                 if not rows:
                     break
                 for msg_id, seq, replay, attempts, last_error, enqueued_at, body in rows:
-                    if is_queue and attempts >= delivery.max_receive_count:
-                        limit = f"max_receive_count {delivery.max_receive_count}"
-                        reason = f"received {attempts} times without an ack ({limit})"
-                        context = {"limit": "max_receive_count", "error": last_error}
-                        self._dead_letter(conn, name, msg_id, seq, replay, attempts, reason, context, body, now_ms)
+                    verdict = dead_letters.over_receive_limit(attempts, max_receive_count, last_error)
+                    if verdict is not None:
+                        self._dead_letter(
+                            conn, name, msg_id, seq, replay, attempts, verdict.reason, verdict.context, body, now_ms
+                        )
                         continue
-                    receipt = f"{msg_id}.{nonce}"
+                    receipt = receipt_for(msg_id, nonce)
                     conn.execute(
-                        "UPDATE messages SET receipt = ?, visible_at = ?, attempts = attempts + 1 WHERE msg_id = ?",
-                        (receipt, now_ms + hide_ms, msg_id),
+                        "UPDATE messages SET receipt = ?, visible_at = ?, attempts = attempts + 1, holder = ?"
+                        " WHERE msg_id = ?",
+                        (receipt, now_ms + hide_ms, self.replica_id, msg_id),
                     )
                     messages.append(Message(receipt, attempts + 1, seq, mark_replay(body, replay), enqueued_at, replay))
-        if len(messages) < max_messages:
-            self._ready.discard(name)
-        if messages:
-            self._hide(name, now_ms + hide_ms)
+            if messages:
+                self._hide(name, now_ms + hide_ms)
         return messages
 
     def _dead_letter(
@@ -93,8 +91,7 @@ class SQLiteQueues(SQLiteCore):
         )
         conn.execute("UPDATE subscriptions SET failed_total = failed_total + 1 WHERE name = ?", (sub,))
         self._touched.add(sub)
-        announcement = announcements.dead_lettered(sub, msg_id, json.loads(body), attempts, reason, context)
-        self._append_in(conn, [encoded(announcement)], now_ms)
+        self._append_in(conn, [dead_letters.announcement(sub, msg_id, body, attempts, reason, context)], now_ms)
 
     async def settle(self, name: str, settlements: Sequence[Settlement], now_ms: int) -> list[ReceiptResult]:
         return await self._run(self._settle, name, settlements, now_ms, inline=True)
@@ -112,7 +109,7 @@ class SQLiteQueues(SQLiteCore):
                     delivered += done
                 elif s.kind == "retry":
                     done = conn.execute(
-                        "UPDATE messages SET receipt = NULL, visible_at = ?, last_error = ?"
+                        "UPDATE messages SET receipt = NULL, holder = NULL, visible_at = ?, last_error = ?"
                         " WHERE msg_id = ? AND sub = ? AND receipt = ?",
                         (now_ms + s.delay_ms, s.error, msg_id, name, s.receipt),
                     ).rowcount
@@ -137,7 +134,7 @@ class SQLiteQueues(SQLiteCore):
                 " WHERE name = ?",
                 (delivered, retried, name),
             )
-        self._touched.add(name)
+            self._touched.add(name)
         return results
 
     async def release(self, name: str, receipts: Sequence[str], now_ms: int) -> None:
@@ -146,27 +143,29 @@ class SQLiteQueues(SQLiteCore):
     def _release(self, name: str, receipts: Sequence[str], now_ms: int) -> None:
         with self._transaction(bookkeeping=True) as conn:
             conn.executemany(
-                "UPDATE messages SET receipt = NULL, visible_at = ?, attempts = MAX(attempts - 1, 0)"
+                "UPDATE messages SET receipt = NULL, holder = NULL, visible_at = ?, attempts = MAX(attempts - 1, 0)"
                 " WHERE msg_id = ? AND sub = ? AND receipt = ?",
                 [(now_ms, message_id_of(r), name, r) for r in receipts],
             )
-        self._touched.add(name)
+            self._touched.add(name)
+            self._ready.add(name)
 
     async def release_leases(self, name: str, now_ms: int) -> int:
         return await self._run(self._release_leases, name, now_ms)
 
     def _release_leases(self, name: str, now_ms: int) -> int:
-        """Make every leased message of a push subscription visible now: after a restart its dispatcher
-        is the only one that leases them, so none is still being delivered."""
+        """Make this replica's live leases of a push subscription visible now: its dispatcher is starting,
+        so none of them is being delivered any more. Another holder's lease is left alone until it
+        expires (an earlier incarnation's included: `replica_id` is new at every start)."""
         with self._transaction(bookkeeping=True) as conn:
             count = conn.execute(
-                "UPDATE messages SET receipt = NULL, visible_at = ? WHERE sub = ? AND receipt IS NOT NULL"
-                " AND visible_at > ?",
-                (now_ms, name, now_ms),
+                "UPDATE messages SET receipt = NULL, holder = NULL, visible_at = ?"
+                " WHERE sub = ? AND holder = ? AND receipt IS NOT NULL AND visible_at > ?",
+                (now_ms, name, self.replica_id, now_ms),
             ).rowcount
-        self._ready.add(name)  # a dispatcher starts by leasing whatever is there
-        if count:
-            self._touched.add(name)
+            if count:
+                self._touched.add(name)
+                self._ready.add(name)
         return count
 
     async def ack(self, name: str, receipts: Sequence[str], now_ms: int) -> list[ReceiptResult]:
@@ -205,7 +204,7 @@ class SQLiteQueues(SQLiteCore):
         # A nack releases the lease (the receipt dies, the message waits `hide_ms` as delayed);
         # an extend keeps the lease and pushes its visibility timeout out from now, as SQS does.
         sql = (
-            "UPDATE messages SET receipt = NULL, visible_at = ?, last_error = COALESCE(?, last_error)"
+            "UPDATE messages SET receipt = NULL, holder = NULL, visible_at = ?, last_error = COALESCE(?, last_error)"
             " WHERE msg_id = ? AND sub = ? AND receipt = ?"
             if release
             else "UPDATE messages SET visible_at = ? WHERE ? IS NULL AND msg_id = ? AND sub = ? AND receipt = ?"
@@ -220,10 +219,12 @@ class SQLiteQueues(SQLiteCore):
                 conn.execute(
                     "UPDATE subscriptions SET failed_total = failed_total + ? WHERE name = ?", (changed_count, name)
                 )
-        if any(r.ok for r in results):
-            self._touched.add(name)
-            if hide_ms > 0:
-                self._hide(name, now_ms + hide_ms)
+            if changed_count:
+                self._touched.add(name)
+                if hide_ms > 0:
+                    self._hide(name, now_ms + hide_ms)
+                elif release:
+                    self._ready.add(name)
         return results
 
     async def next_visible_ms(self, name: str, now_ms: int) -> int | None:
@@ -263,11 +264,11 @@ class SQLiteQueues(SQLiteCore):
         if first is not None:
             oldest = first[0] if oldest is None else min(oldest, first[0])
         (dead,) = conn.execute("SELECT COUNT(*) FROM dead_letters WHERE sub = ?", (name,)).fetchone()
-        delivered, failed = conn.execute(
-            "SELECT delivered_total, failed_total FROM subscriptions WHERE name = ?", (name,)
+        delivered, failed, changes = conn.execute(
+            "SELECT delivered_total, failed_total, version FROM subscriptions WHERE name = ?", (name,)
         ).fetchone()
         oldest_age_s = max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0
-        return Stats(backlog, in_flight, delayed, dead, oldest_age_s, delivered, failed)
+        return Stats(backlog, in_flight, delayed, dead, oldest_age_s, delivered, failed, changes)
 
     # -- dead letters -----------------------------------------------------------------------------
 
@@ -296,9 +297,9 @@ class SQLiteQueues(SQLiteCore):
                 (now_ms, now_ms, name),
             )
             count = conn.execute("DELETE FROM dead_letters WHERE sub = ?", (name,)).rowcount
-        if count:
-            self._touched.add(name)
-            self._ready.add(name)
+            if count:
+                self._touched.add(name)
+                self._ready.add(name)
         return count
 
     async def purge_dead_letters(self, name: str) -> int:
@@ -307,6 +308,6 @@ class SQLiteQueues(SQLiteCore):
     def _purge_dead_letters(self, name: str) -> int:
         with self._transaction() as conn:
             count = conn.execute("DELETE FROM dead_letters WHERE sub = ?", (name,)).rowcount
-        if count:
-            self._touched.add(name)
+            if count:
+                self._touched.add(name)
         return count

@@ -1,5 +1,11 @@
 """The SQLite bus's tables. The log (`events`) is append-only; `messages` holds each subscription's
-pending deliveries (a row per event per subscription, deleted on ack); `dead_letters` what was given up on."""
+pending deliveries (a row per event per subscription, deleted on ack); `dead_letters` what was given up on;
+`catalog` one counter moved on by every change to the subscriptions (router.fanout reloads on it).
+
+`migrate` brings a database made by an older router forward (columns added since, with defaults).
+"""
+
+import sqlite3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -20,8 +26,14 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     created_at INTEGER NOT NULL,
     start_seq INTEGER NOT NULL,
     delivered_total INTEGER NOT NULL DEFAULT 0,
-    failed_total INTEGER NOT NULL DEFAULT 0
+    failed_total INTEGER NOT NULL DEFAULT 0,
+    version INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS catalog (
+    only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+    version INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO catalog (only_row, version) VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS messages (
     msg_id INTEGER PRIMARY KEY AUTOINCREMENT,
     sub TEXT NOT NULL,
@@ -32,6 +44,7 @@ CREATE TABLE IF NOT EXISTS messages (
     visible_at INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     receipt TEXT,
+    holder TEXT,
     last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_by_visibility ON messages (sub, visible_at, msg_id);
@@ -59,3 +72,18 @@ CREATE TABLE IF NOT EXISTS replays (
     PRIMARY KEY (sub, name)
 );
 """
+
+ADDED_COLUMNS = {
+    "subscriptions": [("version", "INTEGER NOT NULL DEFAULT 0")],
+    "messages": [("holder", "TEXT")],
+}
+"""Columns added after the first release: `version` is the stats change counter, `holder` the replica
+holding a message's lease."""
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    for table, columns in ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, decl in columns:
+            if name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
