@@ -131,6 +131,16 @@ class S3BlobStore:
         check_key(key)
         return None
 
+    async def presigned_url(self, key: str, method: str, expires_in_s: float) -> str | None:
+        """A SigV4 query-signed URL, made locally with the store's credentials (no request to S3)."""
+        path = self._path(key)
+        if method not in ("GET", "HEAD"):
+            raise InvalidInput("method", "GET or HEAD")
+        with self._errors("sign a URL for", self.uri(key)):
+            return await obstore.sign_async(
+                self.store, "GET" if method == "GET" else "HEAD", path, timedelta(seconds=expires_in_s)
+            )
+
     async def check(self) -> None:
         """Raise `Unavailable` naming the bucket unless it exists and the credentials are taken (asked once)."""
         if self._checked:
