@@ -78,3 +78,13 @@ def s3() -> Iterator[S3Server]:
             yield server
     except S3Unavailable as error:
         pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture
+def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `AWS_*` variables services read (through obstore), set for the session's S3 server as the app's identity."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.app.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.app.secret_access_key)
+    monkeypatch.setenv("AWS_REGION", s3.config()["region"])
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")

@@ -127,6 +127,11 @@ class BlobStore(Protocol):
         """Copy the object at `source` to `target` atomically, checksum included; `NotFound` without a source."""
         ...
 
+    async def presigned_url(self, key: str, method: str, expires_in_s: float) -> str | None:
+        """A URL anyone may `method` (GET or HEAD) the object at until it expires, without credentials; None
+        for a store that has none to give (`file://`). Nothing is asked of the store: the object may not exist."""
+        ...
+
     async def check(self) -> None:
         """Raise `Unavailable`, saying why, unless the store can be used (an S3 bucket that exists, credentials
         that are taken); for a service's start-up, so that a wrong `CATTUBE_BLOB_URL` fails at once."""
@@ -292,6 +297,10 @@ class FileBlobStore:
             raise NotFound(f"no object {source!r}")
         # A link when possible: objects are only ever replaced by a rename, never changed in place.
         return await self.put_file(target, path)
+
+    async def presigned_url(self, key: str, method: str, expires_in_s: float) -> str | None:
+        check_key(key)
+        return None  # files have no URL of their own: the store serves them
 
     async def check(self) -> None:
         if not await aiofiles.os.path.isdir(self.root):

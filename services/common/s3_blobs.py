@@ -85,8 +85,14 @@ class S3BlobStore:
             except InvalidInput:
                 raise InvalidInput("blob_url", "s3://bucket/prefix with a prefix of valid key segments") from None
         self.prefix = prefix
+        # obstore takes `AWS_ALLOW_HTTP` from the environment only when no client options are given, and ours
+        # always are (the timeouts): so it is read here, or a plain-HTTP endpoint fails with "builder error".
+        allow_http: Any = {"allow_http": True} if os.environ.get("AWS_ALLOW_HTTP", "").lower() == "true" else {}
         self.store = S3Store(
-            self.bucket, config=config, client_options={**CLIENT, **(client_options or {})}, retry_config=RETRY
+            self.bucket,
+            config=config,
+            client_options={**CLIENT, **allow_http, **(client_options or {})},
+            retry_config=RETRY,
         )
         # For messages only: the endpoint obstore was given, else the one it read from the environment.
         self.endpoint = str(
@@ -124,6 +130,16 @@ class S3BlobStore:
     def local_path(self, key: str) -> Path | None:
         check_key(key)
         return None
+
+    async def presigned_url(self, key: str, method: str, expires_in_s: float) -> str | None:
+        """A SigV4 query-signed URL, made locally with the store's credentials (no request to S3)."""
+        path = self._path(key)
+        if method not in ("GET", "HEAD"):
+            raise InvalidInput("method", "GET or HEAD")
+        with self._errors("sign a URL for", self.uri(key)):
+            return await obstore.sign_async(
+                self.store, "GET" if method == "GET" else "HEAD", path, timedelta(seconds=expires_in_s)
+            )
 
     async def check(self) -> None:
         """Raise `Unavailable` naming the bucket unless it exists and the credentials are taken (asked once)."""

@@ -49,6 +49,7 @@ def create_app(
 
         app.state.begin_shutdown = begin_shutdown
         service.start(supervisor)
+        await service.blob_check.first_verdict()
         try:
             yield
         finally:

@@ -29,6 +29,7 @@ import httpx
 
 from router.client import RouterClient, RouterError
 from services.common import contract
+from services.common.blob_check import BlobStoreCheck
 from services.common.blobs import BlobStore, open_blob_store
 from services.common.database import Database
 from services.common.errors import Unavailable
@@ -88,6 +89,7 @@ class ProcessingService:
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self._store: BlobStore | None = None
+        self._blob_check: BlobStoreCheck | None = None
         self._control: RouterClient | None = None
         self._events: RouterClient | None = None
         self._queues: RouterClient | None = None
@@ -111,6 +113,11 @@ class ProcessingService:
         return self._pool
 
     @property
+    def blob_check(self) -> BlobStoreCheck:
+        assert self._blob_check is not None, "the service is not open"
+        return self._blob_check
+
+    @property
     def store(self) -> BlobStore:
         assert self._store is not None, "the service is not open"
         return self._store
@@ -124,6 +131,7 @@ class ProcessingService:
         if swept:
             log.info("swept %d work director(ies) (%d bytes) left by an earlier run", swept, size)
         self._store = await asyncio.to_thread(open_blob_store, settings.blob_base_url)
+        self._blob_check = BlobStoreCheck(self._store)
         token = settings.router_token
         self._control = RouterClient(settings.router_urls, token=token, transport=self._router_transport)
         # Bounded: two long polls (the pool's one receive loop, deletions) and the busy workers' acks,
@@ -181,6 +189,8 @@ class ProcessingService:
 
     def start(self, supervisor: Supervisor) -> None:
         assert self._sink is not None
+        assert self._blob_check is not None
+        supervisor.start("blob-check", self._blob_check.run())
         supervisor.start("events", self._sink.run())
         supervisor.start("outbox-relay", self._sink.run_relay())
         supervisor.start("autoscaler", self._main_loop(supervisor))
@@ -189,6 +199,8 @@ class ProcessingService:
         """Take no new jobs; running ones have the grace period (shutdown_grace_s) from now."""
         self._stopping = True
         self.autoscaler.stop()
+        if self._blob_check is not None:
+            self._blob_check.stop()
         if self._deletions is not None:
             self._deletions.stop()
         if self._main is not None and self._main is not asyncio.current_task():
@@ -212,6 +224,13 @@ class ProcessingService:
     # -- readiness --------------------------------------------------------------------------------
 
     async def readiness(self) -> str | None:
+        problems = [p for p in (await self._blob_readiness(), await self._router_readiness()) if p is not None]
+        return "; ".join(problems) or None
+
+    async def _blob_readiness(self) -> str | None:
+        return None if self._blob_check is None else await self._blob_check.readiness()
+
+    async def _router_readiness(self) -> str | None:
         if not self.subscribed.is_set():
             return f"the subscriptions are not declared yet (is the router at {self.settings.router_base_url} up?)"
         try:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common.auth import Access, AccessRules, granted_access
 from services.common.blobs import BlobStore
 from services.common.contract import RENDITION_NAMES
-from services.common.errors import InvalidInput, NotFound
+from services.common.errors import InvalidInput, NotFound, Unavailable
 from services.common.openapi import problems
 from services.common.problems import problem_response
 from services.store.catalog import Catalog
@@ -208,34 +208,59 @@ async def delete_video(video_id: VideoId, catalog: CatalogDep, settings: Setting
 # -- playback -------------------------------------------------------------------------------------
 
 
-@router.api_route("/videos/{video_id}/renditions/{name}", methods=["GET", "HEAD"], tags=["playback"])
+# Documented, though only CATTUBE_PLAYBACK=redirect answers it.
+REDIRECTED: dict[int | str, dict[str, Any]] = {
+    307: {"description": "CATTUBE_PLAYBACK=redirect: `Location` is a short-lived presigned URL of the object"}
+}
+
+
+@router.api_route(
+    "/videos/{video_id}/renditions/{name}", methods=["GET", "HEAD"], tags=["playback"], responses=REDIRECTED
+)
 async def get_rendition(
-    request: Request, video_id: VideoId, name: RenditionName, catalog: CatalogDep, blobs: BlobsDep, metrics: MetricsDep
+    request: Request,
+    video_id: VideoId,
+    name: RenditionName,
+    catalog: CatalogDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
 ) -> Response:
-    """A rendition's bytes (video/mp4), with HTTP ranges (206), ETag and Last-Modified."""
+    """A rendition's bytes (video/mp4), with HTTP ranges (206), ETag and Last-Modified; or, with
+    CATTUBE_PLAYBACK=redirect, a 307 to a short-lived presigned URL of the object in the bucket."""
     video = await catalog.get(video_id)
     rendition = video.rendition(name)
     if rendition is None:
         raise NotFound(f"video {video_id} has no rendition {name} (it is {video.status})")
-    return await _serve_blob(request, blobs, metrics, rendition.uri, f"rendition {name} of video {video_id}")
+    what = f"rendition {name} of video {video_id}"
+    return await _serve_blob(request, blobs, settings, metrics, rendition.uri, what)
 
 
-@router.api_route("/videos/{video_id}/poster", methods=["GET", "HEAD"], tags=["playback"])
+@router.api_route("/videos/{video_id}/poster", methods=["GET", "HEAD"], tags=["playback"], responses=REDIRECTED)
 async def get_poster(
-    request: Request, video_id: VideoId, catalog: CatalogDep, blobs: BlobsDep, metrics: MetricsDep
+    request: Request,
+    video_id: VideoId,
+    catalog: CatalogDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
 ) -> Response:
     """The video's poster image (image/jpeg), with the same caching headers as a rendition."""
     video = await catalog.get(video_id)
     if video.poster_uri is None:
         raise NotFound(f"video {video_id} has no poster (it is {video.status})")
-    return await _serve_blob(request, blobs, metrics, video.poster_uri, f"the poster of video {video_id}")
+    return await _serve_blob(request, blobs, settings, metrics, video.poster_uri, f"the poster of video {video_id}")
 
 
-async def _serve_blob(request: Request, blobs: BlobStore, metrics: StoreMetrics, uri: str, what: str) -> Response:
+async def _serve_blob(
+    request: Request, blobs: BlobStore, settings: StoreSettings, metrics: StoreMetrics, uri: str, what: str
+) -> Response:
     try:
         key = blobs.key_of(uri)
     except InvalidInput:
         raise NotFound(f"{what} is not in this store's bucket") from None
+    if settings.playback == "redirect":
+        return await _redirect(request, blobs, settings, key)
     info = await blobs.stat(key)
     if info is None:
         raise NotFound(f"{what} is missing from the bucket")
@@ -274,6 +299,16 @@ async def _serve_blob(request: Request, blobs: BlobStore, metrics: StoreMetrics,
             yield chunk
 
     return StreamingResponse(body(), status_code=status, headers=headers, media_type=media_type)
+
+
+async def _redirect(request: Request, blobs: BlobStore, settings: StoreSettings, key: str) -> Response:
+    # Signed for this method (a presigned GET refuses HEAD); the bucket answers ranges and validators itself.
+    # No stat first: the catalog says the object exists, and the store stays out of the byte path.
+    url = await blobs.presigned_url(key, request.method, settings.playback_url_expiry_s)
+    if url is None:  # the settings refuse redirect without an s3:// bucket; this is a store without URLs
+        raise Unavailable(f"the blob store {blobs!r} cannot give URLs to redirect to (CATTUBE_PLAYBACK=redirect)")
+    # Not cached: the URL expires, and the next request should get a fresh one.
+    return Response(status_code=307, headers={"Location": url, "Cache-Control": "no-store"})
 
 
 # -- events in and out ----------------------------------------------------------------------------
@@ -363,10 +398,22 @@ async def page(request: Request, settings: SettingsDep) -> HTMLResponse:
     origin = f"{upload.scheme}://{upload.netloc}"
     public = urlsplit(settings.public_base_url)
     own = f"{public.scheme}://{public.netloc}"  # the records' links, when the page is reached by another name
+    media = f"'self' {own}"
+    if settings.playback == "redirect":  # players and posters follow the 307 to the bucket
+        media += f" {await _bucket_origin(request.app.state.blobs)}"
     csp = (
-        f"default-src 'self'; img-src 'self' data: {own}; media-src 'self' {own}; style-src 'self'; "
+        f"default-src 'self'; img-src 'self' data: {media}; media-src {media}; style-src 'self'; "
         "script-src 'self'; "
         f"connect-src 'self' {origin}; form-action 'self' {origin}; frame-ancestors 'none'; base-uri 'none'"
     )
     headers = {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
     return HTMLResponse(html, headers=headers)
+
+
+async def _bucket_origin(blobs: BlobStore) -> str:
+    """The origin presigned URLs point at (path- or virtual-host-style, as the store signs them)."""
+    url = await blobs.presigned_url("origin", "GET", 60)
+    if url is None:
+        return ""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"

@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 
 from router.client import RouterClient
 from services.common.auth import protect
+from services.common.blob_check import BlobStoreCheck
 from services.common.blobs import open_blob_store
 from services.common.body_limit import bound_request_bodies
 from services.common.database import Database
@@ -58,6 +59,8 @@ def create_app(
     )
     relay = OutboxRelay(db, relay_client)
     feed = Feed(client, name=settings.subscription, url=f"{settings.public_base_url}/inbox")
+    blobs = open_blob_store(settings.blob_base_url)
+    blob_check = BlobStoreCheck(blobs)
 
     def on_change(outcome: Outcome) -> None:
         for video in outcome.videos:
@@ -85,10 +88,13 @@ def create_app(
             supervisor.begin_stop()
             live.close()
             relay.stop()
+            blob_check.stop()
 
         app.state.begin_shutdown = begin_shutdown
+        supervisor.start("blob-check", blob_check.run())
         supervisor.start("outbox-relay", relay.run())
         feed.start()
+        await blob_check.first_verdict()
         try:
             yield
         finally:
@@ -106,14 +112,19 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.catalog = catalog
-    app.state.blobs = open_blob_store(settings.blob_base_url)
+    app.state.blobs = blobs
+    app.state.blob_check = blob_check
     app.state.live = live
     app.state.feed = feed
     app.state.relay = relay
     app.state.page_html = (STATIC / "index.html").read_text(encoding="utf-8")
     install_problem_handlers(app)
     app.include_router(
-        ops_router(metrics.registry, [supervisor.readiness, db.readiness, feed.readiness], refresh_metrics)
+        ops_router(
+            metrics.registry,
+            [supervisor.readiness, db.readiness, feed.readiness, blob_check.readiness],
+            refresh_metrics,
+        )
     )
     app.include_router(api_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

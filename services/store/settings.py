@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.common.settings import CommonSettings
 
@@ -33,6 +34,24 @@ class StoreSettings(CommonSettings):
     )
     live_heartbeat_s: float = Field(15, gt=0, description="Keep-alive comment interval on GET /events streams.")
     live_queue_size: int = Field(1000, ge=1, description="Changes buffered per /events client before it is dropped.")
+    playback: Literal["serve", "redirect"] = Field(
+        "serve",
+        description="serve: renditions and posters stream through the store; redirect: a 307 to a presigned URL "
+        "of the object, so bytes flow straight from the bucket (needs an s3:// CATTUBE_BLOB_URL).",
+    )
+    playback_url_expiry_s: float = Field(
+        300, gt=0, le=7 * 86_400, description="How long a redirect's presigned URL stays valid (S3 allows 7 days)."
+    )
+
+    @model_validator(mode="after")
+    def _redirect_needs_a_bucket_url(self) -> StoreSettings:
+        # Refused at start: a file:// store has no URL a browser could be sent to.
+        if self.playback == "redirect" and not self.blob_base_url.startswith("s3://"):
+            raise ValueError(
+                "CATTUBE_PLAYBACK=redirect needs an s3:// CATTUBE_BLOB_URL (a file:// bucket has no URL to redirect "
+                f"to; it is {self.blob_base_url}): set CATTUBE_PLAYBACK=serve or use an S3 bucket"
+            )
+        return self
 
     @property
     def catalog_file(self) -> Path:

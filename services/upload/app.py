@@ -12,10 +12,11 @@ from fastapi_offline import FastAPIOffline
 
 from router.client import RouterClient
 from services.common.auth import protect
+from services.common.blob_check import BlobStoreCheck
 from services.common.blobs import open_blob_store
 from services.common.body_limit import bound_request_bodies
 from services.common.openapi import document_problems
-from services.common.ops import ops_router
+from services.common.ops import ReadinessCheck, ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
 from services.upload.api import ACCESS
@@ -48,6 +49,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             store = open_blob_store(settings.blob_base_url)
+            blob_check = BlobStoreCheck(store)
+            app.state.blob_check = blob_check
             outbox = Outbox(settings.outbox_file)
             await outbox.open()
             stack.push_async_callback(outbox.close)
@@ -77,9 +80,12 @@ def create_app(
             def begin_shutdown() -> None:
                 supervisor.begin_stop()
                 relay.stop()
+                blob_check.stop()
 
             app.state.begin_shutdown = begin_shutdown
+            supervisor.start("blob-check", blob_check.run())
             supervisor.start("outbox-relay", relay.run())
+            await blob_check.first_verdict()
             try:
                 yield
             finally:
@@ -93,7 +99,13 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     install_problem_handlers(app)
-    app.include_router(ops_router(metrics.registry, [supervisor.readiness], before_scrape=refresh_gauges))
+
+    async def blob_readiness() -> str | None:
+        check: BlobStoreCheck | None = getattr(app.state, "blob_check", None)  # made when the lifespan starts
+        return "the service is starting" if check is None else await check.readiness()
+
+    readiness: list[ReadinessCheck] = [supervisor.readiness, blob_readiness]
+    app.include_router(ops_router(metrics.registry, readiness, before_scrape=refresh_gauges))
     app.include_router(api_router)
     protect(app, ACCESS, settings)
     document_problems(app)

@@ -12,6 +12,7 @@ from router.persistence import DeadLetter, Message, ReceiptResult, Settlement, S
 from router.receipts import STALE_RECEIPT, message_id_of, new_nonce, receipt_for
 from router.replays import mark_replay
 from router.stores.sqlite.core import SQLiteCore
+from services.common.errors import NotFound
 
 
 class SQLiteQueues(SQLiteCore):
@@ -264,9 +265,12 @@ class SQLiteQueues(SQLiteCore):
         if first is not None:
             oldest = first[0] if oldest is None else min(oldest, first[0])
         (dead,) = conn.execute("SELECT COUNT(*) FROM dead_letters WHERE sub = ?", (name,)).fetchone()
-        delivered, failed, changes = conn.execute(
+        row = conn.execute(
             "SELECT delivered_total, failed_total, version FROM subscriptions WHERE name = ?", (name,)
         ).fetchone()
+        if row is None:  # deleted between the bus's look-up and this read
+            raise NotFound(f"no subscription named {name!r}")
+        delivered, failed, changes = row
         oldest_age_s = max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0
         return Stats(backlog, in_flight, delayed, dead, oldest_age_s, delivered, failed, changes)
 

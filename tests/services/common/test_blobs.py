@@ -11,6 +11,7 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import obstore
 import pytest
 
@@ -445,3 +446,22 @@ async def test_s3_a_refused_or_cancelled_write_leaves_no_unfinished_upload(s3: S
         await task
     assert await s3.unfinished_uploads(s3_bucket) == []
     assert await store.list("") == []
+
+
+async def test_presigned_url_reads_the_object_without_credentials_or_is_none(store: BlobStore) -> None:
+    key = "videos/v1/720p.mp4"
+    await store.write(key, chunks(b"0123456789" * 100))
+    url = await store.presigned_url(key, "GET", 60)
+    if isinstance(store, FileBlobStore):
+        assert url is None  # no URL of its own: the store service serves the file
+        return
+    assert url is not None
+    async with httpx.AsyncClient() as anyone:
+        assert (await anyone.get(url)).content == b"0123456789" * 100
+        ranged = await anyone.get(url, headers={"Range": "bytes=10-19"})
+        assert ranged.status_code == 206 and ranged.content == b"0123456789"
+        assert (await anyone.head(url)).status_code == 403  # signed for GET only
+        head = await store.presigned_url(key, "HEAD", 60)
+        assert head is not None and (await anyone.head(head)).headers["content-length"] == "1000"
+    with pytest.raises(InvalidInput, match="method"):
+        await store.presigned_url(key, "PUT", 60)

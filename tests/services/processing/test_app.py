@@ -494,3 +494,17 @@ async def test_each_instance_has_one_deletion_queue_that_a_restart_takes_up_agai
                     if stats.delivered_total == 1 and (stats.backlog, stats.in_flight) == (0, 0):
                         break
     assert await subscription_names(router_app) - before == added
+
+
+async def test_a_missing_bucket_is_named_by_readyz_and_the_service_stays_up(tmp_path: Path, s3_env: None) -> None:
+    missing = "cattube-test-no-such-bucket"
+    blob_url = f"s3://{missing}/media"
+    settings = ProcessingSettings(
+        data_dir=tmp_path / "data", router_url="http://127.0.0.1:9", blob_url=blob_url, min_workers=0
+    )
+    app = create_app(settings, exit_on_failure=False)
+    async with running(app) as api:
+        await asyncio.wait_for(app.state.processing.blob_check.answered.wait(), 30)
+        assert (await api.get("/healthz")).status_code == 200
+        ready = await api.get("/readyz")
+        assert ready.status_code == 503 and f"the bucket '{missing}' does not exist" in ready.json()["detail"]

@@ -48,6 +48,10 @@ def inspect(path: Path) -> dict[str, Any]:
         }
 
 
+# The session's own servers (tests/s3.py starts SeaweedFS as a child of pytest): not a job's leftovers.
+SESSION_SERVERS = {"weed"}
+
+
 def children_of_this_process() -> list[int]:
     me = str(os.getpid())
     found = []
@@ -56,10 +60,11 @@ def children_of_this_process() -> list[int]:
             continue
         try:
             with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
+                name, rest = stat.read().split(" (", 1)[1].rsplit(")", 1)
+                fields = rest.split()
+        except (OSError, IndexError, ValueError):
             continue
-        if fields[1] == me and fields[0] != "Z":
+        if fields[1] == me and fields[0] != "Z" and name not in SESSION_SERVERS:
             found.append(int(entry))
     return found
 

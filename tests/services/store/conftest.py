@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from standardwebhooks.webhooks import Webhook
 
 from router.client import new_event
-from services.common.blobs import FileBlobStore, video_key
+from services.common.blobs import BlobStore, FileBlobStore, video_key
 from services.store.app import create_app
 from services.store.settings import StoreSettings
 from tests.conftest import running
@@ -103,7 +103,7 @@ class Store:
     api: httpx.AsyncClient
     app: FastAPI
     router: FakeRouter
-    bucket: FileBlobStore
+    bucket: BlobStore
 
     async def deliver(self, event: dict[str, Any], *, secret: str = SECRET) -> httpx.Response:
         """POST `event` to /inbox signed as the router signs it."""
@@ -133,7 +133,7 @@ def event(
     return new_event(kind, source, data, id=id, **extra)
 
 
-def uploaded(video_id: str, bucket: FileBlobStore, title: str = "Whiskers on the beach") -> dict[str, Any]:
+def uploaded(video_id: str, bucket: BlobStore, title: str = "Whiskers on the beach") -> dict[str, Any]:
     master = {
         "uri": bucket.uri(video_key(video_id, "master.mp4")),
         "size_bytes": 10,
@@ -144,7 +144,7 @@ def uploaded(video_id: str, bucket: FileBlobStore, title: str = "Whiskers on the
     return event("cattube.video.uploaded", data, id=video_id, source="cattube/upload")
 
 
-def completed(video_id: str, bucket: FileBlobStore, names: tuple[str, ...] = ("720p", "360p")) -> dict[str, Any]:
+def completed(video_id: str, bucket: BlobStore, names: tuple[str, ...] = ("720p", "360p")) -> dict[str, Any]:
     renditions = [
         {"name": n, "uri": bucket.uri(video_key(video_id, f"{n}.mp4")), "width": 1280, "height": int(n[:-1]),
          "bitrate": 1_000_000, "size_bytes": 1000, "duration_s": 2.0}
@@ -157,9 +157,12 @@ def completed(video_id: str, bucket: FileBlobStore, names: tuple[str, ...] = ("7
 
 @pytest.fixture
 def make_store(tmp_path: Path) -> Callable[..., Any]:
-    """`async with make_store(**settings) as store:` the app, its lifespan entered, subscribed to the fake router."""
+    """`async with make_store(**settings) as store:` the app, its lifespan entered, subscribed to the fake router.
 
-    def make(fake: FakeRouter | None = None, **overrides: Any) -> Any:
+    `bucket` is the tests' own handle on the app's blob store (`blob_url`), the file store under DATA_DIR by default.
+    """
+
+    def make(fake: FakeRouter | None = None, bucket: BlobStore | None = None, **overrides: Any) -> Any:
         fake = fake or FakeRouter()
         settings = StoreSettings(
             data_dir=tmp_path / "data", router_url="http://router", store_public_url="http://store", **overrides
@@ -170,7 +173,7 @@ def make_store(tmp_path: Path) -> Callable[..., Any]:
         async def store() -> AsyncIterator[Store]:
             async with running(app, base_url="http://store") as api:
                 await app.state.feed.subscribed.wait()
-                yield Store(api, app, fake, FileBlobStore(tmp_path / "data" / "bucket"))
+                yield Store(api, app, fake, bucket or FileBlobStore(tmp_path / "data" / "bucket"))
 
         return store()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -361,3 +362,15 @@ async def test_with_two_routers_listed_the_event_goes_through_the_one_that_answe
             (message,) = await router.queue("uploads").receive(wait_s=5)
     assert message.event["id"] == found["video_id"]
     assert replicas.seen[:2] == ["http://down", "http://router"]
+
+
+async def test_a_missing_bucket_is_named_by_readyz_and_the_service_stays_up(
+    upload_settings: Callable[..., UploadSettings], s3_env: None
+) -> None:
+    missing = "cattube-test-no-such-bucket"
+    app = create_app(upload_settings(blob_url=f"s3://{missing}/media"), exit_on_failure=False)
+    async with running(app) as api:
+        await asyncio.wait_for(app.state.blob_check.answered.wait(), 30)
+        assert (await api.get("/healthz")).status_code == 200
+        ready = await api.get("/readyz")
+        assert ready.status_code == 503 and f"the bucket '{missing}' does not exist" in ready.json()["detail"]
