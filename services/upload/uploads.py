@@ -31,6 +31,7 @@ from services.common.errors import (
     CatTubeError,
     InsufficientStorage,
     PayloadTooLarge,
+    Unavailable,
     UnsupportedMedia,
 )
 from services.upload.forms import FormStream
@@ -119,6 +120,7 @@ class Uploads:
         over the arguments, which come from the query); a `video/*` or `application/octet-stream` body
         is the file itself.
         """
+        self._local("videos/probe/master")  # refused before a byte is read when the bucket is remote
         try:
             media = content_type.split(";", 1)[0].strip().lower()
             if media == "multipart/form-data":
@@ -210,7 +212,11 @@ class Uploads:
     def _local(self, key: str) -> Path:
         path = self.store.local_path(key)
         if path is None:
-            raise CatTubeError("the probe needs a local blob store (file://); this one keeps no local files")
+            # Spooling a local copy for the probe while streaming to a remote bucket is not built yet.
+            raise Unavailable(
+                "uploads need a file:// bucket for now (the probe reads the master from local disk); "
+                "set CATTUBE_BLOB_URL to a file:// URL for the upload service"
+            )
         return path
 
     async def _discard(self, video_id: str) -> None:
