@@ -136,8 +136,6 @@ class WorkerPool:
         self.workers: set[Worker] = set()
         self.on_idle = on_idle
         self.on_outcome = on_outcome
-        self.receives = 0
-        """Receive requests sent (metrics, tests)."""
         self.handed_back = 0
         """Messages received with no idle worker left to take them, nacked at once."""
         self._threads = threads
@@ -235,7 +233,6 @@ class WorkerPool:
                 await self._demand.wait()
                 continue
             wanted = min(self.receive_batch_max, len(self._waiting))
-            self.receives += 1
             receiving = self._receiving = asyncio.ensure_future(
                 self.queue.receive(
                     max_messages=wanted, wait_s=self.receive_wait_s, visibility_timeout_s=self.visibility_timeout_s
