@@ -189,9 +189,6 @@ class Bus:
         await self.dispatchers.remove(name)
         if not await self.store.delete_subscription(name):
             raise NotFound(f"no subscription named {name!r}")
-        # Before waking its long polls (forget): they look the subscription up again and must not
-        # find it in the cache.
-        self.fanout.invalidate()
         self.signals.forget(name)
 
     # -- queues -----------------------------------------------------------------------------------
