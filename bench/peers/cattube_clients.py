@@ -1,0 +1,122 @@
+"""CatTube through its SDK (`router.client`, httpx) and through raw aiohttp, on a queue subscription.
+
+Publishing is `POST /events` (one event, or a batch of them in one request); the router answers 202
+once the events are durable at its setting. The consumer keeps the same window in flight as the
+peers' consumers: receive takes at most `RECEIVE_MAX` messages, so it runs window ÷ `RECEIVE_MAX`
+receive → ack loops side by side (10 of them for the default window of 100).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from bench.peers.tally import Tally
+from router.client import RouterClient
+
+RECEIVE_MAX = 10  # the router's cap on max_messages per receive
+WAIT_S = 5
+VISIBILITY_S = 60  # far longer than any message stays unacked here: no redelivery muddles the count
+
+
+def _loops(window: int) -> int:
+    return max(1, window // RECEIVE_MAX)
+
+
+def _subscription(name: str) -> dict[str, Any]:
+    return {"pattern": {"source": [f"bench/{name}"]}, "target": {"queue": {}}}
+
+
+async def _run_loops(count: int, loop: Any) -> None:
+    async with asyncio.TaskGroup() as group:
+        for _ in range(count):
+            group.create_task(loop())
+
+
+class SdkClient:
+    def __init__(self, url: str, name: str, window: int) -> None:
+        self.url, self.name, self.window = url, name, window
+
+    async def connect(self) -> None:
+        self.router = RouterClient(self.url)
+
+    async def close(self) -> None:
+        await self.router.aclose()
+
+    async def declare(self) -> None:
+        spec = _subscription(self.name)
+        await self.router.ensure_subscription(self.name, pattern=spec["pattern"], target=spec["target"])
+
+    async def publish(self, events: list[dict[str, Any]]) -> None:
+        if len(events) == 1:
+            await self.router.publish(events[0])
+        else:
+            await self.router.publish_batch(events)
+
+    async def consume(self, tally: Tally) -> None:
+        queue = self.router.queue(self.name)
+
+        async def loop() -> None:
+            while not tally.done.is_set():
+                messages = await queue.receive(
+                    max_messages=RECEIVE_MAX, wait_s=WAIT_S, visibility_timeout_s=VISIBILITY_S
+                )
+                if messages:
+                    numbers = [tally.delivered(m.event) for m in messages]
+                    await queue.ack([m.receipt for m in messages])
+                    tally.acked(numbers)
+
+        await _run_loops(_loops(self.window), loop)
+
+    async def remove(self) -> None:
+        await self.router.delete_subscription(self.name)
+
+
+class AiohttpClient:
+    SINGLE = {"Content-Type": "application/cloudevents+json"}
+    BATCH = {"Content-Type": "application/cloudevents-batch+json"}
+
+    def __init__(self, url: str, name: str, window: int) -> None:
+        self.url, self.name, self.window = url, name, window
+        self.base = f"{url}/subscriptions/{name}"
+
+    async def connect(self) -> None:
+        self.session = aiohttp.ClientSession()
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def _call(self, method: str, url: str, **kwargs: Any) -> Any:
+        async with self.session.request(method, url, **kwargs) as response:
+            if response.status >= 300:
+                raise RuntimeError(f"{method} {url}: {response.status} {await response.text()}")
+            return await response.json() if response.content_length != 0 else None
+
+    async def declare(self) -> None:
+        await self._call("PUT", self.base, json=_subscription(self.name))
+
+    async def publish(self, events: list[dict[str, Any]]) -> None:
+        if len(events) == 1:
+            await self._call("POST", f"{self.url}/events", data=json.dumps(events[0]), headers=self.SINGLE)
+        else:
+            await self._call("POST", f"{self.url}/events", data=json.dumps(events), headers=self.BATCH)
+
+    async def consume(self, tally: Tally) -> None:
+        receive = {"max_messages": RECEIVE_MAX, "wait_s": WAIT_S, "visibility_timeout_s": VISIBILITY_S}
+
+        async def loop() -> None:
+            while not tally.done.is_set():
+                messages = (await self._call("POST", f"{self.base}/receive", json=receive))["messages"]
+                if messages:
+                    numbers = [tally.delivered(m["event"]) for m in messages]
+                    receipts = [m["receipt"] for m in messages]
+                    await self._call("POST", f"{self.base}/ack", json={"receipts": receipts})
+                    tally.acked(numbers)
+
+        await _run_loops(_loops(self.window), loop)
+
+    async def remove(self) -> None:
+        await self._call("DELETE", self.base)
