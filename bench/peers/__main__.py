@@ -216,4 +216,7 @@ if __name__ == "__main__":
     needed = {SYSTEMS[s].server for s in arguments.systems} - {"cattube"}
     ensure_servers({SERVER_PACKAGES[kind] for kind in needed})
     ensure_clients({m for s in arguments.systems for m in SYSTEMS[s].client_modules})
-    print(asyncio.run(main(arguments)))
+    try:
+        print(asyncio.run(main(arguments)))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        sys.exit("interrupted; every server it started was stopped")

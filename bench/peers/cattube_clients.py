@@ -93,7 +93,7 @@ class AiohttpClient:
         async with self.session.request(method, url, **kwargs) as response:
             if response.status >= 300:
                 raise RuntimeError(f"{method} {url}: {response.status} {await response.text()}")
-            return await response.json() if response.content_length != 0 else None
+            return None if response.status == 204 else await response.json()
 
     async def declare(self) -> None:
         await self._call("PUT", self.base, json=_subscription(self.name))
