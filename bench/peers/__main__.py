@@ -50,6 +50,13 @@ def _names(choices: dict[str, Any]) -> Any:
     return parse
 
 
+def _durability(text: str) -> Durability:
+    try:
+        return durability(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", type=_names(SYSTEMS), default=list(SYSTEMS), help=",".join(SYSTEMS))
@@ -58,17 +65,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="runs per system and mode; the table shows medians")
     parser.add_argument(
         "--durability",
-        type=durability,
+        type=_durability,
         action="append",
         help=f"CatTube router setting, repeatable: {', '.join(DURABILITIES)} (default fsync) or KEY=VALUE[;KEY=VALUE]",
     )
     parser.add_argument("--database", help="the router's database URL (CATTUBE_ROUTER_DATABASE_URL)")
     parser.add_argument("--window", type=int, default=100, help="unacked messages a consumer holds (prefetch)")
-    parser.add_argument("--timeout-s", type=float, help="bound on one run (default 120 s + 25 ms per event)")
+    parser.add_argument("--timeout-s", type=float, help="bound on one run (default 120 s + 50 ms per event)")
     parser.add_argument("--json", type=Path, help="also write every run's numbers here")
     args = parser.parse_args()
     args.durability = args.durability or [DURABILITIES["fsync"]]
-    args.timeout_s = args.timeout_s or 120 + args.events * 0.025
+    args.timeout_s = args.timeout_s or 120 + args.events * 0.05
     return args
 
 
