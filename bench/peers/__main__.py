@@ -182,6 +182,32 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def _save(path: Path | None, host: dict[str, Any], columns: list[Column]) -> None:
+    if path:
+        path.write_text(json.dumps({"host": host, "columns": [c.__dict__ for c in columns]}, indent=2))
+
+
+async def measure(
+    columns: list[Column], servers: dict[str, Server], args: argparse.Namespace, host: dict[str, Any]
+) -> None:
+    for mode in args.modes:
+        for n in range(args.runs):
+            for column in columns:
+                started = time.monotonic()
+                try:
+                    result = await one_run(column, servers[column.server], mode, args)
+                except RunFailed as exc:
+                    result = {"error": str(exc), "load_1m": os.getloadavg()[0]}
+                column.runs.setdefault(mode, []).append(result)
+                _save(args.json, host, columns)  # after every run: a long benchmark that is stopped keeps its numbers
+                summary = result.get("error") or (
+                    f"{result['e2e_per_s'] or 0:,.0f} ev/s e2e, p50 {result['p50_ms'] or 0:.2f} ms, "
+                    f"server {result['server_cpu_us']:,.0f} µs/event, acked {result['acked']:,}"
+                )
+                took = time.monotonic() - started
+                print(f"{mode} run {n + 1}/{args.runs} {column.title}: {summary} ({took:.0f} s)", file=sys.stderr)
+
+
 async def run(args: argparse.Namespace) -> str:
     columns = columns_for(args)
     host: dict[str, Any] = {
@@ -193,26 +219,20 @@ async def run(args: argparse.Namespace) -> str:
         "load_start": _load(),
         "started": time.strftime("%Y-%m-%d %H:%M"),
     }
-    async with AsyncExitStack() as stack:
-        servers = await start_servers(stack, columns, args)
-        for mode in args.modes:
-            for n in range(args.runs):
-                for column in columns:
-                    started = time.monotonic()
-                    try:
-                        result = await one_run(column, servers[column.server], mode, args)
-                    except RunFailed as exc:
-                        result = {"error": str(exc), "load_1m": os.getloadavg()[0]}
-                    column.runs.setdefault(mode, []).append(result)
-                    summary = result.get("error") or (
-                        f"{result['e2e_per_s'] or 0:,.0f} ev/s e2e, p50 {result['p50_ms'] or 0:.2f} ms, "
-                        f"server {result['server_cpu_us']:,.0f} µs/event, acked {result['acked']:,}"
-                    )
-                    took = time.monotonic() - started
-                    print(f"{mode} run {n + 1}/{args.runs} {column.title}: {summary} ({took:.0f} s)", file=sys.stderr)
+    try:
+        async with AsyncExitStack() as stack:
+            servers = await start_servers(stack, columns, args)
+            await measure(columns, servers, args, host)
+    except asyncio.CancelledError:
+        # Stopped (Ctrl-C, SIGTERM) once every server is down: show what was measured, then stop.
+        if any(c.runs for c in columns):
+            host.update(load_end=_load(), ended=time.strftime("%H:%M"))
+            _save(args.json, host, columns)
+            print(render(columns, [m for m in args.modes if any(m in c.runs for c in columns)], host), flush=True)
+            print("\n(interrupted: only the runs above were measured)", flush=True)
+        raise
     host.update(load_end=_load(), ended=time.strftime("%H:%M"))
-    if args.json:
-        args.json.write_text(json.dumps({"host": host, "columns": [c.__dict__ for c in columns]}, indent=2))
+    _save(args.json, host, columns)
     return render(columns, args.modes, host)
 
 
