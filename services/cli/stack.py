@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -103,9 +104,21 @@ def _cannot_listen(host: str, port: int) -> str | None:
     return None
 
 
+ReadyHook = Callable[[], Awaitable[None]]
+
+
 class Stack:
-    def __init__(self, host: str, children: list[Child], env: dict[str, str], log_level: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        children: list[Child],
+        env: dict[str, str],
+        log_level: str,
+        when_serving: dict[str, ReadyHook] | None = None,
+    ) -> None:
         self.host = host
+        self.when_serving = when_serving or {}
+        """Per role: what to do once its group serves, before the next group starts (make the bucket)."""
         self.children = {child.name: child for child in children}
         self.env = env
         # Below INFO uvicorn does not say it is serving: then /healthz is asked instead.
@@ -130,6 +143,9 @@ class Stack:
             await self._until_serving(names)
             if self.stopping:
                 return
+            for role in roles:
+                if role in self.when_serving:
+                    await self.when_serving[role]()
         self.up = True
 
     async def _until_serving(self, names: list[str]) -> None:
