@@ -42,9 +42,9 @@ class CommonSettings(BaseSettings):
     )
     database_url: str | None = Field(
         None,
-        description="One database for the services (each keeps its own tables), e.g. sqlite:////abs/file.db;"
-        " CATTUBE_<SERVICE>_DATABASE_URL overrides it per service. Default: SQLite files under DATA_DIR."
-        " Only the router reads it so far.",
+        description="One database for the services, each in a schema of its own: postgresql://user:pass@host/db;"
+        " CATTUBE_<SERVICE>_DATABASE_URL overrides it per service. A sqlite:/// URL here is the router's alone"
+        " (the other services keep their files). Default: SQLite files under DATA_DIR.",
     )
     log_level: str = Field("info", description="debug, info, warning or error.")
     blob_url: str | None = Field(
@@ -92,6 +92,15 @@ class CommonSettings(BaseSettings):
                     f"entry {position} ({url.strip()!r}) is not one"
                 )
         return value
+
+    def service_database_url(self, own: str | None) -> str | None:
+        """A service's database: its own URL, else DATABASE_URL when that is PostgreSQL, else None (its SQLite
+        file under DATA_DIR). Two services cannot share one SQLite file: their tables have the same names."""
+        if own:
+            return own
+        if self.database_url and urlsplit(self.database_url).scheme.lower() in ("postgresql", "postgres"):
+            return self.database_url
+        return None
 
     @property
     def blob_base_url(self) -> str:

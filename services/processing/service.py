@@ -31,9 +31,8 @@ from router.client import RouterClient, RouterError
 from services.common import contract
 from services.common.blob_check import BlobStoreCheck
 from services.common.blobs import BlobStore, open_blob_store
-from services.common.database import Database
+from services.common.db import make_database
 from services.common.errors import Unavailable
-from services.common.outbox import OUTBOX_SCHEMA
 from services.common.supervisor import Supervisor
 from services.processing import events
 from services.processing.autoscaler import Autoscaler, Limits, ScalingChange
@@ -148,7 +147,15 @@ class ProcessingService:
             transport=self._router_transport,
             retries=0,
         )
-        self._sink = EventSink(Database(settings.outbox_file, OUTBOX_SCHEMA, name="outbox"), self._events)
+        db = make_database(
+            settings.outbox_database_url,
+            path=settings.outbox_file,
+            schema=events.POSTGRES_SCHEMA,
+            migrations=events.MIGRATIONS,
+            name="outbox",
+        )
+        # On a database instances share, each relays only its own events (in the order it recorded them).
+        self._sink = EventSink(db, self._events, owner=self.instance if db.shared else "")
         await self._sink.open()
         jobs = TranscodeJobs(self._store, self._sink, settings, is_deleted=self._is_deleted)
         self._pool = WorkerPool(
@@ -224,11 +231,15 @@ class ProcessingService:
     # -- readiness --------------------------------------------------------------------------------
 
     async def readiness(self) -> str | None:
-        problems = [p for p in (await self._blob_readiness(), await self._router_readiness()) if p is not None]
+        checks = (await self._blob_readiness(), await self._router_readiness(), await self._outbox_readiness())
+        problems = [p for p in checks if p is not None]
         return "; ".join(problems) or None
 
     async def _blob_readiness(self) -> str | None:
         return None if self._blob_check is None else await self._blob_check.readiness()
+
+    async def _outbox_readiness(self) -> str | None:
+        return None if self._sink is None else await self._sink.db.readiness()
 
     async def _router_readiness(self) -> str | None:
         if not self.subscribed.is_set():

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from typing import Any
 from router.client import new_event
 from services.common import contract, outbox
 from services.common.blobs import video_key
-from services.common.database import Database
+from services.common.db import Connection, Database
 from services.common.errors import Conflict, InvalidInput, NotFound
 from services.store import tables
 from services.store.records import Rendition, ScalingPoint, Video
@@ -67,7 +66,7 @@ class Outcome:
     announced: int = 0
 
 
-Handler = Callable[[sqlite3.Connection, Mapping[str, Any], float], Outcome]
+Handler = Callable[[Connection, Mapping[str, Any], float], Outcome]
 
 
 class Catalog:
@@ -111,7 +110,7 @@ class Catalog:
         self._changed(outcome)
         return outcome
 
-    def _apply(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _apply(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         source, event_id, kind = (_attribute(event, name) for name in ("source", "id", "type"))
         if not tables.first_time(conn, source, event_id, now):
             return Outcome(duplicate=True)
@@ -123,7 +122,7 @@ class Catalog:
             return Outcome(ignored="the store's own deletion, already applied")
         return handler(conn, event, now)
 
-    def _on_uploaded(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_uploaded(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.VideoUploaded)
         video = self._load_or_new(conn, data.video_id, now)
         if video.status == "deleted":
@@ -141,7 +140,7 @@ class Catalog:
         video.created_at = _event_time(event, now)
         return self._save(conn, video, before, now)
 
-    def _on_started(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_started(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.TranscodeStarted)
         video = self._load_or_new(conn, data.video_id, now)
         if video.status not in ("uploaded", "processing"):
@@ -158,7 +157,7 @@ class Catalog:
         video.speed = None
         return self._save(conn, video, before, now)
 
-    def _on_progress(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_progress(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.TranscodeProgress)
         video = self._load_or_new(conn, data.video_id, now)
         if video.status not in ("uploaded", "processing"):
@@ -170,7 +169,7 @@ class Catalog:
         video.speed = data.speed
         return self._save(conn, video, before, now)
 
-    def _on_completed(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_completed(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.TranscodeCompleted)
         video = self._load_or_new(conn, data.video_id, now)
         if video.status == "deleted":
@@ -196,7 +195,7 @@ class Catalog:
             )
         return outcome
 
-    def _on_failed(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_failed(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.TranscodeFailed)
         video = self._load_or_new(conn, data.video_id, now)
         if video.status not in ("uploaded", "processing"):
@@ -210,7 +209,7 @@ class Catalog:
             return self._save(conn, video, before, now)
         return self._fail(conn, video, before, reason, now)
 
-    def _on_dead_lettered(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_dead_lettered(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.DeadLettered)
         subscription, job_type, job_id = data.subscription, data.event_type, data.event_id
         if subscription == self.subscription:
@@ -231,7 +230,7 @@ class Catalog:
         reason = f"Transcoding gave up after {data.attempts} attempt(s): {cause}"
         return self._fail(conn, video, copy.deepcopy(video), reason, now)
 
-    def _on_scaled(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_scaled(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.ProcessingScaled)
         point = ScalingPoint(
             at=_event_time(event, now),
@@ -244,7 +243,7 @@ class Catalog:
         tables.add_scaling(conn, point, self.history_size)
         return Outcome(scaled=point)
 
-    def _on_deleted(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_deleted(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.VideoDeleted)
         video = tables.load_video(conn, data.video_id)
         if video is None or video.status == "deleted":
@@ -259,7 +258,7 @@ class Catalog:
         self._changed(outcome)
         return outcome.videos[0]
 
-    def _retry(self, conn: sqlite3.Connection, video_id: str, now: float) -> Outcome:
+    def _retry(self, conn: Connection, video_id: str, now: float) -> Outcome:
         video = self._existing(conn, video_id)
         if video.status != "failed":
             raise Conflict(f"video {video_id} is {video.status}: only a failed video can be retried")
@@ -295,7 +294,7 @@ class Catalog:
         self._changed(outcome)
         return outcome.videos[0]
 
-    def _delete(self, conn: sqlite3.Connection, video_id: str, now: float) -> Outcome:
+    def _delete(self, conn: Connection, video_id: str, now: float) -> Outcome:
         video = tables.load_video(conn, _video_id(video_id, "path.video_id"))
         if video is None:
             # Where an upload's status_url leads: its event may still be on its way here.
@@ -340,7 +339,7 @@ class Catalog:
         if outcome.videos or outcome.scaled or outcome.announced:
             self.on_change(outcome)
 
-    def _fail(self, conn: sqlite3.Connection, video: Video, before: Video, reason: str, now: float) -> Outcome:
+    def _fail(self, conn: Connection, video: Video, before: Video, reason: str, now: float) -> Outcome:
         video.status = "failed"
         video.error = reason
         video.speed = None
@@ -350,19 +349,19 @@ class Catalog:
         )
         return outcome
 
-    def _tombstone(self, conn: sqlite3.Connection, video: Video, now: float) -> Outcome:
+    def _tombstone(self, conn: Connection, video: Video, now: float) -> Outcome:
         before = copy.deepcopy(video)
         video.status = "deleted"
         video.renditions = []
         video.poster_uri = video.progress = video.speed = video.error = None
         return self._save(conn, video, before, now)
 
-    def _announce(self, conn: sqlite3.Connection, kind: str, video: Video, event_id: str) -> int:
+    def _announce(self, conn: Connection, kind: str, video: Video, event_id: str) -> int:
         data = contract.VideoRecord.model_validate(video.record(self.public_url, with_uris=True))
         outbox.enqueue(conn, new_event(kind, SOURCE, data.dump(), id=event_id, partitionkey=video.video_id))
         return 1
 
-    def _existing(self, conn: sqlite3.Connection, video_id: str) -> Video:
+    def _existing(self, conn: Connection, video_id: str) -> Video:
         video = tables.load_video(conn, _video_id(video_id, "path.video_id"))
         if video is None:
             # Where an upload's status_url leads: its event may still be on its way here.
@@ -371,17 +370,17 @@ class Catalog:
             raise NotFound(f"video {video_id} was deleted")
         return video
 
-    def _load_or_new(self, conn: sqlite3.Connection, video_id: str, now: float) -> Video:
+    def _load_or_new(self, conn: Connection, video_id: str, now: float) -> Video:
         return tables.load_video(conn, video_id) or Video(video_id, created_at=now)
 
-    def _save(self, conn: sqlite3.Connection, video: Video, before: Video | None, now: float) -> Outcome:
+    def _save(self, conn: Connection, video: Video, before: Video | None, now: float) -> Outcome:
         """Write the video if it changed (a new version); the outcome lists it then."""
         if video == before and video.version > 0:  # version 0: never saved
             return Outcome()
         tables.write_video(conn, video, now)
         return Outcome(videos=[video])
 
-    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+    def _prune(self, conn: Connection, now: float) -> None:
         self._applied_since_prune += 1
         if self._applied_since_prune >= PRUNE_EVERY:
             self._applied_since_prune = 0

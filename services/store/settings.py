@@ -14,6 +14,11 @@ class StoreSettings(CommonSettings):
     catalog_path: Path | None = Field(
         None, description="SQLite file of the catalog; default DATA_DIR/store/catalog.db."
     )
+    store_database_url: str | None = Field(
+        None,
+        description="The catalog's database, overriding DATABASE_URL: postgresql://... (schema `store`, shared by "
+        "every store replica) or sqlite:///file.",
+    )
     store_public_url: str | None = Field(
         None, description="Address the router pushes events to and pages link to; default http://127.0.0.1:STORE_PORT."
     )
@@ -56,6 +61,11 @@ class StoreSettings(CommonSettings):
     @property
     def catalog_file(self) -> Path:
         return self.catalog_path or self.data_dir / "store" / "catalog.db"
+
+    @property
+    def catalog_database_url(self) -> str | None:
+        """Where the catalog is, as a URL; None: the SQLite file `catalog_file`."""
+        return self.service_database_url(self.store_database_url)
 
     @property
     def public_base_url(self) -> str:

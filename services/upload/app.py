@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -10,11 +13,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from router.client import RouterClient
+from router.client import RouterClient, full_jitter
 from services.common.auth import protect
 from services.common.blob_check import BlobStoreCheck
 from services.common.blobs import open_blob_store
 from services.common.body_limit import bound_request_bodies
+from services.common.db import make_database
+from services.common.errors import Unavailable
 from services.common.openapi import document_problems
 from services.common.ops import ReadinessCheck, ops_router
 from services.common.problems import install_problem_handlers
@@ -22,7 +27,7 @@ from services.common.supervisor import Supervisor
 from services.upload.api import ACCESS
 from services.upload.api import router as api_router
 from services.upload.metrics import UploadMetrics
-from services.upload.outbox import Outbox
+from services.upload.outbox import MIGRATIONS, POSTGRES_SCHEMA, Outbox
 from services.upload.settings import UploadSettings
 from services.upload.uploads import Uploads
 
@@ -33,6 +38,8 @@ sandboxed child process (only self-contained video containers pass), and announc
 """
 ROUTER_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 15.0
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -51,7 +58,15 @@ def create_app(
             store = open_blob_store(settings.blob_base_url)
             blob_check = BlobStoreCheck(store)
             app.state.blob_check = blob_check
-            outbox = Outbox(settings.outbox_file)
+            db = make_database(
+                settings.outbox_database_url,
+                path=settings.outbox_file,
+                schema=POSTGRES_SCHEMA,
+                migrations=MIGRATIONS,
+                name="upload outbox",
+            )
+            # On a database replicas share, each sweeps only the uploads it had begun.
+            outbox = Outbox(db, owner=settings.instance if db.shared else "")
             await outbox.open()
             stack.push_async_callback(outbox.close)
             # The relay owns retries and their timing: the client tries once per call.
@@ -72,7 +87,12 @@ def create_app(
                 on_failure=metrics.relay_failures.inc,
             )
             uploads = Uploads(store, outbox, settings, metrics, on_accepted=relay.wake)
-            await uploads.sweep()
+            try:
+                await uploads.sweep()
+            except Unavailable as exc:  # the database is away: uploads answer 503 meanwhile, the sweep waits
+                log.warning("cannot sweep interrupted uploads yet: %s", exc.detail)
+                sweeping = asyncio.create_task(_sweep_once_back(uploads), name="sweep")
+                stack.callback(sweeping.cancel)
             app.state.outbox = outbox
             app.state.uploads = uploads
             app.state.relay = relay
@@ -93,7 +113,8 @@ def create_app(
                 await supervisor.drain(timeout_s=DRAIN_TIMEOUT_S)
 
     async def refresh_gauges() -> None:
-        metrics.outbox_pending.set(await app.state.outbox.pending_count())
+        with contextlib.suppress(Unavailable):  # the last value stays while the database is away
+            metrics.outbox_pending.set(await app.state.outbox.pending_count())
 
     app = FastAPIOffline(title="CatTube upload", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -104,7 +125,11 @@ def create_app(
         check: BlobStoreCheck | None = getattr(app.state, "blob_check", None)  # made when the lifespan starts
         return "the service is starting" if check is None else await check.readiness()
 
-    readiness: list[ReadinessCheck] = [supervisor.readiness, blob_readiness]
+    async def database_readiness() -> str | None:
+        outbox: Outbox | None = getattr(app.state, "outbox", None)
+        return "the service is starting" if outbox is None else await outbox.db.readiness()
+
+    readiness: list[ReadinessCheck] = [supervisor.readiness, blob_readiness, database_readiness]
     app.include_router(ops_router(metrics.registry, readiness, before_scrape=refresh_gauges))
     app.include_router(api_router)
     protect(app, ACCESS, settings)
@@ -119,3 +144,16 @@ def create_app(
         expose_headers=["Location"],
     )
     return app
+
+
+async def _sweep_once_back(uploads: Uploads) -> None:
+    """Sweep as soon as the database answers again, trying with backoff (rows begun since start are left alone)."""
+    failures = 0
+    while True:
+        failures += 1
+        await asyncio.sleep(full_jitter(failures, 0.5, 30.0))
+        try:
+            await uploads.sweep()
+            return
+        except Unavailable as exc:
+            log.debug("cannot sweep interrupted uploads yet: %s", exc.detail)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -23,6 +24,19 @@ class UploadSettings(CommonSettings):
     max_concurrent_probes: int = Field(2, ge=1, le=64, description="Probes running at once (each is a process).")
     outbox_path: Path | None = Field(
         None, description="SQLite file of uploads and the outbox; default DATA_DIR/upload."
+    )
+    upload_database_url: str | None = Field(
+        None,
+        description="Uploads and the outbox, overriding DATABASE_URL: postgresql://... (schema `upload`, shared by "
+        "every upload replica) or sqlite:///file.",
+    )
+    instance: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=253,
+        pattern=r"^\S+$",
+        description="This replica's name, stable across restarts: on a shared database it sweeps only the uploads "
+        "it was receiving when it stopped; default the hostname.",
     )
     upload_public_url: str | None = Field(
         None, description="Base URL of this service in status_url; default the URL the request came to."
@@ -57,6 +71,11 @@ class UploadSettings(CommonSettings):
     @property
     def outbox_file(self) -> Path:
         return self.outbox_path or self.data_dir / "upload" / "outbox.db"
+
+    @property
+    def outbox_database_url(self) -> str | None:
+        """Where uploads and the outbox are, as a URL; None: the SQLite file `outbox_file`."""
+        return self.service_database_url(self.upload_database_url)
 
     @property
     def allowed_origins(self) -> list[str]:

@@ -11,14 +11,13 @@ import pytest
 from fastapi import FastAPI
 
 from router.client import RouterClient
-from services.common.database import Database
-from services.common.outbox import OUTBOX_SCHEMA
+from services.common.db import SQLiteDatabase
 from services.processing import events
-from services.processing.events import EventSink
+from services.processing.events import MIGRATIONS, EventSink
 
 
 def sink_for(path: Path, client: RouterClient) -> EventSink:
-    return EventSink(Database(path, OUTBOX_SCHEMA, name="outbox"), client)
+    return EventSink(SQLiteDatabase(path, MIGRATIONS, name="outbox"), client)
 
 
 async def test_events_the_router_cannot_take_wait_in_the_outbox_and_go_out_after_a_restart(
