@@ -49,7 +49,10 @@ class Connection(Protocol):
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
 
     def next_value(self, sequence: str) -> int:
-        """The next number of a counter that only grows, safe with any number of writers."""
+        """The next number of a counter that only grows, safe with any number of writers.
+
+        On PostgreSQL the counter is a sequence the part's migrations create; SQLite keeps its counters in a table.
+        """
         ...
 
 
