@@ -34,13 +34,16 @@ class PeerChanges:
         self.live = live
         self.channel = channel
         self.heard_total = 0
+        self.listening = asyncio.Event()
+        """Set once this replica hears the others (again after each gap)."""
         self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
         async for payload in self.db.notifications(self.channel):
-            if payload is None:
+            if payload is None:  # listening (again): what was said before is not known here
                 self.live.resync()
+                self.listening.set()
                 continue
             note = json.loads(payload)
             if note.get("origin") == self.db.origin:

@@ -200,11 +200,10 @@ class PostgresDatabase:
     async def notifications(self, channel: str) -> AsyncIterator[str | None]:
         """Payloads sent to `channel` (NOTIFY) by anyone, this process too, on one listening connection.
 
-        The connection is made again whenever it is lost, with backoff; None is yielded once it is
-        back, since whatever was sent meanwhile is gone.
+        None comes first, once listening, and again each time the connection, lost, is made again (with
+        backoff): what was sent while nobody listened is gone.
         """
         failures = 0
-        heard_before = False
         while True:
             inbox: asyncio.Queue[str | None] = asyncio.Queue()  # None: the connection ended
             heard, ended = _posting_to(inbox)
@@ -221,13 +220,14 @@ class PostgresDatabase:
                 continue
             try:
                 conn.add_termination_listener(ended)
-                if heard_before:
+                if failures:
                     log.info("listening on %s at %s again", channel, self.where)
-                    yield None
-                failures, heard_before = 0, True
+                failures = 0
+                yield None
                 while (payload := await _next(inbox, conn)) is not None:
                     yield payload
                 log.warning("lost the connection listening on %s at %s", channel, self.where)
+                failures = 1
             finally:
                 conn.terminate()
 
