@@ -147,6 +147,19 @@ class CommonSettings(BaseSettings):
         return any((self.token, self.service_token, self.user_token))
 
 
+def check_database_url(value: str | None, variable: str) -> str | None:
+    """A service's own database URL, checked at start (the message does not repeat it: it may hold a password)."""
+    if value is None or not value.strip():
+        return None  # empty means unset
+    scheme = urlsplit(value).scheme.lower()
+    if scheme not in ("postgresql", "postgres", "sqlite"):
+        raise ValueError(
+            f"{variable}: expected postgresql://user:password@host:port/database or sqlite:///file.db, "
+            f"got a URL of scheme {scheme or 'none'!r}"
+        )
+    return value
+
+
 def _is_http_url(url: str) -> bool:
     parts = urlsplit(url)
     try:

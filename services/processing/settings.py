@@ -7,9 +7,9 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from services.common.settings import CommonSettings
+from services.common.settings import CommonSettings, check_database_url
 
 MAX_WORKERS_LIMIT = 10_000
 X264_PRESETS = Literal[
@@ -75,6 +75,11 @@ class ProcessingSettings(CommonSettings):
         if self.min_workers > self.max_workers:
             raise ValueError(f"min_workers ({self.min_workers}) must not exceed max_workers ({self.max_workers})")
         return self
+
+    @field_validator("processing_database_url")
+    @classmethod
+    def _processing_database_url_valid(cls, value: str | None) -> str | None:
+        return check_database_url(value, "CATTUBE_PROCESSING_DATABASE_URL")
 
     @property
     def work_dir(self) -> Path:

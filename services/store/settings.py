@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from services.common.settings import CommonSettings
+from services.common.settings import CommonSettings, check_database_url
 
 
 class StoreSettings(CommonSettings):
@@ -57,6 +57,11 @@ class StoreSettings(CommonSettings):
                 f"to; it is {self.blob_base_url}): set CATTUBE_PLAYBACK=serve or use an S3 bucket"
             )
         return self
+
+    @field_validator("store_database_url")
+    @classmethod
+    def _store_database_url_valid(cls, value: str | None) -> str | None:
+        return check_database_url(value, "CATTUBE_STORE_DATABASE_URL")
 
     @property
     def catalog_file(self) -> Path:

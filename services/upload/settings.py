@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from services.common.errors import InvalidInput
-from services.common.settings import CommonSettings
+from services.common.settings import CommonSettings, check_database_url
 from services.upload.metadata import parse_renditions
 
 
@@ -63,6 +63,11 @@ class UploadSettings(CommonSettings):
         if not names:
             raise ValueError("name at least one rendition")
         return value
+
+    @field_validator("upload_database_url")
+    @classmethod
+    def _upload_database_url_valid(cls, value: str | None) -> str | None:
+        return check_database_url(value, "CATTUBE_UPLOAD_DATABASE_URL")
 
     @property
     def default_rendition_names(self) -> tuple[str, ...]:
