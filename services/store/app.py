@@ -29,7 +29,7 @@ from services.store.feed import Feed
 from services.store.live import Change, Live
 from services.store.metrics import StoreMetrics
 from services.store.settings import StoreSettings
-from services.store.tables import SCHEMA
+from services.store.tables import SCHEMA, migrate
 
 STATIC = Path(__file__).parent / "static"
 
@@ -51,7 +51,7 @@ def create_app(
     metrics = StoreMetrics()
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
     live = Live(settings.live_queue_size)
-    db = Database(settings.catalog_file, SCHEMA, name="catalog")
+    db = Database(settings.catalog_file, SCHEMA, name="catalog", migrate=migrate)
     client = RouterClient(settings.router_urls, token=settings.router_token, transport=router_transport)
     # The relay backs off on its own (and stops mid-wait at shutdown): no retries inside the client.
     relay_client = RouterClient(

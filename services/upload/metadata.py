@@ -8,8 +8,6 @@ Both raise `InvalidInput` naming the field and what would do.
 
 from __future__ import annotations
 
-import re
-
 from services.common.contract import RENDITION_NAMES
 from services.common.errors import InvalidInput
 from services.common.text import MAX_TITLE_CHARS, one_line
