@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from html import escape
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
@@ -22,7 +20,6 @@ from pydantic_core import PydanticCustomError
 
 from services.common.auth import Access, AccessRules, granted_access
 from services.common.blobs import BlobStore
-from services.common.contract import RENDITION_NAMES
 from services.common.errors import InvalidInput, NotFound, Unavailable
 from services.common.openapi import problems
 from services.common.problems import problem_response
@@ -31,6 +28,7 @@ from services.store.catalog import Catalog
 from services.store.feed import Feed
 from services.store.live import Change, Live
 from services.store.metrics import StoreMetrics
+from services.store.pages import bucket_origin
 from services.store.playback import (
     RangeNotSatisfiable,
     content_type_of,
@@ -51,6 +49,7 @@ router = APIRouter()
 ACCESS = AccessRules(
     [
         ("GET HEAD", "/", Access.PUBLIC),
+        ("GET HEAD", "/watch/{video_id}", Access.PUBLIC),
         ("GET HEAD", "/static/{path:path}", Access.PUBLIC),
         ("GET", "/videos", Access.PUBLIC),
         ("GET", "/videos/{video_id}", Access.PUBLIC),
@@ -390,7 +389,15 @@ async def inbox(
 
 
 @router.get("/events", response_class=StreamingResponse, tags=["events"])
-async def live_events(request: Request, live: LiveDep, settings: SettingsDep) -> StreamingResponse:
+async def live_events(
+    request: Request,
+    live: LiveDep,
+    settings: SettingsDep,
+    video_id: Annotated[
+        str | None,
+        Query(pattern=VIDEO_ID, description="Only this video's changes (a watch page), and no autoscaler's."),
+    ] = None,
+) -> StreamingResponse:
     """Server-sent events for the page: `ready` once listening, then `video` and `scaled` changes as they happen."""
 
     async def stream() -> AsyncIterator[str]:
@@ -406,7 +413,8 @@ async def live_events(request: Request, live: LiveDep, settings: SettingsDep) ->
                     continue
                 if change is None:
                     return
-                yield _sse(change, settings)
+                if video_id is None or (change.video is not None and change.video.video_id == video_id):
+                    yield _sse(change, settings)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
@@ -434,39 +442,21 @@ async def autoscaler_history(
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-async def page(request: Request, settings: SettingsDep) -> HTMLResponse:
-    """The web page: upload, the list with live status, players, the autoscaler chart."""
-    config = {
-        "upload_url": settings.upload_base_url,
-        "processing_url": settings.processing_base_url,
-        "token_required": settings.auth_enabled,
-        "renditions": RENDITION_NAMES,
-        "default_renditions": ["720p", "360p"],
-    }
-    # `<` escaped: the JSON cannot close its <script> element whatever a URL holds.
-    script = json.dumps(config).replace("<", "\\u003c")
-    action = escape(f"{settings.upload_base_url}/videos")
-    html = request.app.state.page_html.replace("{{CONFIG}}", script).replace("{{UPLOAD_ACTION}}", action)
-    upload = urlsplit(settings.upload_base_url)
-    origin = f"{upload.scheme}://{upload.netloc}"
-    public = urlsplit(settings.public_base_url)
-    own = f"{public.scheme}://{public.netloc}"  # the records' links, when the page is reached by another name
-    media = f"'self' {own}"
-    if settings.playback == "redirect":  # players and posters follow the 307 to the bucket
-        media += f" {await _bucket_origin(request.app.state.blobs)}"
-    csp = (
-        f"default-src 'self'; img-src 'self' data: {media}; media-src {media}; style-src 'self'; "
-        "script-src 'self'; "
-        f"connect-src 'self' {origin}; form-action 'self' {origin}; frame-ancestors 'none'; base-uri 'none'"
-    )
-    headers = {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+async def home_page(request: Request, settings: SettingsDep, blobs: BlobsDep) -> HTMLResponse:
+    """The home page: upload, the grid of posters with live status, the autoscaler chart."""
+    html, headers = request.app.state.pages.home(settings, await bucket_origin(settings, blobs))
     return HTMLResponse(html, headers=headers)
 
 
-async def _bucket_origin(blobs: BlobStore) -> str:
-    """The origin presigned URLs point at (path- or virtual-host-style, as the store signs them)."""
-    url = await blobs.presigned_url("origin", "GET", 60)
-    if url is None:
-        return ""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+@router.get("/watch/{video_id}", response_class=HTMLResponse, include_in_schema=False)
+async def watch_page(
+    request: Request, video_id: VideoId, catalog: CatalogDep, settings: SettingsDep, blobs: BlobsDep
+) -> HTMLResponse:
+    """One video's page: player, title, description, downloads, live status; 404 (still a page that follows
+    the live stream) while the store has not heard of the video, or once it is deleted."""
+    try:
+        record: dict[str, Any] | None = _shown(await catalog.get(video_id), settings)
+    except NotFound:
+        record = None
+    html, headers = request.app.state.pages.watch(settings, video_id, record, await bucket_origin(settings, blobs))
+    return HTMLResponse(html, status_code=200 if record else 404, headers=headers)
