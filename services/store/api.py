@@ -389,15 +389,7 @@ async def inbox(
 
 
 @router.get("/events", response_class=StreamingResponse, tags=["events"])
-async def live_events(
-    request: Request,
-    live: LiveDep,
-    settings: SettingsDep,
-    video_id: Annotated[
-        str | None,
-        Query(pattern=VIDEO_ID, description="Only this video's changes (a watch page), and no autoscaler's."),
-    ] = None,
-) -> StreamingResponse:
+async def live_events(request: Request, live: LiveDep, settings: SettingsDep) -> StreamingResponse:
     """Server-sent events for the page: `ready` once listening, then `video` and `scaled` changes as they happen."""
 
     async def stream() -> AsyncIterator[str]:
@@ -413,8 +405,7 @@ async def live_events(
                     continue
                 if change is None:
                     return
-                if video_id is None or (change.video is not None and change.video.video_id == video_id):
-                    yield _sse(change, settings)
+                yield _sse(change, settings)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)

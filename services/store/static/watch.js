@@ -1,6 +1,6 @@
 // The watch page of one video: the player (player.js), its title and description (editable with the
 // token), the renditions to download, the status while it is processed (live, from the store's
-// server-sent events for this video alone), and a link to share.
+// server-sent events: this video's changes), and a link to share.
 "use strict";
 
 import { mountPlayer } from "./player.js";
@@ -265,7 +265,7 @@ if (takeTokenFromAddress()) {
 }
 if (config.video) show(config.video);
 else missing("No such video here (yet): a video just uploaded appears in moments.");
-follow(`/events?video_id=${encodeURIComponent(videoId)}`, { onReady: load, onVideo: show });
+follow("/events", { onReady: load, onVideo: (video) => video.video_id === videoId && show(video) });
 // "uploaded 3 minutes ago" moves on while nothing changes.
 setInterval(() => {
   if (document.visibilityState === "visible" && shown && shown.status !== "deleted") show(shown);

@@ -6,13 +6,11 @@ import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
-from fastapi import FastAPI
 
 from services.common.blobs import FileBlobStore
 from services.store.app import create_app
@@ -35,9 +33,7 @@ async def sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, Any]]:
             name, data = "message", ""
 
 
-@asynccontextmanager
-async def serving(tmp_path: Path) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    """The store on a real socket (a server-sent event stream needs one), its subscription made; and a client."""
+async def test_a_page_hears_changes_as_they_happen_and_the_stream_ends_at_shutdown(tmp_path: Path) -> None:
     settings = StoreSettings(data_dir=tmp_path / "data", router_url="http://router", store_public_url="http://store")
     app = create_app(settings, exit_on_failure=False, router_transport=httpx.MockTransport(FakeRouter().handler))
     # Listening before the server starts: a client that connects early waits in the backlog, no polling needed.
@@ -46,61 +42,38 @@ async def serving(tmp_path: Path) -> AsyncIterator[tuple[FastAPI, httpx.AsyncCli
     sock.listen()
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         async with asyncio.timeout(10):
             await app.state.feed.subscribed.wait()
+            bucket = FileBlobStore(tmp_path / "data" / "bucket")
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-                yield app, client
+                async with client.stream("GET", "/events") as stream:
+                    assert stream.headers["content-type"].startswith("text/event-stream")
+                    events = sse(stream.aiter_lines())
+                    assert await anext(events) == ("ready", {})
+
+                    async def deliver(e: dict[str, Any]) -> None:
+                        body = json.dumps(e)
+                        assert (await client.post("/inbox", content=body, headers=signed(body))).status_code == 204
+
+                    await deliver(uploaded("v1", bucket))
+                    kind, video = await anext(events)
+                    assert (kind, video["video_id"], video["status"]) == ("video", "v1", "uploaded")
+                    assert video["version"] == 1
+                    await deliver(event("cattube.transcode.progress", {"video_id": "v1", "percent": 42.0}))
+                    kind, video = await anext(events)
+                    assert (video["status"], video["progress"], video["version"]) == ("processing", 42.0, 2)
+                    data = {"from": 0, "to": 1, "backlog": 1, "in_flight": 0, "reason": "1 job"}
+                    await deliver(event("cattube.processing.scaled", data))
+                    assert (await anext(events))[0] == "scaled"
+
+                    app.state.begin_shutdown()  # what SIGTERM does: open streams end, so shutdown is not held up
+                    assert [item async for item in events] == []
     finally:
         server.should_exit = True
-        await task
+        await serving
         sock.close()
-
-
-async def deliver(client: httpx.AsyncClient, e: dict[str, Any]) -> None:
-    body = json.dumps(e)
-    assert (await client.post("/inbox", content=body, headers=signed(body))).status_code == 204
-
-
-async def test_a_page_hears_changes_as_they_happen_and_the_stream_ends_at_shutdown(tmp_path: Path) -> None:
-    bucket = FileBlobStore(tmp_path / "data" / "bucket")
-    async with serving(tmp_path) as (app, client), client.stream("GET", "/events") as stream:
-        assert stream.headers["content-type"].startswith("text/event-stream")
-        events = sse(stream.aiter_lines())
-        assert await anext(events) == ("ready", {})
-
-        await deliver(client, uploaded("v1", bucket))
-        kind, video = await anext(events)
-        assert (kind, video["video_id"], video["status"]) == ("video", "v1", "uploaded")
-        assert video["version"] == 1
-        await deliver(client, event("cattube.transcode.progress", {"video_id": "v1", "percent": 42.0}))
-        kind, video = await anext(events)
-        assert (video["status"], video["progress"], video["version"]) == ("processing", 42.0, 2)
-        data = {"from": 0, "to": 1, "backlog": 1, "in_flight": 0, "reason": "1 job"}
-        await deliver(client, event("cattube.processing.scaled", data))
-        assert (await anext(events))[0] == "scaled"
-
-        app.state.begin_shutdown()  # what SIGTERM does: open streams end, so shutdown is not held up
-        assert [item async for item in events] == []
-
-
-async def test_a_watch_page_hears_its_own_video_only(tmp_path: Path) -> None:
-    bucket = FileBlobStore(tmp_path / "data" / "bucket")
-    async with serving(tmp_path) as (app, client), client.stream("GET", "/events?video_id=v2") as stream:
-        events = sse(stream.aiter_lines())
-        assert await anext(events) == ("ready", {})
-        await deliver(client, uploaded("v1", bucket))
-        data = {"from": 0, "to": 1, "backlog": 1, "in_flight": 0, "reason": "1 job"}
-        await deliver(client, event("cattube.processing.scaled", data))
-        await deliver(client, uploaded("v2", bucket))
-        assert (await client.patch("/videos/v2", json={"title": "Mittens"})).status_code == 200
-        app.state.begin_shutdown()
-        heard = [(kind, video["video_id"], video["title"]) async for kind, video in events]
-        assert heard == [("video", "v2", "Whiskers on the beach"), ("video", "v2", "Mittens")]
-    async with serving(tmp_path) as (app, client):
-        refused = await client.get("/events", params={"video_id": "../v1"})
-        assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == "query.video_id"
 
 
 async def test_a_listener_that_falls_behind_is_dropped_not_waited_for() -> None:
