@@ -22,6 +22,9 @@ import {
 
 const videoId = config.video_id;
 let shown = null; // the record on the page (the highest version seen)
+// An upload's page may be opened before the store hears of the video: the live stream then brings it.
+const NOT_HERE =
+  "This video is not here: it was deleted, or it was uploaded a moment ago and appears here by itself once the store hears of it.";
 
 // -- showing the video ----------------------------------------------------------------------------
 
@@ -139,10 +142,8 @@ function missing(text) {
 async function load() {
   const response = await fetch(`/videos/${encodeURIComponent(videoId)}`);
   if (response.ok) return show(await response.json());
-  if (response.status === 404 && !shown) {
-    // An upload's page may be opened before the store hears of the video: the live stream brings it.
-    missing(`${await problemText(response)}.`);
-  }
+  // Shown before and gone now: deleted while this page was away from the stream.
+  if (response.status === 404) missing(shown ? "This video was deleted." : NOT_HERE);
 }
 
 // -- what a person with the token may do ----------------------------------------------------------
@@ -264,7 +265,7 @@ if (takeTokenFromAddress()) {
   say($("#action-status"), "error", "The token in this page's address could not be read (the link looks cut short).");
 }
 if (config.video) show(config.video);
-else missing("No such video here (yet): a video just uploaded appears in moments.");
+else missing(NOT_HERE);
 follow("/events", { onReady: load, onVideo: (video) => video.video_id === videoId && show(video) });
 // "uploaded 3 minutes ago" moves on while nothing changes.
 setInterval(() => {
