@@ -30,6 +30,7 @@ from services.store.catalog import Catalog, Outcome
 from services.store.feed import Feed
 from services.store.live import Change, Live
 from services.store.metrics import StoreMetrics
+from services.store.pages import Pages
 from services.store.peers import PeerChanges
 from services.store.settings import StoreSettings
 from services.store.tables import CATALOG, POSTGRES_SCHEMA
@@ -39,8 +40,8 @@ STATIC = Path(__file__).parent / "static"
 DESCRIPTION = """
 CatTube's store service: a catalog of videos fed only by the router's events (idempotent, forward
 only), renditions and posters streamed from the bucket with HTTP ranges, `cattube.video.ready` /
-`.failed` / `.retry-requested` / `.deleted` published through an outbox, and a web page (`/`)
-with live status, players and the autoscaler's chart.
+`.failed` / `.retry-requested` / `.updated` / `.deleted` published through an outbox, and web pages:
+`/` (upload, a grid of posters with live status, the autoscaler's chart) and `/watch/{id}` (one video).
 """
 
 
@@ -133,7 +134,7 @@ def create_app(
     app.state.feed = feed
     app.state.relay = relay
     app.state.peers = peers
-    app.state.page_html = (STATIC / "index.html").read_text(encoding="utf-8")
+    app.state.pages = Pages(STATIC)
     install_problem_handlers(app)
     app.include_router(
         ops_router(

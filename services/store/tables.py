@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS videos (
     video_id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
     title TEXT,
+    description TEXT,
     master TEXT,
     probe TEXT,
     requested TEXT NOT NULL DEFAULT '[]',
@@ -46,6 +47,7 @@ CREATE TABLE IF NOT EXISTS videos (
     worker TEXT,
     elapsed_s REAL,
     round INTEGER NOT NULL DEFAULT 0,
+    edits INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     version INTEGER NOT NULL
@@ -89,6 +91,7 @@ CREATE TABLE videos (
     video_id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
     title TEXT,
+    description TEXT,
     master TEXT,
     probe TEXT,
     requested TEXT NOT NULL DEFAULT '[]',
@@ -102,6 +105,7 @@ CREATE TABLE videos (
     worker TEXT,
     elapsed_s DOUBLE PRECISION,
     round INTEGER NOT NULL DEFAULT 0,
+    edits INTEGER NOT NULL DEFAULT 0,
     created_at DOUBLE PRECISION NOT NULL,
     updated_at DOUBLE PRECISION NOT NULL,
     version BIGINT NOT NULL
@@ -139,6 +143,21 @@ CREATE TABLE scaling (
 CREATE INDEX scaling_by_time ON scaling (at);
 """
 
+# Columns added before catalogs had versions: a file from then may lack them (the CREATE TABLE IF NOT EXISTS
+# of step 1 leaves its table as it was) or have them already, so step 3 looks before it adds.
+_COLUMNS_FROM_BEFORE_VERSIONS = {
+    "videos": {"description": "TEXT", "edits": "INTEGER NOT NULL DEFAULT 0"},
+}
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    for table, columns in _COLUMNS_FROM_BEFORE_VERSIONS.items():
+        present = {row[1] for row in conn.fetch(f"PRAGMA table_info({table})")}
+        for name, declaration in columns.items():
+            if name not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
+
+
 CATALOG = Migrations(
     "catalog",
     sqlite=(
@@ -146,6 +165,8 @@ CATALOG = Migrations(
         # 2: versions from a counter (a catalog from before goes on from its highest version).
         f"INSERT INTO sequences (name, value) SELECT '{VERSIONS}', COALESCE(MAX(version), 0) FROM videos WHERE true"
         " ON CONFLICT (name) DO NOTHING;",
+        # 3: descriptions and edits, for a file from before them.
+        _add_missing_columns,
     ),
     postgres=(
         POSTGRES_TABLES,
@@ -170,8 +191,9 @@ CREATE TRIGGER scaling_changed AFTER INSERT ON scaling
 )
 
 _VIDEO_COLUMNS = (
-    "video_id", "status", "title", "master", "probe", "requested", "skipped", "poster_uri", "error", "last_error",
-    "progress", "speed", "attempt", "worker", "elapsed_s", "round", "created_at", "updated_at", "version",
+    "video_id", "status", "title", "description", "master", "probe", "requested", "skipped", "poster_uri", "error",
+    "last_error", "progress", "speed", "attempt", "worker", "elapsed_s", "round", "edits", "created_at", "updated_at",
+    "version",
 )  # fmt: skip
 _JSON_COLUMNS = frozenset({"master", "probe", "requested", "skipped"})
 

@@ -17,12 +17,14 @@ the connection, and leave side effects (waking a relay, publishing a change) to 
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
+PART_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 class Row(Protocol):
@@ -56,21 +58,26 @@ class Connection(Protocol):
         ...
 
 
+Step = str | Callable[["Connection"], None]
+"""A migration step: a SQL script, or a function of the connection for what SQL cannot say alone."""
+
+
 @dataclass(frozen=True)
 class Migrations:
     """The tables of one part (the catalog, the outbox), as numbered steps per engine, applied forward once.
 
-    Step n (counting from 1) brings the part to version n; the version reached is kept per part in
-    the database, so a step is never run twice and a new one is appended, never edited in place.
+    Step n (counting from 1) brings the part to version n on that engine; the version reached is
+    kept per part in the database, so a step is never run twice, and a new one is appended, never
+    edited in place. Each engine's list is its own history (a database is only ever one engine).
     """
 
     name: str
-    sqlite: tuple[str, ...]
-    postgres: tuple[str, ...]
+    sqlite: tuple[Step, ...]
+    postgres: tuple[Step, ...]
 
     def __post_init__(self) -> None:
-        if len(self.sqlite) != len(self.postgres):
-            raise ValueError(f"{self.name}: one step per engine for every version")
+        if PART_NAME.fullmatch(self.name) is None:
+            raise ValueError(f"part name {self.name!r}: expected a lowercase identifier")
 
 
 class Database(Protocol):

@@ -187,7 +187,11 @@ class PostgresDatabase:
                 f"({len(part.postgres)}): run the newer version"
             )
         for version, step in enumerate(part.postgres[current:], start=current + 1):
-            await raw.execute(step)
+            if isinstance(step, str):
+                await raw.execute(step)
+            else:  # a plain function, like a transaction's: on a worker thread, its statements back on the loop
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, step, BridgedConnection(raw, loop))
             await raw.execute(
                 "INSERT INTO schema_versions (name, version, migrated_at) VALUES ($1, $2, $3) "
                 "ON CONFLICT (name) DO UPDATE SET version = excluded.version, migrated_at = excluded.migrated_at",

@@ -153,14 +153,20 @@ def _migrate(conn: sqlite3.Connection, part: Migrations, path: Path) -> None:
             f"({len(part.sqlite)}): run the newer version, or restore a backup"
         )
     for version, step in enumerate(part.sqlite[current:], start=current + 1):
-        # executescript takes no parameters: the version and the time are numbers we made, the name a constant.
+        # executescript takes no parameters: the version and the time are numbers we made, the name an identifier.
         record = (
             "INSERT INTO schema_versions (name, version, migrated_at) "
             f"VALUES ('{part.name}', {version}, {time.time()}) "
             "ON CONFLICT (name) DO UPDATE SET version = excluded.version, migrated_at = excluded.migrated_at;"
         )
         try:
-            conn.executescript(f"BEGIN IMMEDIATE;\n{step}\n;{record}\nCOMMIT;")
+            if isinstance(step, str):
+                conn.executescript(f"BEGIN IMMEDIATE;\n{step}\n;{record}\nCOMMIT;")
+            else:
+                conn.execute("BEGIN IMMEDIATE")  # not executescript from here: it would commit first
+                step(SQLiteConnection(conn))
+                conn.execute(record)
+                conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
