@@ -21,11 +21,19 @@ NOTES_V1 = Migrations(
     sqlite=("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL);",),
     postgres=("CREATE TABLE notes (id BIGINT PRIMARY KEY, body TEXT NOT NULL); CREATE SEQUENCE ids;",),
 )
-# The same part a release later: one step appended (a step that ran twice would fail: the column exists).
+
+
+def sign_old_notes(conn: Connection) -> None:
+    """A step SQL alone would not say as clearly: a function of the connection, in the migration's transaction."""
+    conn.execute("UPDATE notes SET author = ? WHERE author = 'someone'", "the cat")
+
+
+# The same part a release later: steps appended (a step that ran twice would fail: the column exists).
+ADD_AUTHOR = "ALTER TABLE notes ADD COLUMN author TEXT NOT NULL DEFAULT 'someone';"
 NOTES_V2 = Migrations(
     "notes",
-    sqlite=(*NOTES_V1.sqlite, "ALTER TABLE notes ADD COLUMN author TEXT NOT NULL DEFAULT 'someone';"),
-    postgres=(*NOTES_V1.postgres, "ALTER TABLE notes ADD COLUMN author TEXT NOT NULL DEFAULT 'someone';"),
+    sqlite=(*NOTES_V1.sqlite, ADD_AUTHOR, sign_old_notes),
+    postgres=(*NOTES_V1.postgres, ADD_AUTHOR, sign_old_notes),
 )
 
 
@@ -43,8 +51,8 @@ async def test_migrations_run_forward_once_and_a_new_step_at_the_next_start(data
         await db.open()
         try:
             row = await db.transact(lambda conn: conn.fetchrow("SELECT body, author FROM notes WHERE id = ?", 1))
-            assert row is not None and (row["body"], row["author"]) == ("purr", "someone")
-            assert await db.transact(version_of, "notes") == 2
+            assert row is not None and (row["body"], row["author"]) == ("purr", "the cat")
+            assert await db.transact(version_of, "notes") == 3
         finally:
             await db.close()
 
@@ -55,7 +63,7 @@ async def test_tables_newer_than_this_code_are_refused_naming_the_versions(datab
     await db.close()
     older = database_for("notes", [NOTES_V1])
     try:
-        with pytest.raises(Unavailable, match=r"notes tables at version 2, newer than this CatTube knows \(1\)"):
+        with pytest.raises(Unavailable, match=r"notes tables at version 3, newer than this CatTube knows \(1\)"):
             await older.open()  # SQLite refuses at start; PostgreSQL starts and refuses every transaction
             await older.transact(lambda conn: conn.fetchval("SELECT 1"))
     finally:
