@@ -47,7 +47,3 @@ def sqlite_path(url: str) -> Path:
     if parts.netloc or len(parts.path) < 2:
         raise ValueError(f"database URL {url!r}: expected sqlite:///relative/file.db or sqlite:////absolute/file.db")
     return Path(unquote(parts.path[1:]))
-
-
-def is_postgres(url: str | None) -> bool:
-    return url is not None and urlsplit(url).scheme.lower() in POSTGRES_SCHEMES
