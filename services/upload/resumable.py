@@ -181,6 +181,9 @@ class Resumable:
                     await file.sync()
                     await self.partials.commit(partial.upload_id, file.offset)
                     promised = file.offset
+                    log.debug(
+                        "resumable upload %s: checkpoint, %d bytes on disk and promised", partial.upload_id, promised
+                    )
 
         turn.reader = asyncio.ensure_future(read())
         try:
