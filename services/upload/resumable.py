@@ -35,7 +35,7 @@ import aiofiles
 from services.common.errors import CatTubeError, Conflict, InsufficientStorage, InvalidInput, NotFound, PayloadTooLarge
 from services.upload.metadata import clean_title, parse_renditions, title_from_filename
 from services.upload.partials import Partial, PartialFile, Partials
-from services.upload.tus import Checksum, parse_metadata
+from services.upload.tus import Checksum, parse_checksum, parse_metadata
 from services.upload.uploads import NO_SPACE, Uploads, _pieces
 
 __all__ = ["CHECKPOINT_BYTES", "ExpirySweeper", "Resumable"]
@@ -123,9 +123,12 @@ class Resumable:
         body: AsyncIterable[bytes],
         *,
         declared_bytes: int | None,
-        checksum: Checksum | None,
+        checksum: str | None,
     ) -> Partial:
-        """Write `body` at `offset`; returns the upload as it now stands (complete after its last byte)."""
+        """Write `body` at `offset`; returns the upload as it now stands (complete after its last byte).
+
+        `checksum` is the PATCH's `Upload-Checksum`, read once the upload is known to exist and be at `offset`.
+        """
         async with self._turn(upload_id) as turn:
             partial = await self._known(upload_id)
             if partial.complete:
@@ -144,9 +147,10 @@ class Resumable:
             remaining = partial.length - offset
             if declared_bytes is not None and declared_bytes > remaining:
                 raise PayloadTooLarge("body", f"at most {remaining} bytes (Upload-Length - Upload-Offset)")
+            expected = parse_checksum(checksum)
             try:
                 with self.partials.writer(upload_id, offset) as file:
-                    await self._receive(turn, partial, file, body, checksum)
+                    await self._receive(turn, partial, file, body, expected)
                     if file.offset < partial.length:
                         await file.sync()
                         expires_at = await self.partials.commit(upload_id, file.offset)

@@ -33,7 +33,6 @@ from services.upload.tus import (
     OFFSET_OCTET_STREAM,
     VERSION,
     VersionMismatch,
-    parse_checksum,
     require_offset_stream,
     require_version,
     upload_length,
@@ -78,6 +77,8 @@ def _header(name: str, schema: dict[str, Any], description: str, *, required: bo
     return {"name": name, "in": "header", "required": required, "schema": schema, "description": description}
 
 
+# `<algorithm> <base64 digest>`, the digest of the algorithm's size (20, 16 and 32 bytes).
+CHECKSUM_PATTERN = r"^(sha1 [A-Za-z0-9+/]{27}=|md5 [A-Za-z0-9+/]{22}==|sha256 [A-Za-z0-9+/]{43}=)$"
 TUS_RESUMABLE = _header("Tus-Resumable", {"type": "string", "enum": [VERSION]}, "The tus version (412 otherwise).")
 
 
@@ -189,7 +190,7 @@ async def upload_offset_of(upload_id: str, request: Request, resumable: Resumabl
             ),
             _header(
                 "Upload-Checksum",
-                {"type": "string"},
+                {"type": "string", "pattern": CHECKSUM_PATTERN},
                 f"`<algorithm> <base64 digest>` of the body; algorithms: {', '.join(CHECKSUM_ALGORITHMS)}.",
                 required=False,
             ),
@@ -207,14 +208,13 @@ async def append_to_upload(upload_id: str, request: Request, resumable: Resumabl
         require_version(request.headers)
         require_offset_stream(request.headers)
         offset = upload_offset(request.headers)
-        checksum = parse_checksum(request.headers.get("upload-checksum"))
         declared = request.headers.get("content-length")
         partial = await resumable.append(
             upload_id,
             offset,
             request.stream(),
             declared_bytes=int(declared) if declared and declared.isdigit() else None,
-            checksum=checksum,
+            checksum=request.headers.get("upload-checksum"),
         )
         return Response(status_code=204, headers=_tus_headers(partial))
 
