@@ -226,7 +226,7 @@ class Resumable:
         # Accepted already when a crash came between the acceptance and noting it here.
         if await self.uploads.outbox.get(upload_id) is None:
             title = partial.title
-            if title is None and partial.filename:
+            if not (title and clean_title(title)) and partial.filename:  # as a form's file name stands in for it
                 title = title_from_filename(partial.filename)
             try:
                 await self.uploads.receive(

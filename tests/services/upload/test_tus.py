@@ -96,7 +96,9 @@ async def test_an_upload_in_pieces_becomes_a_video(
     upload: httpx.AsyncClient, clip: bytes, bucket: Path, partials_dir: Path
 ) -> None:
     video = padded(clip, 3 * 1024 * 1024 + 17)
-    upload_id = await create(upload, len(video), filename="Whiskers at the beach.mp4", renditions="720p, 360p")
+    upload_id = await create(
+        upload, len(video), filename="Whiskers at the beach.mp4", title=" \t", renditions="720p, 360p"
+    )
     assert await offset_of(upload, upload_id) == 0
     head = await upload.head(f"/uploads/{upload_id}", headers=TUS)
     assert head.headers["upload-length"] == str(len(video))
