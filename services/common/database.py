@@ -1,6 +1,6 @@
 """One SQLite connection on one thread: a service's tables and its outbox, written in order, one transaction at a time.
 
-    db = Database(path, SCHEMA, name="catalog")
+    db = Database(path, SCHEMA, name="catalog", migrate=migrate)   # migrate: adds what an older file lacks
     await db.open()
     video = await db.transact(load_video, "v1")     # load_video(conn, "v1") runs on the database thread
     await db.close()
@@ -30,10 +30,19 @@ T = TypeVar("T")
 class Database:
     """A SQLite file in WAL mode, written with synchronous=FULL; `name` says what it holds, in messages."""
 
-    def __init__(self, path: Path, schema: str, *, name: str = "database") -> None:
+    def __init__(
+        self,
+        path: Path,
+        schema: str,
+        *,
+        name: str = "database",
+        migrate: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
         self.path = path
         self.schema = schema
         self.name = name
+        # Brings a file made by an older version up to `schema` (which only creates what is missing).
+        self.migrate = migrate
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
 
@@ -50,6 +59,8 @@ class Database:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(self.schema)
+        if self.migrate is not None:
+            self.migrate(conn)
         self._conn = conn
 
     async def transact(

@@ -28,7 +28,7 @@ class CommonSettings(BaseSettings):
         None, description="The service token: publish, receive/ack, subscriptions (what services call with)."
     )
     user_token: SecretStr | None = Field(
-        None, description="The user token: upload, list, retry, delete videos (what the page holds)."
+        None, description="The user token: upload, list, edit, retry, delete videos (what the page holds)."
     )
     host: str = Field("127.0.0.1", description="Interface the service listens on.")
     router_port: int = Field(8700, ge=1, le=65535)

@@ -28,16 +28,17 @@ from services.store.catalog import Catalog, Outcome
 from services.store.feed import Feed
 from services.store.live import Change, Live
 from services.store.metrics import StoreMetrics
+from services.store.pages import Pages
 from services.store.settings import StoreSettings
-from services.store.tables import SCHEMA
+from services.store.tables import SCHEMA, migrate
 
 STATIC = Path(__file__).parent / "static"
 
 DESCRIPTION = """
 CatTube's store service: a catalog of videos fed only by the router's events (idempotent, forward
 only), renditions and posters streamed from the bucket with HTTP ranges, `cattube.video.ready` /
-`.failed` / `.retry-requested` / `.deleted` published through an outbox, and a web page (`/`)
-with live status, players and the autoscaler's chart.
+`.failed` / `.retry-requested` / `.updated` / `.deleted` published through an outbox, and web pages:
+`/` (upload, a grid of posters with live status, the autoscaler's chart) and `/watch/{id}` (one video).
 """
 
 
@@ -51,7 +52,7 @@ def create_app(
     metrics = StoreMetrics()
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
     live = Live(settings.live_queue_size)
-    db = Database(settings.catalog_file, SCHEMA, name="catalog")
+    db = Database(settings.catalog_file, SCHEMA, name="catalog", migrate=migrate)
     client = RouterClient(settings.router_urls, token=settings.router_token, transport=router_transport)
     # The relay backs off on its own (and stops mid-wait at shutdown): no retries inside the client.
     relay_client = RouterClient(
@@ -117,7 +118,7 @@ def create_app(
     app.state.live = live
     app.state.feed = feed
     app.state.relay = relay
-    app.state.page_html = (STATIC / "index.html").read_text(encoding="utf-8")
+    app.state.pages = Pages(STATIC)
     install_problem_handlers(app)
     app.include_router(
         ops_router(

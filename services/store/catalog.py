@@ -4,6 +4,7 @@
     await catalog.apply(event)          # each delivery, verified; repeats and stale events change nothing
     video = await catalog.get("v1")     # or catalog.page(limit=20, status="ready")
     await catalog.request_retry("v1")   # a person asks: failed -> processing, `retry-requested` owed
+    await catalog.edit("v1", title="Mittens", description="Asleep again")   # `updated` owed
     await catalog.delete("v1")          # tombstone, `deleted` owed
 
 Each event is applied once: its `source`+`id` is recorded in the transaction that applies it, so
@@ -27,6 +28,12 @@ The one step back is a person's: `request_retry` moves a failed video to process
 new *round*. A dead letter from an earlier round (its job was the upload, or an older retry) no
 longer fails the video. When a video becomes ready or failed, the `cattube.video.ready` /
 `.failed` event is recorded in the outbox in the same transaction.
+
+A person's edit of the title or description (`edit`) is the other command: it counts the video's
+`edits` and owes `cattube.video.updated` with the whole of the new text and that count as its
+`revision`. An update event is applied only if its revision is higher than the video's (so the
+store's own, coming back through its subscription, changes nothing, and a late one never undoes a
+newer edit), and once a video has been edited, its upload event no longer sets the title.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from services.common import contract, outbox
 from services.common.blobs import video_key
 from services.common.database import Database
 from services.common.errors import Conflict, InvalidInput, NotFound
+from services.common.text import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, one_line, paragraphs
 from services.store import tables
 from services.store.records import Rendition, ScalingPoint, Video
 from services.store.tables import Page
@@ -99,6 +107,7 @@ class Catalog:
             contract.DEAD_LETTERED: self._on_dead_lettered,
             contract.PROCESSING_SCALED: self._on_scaled,
             contract.VIDEO_DELETED: self._on_deleted,
+            contract.VIDEO_UPDATED: self._on_updated,
         }
 
     # -- events -----------------------------------------------------------------------------------
@@ -129,8 +138,9 @@ class Catalog:
         if video.status == "deleted":
             return Outcome(ignored="the video was deleted")
         before = copy.deepcopy(video)
-        # What an event left out stays as it was: a row created by an earlier event keeps what it learned.
-        if data.title is not None:
+        # What an event left out stays as it was: a row created by an earlier event keeps what it learned,
+        # and a title a person chose is newer than the upload's, whenever the upload arrives.
+        if data.title is not None and not video.edits:
             video.title = data.title
         if data.master is not None:
             video.master = data.master.dump()
@@ -251,6 +261,20 @@ class Catalog:
             return Outcome(ignored="nothing to delete")
         return self._tombstone(conn, video, now)
 
+    def _on_updated(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        data = contract.parse(event, contract.VideoUpdated)
+        video = self._load_or_new(conn, data.video_id, now)
+        if video.status == "deleted":
+            return Outcome(ignored="the video was deleted")
+        if data.revision <= video.edits:
+            return Outcome(ignored=f"edit {data.revision} is not newer than edit {video.edits}")
+        before = copy.deepcopy(video)
+        video.edits = data.revision
+        if data.title is not None:
+            video.title = data.title
+        video.description = data.description
+        return self._save(conn, video, before, now)
+
     # -- commands ---------------------------------------------------------------------------------
 
     async def request_retry(self, video_id: str) -> Video:
@@ -288,6 +312,44 @@ class Catalog:
         outbox.enqueue(conn, event)
         outcome.announced += 1
         return outcome
+
+    async def edit(self, video_id: str, *, title: str | None = None, description: str | None = None) -> Video:
+        """Change what a person edits (None leaves a field as it is; an empty description removes it).
+
+        The text is cleaned (`services.common.text`) and checked after the video is found: `InvalidInput`
+        names `body.title` (1 to 200 characters once cleaned) or `body.description` (at most 5000).
+        A change owes `cattube.video.updated`; the same text again changes nothing and owes nothing.
+        """
+        outcome, video = await self.db.transact(self._edit, video_id, title, description, time.time())
+        self._changed(outcome)
+        return video
+
+    def _edit(
+        self, conn: sqlite3.Connection, video_id: str, title: str | None, description: str | None, now: float
+    ) -> tuple[Outcome, Video]:
+        video = self._existing(conn, video_id)
+        before = copy.deepcopy(video)
+        if title is not None:
+            video.title = one_line(title)
+            if not 1 <= len(video.title) <= MAX_TITLE_CHARS:
+                raise InvalidInput(
+                    "body.title", f"1 to {MAX_TITLE_CHARS} characters other than spaces and control characters"
+                )
+        if description is not None:
+            video.description = paragraphs(description) or None
+            if len(video.description or "") > MAX_DESCRIPTION_CHARS:
+                raise InvalidInput("body.description", f"at most {MAX_DESCRIPTION_CHARS} characters")
+        if video == before:
+            return Outcome(), video
+        video.edits += 1
+        outcome = self._save(conn, video, before, now)
+        data = contract.VideoUpdated(
+            video_id=video.video_id, title=video.title, description=video.description, revision=video.edits
+        )
+        event_id = f"{video.video_id}/updated/{video.edits}"
+        outbox.enqueue(conn, new_event(contract.VIDEO_UPDATED, SOURCE, data.dump(), id=event_id, partitionkey=video_id))
+        outcome.announced += 1
+        return outcome, video
 
     async def delete(self, video_id: str) -> Video:
         """Leave a tombstone and owe `cattube.video.deleted` (its consumer removes the blobs). Idempotent."""

@@ -39,6 +39,7 @@ class Video:
     video_id: str
     status: str = "uploaded"
     title: str | None = None
+    description: str | None = None
     master: dict[str, Any] | None = None
     probe: dict[str, Any] | None = None
     requested: list[str] = field(default_factory=list)
@@ -54,6 +55,8 @@ class Video:
     elapsed_s: float | None = None
     round: int = 0
     """0 for the upload, then one more for each retry a person asked for."""
+    edits: int = 0
+    """How many times a person changed the title or description (the `revision` of `cattube.video.updated`)."""
     created_at: float = 0.0
     updated_at: float = 0.0
     version: int = 0
@@ -108,7 +111,9 @@ class Video:
         record: dict[str, Any] = {
             "video_id": self.video_id,
             "title": self.title,
+            "description": self.description,
             "status": self.status,
+            "watch_url": f"{base_url.rstrip('/')}/watch/{self.video_id}",
             "renditions": renditions,
             "poster_url": f"{own}/poster" if self.poster_uri else None,
             "error": self.error,

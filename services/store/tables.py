@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS videos (
     video_id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
     title TEXT,
+    description TEXT,
     master TEXT,
     probe TEXT,
     requested TEXT NOT NULL DEFAULT '[]',
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS videos (
     worker TEXT,
     elapsed_s REAL,
     round INTEGER NOT NULL DEFAULT 0,
+    edits INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     version INTEGER NOT NULL
@@ -79,10 +81,27 @@ CREATE INDEX IF NOT EXISTS scaling_by_time ON scaling (at);
 )
 
 _VIDEO_COLUMNS = (
-    "video_id", "status", "title", "master", "probe", "requested", "skipped", "poster_uri", "error", "last_error",
-    "progress", "speed", "attempt", "worker", "elapsed_s", "round", "created_at", "updated_at", "version",
+    "video_id", "status", "title", "description", "master", "probe", "requested", "skipped", "poster_uri", "error",
+    "last_error", "progress", "speed", "attempt", "worker", "elapsed_s", "round", "edits", "created_at", "updated_at",
+    "version",
 )  # fmt: skip
 _JSON_COLUMNS = frozenset({"master", "probe", "requested", "skipped"})
+
+
+# Columns added since the first catalogs were made: `migrate` adds them to an older file, where the
+# schema's CREATE TABLE IF NOT EXISTS leaves the table as it was.
+_ADDED_COLUMNS = {
+    "videos": {"description": "TEXT", "edits": "INTEGER NOT NULL DEFAULT 0"},
+}
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a catalog made by an older version up to `SCHEMA` (run after it, at every open)."""
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, declaration in columns.items():
+            if name not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
 
 @dataclass(frozen=True)

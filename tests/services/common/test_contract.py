@@ -64,7 +64,8 @@ def processing_events(video_id: str = "v1") -> list[dict[str, Any]]:
 
 
 async def store_events(tmp_path: Path) -> list[dict[str, Any]]:
-    """What the store publishes when fed the real producers' events: ready, failed, retry-requested, deleted."""
+    """What the store publishes when fed the real producers' events: ready, failed, retry-requested, updated,
+    deleted."""
     db = Database(tmp_path / "catalog.db", SCHEMA)
     await db.open()
     try:
@@ -73,6 +74,7 @@ async def store_events(tmp_path: Path) -> list[dict[str, Any]]:
             await catalog.apply(event)
         await catalog.apply(events.failed("v2", "1.1-cd", attempt=1, permanent=True, reason="Unreadable."))
         await catalog.request_retry("v2")
+        await catalog.edit("v2", title="Mittens", description="Asleep\nagain")
         await catalog.delete("v1")
     finally:
         await db.close()
@@ -126,6 +128,8 @@ async def test_the_store_s_retry_repeats_the_upload_s_master_and_probe(tmp_path:
         (contract.UPLOADED, {"video_id": "v1", "probe": {"width": 1.5}}, "data.probe.width"),
         (contract.DEAD_LETTERED, {"event_id": "e1"}, "data.subscription"),
         (contract.VIDEO_DELETED, [], "data"),
+        (contract.VIDEO_UPDATED, {"video_id": "v1", "title": "Mittens"}, "data.revision"),
+        (contract.VIDEO_UPDATED, {"video_id": "v1", "description": 5, "revision": 1}, "data.description"),
     ],
 )  # fmt: skip
 def test_malformed_data_is_refused_naming_the_field(kind: str, data: Any, field: str) -> None:

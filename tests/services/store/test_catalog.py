@@ -15,7 +15,7 @@ from services.common.blobs import FileBlobStore
 from services.common.database import Database
 from services.common.errors import Conflict, InvalidInput, NotFound
 from services.store.catalog import Catalog, Outcome
-from services.store.tables import SCHEMA
+from services.store.tables import SCHEMA, migrate
 from tests.services.store.conftest import completed, event, uploaded
 
 
@@ -280,3 +280,115 @@ async def test_the_catalog_survives_a_restart(tmp_path: Path, bucket: FileBlobSt
 def _rows(conn: sqlite3.Connection) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def updated(video_id: str, revision: int, title: str = "Mittens", description: str | None = None) -> dict[str, Any]:
+    data = {"video_id": video_id, "title": title, "description": description, "revision": revision}
+    return event("cattube.video.updated", data, id=f"{video_id}/updated/{revision}", source="cattube/store")
+
+
+async def test_an_edit_changes_title_and_description_and_owes_an_update(
+    catalog: Catalog, bucket: FileBlobStore
+) -> None:
+    await catalog.apply(uploaded("v1", bucket))
+    await catalog.apply(completed("v1", bucket))
+    video = await catalog.edit("v1", title="  Mittens\tasleep ", description="Line one\r\n\r\n\r\nLine two\x07")
+    assert (video.title, video.description, video.edits) == ("Mittens asleep", "Line one\n\nLine two", 1)
+    assert (await catalog.get("v1")).record("http://store")["description"] == "Line one\n\nLine two"
+    update = owed(catalog)[-1]
+    assert (update["type"], update["id"], update["source"], update["partitionkey"]) == (
+        "cattube.video.updated", "v1/updated/1", "cattube/store", "v1",
+    )  # fmt: skip
+    assert update["data"] == {
+        "video_id": "v1", "title": "Mittens asleep", "description": "Line one\n\nLine two", "revision": 1,
+    }  # fmt: skip
+
+    same = await catalog.edit("v1", title="Mittens asleep")  # nothing to change: no new version, nothing owed
+    assert same.version == video.version and len(owed(catalog)) == 2
+    cleared = await catalog.edit("v1", description="")
+    assert (cleared.title, cleared.description, cleared.edits) == ("Mittens asleep", None, 2)
+    assert owed(catalog)[-1]["data"] == {
+        "video_id": "v1",
+        "title": "Mittens asleep",
+        "description": None,
+        "revision": 2,
+    }
+    # A retry of this video later carries the title a person chose, not the upload's.
+    assert (await catalog.get("v1")).record("http://store", with_uris=True)["title"] == "Mittens asleep"
+
+
+async def test_an_edit_is_refused_naming_the_field_and_changes_nothing(catalog: Catalog, bucket: FileBlobStore) -> None:
+    await catalog.apply(uploaded("v1", bucket))
+    for title in ("", " \t\n", "\x07\u202e"):
+        with pytest.raises(InvalidInput) as refused:
+            await catalog.edit("v1", title=title, description="kept?")
+        assert refused.value.field == "body.title"
+    with pytest.raises(InvalidInput) as refused:
+        await catalog.edit("v1", title="ok", description="x" * 5001)
+    assert refused.value.field == "body.description"
+    video = await catalog.get("v1")
+    assert (video.title, video.description, video.edits) == ("Whiskers on the beach", None, 0)
+    assert owed(catalog) == []
+    with pytest.raises(NotFound):
+        await catalog.edit("nobody", title="Mittens")
+    await catalog.delete("v1")
+    with pytest.raises(NotFound, match="deleted"):
+        await catalog.edit("v1", title="Mittens")
+
+
+async def test_update_events_apply_once_by_revision_whatever_their_order(
+    catalog: Catalog, bucket: FileBlobStore
+) -> None:
+    # An update can arrive before the upload it edits (a replay, another partition's delay): the row keeps it.
+    assert (await catalog.apply(updated("v1", 2, "Two", "the second edit"))).videos
+    await catalog.apply(uploaded("v1", bucket))  # the upload's title is older than any edit
+    video = await catalog.get("v1")
+    assert (video.title, video.description, video.edits, video.master is not None) == (
+        "Two", "the second edit", 2, True,
+    )  # fmt: skip
+    late = await catalog.apply(updated("v1", 1, "One"))  # an older revision: ignored
+    assert late.ignored and not late.videos
+    assert (await catalog.apply(updated("v1", 2, "Two", "the second edit"))).duplicate
+    assert (await catalog.apply(updated("v1", 3, "Three"))).videos
+    video = await catalog.get("v1")
+    assert (video.title, video.description, video.edits) == ("Three", None, 3)
+
+    # The store's own edit comes back through its subscription: recognized by revision, nothing changes.
+    mine = await catalog.edit("v1", title="Four")
+    echo = await catalog.apply(owed(catalog)[-1])
+    assert echo.ignored and (await catalog.get("v1")).version == mine.version
+
+    await catalog.delete("v1")
+    assert (await catalog.apply(updated("v1", 9, "Ghost"))).ignored
+
+
+async def test_a_malformed_update_is_refused_naming_the_field(catalog: Catalog) -> None:
+    bad = event("cattube.video.updated", {"video_id": "v1", "title": "x", "revision": 0}, source="cattube/store")
+    with pytest.raises(InvalidInput, match=r"data\.revision"):
+        await catalog.apply(bad)
+
+
+async def test_a_catalog_from_before_descriptions_opens_and_keeps_its_videos(
+    tmp_path: Path, bucket: FileBlobStore
+) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA)  # then the videos table as it was before descriptions and edits
+    conn.executescript("ALTER TABLE videos DROP COLUMN description; ALTER TABLE videos DROP COLUMN edits;")
+    conn.execute(
+        "INSERT INTO videos (video_id, status, title, created_at, updated_at, version) VALUES (?, ?, ?, ?, ?, ?)",
+        ("old", "ready", "From before", 1.0, 1.0, 1),
+    )
+    conn.commit()
+    conn.close()
+    db = Database(path, SCHEMA, migrate=migrate)
+    await db.open()
+    try:
+        catalog = Catalog(db, public_url="http://store")
+        video = await catalog.get("old")
+        assert (video.title, video.description, video.edits) == ("From before", None, 0)
+        assert (await catalog.edit("old", description="Now with words")).description == "Now with words"
+        await catalog.apply(uploaded("new", bucket))
+        assert (await catalog.get("new")).title == "Whiskers on the beach"
+    finally:
+        await db.close()
