@@ -49,6 +49,11 @@ class UploadSettings(CommonSettings):
     cors_origins: list[str] | None = Field(
         None, description="Origins allowed to POST from a browser (JSON list); default the store's page."
     )
+    resumable_expiry_s: float = Field(
+        24 * 3600,
+        gt=0,
+        description="How long an unfinished resumable (tus) upload is kept after its last write; then it is swept.",
+    )
     relay_batch_size: int = Field(100, ge=1, le=1000, description="Outbox events published per request.")
     relay_backoff_initial_s: float = Field(0.5, gt=0, description="First retry delay when the router is down.")
     relay_backoff_max_s: float = Field(30, gt=0, description="Longest retry delay when the router is down.")
@@ -81,6 +86,11 @@ class UploadSettings(CommonSettings):
     def outbox_database_url(self) -> str | None:
         """Where uploads and the outbox are, as a URL; None: the SQLite file `outbox_file`."""
         return self.service_database_url(self.upload_database_url)
+
+    @property
+    def partials_dir(self) -> Path:
+        """Where unfinished resumable uploads wait for their next bytes (local scratch, never the bucket)."""
+        return self.data_dir / "upload" / "partials"
 
     @property
     def allowed_origins(self) -> list[str]:
