@@ -3,7 +3,8 @@
 videos      one row per video (a tombstone once deleted); JSON columns for master, probe, name lists
 renditions  the renditions of each video, in the order processing listed them
 applied     source+id of every event applied (recent ones: repeats are recognized, not re-applied)
-scaling     the autoscaler's changes, bounded, for the chart
+scaling     the autoscaler's changes, each instance's, bounded, for the chart
+instances   each processing instance's workers as last reported (for instances quiet longer than `scaling` keeps)
 outbox      events owed to the router (see `services.common.outbox`)
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from services.common import outbox
 from services.common.errors import InvalidInput
+from services.store.fleet import InstanceWorkers, ScalingHistory, fleet_history
 from services.store.records import Rendition, ScalingPoint, Video
 
 SCHEMA = (
@@ -73,9 +75,15 @@ CREATE TABLE IF NOT EXISTS scaling (
     to_workers INTEGER NOT NULL,
     backlog INTEGER NOT NULL,
     in_flight INTEGER NOT NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    instance TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS scaling_by_time ON scaling (at);
+CREATE TABLE IF NOT EXISTS instances (
+    instance TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    workers INTEGER NOT NULL
+);
 """
     + outbox.OUTBOX_SCHEMA
 )
@@ -92,6 +100,7 @@ _JSON_COLUMNS = frozenset({"master", "probe", "requested", "skipped"})
 # schema's CREATE TABLE IF NOT EXISTS leaves the table as it was.
 _ADDED_COLUMNS = {
     "videos": {"description": "TEXT", "edits": "INTEGER NOT NULL DEFAULT 0"},
+    "scaling": {"instance": "TEXT NOT NULL DEFAULT ''"},
 }
 
 
@@ -223,19 +232,37 @@ def _decode_cursor(cursor: str) -> int:
 # -- the autoscaler's history ---------------------------------------------------------------------
 
 
-def add_scaling(conn: sqlite3.Connection, point: ScalingPoint, keep: int) -> None:
-    """Record one change, keeping the latest `keep`."""
+def add_scaling(conn: sqlite3.Connection, point: ScalingPoint, keep: int) -> int:
+    """Record one change, keeping the latest `keep`; its row number."""
+    cursor = conn.execute(
+        "INSERT INTO scaling (at, from_workers, to_workers, backlog, in_flight, reason, instance)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (point.at, point.from_, point.to, point.backlog, point.in_flight, point.reason, point.instance),
+    )
+    # The instance's latest report wins, whatever order the reports arrive in.
     conn.execute(
-        "INSERT INTO scaling (at, from_workers, to_workers, backlog, in_flight, reason) VALUES (?, ?, ?, ?, ?, ?)",
-        (point.at, point.from_, point.to, point.backlog, point.in_flight, point.reason),
+        "INSERT INTO instances (instance, at, workers) VALUES (?, ?, ?) ON CONFLICT (instance) DO UPDATE"
+        " SET at = excluded.at, workers = excluded.workers WHERE excluded.at >= instances.at",
+        (point.instance, point.at, point.to),
     )
     conn.execute("DELETE FROM scaling WHERE seq <= (SELECT MAX(seq) FROM scaling) - ?", (keep,))
+    # An instance at 0 whose changes are no longer kept adds nothing: forget it (machines come and go).
+    conn.execute("DELETE FROM instances WHERE workers = 0 AND at < (SELECT MIN(at) FROM scaling)")
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
 
 
-def scaling_history(conn: sqlite3.Connection, limit: int) -> list[ScalingPoint]:
-    """The latest `limit` changes, oldest first."""
+def scaling_history(conn: sqlite3.Connection, limit: int) -> ScalingHistory:
+    """The latest `limit` changes, oldest first, each with the fleet after it."""
     rows = conn.execute("SELECT * FROM scaling ORDER BY at DESC, seq DESC LIMIT ?", (limit,)).fetchall()
-    return [
-        ScalingPoint(r["at"], r["from_workers"], r["to_workers"], r["backlog"], r["in_flight"], r["reason"])
+    points = [
+        ScalingPoint(
+            r["at"], r["from_workers"], r["to_workers"], r["backlog"], r["in_flight"], r["reason"], r["instance"],
+            seq=r["seq"],
+        )
         for r in reversed(rows)
+    ]  # fmt: skip
+    last_heard = [
+        InstanceWorkers(r["instance"], r["workers"], r["at"]) for r in conn.execute("SELECT * FROM instances")
     ]
+    return fleet_history(points, last_heard)
