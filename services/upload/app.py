@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
@@ -19,10 +20,13 @@ from services.common.openapi import document_problems
 from services.common.ops import ReadinessCheck, ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
+from services.upload import tus_api
 from services.upload.api import ACCESS
 from services.upload.api import router as api_router
 from services.upload.metrics import UploadMetrics
 from services.upload.outbox import Outbox
+from services.upload.partials import Partials
+from services.upload.resumable import ExpirySweeper, Resumable
 from services.upload.settings import UploadSettings
 from services.upload.uploads import Uploads
 
@@ -30,6 +34,7 @@ DESCRIPTION = """
 CatTube's upload service: streams a master video into the bucket while hashing it, probes it in a
 sandboxed child process (only self-contained video containers pass), and announces it with a
 `cattube.video.uploaded` event through a local outbox, so uploads keep working while the router is down.
+Large files can be sent resumably with tus 1.0 at `/uploads`: the last byte takes the same path.
 """
 ROUTER_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 15.0
@@ -40,8 +45,10 @@ def create_app(
     *,
     exit_on_failure: bool = True,
     router_transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
-    """The app; `router_transport` lets tests reach an in-process router (`httpx.ASGITransport`)."""
+    """The app; `router_transport` lets tests reach an in-process router (`httpx.ASGITransport`), `clock`
+    moves resumable uploads' expiry."""
     metrics = UploadMetrics()
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
 
@@ -73,18 +80,29 @@ def create_app(
             )
             uploads = Uploads(store, outbox, settings, metrics, on_accepted=relay.wake)
             await uploads.sweep()
+            partials = Partials(settings.partials_dir, expiry_s=settings.resumable_expiry_s, clock=clock)
+            await partials.open()
+            stack.push_async_callback(partials.close)
+            resumable = Resumable(partials, uploads, max_upload_bytes=settings.max_upload_bytes)
+            await resumable.start_up()
+            sweeper = ExpirySweeper(resumable, clock)
+            resumable.on_change = sweeper.wake
             app.state.outbox = outbox
             app.state.uploads = uploads
             app.state.relay = relay
+            app.state.resumable = resumable
+            app.state.sweeper = sweeper
 
             def begin_shutdown() -> None:
                 supervisor.begin_stop()
                 relay.stop()
                 blob_check.stop()
+                sweeper.stop()
 
             app.state.begin_shutdown = begin_shutdown
             supervisor.start("blob-check", blob_check.run())
             supervisor.start("outbox-relay", relay.run())
+            supervisor.start("resumable-expiry", sweeper.run())
             await blob_check.first_verdict()
             try:
                 yield
@@ -107,15 +125,17 @@ def create_app(
     readiness: list[ReadinessCheck] = [supervisor.readiness, blob_readiness]
     app.include_router(ops_router(metrics.registry, readiness, before_scrape=refresh_gauges))
     app.include_router(api_router)
+    app.include_router(tus_api.router)
     protect(app, ACCESS, settings)
     document_problems(app)
-    bound_request_bodies(app, settings, streaming=[("POST", "/videos")])  # uploads stream, bounded by max_upload_bytes
+    # Uploads stream, bounded by max_upload_bytes (a tus PATCH by what is left of its upload).
+    bound_request_bodies(app, settings, streaming=[("POST", "/videos"), *tus_api.STREAMING_ROUTES])
     # Added last, so outermost: a browser's preflight is answered before authentication is asked for.
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
-        allow_methods=["GET", "POST"],
-        allow_headers=["Authorization", "Content-Type"],
-        expose_headers=["Location"],
+        allow_methods=["GET", "POST", "HEAD", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", *tus_api.REQUEST_HEADERS],
+        expose_headers=tus_api.RESPONSE_HEADERS,
     )
     return app

@@ -35,6 +35,11 @@ class UploadSettings(CommonSettings):
     cors_origins: list[str] | None = Field(
         None, description="Origins allowed to POST from a browser (JSON list); default the store's page."
     )
+    resumable_expiry_s: float = Field(
+        24 * 3600,
+        gt=0,
+        description="How long an unfinished resumable (tus) upload is kept after its last write; then it is swept.",
+    )
     relay_batch_size: int = Field(100, ge=1, le=1000, description="Outbox events published per request.")
     relay_backoff_initial_s: float = Field(0.5, gt=0, description="First retry delay when the router is down.")
     relay_backoff_max_s: float = Field(30, gt=0, description="Longest retry delay when the router is down.")
@@ -57,6 +62,11 @@ class UploadSettings(CommonSettings):
     @property
     def outbox_file(self) -> Path:
         return self.outbox_path or self.data_dir / "upload" / "outbox.db"
+
+    @property
+    def partials_dir(self) -> Path:
+        """Where unfinished resumable uploads wait for their next bytes (local scratch, never the bucket)."""
+        return self.data_dir / "upload" / "partials"
 
     @property
     def allowed_origins(self) -> list[str]:

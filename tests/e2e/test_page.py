@@ -8,6 +8,7 @@ docs/ holds the ones from the last real run."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -17,11 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import Page, Route, async_playwright
 
 from router.client import RouterClient, new_event
 from tests.e2e.stack import Stack
 from tests.media import ffmpeg, make_clip
+from tests.services.upload.uploading import padded
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As the machine's docs advise: no background networking (the sandbox has no network to reach).
@@ -213,6 +215,68 @@ async def test_a_visitor_without_the_token_can_watch_and_a_mangled_link_still_re
                 await page.close()
         finally:
             await browser.close()
+
+
+async def test_an_upload_through_the_page_survives_a_reload(stack: Stack, tmp_path: Path) -> None:
+    """The page sends 8 MiB per PATCH; the second is held back and the page reloaded under it. Choosing the same
+    file again asks the server where it is and goes on from there: one upload, created once."""
+    video = tmp_path / "long-whiskers.mp4"
+    video.write_bytes(padded(make_clip(tmp_path / "clip.mp4", 640, 360, 2).read_bytes(), 20 << 20))
+    uploads = f"{stack.url('upload')}/uploads"
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            sent: list[tuple[str, str | None]] = []  # (method, Upload-Offset) of every tus request
+            page.on(
+                "request",
+                lambda r: sent.append((r.method, r.headers.get("upload-offset"))) if "/uploads" in r.url else None,
+            )
+            held = asyncio.Event()
+            patches: list[str] = []  # Upload-Offset of each PATCH routed
+
+            async def hold_the_second_patch(route: Route) -> None:
+                if route.request.method == "PATCH":
+                    patches.append(route.request.headers["upload-offset"])
+                    if len(patches) == 2:
+                        held.set()  # never answered: the reload cuts it off
+                        return
+                await route.continue_()
+
+            await page.route(f"{uploads}/*", hold_the_second_patch)
+            await page.goto(f"{stack.url('store')}/#token={stack.tokens['user']}")
+            await page.wait_for_selector("#connection[data-state=live]", timeout=20_000)
+            await page.set_input_files("#upload-file", str(video))
+            await page.fill("#upload-title", "Whiskers, reloaded")
+            await page.click("#upload-submit")
+            await asyncio.wait_for(held.wait(), 60)
+
+            await page.reload()  # the route stays: it only ever holds the second PATCH
+            await page.wait_for_selector("#connection[data-state=live]", timeout=20_000)
+            before = len(sent)
+            await page.set_input_files("#upload-file", str(video))
+            await page.fill("#upload-title", "Whiskers, reloaded")
+            await page.click("#upload-submit")
+            await page.wait_for_selector("#upload-status[data-state=done]", timeout=60_000)
+            video_id = (await page.get_attribute("#upload-status a", "href") or "").removeprefix("/watch/")
+            card = page.locator(f'.card[data-video-id="{video_id}"]')
+            await card.wait_for()  # in the catalog: the upload was accepted whole
+            assert "Whiskers, reloaded" in await card.inner_text()
+            assert errors == []
+        finally:
+            await browser.close()
+    async with httpx.AsyncClient() as http:
+        master = (await http.get(f"{stack.url('upload')}/videos/{video_id}", headers=stack.auth("user"))).json()[
+            "master"
+        ]
+    assert master["sha256"] == hashlib.sha256(video.read_bytes()).hexdigest()
+    assert [method for method, _ in sent].count("POST") == 1  # created once, before the reload
+    after = [(method, offset) for method, offset in sent[before:] if method in ("HEAD", "PATCH")]
+    assert after[0] == ("HEAD", None)  # where is the server?
+    assert patches[:2] == ["0", str(8 << 20)]  # the second was held when the page reloaded
+    assert after[1] == ("PATCH", str(8 << 20))  # from there: the first 8 MiB are not sent again
 
 
 def scaled(instance: str, before: int, after: int, backlog: int, ago_s: int) -> dict[str, Any]:

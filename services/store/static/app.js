@@ -14,6 +14,7 @@ import {
   duration,
   follow,
   forgetToken,
+  problemText,
   size,
   storeToken,
   takeTokenFromAddress,
@@ -78,7 +79,139 @@ function setupUploadForm() {
   });
 }
 
-function upload(form) {
+// Resumable (tus 1.0): the upload's URL is kept in localStorage under the file's name, size and date, so
+// choosing the same file again after a reload or a lost connection sends only what the server lacks.
+const TUS = { "Tus-Resumable": "1.0.0" };
+const CHUNK_BYTES = 8 * 1024 * 1024; // per PATCH: a connection lost mid-way costs at most this much again
+const RETRY_DELAYS_MS = [1000, 3000, 10000, 30000];
+
+class UploadRefused extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function resumeKey(file) {
+  return `cattube.upload.${file.name}.${file.size}.${file.lastModified}`;
+}
+function rememberedUpload(file) {
+  try {
+    return localStorage.getItem(resumeKey(file));
+  } catch {
+    return null;
+  }
+}
+function rememberUpload(file, url) {
+  try {
+    localStorage.setItem(resumeKey(file), url);
+  } catch {}
+}
+function forgetUpload(file) {
+  try {
+    localStorage.removeItem(resumeKey(file));
+  } catch {}
+}
+
+function base64Text(text) {
+  let binary = "";
+  for (const byte of new TextEncoder().encode(text)) binary += String.fromCharCode(byte);
+  return btoa(binary);
+}
+
+async function refusedBy(response) {
+  return new UploadRefused(response.status, `Upload refused: ${await problemText(response)}`);
+}
+
+// How much of the upload at `url` the server has; null when it no longer knows it (expired, refused).
+async function tusOffset(url) {
+  const response = await fetch(url, { method: "HEAD", headers: { ...TUS, ...authHeaders() } });
+  if (response.status === 401) throw new UploadRefused(401, "Upload refused: the token was not accepted.");
+  const offset = response.headers.get("Upload-Offset");
+  return response.ok && offset !== null ? Number(offset) : null;
+}
+
+async function tusCreate(file, title, renditions) {
+  const metadata = { filename: file.name, title, renditions };
+  const response = await fetch(`${config.upload_url}/uploads`, {
+    method: "POST",
+    headers: {
+      ...TUS,
+      ...authHeaders(),
+      "Upload-Length": String(file.size),
+      "Upload-Metadata": Object.entries(metadata)
+        .map(([key, value]) => `${key} ${base64Text(value)}`)
+        .join(","),
+    },
+  });
+  if (response.status !== 201 || !response.headers.get("Location")) throw await refusedBy(response);
+  return response.headers.get("Location");
+}
+
+// One PATCH with XMLHttpRequest (fetch reports no upload progress); rejects only when the connection fails.
+function tusPatch(url, piece, offset, onProgress) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("PATCH", url);
+    const headers = { ...TUS, ...authHeaders(), "Upload-Offset": String(offset) };
+    headers["Content-Type"] = "application/offset+octet-stream";
+    for (const [name, value] of Object.entries(headers)) request.setRequestHeader(name, value);
+    request.upload.addEventListener("progress", (event) => onProgress(offset + event.loaded));
+    request.addEventListener("load", () => resolve(request));
+    request.addEventListener("error", () => reject(new Error("connection lost")));
+    request.send(piece);
+  });
+}
+
+function problemOf(request) {
+  try {
+    const problem = JSON.parse(request.responseText);
+    return problem.detail || problem.title || String(request.status);
+  } catch {
+    return String(request.status);
+  }
+}
+
+// Send `file` from wherever the server is; returns the video id (a tus upload's id is its video id).
+async function sendResumably(file, title, renditions, onProgress, onResume) {
+  let url = rememberedUpload(file);
+  let offset = url ? await tusOffset(url) : null;
+  if (offset === null) {
+    url = await tusCreate(file, title, renditions);
+    rememberUpload(file, url);
+    offset = 0;
+  } else if (offset > 0) {
+    onResume(offset);
+  }
+  let failures = 0;
+  while (offset < file.size) {
+    const end = Math.min(file.size, offset + CHUNK_BYTES);
+    let request = null;
+    try {
+      request = await tusPatch(url, file.slice(offset, end), offset, onProgress);
+    } catch {} // the connection was lost: ask where the server is, after a pause
+    if (request?.status === 204) {
+      offset = Number(request.getResponseHeader("Upload-Offset"));
+      failures = 0;
+      continue;
+    }
+    if (request && request.status < 500 && request.status !== 409) {
+      if (request.status !== 401) forgetUpload(file); // refused for good: the server kept nothing of it
+      throw new UploadRefused(request.status, `Upload refused: ${problemOf(request)}`);
+    }
+    if (failures === RETRY_DELAYS_MS.length) {
+      throw new Error(`The upload service at ${config.upload_url} cannot be reached; choose the file again to resume.`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, RETRY_DELAYS_MS[failures++]));
+    const known = await tusOffset(url).catch(() => undefined);
+    if (known === null) throw new Error("The upload was lost on the server (it expired): choose the file again.");
+    if (known !== undefined) offset = known;
+  }
+  forgetUpload(file);
+  return url.split("/").pop();
+}
+
+async function upload(form) {
   const status = $("#upload-status");
   const bar = $("#upload-progress");
   const button = $("#upload-submit");
@@ -89,50 +222,37 @@ function upload(form) {
   }
   const file = $("#upload-file").files[0];
   const title = $("#upload-title").value.trim() || file.name;
-  const body = new FormData();
-  body.append("title", title);
-  body.append("renditions", renditions.join(","));
-  body.append("file", file);
-
-  // XMLHttpRequest, not fetch: it reports upload progress.
-  const request = new XMLHttpRequest();
-  request.open("POST", `${config.upload_url}/videos`);
-  for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
-  request.upload.addEventListener("progress", (event) => {
-    if (event.lengthComputable) bar.value = (100 * event.loaded) / event.total;
-  });
-  request.addEventListener("load", () => {
-    button.disabled = false;
-    bar.hidden = true;
-    let answer = {};
-    try {
-      answer = JSON.parse(request.responseText);
-    } catch {}
-    if (request.status === 202) {
-      const link = document.createElement("a");
-      link.href = watchPath(answer.video_id);
-      link.textContent = title;
-      showStatus(status, "done", "Uploaded: ");
-      status.append(link, " is on its way.");
-      form.reset();
-      $("#upload-renditions").querySelectorAll("input").forEach((box) => {
-        box.checked = config.default_renditions.includes(box.value);
-      });
-    } else {
-      if (request.status === 401) askForToken();
-      showStatus(status, "error", `Upload refused: ${answer.detail || answer.title || request.status}`);
-    }
-  });
-  request.addEventListener("error", () => {
-    button.disabled = false;
-    bar.hidden = true;
-    showStatus(status, "error", `The upload service at ${config.upload_url} cannot be reached.`);
-  });
   button.disabled = true;
   bar.hidden = false;
   bar.value = 0;
   showStatus(status, "uploading", `Uploading ${file.name}…`);
-  request.send(body);
+  const progress = (sent) => {
+    bar.value = file.size ? (100 * sent) / file.size : 100;
+  };
+  const resumed = (offset) => {
+    progress(offset);
+    showStatus(status, "uploading", `Resuming ${file.name} at ${Math.floor((100 * offset) / file.size)}%…`);
+  };
+  try {
+    const videoId = await sendResumably(file, title, renditions.join(","), progress, resumed);
+    const link = document.createElement("a");
+    link.href = watchPath(videoId);
+    link.textContent = title;
+    showStatus(status, "done", "Uploaded: ");
+    status.append(link, " is on its way.");
+    form.reset();
+    $("#upload-renditions").querySelectorAll("input").forEach((box) => {
+      box.checked = config.default_renditions.includes(box.value);
+    });
+  } catch (error) {
+    if (error.status === 401) askForToken();
+    // fetch rejects with a TypeError when the service cannot be reached at all.
+    const unreachable = error instanceof TypeError;
+    showStatus(status, "error", unreachable ? `The upload service at ${config.upload_url} cannot be reached.` : error.message);
+  } finally {
+    button.disabled = false;
+    bar.hidden = true;
+  }
 }
 
 function showStatus(element, state, text) {
