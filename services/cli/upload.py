@@ -185,7 +185,7 @@ async def run(settings: CommonSettings, args: argparse.Namespace) -> int:
     _, store_url = urls(settings)
     if not args.wait:
         video_id = await upload_file(settings, args.file, title=args.title, renditions=args.renditions)
-        line(f"{video_id}: uploaded; watch it at {store_url}/")
+        line(f"{video_id}: uploaded; watch it at {store_url}/watch/{video_id}")
         return 0
     async with contextlib.aclosing(live_changes(store_url)) as changes:
         await anext(changes)  # listening before the upload: no change can be missed

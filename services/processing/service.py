@@ -6,6 +6,7 @@
     ...
     service.begin_shutdown()         # on SIGTERM: no new jobs
     await service.close()            # running jobs go back to the queue (after shutdown_grace_s, 0 by default);
+                                     # `scaled` to 0 workers is announced ("the instance stopped");
                                      # events the router does not take in 2 s stay in the outbox for the next start
 
 The subscriptions are declared in the background (retrying until the router answers), so the
@@ -22,6 +23,7 @@ import asyncio
 import fcntl
 import logging
 import secrets
+import time
 from pathlib import Path
 from typing import IO
 
@@ -52,6 +54,7 @@ QUEUE_CONNECTIONS = 8
 # At shutdown the router gets this long to take the outbox; what it does not take waits for the next start.
 SINK_FLUSH_S = 2.0
 EVENTS_TIMEOUT_S = 5.0
+STOPPED = "the instance stopped"
 
 
 def lock_data_dir(path: Path) -> IO[bytes]:
@@ -85,6 +88,7 @@ class ProcessingService:
         self.subscribed = asyncio.Event()
         self._router_transport = router_transport
         self._scalings = 0
+        self._announced_workers = 0
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self._store: BlobStore | None = None
@@ -215,10 +219,11 @@ class ProcessingService:
         self.pool.begin_stop(self.settings.shutdown_grace_s)
 
     async def close(self) -> None:
-        """Hand running jobs back (after the grace period), write every event to the outbox, disconnect."""
+        """Hand running jobs back (after the grace period), announce 0 workers, put every event in the outbox, close."""
         if self._pool is not None:
             self.begin_shutdown()
             await self._pool.drain()
+            self._announce_stopped()
         if self._sink is not None:
             await self._sink.close(SINK_FLUSH_S)
         for client in (self._queues, self._control, self._events):
@@ -302,9 +307,18 @@ class ProcessingService:
         if self._autoscaler is not None:
             self._autoscaler.reconcile()
 
+    def _announce_stopped(self) -> None:
+        # The store sums the last count each instance announced: say this one runs none any more, or
+        # its workers would count in the fleet for as long as it stays away.
+        if self._announced_workers == 0 or self._autoscaler is None:
+            return
+        a = self._autoscaler
+        self._scaled(ScalingChange(time.time(), self._announced_workers, 0, a.backlog, a.in_flight, 0, STOPPED))
+
     def _scaled(self, change: ScalingChange) -> None:
         self.metrics.scaled(change)
         self._scalings += 1
+        self._announced_workers = change.to
         if self._sink is not None:
             self._sink.announce(
                 events.scaled(

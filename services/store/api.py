@@ -178,15 +178,30 @@ class ScalingOut(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     at: str = Field(json_schema_extra=DATE_TIME)
-    from_: int = Field(alias="from")
-    to: int = Field(description="Workers after the change.")
-    backlog: int
-    in_flight: int
+    instance: str | None = Field(
+        description="The processing instance that scaled (CATTUBE_INSTANCE); null for one from before instances "
+        "had names (all such changes count as one unnamed instance)."
+    )
+    from_: int = Field(alias="from", description="The instance's workers before the change.")
+    to: int = Field(description="The instance's workers after the change.")
+    fleet: int = Field(description="Workers over every processing instance after the change.")
+    backlog: int = Field(description="Jobs waiting in the transcode queue (the queue's, whichever instance reports).")
+    in_flight: int = Field(description="Jobs received by any instance and not yet settled.")
     reason: str
 
 
+class InstanceOut(BaseModel):
+    instance: str | None = Field(description="The instance's name; null for the unnamed one.")
+    workers: int = Field(description="Its workers at the end of the history.")
+    at: str = Field(json_schema_extra=DATE_TIME, description="When it last changed.")
+
+
 class HistoryOut(BaseModel):
-    items: list[ScalingOut] = Field(description="Changes of the worker count, oldest first.")
+    items: list[ScalingOut] = Field(description="Changes of each instance's worker count, oldest first.")
+    instances: list[InstanceOut] = Field(
+        description="By name: every instance with a change in `items`, and any other still running workers."
+    )
+    fleet: int = Field(description="Workers over every processing instance now.")
 
 
 def _shown(video: Video, settings: StoreSettings, *, tombstone: bool = False) -> dict[str, Any]:
@@ -425,8 +440,8 @@ def _sse(change: Change, settings: StoreSettings) -> str:
 async def autoscaler_history(
     catalog: CatalogDep, limit: Annotated[int, Query(ge=1, le=100_000)] = 500
 ) -> dict[str, Any]:
-    """The autoscaler's changes (`cattube.processing.scaled`) as the store heard them, oldest first."""
-    return {"items": [point.record() for point in await catalog.scaling_history(limit)]}
+    """Every processing instance's autoscaler changes (`cattube.processing.scaled`), oldest first, with the fleet."""
+    return (await catalog.scaling_history(limit)).record()
 
 
 # -- the page -------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def create_app(
         migrations=[CATALOG, OUTBOX],
         name="catalog",
     )
-    peers = PeerChanges(db, live)
+    peers = PeerChanges(db, live, history_size=settings.scaling_history_size)
     client = RouterClient(settings.router_urls, token=settings.router_token, transport=router_transport)
     # The relay backs off on its own (and stops mid-wait at shutdown): no retries inside the client.
     relay_client = RouterClient(

@@ -53,6 +53,7 @@ from services.common.db import Connection, Database
 from services.common.errors import Conflict, InvalidInput, NotFound
 from services.common.text import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, one_line, paragraphs
 from services.store import tables
+from services.store.fleet import ScalingHistory
 from services.store.records import Rendition, ScalingPoint, Video
 from services.store.tables import Page
 
@@ -249,9 +250,12 @@ class Catalog:
             backlog=data.backlog,
             in_flight=data.in_flight,
             reason=data.reason,
+            instance=data.instance or "",
         )
-        tables.add_scaling(conn, point, self.history_size)
-        return Outcome(scaled=point)
+        seq = tables.add_scaling(conn, point, self.history_size)
+        # With the fleet after it, as the history tells it (a late change is placed at its own time).
+        history = tables.scaling_history(conn, self.history_size)
+        return Outcome(scaled=next((p for p in history.points if p.seq == seq), point))
 
     def _on_deleted(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.VideoDeleted)
@@ -387,8 +391,8 @@ class Catalog:
         """Newest first. Without `status`, deleted videos are left out; `status="deleted"` lists the tombstones."""
         return await self.db.transact(tables.list_videos, limit, cursor, status)
 
-    async def scaling_history(self, limit: int) -> list[ScalingPoint]:
-        """The latest `limit` autoscaler changes, oldest first."""
+    async def scaling_history(self, limit: int) -> ScalingHistory:
+        """The latest `limit` autoscaler changes of every processing instance, oldest first, and the fleet."""
         return await self.db.transact(tables.scaling_history, limit)
 
     async def counts(self) -> dict[str, int]:

@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class PeerChanges:
-    def __init__(self, db: Database, live: Live, channel: str = tables.CHANGES_CHANNEL) -> None:
+    def __init__(self, db: Database, live: Live, *, history_size: int, channel: str = tables.CHANGES_CHANNEL) -> None:
         self.db = db
         self.live = live
+        self.history_size = history_size  # the fleet after a change is counted over the history the chart keeps
         self.channel = channel
         self.heard_total = 0
         self.listening = asyncio.Event()
@@ -65,6 +66,6 @@ class PeerChanges:
             if video is not None:
                 self.live.publish(Change("video", video=video))
         elif note.get("table") == "scaling":
-            point = await self.db.transact(tables.scaling_point, int(note["key"]))
+            point = await self.db.transact(tables.scaling_point, int(note["key"]), self.history_size)
             if point is not None:
                 self.live.publish(Change("scaled", point=point))

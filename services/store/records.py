@@ -140,7 +140,12 @@ class Video:
 
 @dataclass(frozen=True)
 class ScalingPoint:
-    """One `cattube.processing.scaled`: the worker count went from `from_` to `to` at `at`."""
+    """One `cattube.processing.scaled`: `instance`'s workers went from `from_` to `to` at `at`.
+
+    `instance` is "" for events from before processing instances had names (one unnamed instance);
+    `fleet` is the workers over every instance once this change was made (`services.store.fleet`).
+    `backlog` and `in_flight` are the queue's, the same whichever instance reports them.
+    """
 
     at: float
     from_: int
@@ -148,12 +153,18 @@ class ScalingPoint:
     backlog: int
     in_flight: int
     reason: str
+    instance: str = ""
+    fleet: int = 0
+    seq: int = field(default=0, compare=False)
+    """The catalog's row: tells apart two changes reported at the same time."""
 
     def record(self) -> dict[str, Any]:
         return {
             "at": iso(self.at),
+            "instance": self.instance or None,
             "from": self.from_,
             "to": self.to,
+            "fleet": self.fleet,
             "backlog": self.backlog,
             "in_flight": self.in_flight,
             "reason": self.reason,

@@ -3,7 +3,8 @@
 videos      one row per video (a tombstone once deleted); JSON columns for master, probe, name lists
 renditions  the renditions of each video, in the order processing listed them
 applied     source+id of every event applied (recent ones: repeats are recognized, not re-applied)
-scaling     the autoscaler's changes, bounded, for the chart
+scaling     the autoscaler's changes, each instance's, bounded, for the chart
+instances   each processing instance's workers as last reported (for instances quiet longer than `scaling` keeps)
 outbox      events owed to the router (see `services.common.outbox`)
 
 On PostgreSQL they live in the `store` schema, and every change of a video or the autoscaler's
@@ -20,6 +21,7 @@ from typing import Any
 
 from services.common.db import Connection, Migrations, Row
 from services.common.errors import InvalidInput
+from services.store.fleet import InstanceWorkers, ScalingHistory, fleet_history
 from services.store.records import Rendition, ScalingPoint, Video
 
 POSTGRES_SCHEMA = "store"
@@ -80,9 +82,15 @@ CREATE TABLE IF NOT EXISTS scaling (
     to_workers INTEGER NOT NULL,
     backlog INTEGER NOT NULL,
     in_flight INTEGER NOT NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    instance TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS scaling_by_time ON scaling (at);
+CREATE TABLE IF NOT EXISTS instances (
+    instance TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    workers INTEGER NOT NULL
+);
 """
 
 POSTGRES_TABLES = """
@@ -138,15 +146,22 @@ CREATE TABLE scaling (
     to_workers INTEGER NOT NULL,
     backlog BIGINT NOT NULL,
     in_flight BIGINT NOT NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    instance TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX scaling_by_time ON scaling (at);
+CREATE TABLE instances (
+    instance TEXT PRIMARY KEY,
+    at DOUBLE PRECISION NOT NULL,
+    workers INTEGER NOT NULL
+);
 """
 
 # Columns added before catalogs had versions: a file from then may lack them (the CREATE TABLE IF NOT EXISTS
 # of step 1 leaves its table as it was) or have them already, so step 3 looks before it adds.
 _COLUMNS_FROM_BEFORE_VERSIONS = {
     "videos": {"description": "TEXT", "edits": "INTEGER NOT NULL DEFAULT 0"},
+    "scaling": {"instance": "TEXT NOT NULL DEFAULT ''"},
 }
 
 
@@ -165,7 +180,7 @@ CATALOG = Migrations(
         # 2: versions from a counter (a catalog from before goes on from its highest version).
         f"INSERT INTO sequences (name, value) SELECT '{VERSIONS}', COALESCE(MAX(version), 0) FROM videos WHERE true"
         " ON CONFLICT (name) DO NOTHING;",
-        # 3: descriptions and edits, for a file from before them.
+        # 3: descriptions, edits and scaling instances, for a file from before them (step 1 made missing tables).
         _add_missing_columns,
     ),
     postgres=(
@@ -318,26 +333,41 @@ def _decode_cursor(cursor: str) -> int:
 # -- the autoscaler's history ---------------------------------------------------------------------
 
 
-def add_scaling(conn: Connection, point: ScalingPoint, keep: int) -> None:
-    """Record one change, keeping the latest `keep`."""
-    conn.execute(
-        "INSERT INTO scaling (at, from_workers, to_workers, backlog, in_flight, reason) VALUES (?, ?, ?, ?, ?, ?)",
-        point.at, point.from_, point.to, point.backlog, point.in_flight, point.reason,
+def add_scaling(conn: Connection, point: ScalingPoint, keep: int) -> int:
+    """Record one change, keeping the latest `keep`; its row number."""
+    seq = conn.fetchval(
+        "INSERT INTO scaling (at, from_workers, to_workers, backlog, in_flight, reason, instance)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+        point.at, point.from_, point.to, point.backlog, point.in_flight, point.reason, point.instance,
     )  # fmt: skip
+    # The instance's latest report wins, whatever order the reports arrive in.
+    conn.execute(
+        "INSERT INTO instances (instance, at, workers) VALUES (?, ?, ?) ON CONFLICT (instance) DO UPDATE"
+        " SET at = excluded.at, workers = excluded.workers WHERE excluded.at >= instances.at",
+        point.instance,
+        point.at,
+        point.to,
+    )
     conn.execute("DELETE FROM scaling WHERE seq <= (SELECT MAX(seq) FROM scaling) - ?", keep)
+    # An instance at 0 whose changes are no longer kept adds nothing: forget it (machines come and go).
+    conn.execute("DELETE FROM instances WHERE workers = 0 AND at < (SELECT MIN(at) FROM scaling)")
+    return int(seq)
 
 
-def scaling_history(conn: Connection, limit: int) -> list[ScalingPoint]:
-    """The latest `limit` changes, oldest first."""
+def scaling_history(conn: Connection, limit: int) -> ScalingHistory:
+    """The latest `limit` changes, oldest first, each with the fleet after it."""
     rows = conn.fetch("SELECT * FROM scaling ORDER BY at DESC, seq DESC LIMIT ?", limit)
-    return [_scaling_point(r) for r in reversed(rows)]
+    points = [
+        ScalingPoint(
+            r["at"], r["from_workers"], r["to_workers"], r["backlog"], r["in_flight"], r["reason"], r["instance"],
+            seq=r["seq"],
+        )
+        for r in reversed(rows)
+    ]  # fmt: skip
+    last_heard = [InstanceWorkers(r["instance"], r["workers"], r["at"]) for r in conn.fetch("SELECT * FROM instances")]
+    return fleet_history(points, last_heard)
 
 
-def scaling_point(conn: Connection, seq: int) -> ScalingPoint | None:
-    """One recorded change, by its row number (None once the history no longer keeps it)."""
-    row = conn.fetchrow("SELECT * FROM scaling WHERE seq = ?", seq)
-    return None if row is None else _scaling_point(row)
-
-
-def _scaling_point(r: Row) -> ScalingPoint:
-    return ScalingPoint(r["at"], r["from_workers"], r["to_workers"], r["backlog"], r["in_flight"], r["reason"])
+def scaling_point(conn: Connection, seq: int, limit: int) -> ScalingPoint | None:
+    """One recorded change by its row number, with the fleet after it (None once the history no longer keeps it)."""
+    return next((p for p in scaling_history(conn, limit).points if p.seq == seq), None)

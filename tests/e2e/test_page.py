@@ -1,8 +1,9 @@
 """The web pages in headless Chromium (Debian's) against the whole stack, as a person uses them: upload
 through the form, see the grid of posters, open a video's watch page while it waits for a worker and
 see it become playable live, play it, edit its title and description, share its link, and see the
-edit on the grid. CATTUBE_SCREENSHOTS=dir keeps the screenshots (page.png: the grid, watch.png: the
-watch page); docs/ holds the ones from the last real run."""
+edit on the grid; the autoscaler's chart sums a fleet of processing instances and shows each on
+demand. CATTUBE_SCREENSHOTS=dir keeps the screenshots (page.png: the grid, watch.png: the watch page);
+docs/ holds the ones from the last real run."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import hashlib
 import os
 import shutil
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from playwright.async_api import Page, Route, async_playwright
 
+from router.client import RouterClient, new_event
 from tests.e2e.stack import Stack
 from tests.media import ffmpeg, make_clip
 from tests.services.upload.uploading import padded
@@ -273,3 +277,63 @@ async def test_an_upload_through_the_page_survives_a_reload(stack: Stack, tmp_pa
     assert after[0] == ("HEAD", None)  # where is the server?
     assert patches[:2] == ["0", str(8 << 20)]  # the second was held when the page reloaded
     assert after[1] == ("PATCH", str(8 << 20))  # from there: the first 8 MiB are not sent again
+
+
+def scaled(instance: str, before: int, after: int, backlog: int, ago_s: int) -> dict[str, Any]:
+    """What a processing instance named `instance` publishes when it scales, `ago_s` seconds ago."""
+    data = {"from": before, "to": after, "backlog": backlog, "in_flight": 0, "reason": "test", "instance": instance}
+    at = (datetime.now(UTC) - timedelta(seconds=ago_s)).isoformat()
+    return new_event("cattube.processing.scaled", "cattube/processing", data, id=f"scaled/{instance}/{ago_s}", time=at)
+
+
+async def line_is(page: Page, selector: str, values: str) -> None:
+    """Until the chart's line has these values (at the left edge, then after each change)."""
+    script = "([selector, values]) => document.querySelector(selector)?.dataset.values === values"
+    await page.wait_for_function(script, arg=[selector, values], timeout=30_000)
+
+
+async def test_the_chart_sums_the_fleet_and_shows_each_instance_on_demand(stack: Stack) -> None:
+    # Two processing instances' changes, interleaved, published as they would publish them: two real
+    # instances transcoding at once would be too heavy for this 2-core machine, and their timing not ours.
+    first = [scaled("mittens", 0, 2, 2, 50), scaled("whiskers", 0, 1, 3, 40), scaled("mittens", 2, 3, 4, 30)]
+    then = [scaled("whiskers", 1, 0, 1, 20), scaled("mittens", 3, 1, 0, 10)]
+    fleet, backlog = "[data-testid=workers-line]", "[data-testid=backlog-line]"
+    mittens, whiskers = (f"[data-testid=instance-line][data-instance={n}]" for n in ("mittens", "whiskers"))
+
+    def toggle(name: str) -> str:
+        return f"#scaling-instance-list li[data-instance={name}] input"
+
+    async with RouterClient(stack.url("router"), token=stack.tokens["admin"]) as router, async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await live(page, f"{stack.url('store')}/")
+            await router.publish_batch(first)
+            await line_is(page, fleet, "0 2 3 4")  # live, from the stream
+            await line_is(page, backlog, "0 2 3 4")
+            instances = page.locator("#scaling-instance-list li")
+            assert await instances.all_inner_texts() == ["mittens: 3 workers", "whiskers: 1 worker"]
+            assert await page.locator("[data-testid=instance-line]").count() == 0  # only on demand
+            await page.check(toggle("mittens"))
+            await line_is(page, mittens, "0 2 2 3")
+            assert await page.locator("[data-testid=instance-line]").count() == 1
+
+            await router.publish_batch(then)
+            await line_is(page, fleet, "0 2 3 4 3 1")
+            await line_is(page, backlog, "0 2 3 4 1 0")  # the queue's, as the latest change reported it
+            await line_is(page, mittens, "0 2 2 3 3 1")
+            assert await instances.all_inner_texts() == ["mittens: 1 worker", "whiskers: 0 workers"]
+            assert await page.inner_text("[data-testid=scaling-story]") == "0 → 2 → 3 → 4 → 3 → 1"
+
+            # A page opened now draws the same from the store's history alone.
+            await live(page, f"{stack.url('store')}/")
+            await line_is(page, fleet, "0 2 3 4 3 1")
+            await page.check(toggle("whiskers"))
+            await line_is(page, whiskers, "0 0 1 1 0 0")
+            await page.uncheck(toggle("whiskers"))
+            assert await page.locator("[data-testid=instance-line]").count() == 0
+            assert errors == []
+        finally:
+            await browser.close()

@@ -1,11 +1,21 @@
-// The autoscaler's section of the home page: workers and backlog over time, from the store's history
-// of `cattube.processing.scaled` and the live stream's `scaled` changes.
+// The autoscaler's section of the home page: the processing fleet's running workers (the sum over
+// instances) and the queue's backlog over time, from the store's history of `cattube.processing.scaled`
+// and the live stream's `scaled` changes. A checkbox per instance adds that instance's own line.
+//
+// Each instance reports only its own workers, so the fleet is walked here as the store walks it
+// (services/store/fleet.py): in time order, an instance counts the `to` of its latest change, before
+// its first change in view the `from` of that change, and with no change in view what it last reported.
 "use strict";
 
 import { $ } from "./shared.js";
 
 const CHART_WINDOW_MS = 15 * 60 * 1000;
-let scaling = []; // autoscaler changes, oldest first
+const KEEP_POINTS = 2000;
+const COLOURS = 6; // .c0 ... .c5 in style.css
+let scaling = []; // every instance's changes, oldest first
+let lastHeard = new Map(); // instance -> {workers, t}: counts an instance with no change in view
+const shown = new Set(); // instances whose own line a person asked for
+const colours = new Map(); // instance -> colour index, kept while the page lives
 
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -16,12 +26,43 @@ function svg(name, attributes, text) {
   return element;
 }
 
+// null names the one unnamed instance: events from before instances had names.
+const nameOf = (point) => point.instance ?? "";
+const labelOf = (name) => name || "unnamed instance";
+
+function colourOf(name) {
+  if (!colours.has(name)) colours.set(name, colours.size % COLOURS);
+  return `c${colours.get(name)}`;
+}
+
 export function addScaling(point) {
-  const key = (p) => `${p.at}|${p.from}|${p.to}|${p.backlog}`;
+  const key = (p) => `${p.at}|${nameOf(p)}|${p.from}|${p.to}|${p.backlog}`;
   if (scaling.some((p) => key(p) === key(point))) return;
   scaling.push(point);
   scaling.sort((a, b) => new Date(a.at) - new Date(b.at));
+  // A page open for days: fold the oldest changes into what each instance last reported.
+  for (const p of scaling.splice(0, Math.max(0, scaling.length - KEEP_POINTS))) heard(nameOf(p), p.to, p.at);
   drawScaling();
+}
+
+function heard(name, workers, at) {
+  const t = new Date(at).getTime();
+  if (!lastHeard.has(name) || lastHeard.get(name).t <= t) lastHeard.set(name, { workers, t });
+}
+
+// The counts of every instance before the first change, then after each: [{t, backlog, counts, fleet}].
+function walk(points) {
+  const inView = new Set(points.map(nameOf));
+  const counts = new Map();
+  for (const [name, { workers }] of lastHeard) if (!inView.has(name) && workers > 0) counts.set(name, workers);
+  for (const p of points) if (!counts.has(nameOf(p))) counts.set(nameOf(p), p.from);
+  const sum = () => [...counts.values()].reduce((a, b) => a + b, 0);
+  const initial = { t: -Infinity, backlog: 0, counts: new Map(counts), fleet: sum() };
+  const steps = points.map((p) => {
+    counts.set(nameOf(p), p.to);
+    return { t: new Date(p.at).getTime(), backlog: p.backlog, counts: new Map(counts), fleet: sum(), point: p };
+  });
+  return [initial, ...steps];
 }
 
 export function drawScaling() {
@@ -29,19 +70,33 @@ export function drawScaling() {
   for (const child of [...chart.children]) if (!["title", "desc"].includes(child.tagName)) child.remove();
   const [width, height, left, right, top, bottom] = [640, 220, 34, 12, 10, 26];
   const now = Date.now();
-  const points = scaling.map((p) => ({ ...p, t: new Date(p.at).getTime() }));
+  const states = walk(scaling);
+  const steps = states.slice(1);
 
-  const counts = points.length ? [points[0].from, ...points.map((p) => p.to)] : [0];
-  const story = counts.filter((count, i) => i === 0 || count !== counts[i - 1]).slice(-12);
+  const fleets = states.map((s) => s.fleet);
+  const story = fleets.filter((count, i) => i === 0 || count !== fleets[i - 1]).slice(-12);
   $("#scaling-story").textContent = story.join(" → ");
 
-  const start = points.length ? Math.max(points[0].t - 2000, now - CHART_WINDOW_MS) : now - 60000;
+  const start = steps.length ? Math.max(steps[0].t - 2000, now - CHART_WINDOW_MS) : now - 60000;
   const end = Math.max(now, start + 10000);
-  const before = points.filter((p) => p.t <= start).at(-1);
-  let workers = before ? before.to : points.length ? points[0].from : 0;
-  let backlog = before ? before.backlog : 0;
-  const visible = points.filter((p) => p.t > start);
-  const max = Math.max(1, workers, backlog, ...visible.map((p) => Math.max(p.to, p.backlog)));
+  const atStart = states.filter((s) => s.t <= start).at(-1);
+  const visible = steps.filter((s) => s.t > start);
+  const current = states.at(-1);
+  const instances = [...current.counts.keys()]
+    .filter((name) => current.counts.get(name) > 0 || visible.some((s) => nameOf(s.point) === name))
+    .sort();
+  for (const name of [...shown]) if (!instances.includes(name)) shown.delete(name);
+  showInstances(instances, current.counts);
+
+  const lines = [
+    { value: (s) => s.fleet, attributes: { class: "workers", "data-testid": "workers-line" } },
+    { value: (s) => s.backlog, attributes: { class: "backlog", "data-testid": "backlog-line" } },
+    ...[...shown].sort().map((name) => ({
+      value: (s) => s.counts.get(name) ?? 0,
+      attributes: { class: `instance ${colourOf(name)}`, "data-testid": "instance-line", "data-instance": name },
+    })),
+  ];
+  const max = Math.max(1, ...[atStart, ...visible].flatMap((s) => lines.map((line) => line.value(s))));
   const x = (t) => left + ((t - start) / (end - start)) * (width - left - right);
   const y = (v) => top + (1 - v / max) * (height - top - bottom);
 
@@ -54,26 +109,25 @@ export function drawScaling() {
   chart.append(svg("text", { class: "label", x: left, y: height - 6 }, clock(start)));
   chart.append(svg("text", { class: "label", x: width - right, y: height - 6, "text-anchor": "end" }, clock(end)));
 
-  let workersPath = `M ${x(start)} ${y(workers)}`;
-  let backlogPath = `M ${x(start)} ${y(backlog)}`;
-  for (const p of visible) {
-    workersPath += ` H ${x(p.t)} V ${y(p.to)}`;
-    backlogPath += ` H ${x(p.t)} V ${y(p.backlog)}`;
-    workers = p.to;
-    backlog = p.backlog;
+  // Instances under the fleet, backlog on top, dashed: with one job per worker the lines often coincide.
+  for (const line of [...lines.slice(2), lines[0], lines[1]]) {
+    const values = [atStart, ...visible].map(line.value);
+    let d = `M ${x(start)} ${y(values[0])}`;
+    visible.forEach((s, i) => (d += ` H ${x(s.t)} V ${y(values[i + 1])}`));
+    d += ` H ${x(end)}`;
+    // data-values: the line's value at the left edge, then after each change in view.
+    chart.append(svg("path", { ...line.attributes, d, "data-values": values.join(" ") }));
   }
-  workersPath += ` H ${x(end)}`;
-  backlogPath += ` H ${x(end)}`;
-  // Backlog on top, dashed: with one job per worker the two lines often coincide.
-  chart.append(svg("path", { class: "workers", d: workersPath, "data-testid": "workers-line" }));
-  chart.append(svg("path", { class: "backlog", d: backlogPath, "data-testid": "backlog-line" }));
-  $("#scaling-desc").textContent = points.length
-    ? `Workers went ${story.join(", then ")}; now ${workers} running with a backlog of ${backlog}.`
+  const running = instances.filter((name) => current.counts.get(name) > 0).length;
+  $("#scaling-desc").textContent = steps.length
+    ? `The fleet's workers went ${story.join(", then ")}; now ${current.fleet} running on ` +
+      `${running} instance${running === 1 ? "" : "s"} with a backlog of ${current.backlog}.`
     : "No scaling yet: no workers are running.";
 
-  const rows = points.slice(-20).reverse().map((p) => {
+  const rows = steps.slice(-20).reverse().map((s) => {
+    const p = s.point;
     const row = document.createElement("tr");
-    for (const text of [clock(p.t), `${p.from} → ${p.to}`, p.backlog, p.reason]) {
+    for (const text of [clock(s.t), labelOf(nameOf(p)), `${p.from} → ${p.to}`, s.fleet, p.backlog, p.reason]) {
       const cell = document.createElement("td");
       cell.textContent = text;
       row.append(cell);
@@ -83,11 +137,54 @@ export function drawScaling() {
   $("#scaling-table tbody").replaceChildren(...rows);
 }
 
+// One checkbox per instance in view, kept across redraws (so focus and choices stay), in name order.
+function showInstances(instances, counts) {
+  const box = $("#scaling-instances");
+  box.hidden = instances.length === 0;
+  const list = $("#scaling-instance-list");
+  const items = new Map([...list.children].map((item) => [item.dataset.instance, item]));
+  const ordered = instances.map((name) => {
+    let item = items.get(name);
+    if (!item) {
+      item = document.createElement("li");
+      item.dataset.instance = name;
+      const label = document.createElement("label");
+      const input = document.createElement("input");
+      input.type = "checkbox";
+      input.dataset.testid = "instance-toggle";
+      input.addEventListener("change", () => {
+        if (input.checked) shown.add(name);
+        else shown.delete(name);
+        drawScaling();
+      });
+      const swatch = document.createElement("span");
+      swatch.className = `swatch instance ${colourOf(name)}`;
+      swatch.setAttribute("aria-hidden", "true");
+      const text = document.createElement("span");
+      label.append(input, swatch, text);
+      item.append(label);
+    }
+    const workers = counts.get(name) ?? 0;
+    item.querySelector("span:last-child").textContent =
+      `${labelOf(name)}: ${workers} worker${workers === 1 ? "" : "s"}`;
+    item.querySelector("input").checked = shown.has(name);
+    return item;
+  });
+  // Moved only when out of place: a checkbox taken out of the page would lose the keyboard's focus.
+  for (const [name, item] of items) if (!instances.includes(name)) item.remove();
+  ordered.forEach((item, i) => {
+    if (list.children[i] !== item) list.insertBefore(item, list.children[i] ?? null);
+  });
+}
+
 export async function loadScaling() {
   const response = await fetch("/autoscaler/history?limit=1000");
   if (!response.ok) return;
+  const body = await response.json();
   const live = scaling;
-  scaling = (await response.json()).items;
+  scaling = body.items;
+  lastHeard = new Map();
+  for (const instance of body.instances ?? []) heard(nameOf(instance), instance.workers, instance.at);
   for (const point of live) addScaling(point);
   drawScaling();
 }

@@ -1,4 +1,4 @@
-"""`cattube upload`: every failure is one or two clear lines on stderr and a non-zero exit."""
+"""`cattube upload`: a failure is one or two clear lines on stderr and a non-zero exit; a success links the video."""
 
 from __future__ import annotations
 
@@ -195,3 +195,21 @@ async def test_an_upload_cut_short_resumes_when_run_again(tmp_path: Path) -> Non
         async with httpx.AsyncClient(base_url=upload.url) as http:
             master = (await http.get(f"/videos/{video_id}")).json()["master"]
         assert master["sha256"] == hashlib.sha256(video.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+async def test_an_upload_prints_its_watch_page(
+    upload_and_store: tuple[ServiceProcess, ServiceProcess], tmp_path: Path
+) -> None:
+    upload, store = upload_and_store
+    clip = make_clip(tmp_path / "whiskers.mp4", 320, 180, 1)
+    env = {"CATTUBE_UPLOAD_PORT": str(upload.port), "CATTUBE_STORE_PORT": str(store.port)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "--data-dir", str(tmp_path / "cli"), "upload", str(clip),
+        cwd=REPO, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    video_id, _, said = out.decode().strip().splitlines()[-1].partition(": ")  # after the progress bar
+    assert said == f"uploaded; watch it at http://127.0.0.1:{store.port}/watch/{video_id}"

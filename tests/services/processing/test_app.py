@@ -508,3 +508,17 @@ async def test_a_missing_bucket_is_named_by_readyz_and_the_service_stays_up(tmp_
         assert (await api.get("/healthz")).status_code == 200
         ready = await api.get("/readyz")
         assert ready.status_code == 503 and f"the bucket '{missing}' does not exist" in ready.json()["detail"]
+
+
+async def test_a_stopping_instance_announces_it_runs_no_workers_any_more(
+    make_stack: Callable[..., Any], router_app: FastAPI
+) -> None:
+    # Otherwise the store would count its last workers in the fleet for as long as it stays away.
+    async for stack in make_stack(instance="edge-3", min_workers=1):
+        await observe(stack.router)
+        await events_until(stack.router, lambda seen: any(e["data"]["to"] == 1 for e in seen))
+    async with RouterClient("http://router", transport=httpx.ASGITransport(app=router_app)) as router:
+        (last,) = await events_until(router, lambda seen: bool(seen))
+    assert last["type"] == "cattube.processing.scaled"
+    assert (last["data"]["instance"], last["data"]["from"], last["data"]["to"]) == ("edge-3", 1, 0)
+    assert last["data"]["reason"] == "the instance stopped"

@@ -250,7 +250,7 @@ async def test_scaling_history_is_bounded_and_in_time_order(catalog: Catalog) ->
         at = f"2026-11-28T10:00:0{n}Z"
         outcome = await catalog.apply(event("cattube.processing.scaled", data, id=f"scaled/p/{n}", time=at))
         assert outcome.scaled is not None and outcome.scaled.to == after
-    history = await catalog.scaling_history(10)
+    history = (await catalog.scaling_history(10)).points
     assert [(p.from_, p.to) for p in history] == [(2, 1), (1, 0), (0, 3)]  # history_size=3
     assert history[0].record()["at"] == "2026-11-28T10:00:01.000Z"
 
