@@ -388,24 +388,25 @@ class StatsWatch(httpx.AsyncBaseTransport):
     """The router's transport, telling when the autoscaler has read the transcode queue's numbers of a version.
 
     `watch_stats` asks for the numbers after version V only once its reader (the autoscaler) has acted on V.
+    Versions are digests of the numbers (router.bus.stats_version), not a count: remember each one asked.
     """
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self.inner = inner
-        self.acted_on = -1
+        self.acted_on: set[int] = set()
         self.changed = asyncio.Condition()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         version = request.url.params.get("version")
         if request.url.path == "/subscriptions/transcode/stats" and version is not None:
             async with self.changed:
-                self.acted_on = max(self.acted_on, int(version))
+                self.acted_on.add(int(version))
                 self.changed.notify_all()
         return await self.inner.handle_async_request(request)
 
     async def until_acted_on(self, version: int) -> None:
         async with asyncio.timeout(10), self.changed:
-            await self.changed.wait_for(lambda: self.acted_on >= version)
+            await self.changed.wait_for(lambda: version in self.acted_on)
 
 
 async def test_jobs_another_instance_holds_ask_for_no_workers_here(
