@@ -151,7 +151,7 @@ async def up(settings: CommonSettings, *, rotate_tokens: bool = False) -> int:
             **stack_tokens.environment(),
             **local_seaweedfs.environment(endpoint, app),
             "CATTUBE_ROUTER_URL": ",".join(f"http://{host}:{port}" for _, port, _ in routers),
-            "CATTUBE_ROUTER_DATABASE_URL": database_url,
+            "CATTUBE_DATABASE_URL": database_url,  # the routers and every service (each its own schema)
             "CATTUBE_BLOB_URL": f"s3://{BUCKET}",
         }
         for child in children:
