@@ -10,11 +10,19 @@ on the way; the probe then decides what the file is, and only then does it get i
 client's file name). Any refusal, error or disconnect removes the whole `videos/{id}/`. An upload
 is noted in the outbox database when it starts, so one cut short by a crash is swept at the next
 start (`sweep`), and its record and event are committed together before the caller answers 202.
+
+The probe reads a local file. With a `file://` bucket that is the incoming object itself, and the
+final name is a hard link. With a remote (`s3://`) bucket the body is also written, piece by piece
+as it streams to the bucket, to a spool file in local scratch (`services/upload/spool.py`) that the
+probe reads and that is removed as soon as the upload is accepted or refused; the final name is a
+server-side copy. A bucket that cannot be reached, before or during the upload, is a 503 that keeps
+nothing: no spool, no record; what a failed write began in the bucket it aborted itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import sqlite3
@@ -31,7 +39,6 @@ from services.common.errors import (
     CatTubeError,
     InsufficientStorage,
     PayloadTooLarge,
-    Unavailable,
     UnsupportedMedia,
 )
 from services.upload.forms import FormStream
@@ -41,6 +48,7 @@ from services.upload.outbox import Outbox
 from services.upload.probe import Probe, ProbeRejected, probe_file
 from services.upload.refusals import refusal
 from services.upload.settings import UploadSettings
+from services.upload.spool import Spool, Spools
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,8 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 # The body arrives in pieces of up to 64 KiB; the bucket is written in pieces of about 1 MiB, so the
 # file store's thread hand-offs stay few (memory stays flat: one piece at a time).
 WRITE_CHUNK_BYTES = 1 << 20
+# The largest object S3 copies in one request (CopyObject); above it the master is uploaded again from the spool.
+COPY_MAX_BYTES = 5 * 2**30
 NO_SPACE = (
     "The server has no room left to store this upload (its disk or quota is full); nothing of it was kept. "
     "Try again once an operator has freed space."
@@ -94,15 +104,23 @@ class Uploads:
         self.settings = settings
         self.metrics = metrics
         self.on_accepted = on_accepted
+        self.spools = Spools(settings.spool_dir)
         self._probes = asyncio.Semaphore(settings.max_concurrent_probes)
 
     async def sweep(self) -> int:
-        """Remove what uploads cut short by a crash left in the bucket; returns how many there were."""
+        """Remove what uploads cut short by a crash left in the spool and the bucket; returns how many there were.
+
+        Call at start-up, before any upload is received. An unreachable bucket keeps the rest for the next start.
+        """
+        await asyncio.to_thread(self.spools.sweep)
         leftovers = await self.outbox.unfinished()
-        for video_id in leftovers:
-            await self._discard(video_id)
-        if leftovers:
-            log.info("removed the partial objects of %d upload(s) interrupted by the last stop", len(leftovers))
+        for swept, video_id in enumerate(leftovers):
+            if not await self._discard(video_id):
+                log.warning("%d interrupted upload(s) are left for the next start", len(leftovers) - swept)
+                break
+        else:
+            if leftovers:
+                log.info("removed the partial objects of %d upload(s) interrupted by the last stop", len(leftovers))
         return len(leftovers)
 
     async def receive(
@@ -120,7 +138,6 @@ class Uploads:
         over the arguments, which come from the query); a `video/*` or `application/octet-stream` body
         is the file itself.
         """
-        self._local("videos/probe/master")  # refused before a byte is read when the bucket is remote
         try:
             media = content_type.split(";", 1)[0].strip().lower()
             if media == "multipart/form-data":
@@ -162,6 +179,8 @@ class Uploads:
     # -- the steps --------------------------------------------------------------------------------
 
     async def _receive(self, chunks: AsyncIterable[bytes], described: Callable[[], Described]) -> str:
+        # A bucket that cannot be used now refuses the upload (503) before anything is noted or read.
+        await self.store.check()
         video_id = uuid.uuid4().hex
         try:
             await self.outbox.begin(video_id)
@@ -169,23 +188,31 @@ class Uploads:
             if _storage_full(exc):
                 raise InsufficientStorage(NO_SPACE) from None
             raise
+        written = False  # once the incoming object exists, the bucket holds something of this upload
         try:
-            incoming = await self.store.write(
-                _incoming_key(video_id), _pieces(chunks, WRITE_CHUNK_BYTES), max_bytes=self.settings.max_upload_bytes
-            )
-            if incoming.size_bytes == 0:
-                raise BadRequest("file", "a non-empty video file")
-            about = described()
-            probe = await self._probe(incoming.key)
-            extension, content_type = media_type(probe)
-            master = await self.store.put_file(video_key(video_id, f"master.{extension}"), self._local(incoming.key))
+            with self._spool(video_id) as spool:
+                pieces = _pieces(chunks, WRITE_CHUNK_BYTES)
+                incoming = await self.store.write(
+                    _incoming_key(video_id),
+                    pieces if spool is None else spool.tee(pieces),
+                    max_bytes=self.settings.max_upload_bytes,
+                )
+                written = True
+                if incoming.size_bytes == 0:
+                    raise BadRequest("file", "a non-empty video file")
+                about = described()
+                if spool is not None:
+                    await spool.finish()
+                probe = await self._probe(self._local(incoming.key) if spool is None else spool.path)
+                extension, content_type = media_type(probe)
+                master = await self._name_master(incoming, video_key(video_id, f"master.{extension}"), spool)
             await self.store.delete_prefix(_incoming_prefix(video_id))
             data = _uploaded(video_id, about, master, content_type, probe).dump()
             event = new_event(contract.UPLOADED, SOURCE, data, id=video_id, partitionkey=video_id)
             record = {name: value for name, value in data.items() if name != "video_id"}
             await self.outbox.accept(video_id, {**record, "container": probe.container}, event)
         except BaseException as exc:
-            await asyncio.shield(self._discard(video_id))
+            await asyncio.shield(self._discard(video_id, written=written))
             if _storage_full(exc):
                 log.error("upload %s refused: the server's storage is full (%s)", video_id, exc)
                 raise InsufficientStorage(NO_SPACE) from None
@@ -196,11 +223,26 @@ class Uploads:
         self.on_accepted()
         return video_id
 
-    async def _probe(self, key: str) -> Probe:
+    def _spool(self, video_id: str) -> contextlib.AbstractContextManager[Spool | None]:
+        """A local copy for the probe when the bucket keeps no local files; none when the probe can read the object."""
+        if self.store.local_path(_incoming_key(video_id)) is not None:
+            return contextlib.nullcontext()
+        return self.spools.open(video_id)
+
+    async def _name_master(self, incoming: BlobInfo, key: str, spool: Spool | None) -> BlobInfo:
+        """The incoming object under its final name: a hard link (file://) or a server-side copy (s3://).
+
+        S3 copies at most 5 GiB in one request; a larger master is uploaded again from the spool instead.
+        """
+        if spool is not None and incoming.size_bytes > COPY_MAX_BYTES:
+            return await self.store.put_file(key, spool.path)
+        return await self.store.copy(incoming.key, key)
+
+    async def _probe(self, path: Path) -> Probe:
         async with self._probes:
             try:
                 return await probe_file(
-                    self._local(key),
+                    path,
                     max_pixels=self.settings.max_pixels,
                     max_duration_s=self.settings.max_duration_s,
                     timeout_s=self.settings.probe_timeout_s,
@@ -211,20 +253,28 @@ class Uploads:
 
     def _local(self, key: str) -> Path:
         path = self.store.local_path(key)
-        if path is None:
-            # Spooling a local copy for the probe while streaming to a remote bucket is not built yet.
-            raise Unavailable(
-                "uploads need a file:// bucket for now (the probe reads the master from local disk); "
-                "set CATTUBE_BLOB_URL to a file:// URL for the upload service"
-            )
+        assert path is not None, "only called for a store that keeps local files"
         return path
 
-    async def _discard(self, video_id: str) -> None:
+    async def _discard(self, video_id: str, *, written: bool = True) -> bool:
+        """Remove what an upload left in the bucket and forget it; False when it stays noted as unfinished (the
+        bucket may hold part of it and cannot be reached now), so that the next start's `sweep` tries again."""
         try:
             await self.store.delete_prefix(f"videos/{video_id}/")
+        except Exception as exc:
+            if written:
+                log.error("removing the partial upload %s failed (%s); it is retried at the next start", video_id, exc)
+                return False
+            # The write failed, and a failed write leaves nothing in the bucket: there is nothing to come back for.
+            log.warning(
+                "could not look for what upload %s left in the bucket (%s); its write had failed", video_id, exc
+            )
+        try:
             await self.outbox.abandon(video_id)
         except Exception:
-            log.exception("removing the partial upload %s failed; it is retried at the next start", video_id)
+            log.exception("forgetting the refused upload %s failed; it is swept at the next start", video_id)
+            return False
+        return True
 
     # -- what the client said ---------------------------------------------------------------------
 
