@@ -374,4 +374,3 @@ async def test_a_missing_bucket_is_named_by_readyz_and_the_service_stays_up(
         assert (await api.get("/healthz")).status_code == 200
         ready = await api.get("/readyz")
         assert ready.status_code == 503 and f"the bucket '{missing}' does not exist" in ready.json()["detail"]
-
