@@ -26,6 +26,7 @@ import contextlib
 import errno
 import logging
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -189,6 +190,7 @@ class Uploads:
                 raise InsufficientStorage(NO_SPACE) from None
             raise
         written = False  # once the incoming object exists, the bucket holds something of this upload
+        started = time.monotonic()
         try:
             with self._spool(video_id) as spool:
                 pieces = _pieces(chunks, WRITE_CHUNK_BYTES)
@@ -198,14 +200,17 @@ class Uploads:
                     max_bytes=self.settings.max_upload_bytes,
                 )
                 written = True
+                received = time.monotonic()
                 if incoming.size_bytes == 0:
                     raise BadRequest("file", "a non-empty video file")
                 about = described()
                 if spool is not None:
                     await spool.finish()
                 probe = await self._probe(self._local(incoming.key) if spool is None else spool.path)
+                probed = time.monotonic()
                 extension, content_type = media_type(probe)
                 master = await self._name_master(incoming, video_key(video_id, f"master.{extension}"), spool)
+                named = time.monotonic()
             await self.store.delete_prefix(_incoming_prefix(video_id))
             data = _uploaded(video_id, about, master, content_type, probe).dump()
             event = new_event(contract.UPLOADED, SOURCE, data, id=video_id, partitionkey=video_id)
@@ -219,7 +224,16 @@ class Uploads:
             raise
         self.metrics.accepted.inc()
         self.metrics.accepted_bytes.inc(master.size_bytes)
-        log.info("accepted upload %s: %d bytes, %s", video_id, master.size_bytes, probe.container)
+        log.info(
+            "accepted upload %s: %d bytes, %s (received in %.2f s, probed in %.2f s, named in %.2f s, %.2f s in all)",
+            video_id,
+            master.size_bytes,
+            probe.container,
+            received - started,
+            probed - received,
+            named - probed,
+            time.monotonic() - started,
+        )
         self.on_accepted()
         return video_id
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
@@ -22,10 +23,11 @@ from services.upload.app import create_app
 from services.upload.outbox import Outbox
 from services.upload.settings import UploadSettings
 from tests.conftest import running
-from tests.process import free_port
+from tests.media import make_clip
+from tests.process import free_port, service
 from tests.s3 import CLIENT, S3Server, fresh_bucket, new_bucket, throwaway_seaweedfs
 from tests.services.upload.test_api import assert_problem
-from tests.services.upload.test_resilience import free_box
+from tests.services.upload.test_resilience import free_box, peak_rss_kib
 from tests.services.upload.uploading import chunks_of, multipart
 
 
@@ -294,3 +296,41 @@ async def test_s3_killed_mid_upload_is_503_and_keeps_nothing(
 
 def test_settings_put_the_spool_under_the_data_dir(tmp_path: Path) -> None:
     assert UploadSettings(data_dir=tmp_path).spool_dir == tmp_path / "upload" / "spool"
+
+
+@pytest.mark.slow
+async def test_memory_stays_flat_while_a_large_upload_streams_into_s3(
+    tmp_path: Path, s3: S3Server, s3_url: str
+) -> None:
+    """300 MB as a raw body through the service as a process: a real 1 s MP4 followed by a 300 MB `free` box."""
+    clip = make_clip(tmp_path / "cat.mp4", 320, 240, 1.0).read_bytes()
+    filler = 300 * 1024 * 1024
+    digest = hashlib.sha256()
+
+    async def large() -> AsyncIterator[bytes]:
+        for piece in (clip, free_box(filler)):
+            digest.update(piece)
+            yield piece
+        block = bytes(1 << 20)
+        for _ in range(filler >> 20):
+            digest.update(block)
+            yield block
+
+    env = {
+        "CATTUBE_DATA_DIR": str(tmp_path / "data"),
+        "CATTUBE_ROUTER_URL": f"http://127.0.0.1:{free_port()}",
+        "CATTUBE_BLOB_URL": s3_url,
+        **{name: value for name, value in os.environ.items() if name.startswith("AWS_")},  # s3_env's
+    }
+    async with (
+        service("services.upload", env) as upload,
+        httpx.AsyncClient(base_url=upload.url, timeout=120) as http,
+    ):
+        assert upload.proc is not None
+        response = await http.post("/videos", content=large(), headers={"Content-Type": "video/mp4"})
+        assert response.status_code == 202, response.text
+        peak_kib = peak_rss_kib(upload.proc.pid)
+    info = await bucket_of(s3_url, s3).stat(f"videos/{response.json()['video_id']}/master.mp4")
+    assert info is not None and info.size_bytes == len(clip) + 16 + filler and info.sha256 == digest.hexdigest()
+    assert not any((tmp_path / "data" / "upload" / "spool").iterdir())
+    assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB"
