@@ -287,6 +287,12 @@ class S3BlobStore:
                 info = BlobInfo(info.key, info.size_bytes, recorded.sha256, info.modified_at, info.uri)
         return info
 
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        await self.check()
+        with self._errors("delete", self.uri(key)):
+            await obstore.delete_async(self.store, [path, _sidecar(path)])  # batched; a missing one is no error
+
     async def delete_prefix(self, prefix: str) -> int:
         check_prefix(prefix)
         await self.check()

@@ -14,9 +14,12 @@ start (`sweep`), and its record and event are committed together before the call
 The probe reads a local file. With a `file://` bucket that is the incoming object itself, and the
 final name is a hard link. With a remote (`s3://`) bucket the body is also written, piece by piece
 as it streams to the bucket, to a spool file in local scratch (`services/upload/spool.py`) that the
-probe reads and that is removed as soon as the upload is accepted or refused; the final name is a
-server-side copy. A bucket that cannot be reached, before or during the upload, is a 503 that keeps
-nothing: no spool, no record; what a failed write began in the bucket it aborted itself.
+probe reads and that is removed as soon as the upload is accepted or refused. There a final name
+costs a server-side copy of every byte, so the body streams instead to the name its first bytes
+make likely (`services/upload/containers.py`: `master.mp4` for a file that starts with an MP4 box);
+when the probe agrees the master is in place at once, when not it is copied to the probe's name.
+A bucket that cannot be reached, before or during the upload, is a 503 that keeps nothing: no
+spool, no record; what a failed write began in the bucket it aborted itself.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from services.common.errors import (
     PayloadTooLarge,
     UnsupportedMedia,
 )
+from services.upload.containers import likely_extension, media_type
 from services.upload.forms import FormStream
 from services.upload.metadata import UNTITLED, clean_title, parse_renditions, title_from_filename
 from services.upload.metrics import UploadMetrics
@@ -59,6 +63,8 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 # The body arrives in pieces of up to 64 KiB; the bucket is written in pieces of about 1 MiB, so the
 # file store's thread hand-offs stay few (memory stays flat: one piece at a time).
 WRITE_CHUNK_BYTES = 1 << 20
+# What the guess of a master's name looks at (services/upload/containers.py): the magic numbers at its start.
+HEAD_BYTES = 4096
 # The largest object S3 copies in one request (CopyObject); above it the master is uploaded again from the spool.
 COPY_MAX_BYTES = 5 * 2**30
 NO_SPACE = (
@@ -66,20 +72,6 @@ NO_SPACE = (
     "Try again once an operator has freed space."
 )
 EXPECTED_CONTENT_TYPES = "multipart/form-data, video/* or application/octet-stream"
-
-# The extension and media type of a master, from the demuxer that read it (never from the client).
-CONTAINERS: dict[str, tuple[str, str]] = {
-    "mov": ("mp4", "video/mp4"),
-    "matroska": ("mkv", "video/x-matroska"),
-    "avi": ("avi", "video/x-msvideo"),
-    "mpegts": ("ts", "video/mp2t"),
-    "mpeg": ("mpg", "video/mpeg"),
-    "flv": ("flv", "video/x-flv"),
-    "ogg": ("ogv", "video/ogg"),
-    "asf": ("wmv", "video/x-ms-asf"),
-}
-WEBM_VIDEO = frozenset({"vp8", "vp9", "av1"})
-WEBM_AUDIO = frozenset({None, "opus", "vorbis"})
 
 
 @dataclass(frozen=True)
@@ -193,10 +185,10 @@ class Uploads:
         started = time.monotonic()
         try:
             with self._spool(video_id) as spool:
-                pieces = _pieces(chunks, WRITE_CHUNK_BYTES)
+                head, body = await _peek(_pieces(chunks, WRITE_CHUNK_BYTES))
                 incoming = await self.store.write(
-                    _incoming_key(video_id),
-                    pieces if spool is None else spool.tee(pieces),
+                    _first_key(video_id, head, guess=spool is not None),
+                    body if spool is None else spool.tee(body),
                     max_bytes=self.settings.max_upload_bytes,
                 )
                 written = True
@@ -209,9 +201,8 @@ class Uploads:
                 probe = await self._probe(self._local(incoming.key) if spool is None else spool.path)
                 probed = time.monotonic()
                 extension, content_type = media_type(probe)
-                master = await self._name_master(incoming, video_key(video_id, f"master.{extension}"), spool)
+                master = await self._name_master(video_id, incoming, extension, spool)
                 named = time.monotonic()
-            await self.store.delete_prefix(_incoming_prefix(video_id))
             data = _uploaded(video_id, about, master, content_type, probe).dump()
             event = new_event(contract.UPLOADED, SOURCE, data, id=video_id, partitionkey=video_id)
             record = {name: value for name, value in data.items() if name != "video_id"}
@@ -243,14 +234,25 @@ class Uploads:
             return contextlib.nullcontext()
         return self.spools.open(video_id)
 
-    async def _name_master(self, incoming: BlobInfo, key: str, spool: Spool | None) -> BlobInfo:
-        """The incoming object under its final name: a hard link (file://) or a server-side copy (s3://).
+    async def _name_master(self, video_id: str, incoming: BlobInfo, extension: str, spool: Spool | None) -> BlobInfo:
+        """The master under its final name, `master.{extension}`, and the incoming object gone.
 
-        S3 copies at most 5 GiB in one request; a larger master is uploaded again from the spool instead.
+        Streamed under that very name (a remote bucket, a right guess) there is nothing to do. Otherwise: a hard
+        link (file://) or a server-side copy (s3://; S3 copies at most 5 GiB in one request, so a larger master is
+        uploaded again from the spool).
         """
+        key = video_key(video_id, f"master.{extension}")
+        if incoming.key == key:
+            return incoming
         if spool is not None and incoming.size_bytes > COPY_MAX_BYTES:
-            return await self.store.put_file(key, spool.path)
-        return await self.store.copy(incoming.key, key)
+            master = await self.store.put_file(key, spool.path)
+        else:
+            master = await self.store.copy(incoming.key, key)
+        if incoming.key == _incoming_key(video_id):
+            await self.store.delete_prefix(_incoming_prefix(video_id))
+        else:
+            await self.store.delete(incoming.key)  # a wrong guess of the name
+        return master
 
     async def _probe(self, path: Path) -> Probe:
         async with self._probes:
@@ -318,13 +320,6 @@ def _storage_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "disk is full" in str(exc)
 
 
-def media_type(probe: Probe) -> tuple[str, str]:
-    """The extension and media type a master is stored with, from what the probe found."""
-    if probe.container == "matroska" and probe.video_codec in WEBM_VIDEO and probe.audio_codec in WEBM_AUDIO:
-        return "webm", "video/webm"
-    return CONTAINERS.get(probe.container, ("video", "application/octet-stream"))
-
-
 def _incoming_prefix(video_id: str) -> str:
     # Inside the video's own directory, so refusing the video removes it too; a directory of its own, so
     # `delete_prefix` can drop it alone once the master has its final name.
@@ -333,6 +328,13 @@ def _incoming_prefix(video_id: str) -> str:
 
 def _incoming_key(video_id: str) -> str:
     return f"{_incoming_prefix(video_id)}master.upload"  # a name no client chose
+
+
+def _first_key(video_id: str, head: bytes, *, guess: bool) -> str:
+    """Where an upload streams to: with `guess`, the master's likely final name (from the body's first bytes)
+    when there is one, so that no copy is needed once the probe agrees; else the incoming object."""
+    extension = likely_extension(head) if guess else None
+    return video_key(video_id, f"master.{extension}") if extension else _incoming_key(video_id)
 
 
 def _uploaded(
@@ -347,6 +349,20 @@ def _uploaded(
         probe=probe.as_event_data(),
         renditions=list(about.renditions),
     )
+
+
+async def _peek(pieces: AsyncIterator[bytes]) -> tuple[bytes, AsyncIterator[bytes]]:
+    """The first `HEAD_BYTES` of a stream (all of it when shorter), and the whole stream still to be read."""
+    first = await anext(pieces, b"")
+    return first[:HEAD_BYTES], _then(first, pieces)
+
+
+async def _then(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    del first  # not held while the rest streams
+    async for piece in rest:
+        yield piece
 
 
 async def _pieces(chunks: AsyncIterable[bytes], size: int) -> AsyncIterator[bytes]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import obstore
 import pytest
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
@@ -40,6 +41,12 @@ async def s3_url(s3: S3Server, s3_env: None) -> AsyncIterator[str]:
 
 def bucket_of(url: str, s3: S3Server) -> S3BlobStore:
     return S3BlobStore(url, config=s3.config(), client_options=CLIENT)  # type: ignore[arg-type]
+
+
+async def everything_in(bucket: S3BlobStore) -> list[str]:
+    """Every object below the bucket's prefix, the checksum sidecars (`.name.sha256`) included."""
+    paths = [meta["path"] async for batch in obstore.list(bucket.store, bucket.prefix) for meta in batch]
+    return sorted(path.removeprefix(f"{bucket.prefix}/") for path in paths)
 
 
 def spooled(settings: UploadSettings) -> list[str]:
@@ -172,6 +179,7 @@ async def test_a_master_too_large_for_one_copy_is_uploaded_again_from_the_spool(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(uploads, "COPY_MAX_BYTES", len(clip) - 1)  # S3's limit is 5 GiB: this clip stands for more
+    monkeypatch.setattr(uploads, "likely_extension", lambda first: None)  # no guess: the master has to move
     bucket = bucket_of(s3_url, s3)
     app = create_app(upload_settings(blob_url=s3_url), exit_on_failure=False)
     copies = 0
@@ -192,7 +200,41 @@ async def test_a_master_too_large_for_one_copy_is_uploaded_again_from_the_spool(
     info = await bucket.stat(f"videos/{video_id}/master.mp4")
     assert copies == 0
     assert info is not None and info.sha256 == hashlib.sha256(clip).hexdigest() and info.size_bytes == len(clip)
-    assert await bucket.list() == [f"videos/{video_id}/master.mp4"]
+    assert await everything_in(bucket) == [f"videos/{video_id}/master.mp4"]  # the checksum is its own metadata
+
+
+@pytest.mark.parametrize("guess", ["mp4", "mkv", None])
+async def test_the_master_streams_under_its_likely_name_and_moves_only_when_the_probe_disagrees(
+    upload_settings: Callable[..., UploadSettings],
+    s3: S3Server,
+    s3_url: str,
+    clip: bytes,
+    guess: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if guess != "mp4":  # what the first bytes of an MP4 tell, else a wrong guess or none
+        monkeypatch.setattr(uploads, "likely_extension", lambda first: guess)
+    bucket = bucket_of(s3_url, s3)
+    app = create_app(upload_settings(blob_url=s3_url), exit_on_failure=False)
+    copies: list[tuple[str, str]] = []
+    async with running(app) as upload:
+        store = app.state.uploads.store
+        real_copy = store.copy
+
+        async def counted(source: str, target: str) -> Any:
+            copies.append((source, target))
+            return await real_copy(source, target)
+
+        store.copy = counted
+        response = await upload.post("/videos", content=clip, headers={"Content-Type": "video/mp4"})
+        assert response.status_code == 202, response.text
+        record = (await upload.get(f"/videos/{response.json()['video_id']}")).json()
+    video_id = response.json()["video_id"]
+    prefix = f"videos/{video_id}/"
+    moved_from = {"mp4": None, "mkv": f"{prefix}master.mkv", None: f"{prefix}incoming/master.upload"}[guess]
+    assert copies == ([] if moved_from is None else [(moved_from, f"{prefix}master.mp4")])
+    assert await everything_in(bucket) == [f"{prefix}.master.mp4.sha256", f"{prefix}master.mp4"]  # nothing else
+    assert record["master"]["sha256"] == hashlib.sha256(clip).hexdigest()
 
 
 async def test_spools_and_objects_left_by_a_crash_are_swept_at_start(
