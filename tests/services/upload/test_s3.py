@@ -4,6 +4,7 @@ the probe, the spool removed whatever happens; refusals and faults leave nothing
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import secrets
@@ -23,6 +24,7 @@ from services.upload import uploads
 from services.upload.app import create_app
 from services.upload.outbox import Outbox
 from services.upload.settings import UploadSettings
+from services.upload.spool import Spool
 from tests.conftest import running
 from tests.media import make_clip
 from tests.process import free_port, service
@@ -255,6 +257,31 @@ async def test_spools_and_objects_left_by_a_crash_are_swept_at_start(
         assert (await upload.get("/videos/interrupted")).status_code == 404
         await nothing_kept(app)
     assert await bucket.list() == []
+
+
+async def test_a_full_scratch_disk_is_507_and_leaves_nothing(
+    upload_settings: Callable[..., UploadSettings],
+    s3: S3Server,
+    s3_url: str,
+    clip: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_tee = Spool.tee
+
+    async def fills_up(spool: Spool, pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for piece in real_tee(spool, pieces):
+            yield piece  # the first piece reaches the spool and the bucket's multipart upload
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Spool, "tee", fills_up)
+    app = create_app(upload_settings(blob_url=s3_url), exit_on_failure=False)
+    async with running(app) as upload:
+        body = clip + bytes(6 << 20)  # past one part: the multipart upload is under way when the disk fills
+        response = await upload.post("/videos", content=chunks_of(body), headers={"Content-Type": "video/mp4"})
+        problem = assert_problem(response, 507)
+        assert "nothing of it was kept" in problem["detail"]
+        await nothing_kept(app)
+    assert await everything_in(bucket_of(s3_url, s3)) == []
 
 
 # Faults: the bucket cannot be reached, refuses the credentials, does not exist, or dies mid-upload.
