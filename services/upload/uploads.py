@@ -100,12 +100,16 @@ class Uploads:
         self.spools = Spools(settings.spool_dir)
         self._probes = asyncio.Semaphore(settings.max_concurrent_probes)
 
-    async def sweep(self) -> int:
-        """Remove what uploads cut short by a crash left in the spool and the bucket; returns how many there were.
-
-        Call at start-up, before any upload is received. An unreachable bucket keeps the rest for the next start.
-        """
+    async def sweep_spools(self) -> None:
+        """Remove the spools of uploads cut short by a crash. Only at start-up, before any upload is received:
+        every spool there is then a leftover (the bucket's part of the sweep may come later, `sweep`)."""
         await asyncio.to_thread(self.spools.sweep)
+
+    async def sweep(self) -> int:
+        """Remove what uploads cut short by a crash left in the bucket; returns how many there were.
+
+        An unreachable bucket keeps the rest for the next start.
+        """
         leftovers = await self.outbox.unfinished()
         for swept, video_id in enumerate(leftovers):
             if not await self._discard(video_id):
@@ -124,12 +128,13 @@ class Uploads:
         title: str | None = None,
         renditions: str | None = None,
         declared_bytes: int | None = None,
+        video_id: str | None = None,
     ) -> str:
         """Store the video in `body` and queue its event; returns the new video id.
 
         A multipart/form-data body carries it in its `file` field (its `title` and `renditions` fields win
         over the arguments, which come from the query); a `video/*` or `application/octet-stream` body
-        is the file itself.
+        is the file itself. `video_id` is the id a finished resumable upload already has (its own).
         """
         try:
             media = content_type.split(";", 1)[0].strip().lower()
@@ -138,7 +143,7 @@ class Uploads:
             if media.startswith("video/") or media == "application/octet-stream":
                 self._check_declared(declared_bytes, self.settings.max_upload_bytes)
                 described = self._describe(title, renditions, None)
-                return await self._receive(body, lambda: described)
+                return await self._receive(body, lambda: described, video_id)
             raise UnsupportedMedia(
                 f"Content-Type: expected {EXPECTED_CONTENT_TYPES}, got {media or 'none'!r}",
                 errors=[{"field": "header.Content-Type", "expected": EXPECTED_CONTENT_TYPES}],
@@ -171,10 +176,12 @@ class Uploads:
 
     # -- the steps --------------------------------------------------------------------------------
 
-    async def _receive(self, chunks: AsyncIterable[bytes], described: Callable[[], Described]) -> str:
+    async def _receive(
+        self, chunks: AsyncIterable[bytes], described: Callable[[], Described], video_id: str | None = None
+    ) -> str:
         # A bucket that cannot be used now refuses the upload (503) before anything is noted or read.
         await self.store.check()
-        video_id = uuid.uuid4().hex
+        video_id = video_id or uuid.uuid4().hex
         try:
             await self.outbox.begin(video_id)
         except Exception as exc:
