@@ -284,6 +284,31 @@ async def test_a_full_scratch_disk_is_507_and_leaves_nothing(
     assert await everything_in(bucket_of(s3_url, s3)) == []
 
 
+async def test_a_sweep_while_serving_leaves_live_uploads_alone(
+    upload_settings: Callable[..., UploadSettings], s3_url: str, clip: bytes
+) -> None:
+    """The bucket's sweep may run late (the database was away at start): it must not touch uploads under way."""
+    settings = upload_settings(blob_url=s3_url)
+    app = create_app(settings, exit_on_failure=False)
+    halfway = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield clip[:100]
+        halfway.set()
+        await go_on.wait()
+        yield clip[100:]
+
+    async with running(app) as upload:
+        sending = asyncio.create_task(upload.post("/videos", content=slow(), headers={"Content-Type": "video/mp4"}))
+        await halfway.wait()
+        assert await app.state.uploads.sweep() == 0  # as the deferred sweep runs it
+        assert len(spooled(settings)) == 1
+        go_on.set()
+        response = await sending
+        assert response.status_code == 202, response.text
+
+
 # Faults: the bucket cannot be reached, refuses the credentials, does not exist, or dies mid-upload.
 
 
