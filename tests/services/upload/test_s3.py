@@ -19,10 +19,11 @@ import pytest
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 
+from services.common.db import SQLiteDatabase
 from services.common.s3_blobs import S3BlobStore
 from services.upload import uploads
 from services.upload.app import create_app
-from services.upload.outbox import Outbox
+from services.upload.outbox import MIGRATIONS, Outbox
 from services.upload.settings import UploadSettings
 from services.upload.spool import Spool
 from tests.conftest import running
@@ -85,7 +86,7 @@ async def test_raw_and_multipart_uploads_stream_into_the_bucket_and_leave_no_spo
         assert spooled(settings) == []
         assert await app.state.outbox.pending_count() == 2
         (event,) = await app.state.outbox.db.transact(
-            lambda conn: [row[0] for row in conn.execute("SELECT event FROM outbox LIMIT 1")]
+            lambda conn: [row[0] for row in conn.fetch("SELECT event FROM outbox LIMIT 1")]
         )
     assert await bucket.list() == sorted(f"videos/{video_id}/master.mp4" for video_id in ids)
     for video_id in ids:
@@ -244,7 +245,7 @@ async def test_spools_and_objects_left_by_a_crash_are_swept_at_start(
 ) -> None:
     bucket = bucket_of(s3_url, s3)
     settings = upload_settings(blob_url=s3_url)
-    outbox = Outbox(settings.outbox_file)
+    outbox = Outbox(SQLiteDatabase(settings.outbox_file, MIGRATIONS))
     await outbox.open()
     await outbox.begin("interrupted")
     await outbox.close()
