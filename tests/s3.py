@@ -196,11 +196,17 @@ def _running(directory: Path, config: Path) -> Iterator[tuple[int, dict[str, int
             process.stdout.close()
 
 
+async def new_bucket(server: S3Server) -> str:
+    """The name of a new empty bucket (created by the admin's first upload)."""
+    name = f"cattube-test-{secrets.token_hex(6)}"
+    await local_seaweedfs.create_bucket(server.endpoint, server.admin, name)
+    return name
+
+
 @asynccontextmanager
 async def fresh_bucket(server: S3Server) -> AsyncIterator[str]:
     """A new empty bucket (created by the admin's first upload), emptied and left behind afterwards."""
-    name = f"cattube-test-{secrets.token_hex(6)}"
-    await local_seaweedfs.create_bucket(server.endpoint, server.admin, name)
+    name = await new_bucket(server)
     admin = S3Store(name, config=server.config(server.admin), client_options=CLIENT)  # type: ignore[arg-type]
     try:
         yield name
