@@ -75,6 +75,7 @@ class Bus:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.notifier.start()
         await self.store.open(self.notifier, self.fanout)
         for sub in await self.list_subscriptions():
             if (at := await self.store.next_visible_ms(sub.spec.name, now_ms())) is not None:
@@ -126,6 +127,7 @@ class Bus:
         await self.dispatchers.close()
         self.signals.close()
         await self.store.close()
+        await self.notifier.close()
 
     # -- publishing -------------------------------------------------------------------------------
 
