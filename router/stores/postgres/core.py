@@ -156,7 +156,8 @@ class PostgresCore:
         self._pool: asyncpg.Pool | None = None
         self._notifier: Notifier | None = None
         self._fanout = Fanout()
-        self._ready = asyncio.Event()
+        self.connected = asyncio.Event()
+        """Set once the database answered and the schema is in place (it stays set: later failures are `unavailable`)."""
         self._answered = asyncio.Event()
         self._closing = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
@@ -211,7 +212,7 @@ class PostgresCore:
                         await self._closing.wait()
                 continue
             self.unavailable = None
-            self._ready.set()
+            self.connected.set()
             if failures:
                 log.info("the router's database answers now, after %d failed attempt(s)", failures)
                 if self._answered.is_set() and self._notifier is not None:
@@ -248,7 +249,7 @@ class PostgresCore:
 
     async def readiness(self) -> str | None:
         """None when the database answers; after a failed call, it is asked again here (a `SELECT 1`)."""
-        if not self._ready.is_set() or self.unavailable is None:
+        if not self.connected.is_set() or self.unavailable is None:
             return self.unavailable
         with contextlib.suppress(Unavailable):
             async with self._connection() as conn:
@@ -263,7 +264,7 @@ class PostgresCore:
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
         """A pooled connection; the database being away becomes `Unavailable` naming it."""
-        if not self._ready.is_set() or self._pool is None:
+        if not self.connected.is_set() or self._pool is None:
             raise Unavailable(self.unavailable or "the router's database is not open")
         try:
             async with self._pool.acquire() as conn:
