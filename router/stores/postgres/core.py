@@ -157,7 +157,7 @@ class PostgresCore:
         self._notifier: Notifier | None = None
         self._fanout = Fanout()
         self.connected = asyncio.Event()
-        """Set once the database answered and the schema is in place (it stays set: later failures are `unavailable`)."""
+        """Set once the database answered and the schema is in place (later failures are `unavailable`)."""
         self._answered = asyncio.Event()
         self._closing = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
