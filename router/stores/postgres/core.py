@@ -308,6 +308,7 @@ class PostgresCore:
         except asyncpg.CheckViolationError as exc:
             if not is_missing_partition(exc):
                 raise
+        self._days.discard(day_of(now_ms))  # dropped by retention (on another replica, maybe) since we knew it
         async with self._connection() as conn:
             await self._ensure_days(conn, {day_of(now_ms)})
         async with self._transaction(begin) as tx:

@@ -120,9 +120,9 @@ SELECT EXISTS (SELECT 1 FROM subscriptions WHERE name = $1) AS found, t.*, h.*,
     (SELECT enqueued_at FROM messages WHERE sub = $1 AND visible_at <= $2 ORDER BY visible_at, msg_id LIMIT 1)
         AS first_ready
 FROM (
-    SELECT COALESCE(sum(messages), 0) AS messages, COALESCE(sum(dead), 0) AS dead,
-        COALESCE(sum(delivered), 0) AS delivered, COALESCE(sum(failed), 0) AS failed,
-        COALESCE(sum(changes), 0) AS changes
+    SELECT COALESCE(sum(messages), 0)::bigint AS messages, COALESCE(sum(dead), 0)::bigint AS dead,
+        COALESCE(sum(delivered), 0)::bigint AS delivered, COALESCE(sum(failed), 0)::bigint AS failed,
+        COALESCE(sum(changes), 0)::bigint AS changes
     FROM counters WHERE sub = $1
 ) t, (
     SELECT count(*) FILTER (WHERE nonce IS NOT NULL) AS in_flight, count(*) FILTER (WHERE nonce IS NULL) AS delayed,

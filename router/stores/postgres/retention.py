@@ -52,6 +52,7 @@ class PostgresRetention(PostgresSubscriptions):
             assert row is not None
             if not await _referenced(conn, row["lo"], row["hi"]):
                 if await self._drop(conn, name):
+                    self._days.discard(day)
                     log.info("retention: dropped %s (%d events)", name, row["n"])
                     await self._forget_keys(day)
                     return int(row["n"])
