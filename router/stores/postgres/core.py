@@ -59,6 +59,11 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 BEGIN = "BEGIN; SELECT pg_current_xact_id()"
 """How a transaction starts: its id taken at once, before its first read (appends rely on it)."""
+BOOKKEEPING = {"synchronous_commit": "off"}
+"""The sessions that record delivery state (leases, push outcomes, releases) commit without waiting for the WAL to
+reach the disk: losing the last few of those in a crash of the database server only means a delivery goes out
+again, which at-least-once allows (the SQLite store commits the same ones without an fsync). Published events,
+acks, nacks and subscription changes wait for the flush."""
 LEASE_LIMIT = 2**31 - 1
 """Stands for "no max_receive_count" in claims (push leases have none)."""
 
@@ -154,6 +159,8 @@ class PostgresCore:
         self.unavailable: str | None = f"the router's database at {self.connection.where()} has not answered yet"
         """Why the database cannot be used now (None when the last call reached it)."""
         self._pool: asyncpg.Pool | None = None
+        self._bookkeeping: asyncpg.Pool | None = None
+        """Sessions for delivery bookkeeping (see BOOKKEEPING)."""
         self._notifier: Notifier | None = None
         self._fanout = Fanout()
         self.connected = asyncio.Event()
@@ -173,16 +180,19 @@ class PostgresCore:
         self._notifier, self._fanout = notifier, fanout
         notifier.listen(self._heard)
         c = self.connection
-        self._pool = await asyncpg.create_pool(
-            c.url,
-            min_size=0,
-            max_size=c.pool_size,
-            timeout=c.connect_timeout_s,
-            command_timeout=c.statement_timeout_s + 5,
-            server_settings=c.server_settings(),
-            reset=_reset,
-            max_inactive_connection_lifetime=60,
-        )
+        self._pool, self._bookkeeping = [
+            await asyncpg.create_pool(
+                c.url,
+                min_size=0,
+                max_size=c.pool_size,
+                timeout=c.connect_timeout_s,
+                command_timeout=c.statement_timeout_s + 5,
+                server_settings={**c.server_settings(), **extra},
+                reset=_reset,
+                max_inactive_connection_lifetime=60,
+            )
+            for extra in ({}, BOOKKEEPING)
+        ]
         self._connector = asyncio.create_task(self._connect(), name="router-database-connect")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(first_answer_s):
@@ -240,12 +250,13 @@ class PostgresCore:
         await asyncio.gather(
             *[t for t in [self._connector, *self._background] if t is not None], return_exceptions=True
         )
-        if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), 10)
-            except TimeoutError:
-                self._pool.terminate()
-            self._pool = None
+        for pool in (self._pool, self._bookkeeping):
+            if pool is not None:
+                try:
+                    await asyncio.wait_for(pool.close(), 10)
+                except TimeoutError:
+                    pool.terminate()
+        self._pool = self._bookkeeping = None
 
     async def readiness(self) -> str | None:
         """None when the database answers; after a failed call, it is asked again here (a `SELECT 1`)."""
@@ -262,12 +273,14 @@ class PostgresCore:
     # -- plumbing ---------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Conn]:
-        """A pooled connection; the database being away becomes `Unavailable` naming it."""
-        if not self.connected.is_set() or self._pool is None:
+    async def _connection(self, *, bookkeeping: bool = False) -> AsyncIterator[Conn]:
+        """A pooled connection (from the bookkeeping sessions, see BOOKKEEPING, when asked); the database being away
+        becomes `Unavailable` naming it."""
+        pool = self._bookkeeping if bookkeeping else self._pool
+        if not self.connected.is_set() or pool is None:
             raise Unavailable(self.unavailable or "the router's database is not open")
         try:
-            async with self._pool.acquire() as conn:
+            async with pool.acquire() as conn:
                 yield conn
         except CONNECTION_ERRORS as exc:
             self.unavailable = f"the router's database at {self.connection.where()} cannot be reached ({_reason(exc)})"
@@ -282,11 +295,11 @@ class PostgresCore:
         self.unavailable = None
 
     @asynccontextmanager
-    async def _transaction(self, begin: str = BEGIN) -> AsyncIterator[Tx]:
+    async def _transaction(self, begin: str = BEGIN, *, bookkeeping: bool = False) -> AsyncIterator[Tx]:
         """One transaction. Its transaction id is taken first, before anything is read: appends rely on it
         (router.stores.postgres.subscriptions explains why). The counters it moved are added before COMMIT;
         its changes are published and its hand-offs handed over after."""
-        async with self._connection() as conn:
+        async with self._connection(bookkeeping=bookkeeping) as conn:
             tx = Tx(conn)
             await conn.execute(begin)
             try:
@@ -300,10 +313,12 @@ class PostgresCore:
         self.write_failure = None
         self._published(tx.effects)
 
-    async def _write(self, now_ms: int, fn: Callable[..., Awaitable[T]], *args: Any, begin: str = BEGIN) -> T:
+    async def _write(
+        self, now_ms: int, fn: Callable[..., Awaitable[T]], *args: Any, begin: str = BEGIN, bookkeeping: bool = False
+    ) -> T:
         """Run `fn(tx, *args)` in a transaction; once more after making a missing day's partition."""
         try:
-            async with self._transaction(begin) as tx:
+            async with self._transaction(begin, bookkeeping=bookkeeping) as tx:
                 return await fn(tx, *args)
         except asyncpg.CheckViolationError as exc:
             if not is_missing_partition(exc):
@@ -311,7 +326,7 @@ class PostgresCore:
         self._days.discard(day_of(now_ms))  # dropped by retention (on another replica, maybe) since we knew it
         async with self._connection() as conn:
             await self._ensure_days(conn, {day_of(now_ms)})
-        async with self._transaction(begin) as tx:
+        async with self._transaction(begin, bookkeeping=bookkeeping) as tx:
             return await fn(tx, *args)
 
     async def _add_counters(self, conn: Conn, effects: Effects) -> None:

@@ -165,7 +165,7 @@ class PostgresQueues(PostgresCore):
         messages: list[tuple[int, int, Message]] = []
         while len(messages) < max_messages:
             nonce = new_nonce()
-            async with self._connection() as conn:
+            async with self._connection(bookkeeping=True) as conn:
                 rows = await conn.fetch(
                     LEASE_ORDERED if ordered else LEASE_ANY,
                     name,
@@ -210,7 +210,7 @@ class PostgresQueues(PostgresCore):
                         r["msg_id"], r["seq"], r["replay"], r["attempts"], verdict.reason, verdict.context, r["body"]
                     )
                 )
-            if not await self._write(now_ms, self._bury, name, burials, now_ms, max_receive_count):
+            if not await self._write(now_ms, self._bury, name, burials, now_ms, max_receive_count, bookkeeping=True):
                 break  # claimed or settled elsewhere meanwhile: what is left is for the next receive
         return [message for _, _, message in sorted(messages, key=lambda m: (m[0], m[1]))]
 
@@ -272,9 +272,9 @@ class PostgresQueues(PostgresCore):
             [s.error for s in retries],
         )
         if deads:
-            done = await self._write(now_ms, self._settle_with_deaths, name, args, deads, now_ms)
+            done = await self._write(now_ms, self._settle_with_deaths, name, args, deads, now_ms, bookkeeping=True)
         else:
-            async with self._connection() as conn:
+            async with self._connection(bookkeeping=True) as conn:
                 done = {row["msg_id"] for row in await conn.fetch(SETTLE, *args)}
             effects = Effects()
             effects.touched.add(name)
@@ -314,7 +314,7 @@ class PostgresQueues(PostgresCore):
                 effects.hide(name, now_ms + s.delay_ms)
 
     async def release(self, name: str, receipts: Sequence[str], now_ms: int) -> None:
-        await self._by_receipts(RELEASE, name, receipts, now_ms, now_ms)
+        await self._by_receipts(RELEASE, name, receipts, now_ms, now_ms, bookkeeping=True)
         effects = Effects()
         effects.touched.add(name)
         effects.ready.add(name)
@@ -323,7 +323,7 @@ class PostgresQueues(PostgresCore):
     async def release_leases(self, name: str, now_ms: int) -> int:
         """This replica's live leases of a push subscription, visible now: its dispatcher is starting, so none of
         them is being delivered any more. Another holder's are left alone until they expire."""
-        async with self._connection() as conn:
+        async with self._connection(bookkeeping=True) as conn:
             count: int = await conn.fetchval(
                 "WITH released AS (UPDATE messages SET nonce = NULL, holder = NULL, visible_at = $2"
                 " WHERE sub = $1 AND holder = $3 AND nonce IS NOT NULL AND visible_at > $2 RETURNING msg_id),"
@@ -375,8 +375,10 @@ class PostgresQueues(PostgresCore):
             self._published(effects)
         return [_result(r, message_id_of(r) in done) for r in receipts]
 
-    async def _by_receipts(self, sql: str, name: str, receipts: Sequence[str], *more: Any) -> set[int]:
-        async with self._connection() as conn:
+    async def _by_receipts(
+        self, sql: str, name: str, receipts: Sequence[str], *more: Any, bookkeeping: bool = False
+    ) -> set[int]:
+        async with self._connection(bookkeeping=bookkeeping) as conn:
             rows = await conn.fetch(
                 sql, name, [message_id_of(r) for r in receipts], [nonce_of(r) for r in receipts], shard(), *more
             )
