@@ -119,3 +119,12 @@ async def test_the_process_keeps_serving_503s_while_its_database_is_away(tmp_pat
         # uvicorn re-raises the signal after a graceful shutdown, so the exit status is -SIGTERM.
         assert await router.stop() in (0, -signal.SIGTERM)
     assert any("Application shutdown complete" in line for line in router.log)
+
+
+async def test_a_database_that_refuses_the_router_is_named_on_readyz(tmp_path: Path, postgres_url: str) -> None:
+    missing = urlunsplit(urlsplit(postgres_url)._replace(path="/no_such_database"))
+    app = create_app(RouterSettings(data_dir=tmp_path, router_database_url=missing), exit_on_failure=False)
+    async with running(app) as router:
+        ready = assert_problem(await router.get("/readyz"), 503)
+        assert "no_such_database" in str(ready["detail"]) and "does not exist" in str(ready["detail"])
+        assert_problem(await router.get("/subscriptions"), 503)

@@ -207,7 +207,7 @@ class PostgresCore:
                 async with self._pool.acquire() as conn:
                     await migrate(conn)
                     await self._prepare(conn)
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:  # away, or refusing us (a wrong password, no such database): say so, retry
                 failures += 1
                 ceiling = min(backoff_max_s, backoff_initial_s * 2 ** (failures - 1))
                 delay = ceiling / 2 + random.uniform(0, ceiling / 2)  # equal jitter: replicas do not retry in step
@@ -382,7 +382,10 @@ class PostgresCore:
         if day_of(now_ms) not in self._days:  # made first: a failed insert would spend sequence numbers
             async with self._connection() as conn:
                 await self._ensure_days(conn, {day_of(now_ms)})
-        return await self._write(now_ms, self._append_in, events, now_ms)
+        try:
+            return await self._write(now_ms, self._append_in, events, now_ms)
+        except SeenThenForgotten:
+            return await self._write(now_ms, self._append_in, events, now_ms)
 
     async def _append_in(self, tx: Tx, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         """Append `events` and fan them out, inside `tx` (which must have its transaction id already: see
@@ -426,9 +429,11 @@ class PostgresCore:
                 seen[key] = new[key]
                 results.append(Appended(event["id"], new[key], duplicate=False))
                 fresh.append((encoded, new[key]))
-            else:
+            elif key in known:
                 seen[key] = known[key]
                 results.append(Appended(event["id"], known[key], duplicate=True))
+            else:  # its key went with a retention purge between the two reads: it is new again, next time
+                raise SeenThenForgotten(key)
         if fresh:
             version, subs = rows[0]["version"], rows[0]["subs"]
             # The subscriptions as of this statement's snapshot: this replica's copy, or the ones read with it.
@@ -482,6 +487,10 @@ class PostgresCore:
                 effects.hide(name, now_ms + lease_of[name])
         # Slots granted for a subscription deleted meanwhile (nothing was queued for it) are free again.
         self._fanout.rolled_back({name: msgs[len(effects.handoffs.get(name, ())) :] for name, msgs in granted.items()})
+
+
+class SeenThenForgotten(Exception):
+    """An event's key was there when the append looked for repeats and gone when it read their sequences."""
 
 
 APPEND = """

@@ -130,7 +130,7 @@ class PostgresNotifier:
         while not self._stopping.is_set():
             try:
                 await self._listen()
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:  # away, or refusing us: the store's readiness says which; retry
                 failures += 1
                 ceiling = min(backoff_max_s, backoff_initial_s * 2 ** (failures - 1))
                 delay = ceiling / 2 + random.uniform(0, ceiling / 2)
