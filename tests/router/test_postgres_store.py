@@ -212,3 +212,18 @@ async def test_stats_are_read_from_counters_that_match_the_rows(database_url: st
         assert stats.dead_lettered == dead
         assert (stats.delivered_total, stats.in_flight, stats.dead_lettered, stats.backlog) == (5, 10, 3, 32)
         assert all(type(n) is int for n in (stats.backlog, stats.delivered_total, stats.failed_total, stats.changes))
+
+
+async def test_puts_and_deletes_of_one_name_on_two_replicas_at_once_all_succeed(database_url: str) -> None:
+    async with opened(database_url, "a") as a, opened(database_url, "b") as b:
+        await a.append([ev("e")], T0)
+
+        async def churn(store: PostgresEventStore, rounds: int) -> None:
+            for _ in range(rounds):
+                await store.put_subscription(queue("q", start="earliest"), T0)
+                await store.delete_subscription("q")
+
+        await asyncio.gather(churn(a, 15), churn(b, 15))
+        await a.put_subscription(queue("q", start="earliest"), T0)
+        assert [m.sequence for m in await receive(b, "q", 10, 1000, T0)] == [1]
+        assert (await b.stats("q", T0)).in_flight == 1

@@ -50,6 +50,7 @@ LOCKED_CATALOG = (
 )
 """Subscription changes take turns (appenders only read the catalog, which this lock lets them), and a creation
 reads everything from one snapshot taken after the lock: the one it records for its catch-up."""
+CATALOG_LOCKED = "BEGIN; LOCK TABLE catalog IN EXCLUSIVE MODE; SELECT pg_current_xact_id()"
 CATCH_UP_EVERY_S = 0.1
 """At most this often, while a catch-up waits for the appenders that were in flight at a creation."""
 ENQUEUE_CHUNK = 1000
@@ -88,14 +89,17 @@ class PostgresSubscriptions(PostgresQueues):
                 if attempt == 2:
                     raise
         if created:
-            async with self._connection() as conn:
-                # The bound of the catch-up: every appender that read an older catalog took its transaction id
-                # before the creation committed, hence below the next one now.
-                await conn.execute(
-                    "UPDATE subscriptions SET catchup_after = pg_snapshot_xmax(pg_current_snapshot())"
-                    " WHERE name = $1 AND catchup_snapshot IS NOT NULL AND catchup_after IS NULL",
-                    spec.name,
-                )
+            try:
+                async with self._connection() as conn:
+                    # The bound of the catch-up: every appender that read an older catalog took its transaction id
+                    # before the creation committed, hence below the next one now.
+                    await conn.execute(
+                        "UPDATE subscriptions SET catchup_after = pg_snapshot_xmax(pg_current_snapshot())"
+                        " WHERE name = $1 AND catchup_snapshot IS NOT NULL AND catchup_after IS NULL",
+                        spec.name,
+                    )
+            except Unavailable as exc:  # the subscription exists: any later bound will do (see `catch_up`)
+                log.warning("subscription %s: its catch-up is bounded later (%s)", spec.name, exc)
             self._pending = self._pending | {spec.name}
             self._catch_up_soon()
         return sub, created
@@ -194,7 +198,9 @@ class PostgresSubscriptions(PostgresQueues):
             return await self._read_subscriptions(conn)
 
     async def delete_subscription(self, name: str) -> bool:
-        return await self._write(0, self._delete_subscription, name)
+        # Takes the catalog lock first, as a creation does: a PUT and a DELETE of one name never wait on each other's
+        # locks in opposite orders.
+        return await self._write(0, self._delete_subscription, name, begin=CATALOG_LOCKED)
 
     async def _delete_subscription(self, tx: Tx, name: str) -> bool:
         conn = tx.conn
