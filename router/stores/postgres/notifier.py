@@ -73,7 +73,7 @@ class PostgresNotifier:
         self.recheck_s = recheck_s
         self.connected = asyncio.Event()
         self.sent = 0
-        """Notifications sent (each NOTIFY statement counts once)."""
+        """NOTIFY statements issued (counted as each is sent, before its answer)."""
         self._local = InProcessNotifier()
         self._outbox = Outbox()
         self._next_at: dict[str, float] = {}
@@ -218,8 +218,8 @@ class PostgresNotifier:
             try:
                 async with self._using:
                     for payload in payloads:
-                        await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
                         self.sent += 1
+                        await conn.execute("SELECT pg_notify($1, $2)", self.channel, payload)
             except CONNECTION_ERRORS as exc:
                 log.warning("could not notify the other replicas (%s); they re-check within %s s", exc, self.recheck_s)
                 self._lost.set()

@@ -51,6 +51,7 @@ LOCKED_CATALOG = (
 """Subscription changes take turns (appenders only read the catalog, which this lock lets them), and a creation
 reads everything from one snapshot taken after the lock: the one it records for its catch-up."""
 CATALOG_LOCKED = "BEGIN; LOCK TABLE catalog IN EXCLUSIVE MODE; SELECT pg_current_xact_id()"
+PUT_ATTEMPTS = 5
 CATCH_UP_EVERY_S = 0.1
 """At most this often, while a catch-up waits for the appenders that were in flight at a creation."""
 ENQUEUE_CHUNK = 1000
@@ -81,12 +82,15 @@ class PostgresSubscriptions(PostgresQueues):
     # -- subscriptions ----------------------------------------------------------------------------
 
     async def put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
-        for attempt in (1, 2):
+        for attempt in range(1, PUT_ATTEMPTS + 1):
             try:
                 sub, created = await self._write(now_ms, self._put_subscription, spec, now_ms, begin=LOCKED_CATALOG)
                 break
-            except asyncpg.SerializationError:  # a leftover row of an earlier namesake was changed meanwhile
-                if attempt == 2:
+            except asyncpg.SerializationError:
+                # A row it changes was changed since its snapshot by what does not take the catalog lock: a
+                # catch-up's bookkeeping on the subscription's row, a write racing an earlier namesake's deletion.
+                # Read everything again.
+                if attempt == PUT_ATTEMPTS:
                     raise
         if created:
             try:
