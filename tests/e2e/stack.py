@@ -48,6 +48,8 @@ class Stack:
         self._reader: asyncio.Task[None] | None = None
         self._running: dict[str, int] = {}
         self._changed = asyncio.Condition()
+        self.ended = False
+        """`cattube up` closed its output (it exited)."""
 
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
@@ -90,14 +92,21 @@ class Stack:
                 if "Uvicorn running on" in text:
                     self._running[name.strip()] = self._running.get(name.strip(), 0) + 1
                 self._changed.notify_all()
+        async with self._changed:
+            self.ended = True
+            self._changed.notify_all()
 
     async def wait_serving(self, names: set[str], timeout_s: float = 60, starts: int = 1) -> None:
         """Until each named service has said it is serving `starts` times (read from the logs, not polled)."""
         try:
             async with asyncio.timeout(timeout_s), self._changed:
-                await self._changed.wait_for(lambda: all(self._running.get(n, 0) >= starts for n in names))
+                await self._changed.wait_for(
+                    lambda: self.ended or all(self._running.get(n, 0) >= starts for n in names)
+                )
         except TimeoutError:
             raise AssertionError("the stack did not start:\n" + "\n".join(self.log[-60:])) from None
+        if not all(self._running.get(n, 0) >= starts for n in names):
+            raise AssertionError("cattube up exited:\n" + "\n".join(self.log[-60:]))
 
     async def wait_line(self, start: str, timeout_s: float = 60) -> int:
         """Until `cattube up` has printed a line starting with `start`; returns its index in the log."""

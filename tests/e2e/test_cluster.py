@@ -4,7 +4,10 @@ instances, upload and store as processes on loopback, driven over HTTP."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,13 +27,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Stack]:
-    running = Stack(tmp_path / "data", cluster=True, CATTUBE_SCALE_IN_COOLDOWN_S="1", CATTUBE_MAX_WORKERS="1")
-    await running.start(timeout_s=120)
+async def cluster() -> AsyncIterator[Stack]:
+    # Not under pytest's tmp_path: as root PostgreSQL runs as `postgres`, which must reach its directory
+    # (pytest's base directory is closed to other users; `cattube up --cluster` says so and stops).
+    home = Path(tempfile.mkdtemp(prefix="cattube-cluster-"))
+    os.chmod(home, 0o755)
+    running = Stack(home / "data", cluster=True, CATTUBE_SCALE_IN_COOLDOWN_S="1", CATTUBE_MAX_WORKERS="1")
     try:
+        await running.start(timeout_s=120)
         yield running
     finally:
         await running.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def bucket(stack: Stack) -> S3Store:
@@ -50,7 +58,7 @@ async def test_a_video_goes_through_two_routers_into_the_bucket_and_everything_s
         # One database behind both: a subscription made on one is there on the other.
         made = await http.put(
             f"{cluster.url('router-1')}/subscriptions/cluster-probe",
-            json={"pattern": {"source": ["nobody"]}, "target": {"queue": True}},
+            json={"pattern": {"source": ["nobody"]}, "target": {"queue": {}}},
             headers=admin,
         )
         assert made.status_code in (200, 201), made.text
