@@ -13,7 +13,9 @@ The master is read in place when the bucket is local (`BlobStore.local_path`), o
 downloaded into the job's work directory first. ffmpeg writes into that work directory
 (`CATTUBE_DATA_DIR/processing/work`, on the bucket's filesystem by default, so outputs are
 linked into the bucket rather than copied); it is removed whatever happens, and what a killed
-process could not remove is swept at the next start (`sweep_work_dir`).
+process could not remove is swept at the next start (`sweep_work_dir`). A bucket that cannot be
+used meanwhile (S3 unreachable, credentials refused) hands the job back to the queue (`RetryLater`,
+saying why), like any other trouble that may pass.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import aiofiles.os
 from router.client import ReceivedMessage
 from services.common import contract
 from services.common.blobs import BlobStore, video_key
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidInput, Unavailable
 from services.common.media import ProcessTimeout
 from services.processing import events
 from services.processing.events import EventSink, OutboxUnavailable, run_id
@@ -182,6 +184,8 @@ class TranscodeJobs:
             return path
         except OSError as exc:
             raise RetryLater(f"The master could not be read from the bucket ({exc}).") from exc
+        except Unavailable as exc:  # S3 unreachable, or refusing the credentials: the job goes back to the queue
+            raise RetryLater(f"The master could not be read from the bucket: {exc.detail}.") from exc
 
     async def _transcode(
         self, request: TranscodeRequest, master: Path, out_dir: Path, context: JobContext, run: str
@@ -247,4 +251,6 @@ class TranscodeJobs:
             poster = await self.store.put_file(video_key(video_id, result.poster.name), result.poster)
         except OSError as exc:
             raise RetryLater(f"The renditions could not be stored in the bucket ({exc}).") from exc
+        except Unavailable as exc:
+            raise RetryLater(f"The renditions could not be stored in the bucket: {exc.detail}.") from exc
         return renditions, poster.uri
