@@ -11,6 +11,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -21,7 +22,7 @@ from tests.router.receiver import Delivery, Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-QUEUE = {"queue": True}
+QUEUE: dict[str, Any] = {"queue": {}}
 
 
 class Pair:
