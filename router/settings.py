@@ -28,6 +28,12 @@ class RouterSettings(CommonSettings):
         description="PostgreSQL: a session of the router's left idle in a transaction this long is ended"
         " (idle_in_transaction_session_timeout), so it cannot hold back vacuum.",
     )
+    database_recheck_s: float = Field(
+        2.0,
+        gt=0,
+        description="PostgreSQL: how often every waiter looks again anyway (NOTIFY is best-effort; a lost one"
+        " delays a wake-up by at most this long).",
+    )
     bus_path: Path | None = Field(None, description="SQLite file of the bus; default DATA_DIR/router/bus.db.")
     retention_s: float = Field(7 * 86_400, gt=0, description="How long the bus keeps events (replay, dedup).")
     purge_interval_s: float = Field(3600, gt=0, description="How often expired events are purged.")

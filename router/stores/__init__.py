@@ -60,7 +60,10 @@ def store_factory(settings: RouterSettings) -> Callable[[], tuple[EventStore, No
             statement_timeout_s=settings.database_statement_timeout_s,
             idle_in_transaction_timeout_s=settings.database_idle_in_transaction_timeout_s,
         )
-        return lambda: (PostgresEventStore(connection), PostgresNotifier(connection))
+        return lambda: (
+            PostgresEventStore(connection),
+            PostgresNotifier(connection, recheck_s=settings.database_recheck_s),
+        )
     raise StoreConfigError(
         f"database URL scheme {scheme or url!r} is not supported;"
         " expected sqlite:///path or postgresql://user:password@host:port/database"
