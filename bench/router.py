@@ -244,6 +244,9 @@ def push_bench(target: Routers, duration: str) -> dict[str, object]:
     )
     time.sleep(1)
     before = target.cpu_s()
+    pg = target.postgres
+    xid_before, pg_cpu_before = (pg.write_xids(), pg.cpu_s()) if pg else (0, 0.0)
+    started = time.perf_counter()
     httpx.put(
         f"{first}/subscriptions/drain",
         json={
@@ -256,6 +259,12 @@ def push_bench(target: Routers, duration: str) -> dict[str, object]:
     )
     drained = json.loads(receiver.communicate(timeout=600)[0])
     drained["router_cpu_us_per_event"] = round((target.cpu_s() - before) / published * 1e6, 1)
+    if pg:
+        wall = time.perf_counter() - started
+        xids = pg.write_xids() - xid_before
+        drained["commits_per_s"] = round(xids / wall)
+        drained["events_per_commit"] = round(published / max(1, xids), 2)
+        drained["postgres_cpu_us_per_event"] = round((pg.cpu_s() - pg_cpu_before) / published * 1e6, 1)
     out["sustained_max_in_flight_16"] = drained
     return out
 
