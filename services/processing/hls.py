@@ -38,15 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from services.common import contract
 from services.processing.ffmpeg import KEYFRAME_INTERVAL_S
 
 SEGMENT_S: Final = 4
 assert SEGMENT_S % KEYFRAME_INTERVAL_S == 0, "segments must start on the encode's forced keyframes"
 HLS_DIR: Final = "hls"
-MASTER_NAME: Final = "master.m3u8"
-MEDIA_NAME: Final = "index.m3u8"
-INIT_NAME: Final = "init.mp4"
-SEGMENT_TEMPLATE: Final = "seg-%05d.m4s"
+MASTER_NAME: Final = contract.HLS_MASTER
+MEDIA_NAME: Final = contract.HLS_MEDIA_PLAYLIST
+INIT_NAME: Final = contract.HLS_INIT
+SEGMENT_TEMPLATE: Final = contract.HLS_SEGMENT_TEMPLATE
 HLS_VERSION: Final = 7  # what ffmpeg writes in the media playlists (fMP4 segments need at least 6)
 AAC_LC: Final = "mp4a.40.2"  # ffmpeg's native AAC encoder writes Low Complexity AAC
 
@@ -172,9 +173,10 @@ def master_playlist(variants: Sequence[Variant]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def files(hls_dir: Path) -> list[Path]:
-    """Every file of the package in the order to store them: segments, then media playlists, the master last,
-    so that a playlist never names a file not stored yet."""
-    found = [p for p in hls_dir.rglob("*") if p.is_file() and p.name != MASTER_NAME]
-    found.sort(key=lambda p: (p.suffix == ".m3u8", p.relative_to(hls_dir).as_posix()))
-    return [*found, hls_dir / MASTER_NAME]
+def upload_order(hls_dir: Path) -> list[list[Path]]:
+    """Every file of the package, in batches to store one after the other (each batch in any order): segments
+    and init segments, then media playlists, then the master, so that no playlist names a file not stored yet."""
+    found = sorted(p for p in hls_dir.rglob("*") if p.is_file() and p.name != MASTER_NAME)
+    media = [p for p in found if p.suffix != ".m3u8"]
+    playlists = [p for p in found if p.suffix == ".m3u8"]
+    return [media, playlists, [hls_dir / MASTER_NAME]]

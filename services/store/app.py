@@ -29,7 +29,7 @@ from services.store.feed import Feed
 from services.store.live import Change, Live
 from services.store.metrics import StoreMetrics
 from services.store.settings import StoreSettings
-from services.store.tables import SCHEMA
+from services.store.tables import SCHEMA, migrate
 
 STATIC = Path(__file__).parent / "static"
 
@@ -83,6 +83,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await db.open()
+        await db.transact(migrate)
 
         def begin_shutdown() -> None:
             supervisor.begin_stop()

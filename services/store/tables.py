@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS videos (
     requested TEXT NOT NULL DEFAULT '[]',
     skipped TEXT NOT NULL DEFAULT '[]',
     poster_uri TEXT,
+    hls_uri TEXT,
     error TEXT,
     last_error TEXT,
     progress REAL,
@@ -79,9 +80,12 @@ CREATE INDEX IF NOT EXISTS scaling_by_time ON scaling (at);
 )
 
 _VIDEO_COLUMNS = (
-    "video_id", "status", "title", "master", "probe", "requested", "skipped", "poster_uri", "error", "last_error",
-    "progress", "speed", "attempt", "worker", "elapsed_s", "round", "created_at", "updated_at", "version",
+    "video_id", "status", "title", "master", "probe", "requested", "skipped", "poster_uri", "hls_uri", "error",
+    "last_error", "progress", "speed", "attempt", "worker", "elapsed_s", "round", "created_at", "updated_at",
+    "version",
 )  # fmt: skip
+ADDED_COLUMNS = {"videos": [("hls_uri", "TEXT")]}
+"""Columns added after the first release: a catalog made before them gets them at start-up (`migrate`)."""
 _JSON_COLUMNS = frozenset({"master", "probe", "requested", "skipped"})
 
 
@@ -89,6 +93,15 @@ _JSON_COLUMNS = frozenset({"master", "probe", "requested", "skipped"})
 class Page:
     items: list[Video]
     next_cursor: str | None
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns an older release's catalog lacks (CREATE TABLE IF NOT EXISTS leaves a table as it was)."""
+    for table, columns in ADDED_COLUMNS.items():
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, declaration in columns:
+            if name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
 
 # -- events applied -------------------------------------------------------------------------------
