@@ -275,7 +275,7 @@ function renderPlayer(player, video, title) {
     return;
   }
   player.hidden = false;
-  const signature = video.renditions.map((r) => `${r.name}:${r.size_bytes}`).join(",");
+  const signature = video.renditions.map((r) => `${r.name}:${r.size_bytes}`).join(",") + (video.hls_url || "");
   if (player.dataset.signature === signature) return; // keep playing: nothing to change
   player.dataset.signature = signature;
   const element = document.createElement("video");
@@ -289,17 +289,30 @@ function renderPlayer(player, video, title) {
   picker.className = "rendition-picker";
   picker.setAttribute("role", "group");
   picker.setAttribute("aria-label", `Renditions of ${title}`);
-  for (const rendition of video.renditions) {
+  const choices = sources(video, element);
+  for (const source of choices) {
     const button = document.createElement("button");
     button.type = "button";
-    button.dataset.rendition = rendition.name;
-    button.dataset.testid = `rendition-${rendition.name}`;
-    button.textContent = `${rendition.name} · ${rendition.width}×${rendition.height} · ${size(rendition.size_bytes)}`;
-    button.addEventListener("click", () => choose(element, picker, rendition));
+    button.dataset.rendition = source.name;
+    button.dataset.testid = `rendition-${source.name}`;
+    button.textContent = source.label;
+    button.addEventListener("click", () => choose(element, picker, source));
     picker.append(button);
   }
   player.replaceChildren(element, picker);
-  choose(element, picker, video.renditions[0]);
+  choose(element, picker, choices[0]);
+}
+
+// Adaptive streaming (the rung follows the connection) where the browser plays HLS itself, as Safari and
+// recent Chromium do; elsewhere the MP4 rungs, one at a time. Either way each rung stays a choice of its own.
+function sources(video, element) {
+  const rungs = video.renditions.map((r) => ({
+    name: r.name,
+    url: r.url,
+    label: `${r.name} · ${r.width}×${r.height} · ${size(r.size_bytes)}`,
+  }));
+  if (!video.hls_url || !element.canPlayType("application/vnd.apple.mpegurl")) return rungs;
+  return [{ name: "auto", url: video.hls_url, label: "auto · adaptive (HLS)" }, ...rungs];
 }
 
 function choose(element, picker, rendition) {
