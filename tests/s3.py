@@ -14,6 +14,7 @@ missing. Readiness is read from its log (the line naming the S3 endpoint), not p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -74,6 +75,32 @@ class S3Server:
             return []
         answer.raise_for_status()
         return [entry["FullPath"] for entry in answer.json().get("Entries") or []]
+
+    async def wait_for_stored_parts(self, bucket: str, count: int, timeout_s: float = 30.0) -> None:
+        """Until the bucket's unfinished uploads hold `count` parts between them.
+
+        A part still in flight when an upload is aborted may be stored after the abort (S3 says so
+        too: "it might be necessary to abort a given multipart upload multiple times"), which would
+        leave it behind. Tests that check what an abort cleans up wait for the parts first. SeaweedFS
+        tells no one when a part lands, so this asks its filer every 20 ms: a test-only wait, bounded.
+        """
+        assert self.filer is not None
+
+        async def stored() -> int:
+            found = 0
+            async with httpx.AsyncClient() as client:
+                for upload in await self.unfinished_uploads(bucket):
+                    answer = await client.get(f"{self.filer}{upload}/", headers={"Accept": "application/json"})
+                    if answer.status_code == 200:
+                        entries = answer.json().get("Entries") or []
+                        found += sum(1 for entry in entries if entry["FullPath"].endswith(".part"))
+            return found
+
+        for _ in range(int(timeout_s / 0.02)):
+            if await stored() >= count:
+                return
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"{count} parts not stored in {bucket}'s unfinished uploads after {timeout_s} s")
 
     def config(self, identity: Identity | None = None) -> dict[str, str]:
         """obstore's S3 config reaching this server as `identity` (the app's by default)."""

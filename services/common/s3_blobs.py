@@ -20,9 +20,10 @@ Credentials and endpoint come from the standard variables (`AWS_ENDPOINT_URL`, `
 
 A task cancelled mid-`write` does not drop obstore's upload half-way (that would leave its parts
 hidden in the bucket): the upload runs shielded, the source is stopped with an error, obstore sends
-`AbortMultipartUpload`, and only then does the cancellation go on. A process killed mid-upload
-still leaves parts behind: give the bucket a lifecycle rule that aborts incomplete multipart
-uploads after a day.
+`AbortMultipartUpload`, and only then does the cancellation go on. Two cases still leave parts
+behind: a process killed mid-upload, and a part still in flight when the abort is sent, which the
+server may store after it (AWS documents this; obstore gives no upload id to abort again). Give the
+bucket a lifecycle rule that aborts incomplete multipart uploads after a day.
 """
 
 from __future__ import annotations

@@ -422,8 +422,13 @@ async def test_s3_a_refused_or_cancelled_write_leaves_no_unfinished_upload(s3: S
     # Past one 5 MiB part, so that a multipart upload has begun when the write stops.
     enough = 12 * 1024 * 1024 // len(block)
 
+    # Each source waits until the two parts it filled are stored before it stops the write: a part still
+    # in flight at the abort may land after it, on S3 as on SeaweedFS (see wait_for_stored_parts), and
+    # what this test checks is the abort itself.
     async def too_big() -> AsyncIterator[bytes]:
-        for _ in range(enough):
+        for i in range(enough):
+            if i == 11 * 1024 * 1024 // len(block):
+                await s3.wait_for_stored_parts(s3_bucket, 2)
             yield bytes(bytearray(block))
 
     with pytest.raises(PayloadTooLarge):
@@ -435,6 +440,7 @@ async def test_s3_a_refused_or_cancelled_write_leaves_no_unfinished_upload(s3: S
     async def stalls() -> AsyncIterator[bytes]:
         for _ in range(enough):
             yield bytes(bytearray(block))
+        await s3.wait_for_stored_parts(s3_bucket, 2)
         stalled.set()
         await asyncio.Event().wait()
         yield b"never"
