@@ -288,7 +288,8 @@ async def get_hls_master(
 ) -> Response:
     """The HLS master playlist (application/vnd.apple.mpegurl): one variant per rendition, relative links."""
     key = await _hls_key(catalog, blobs, video_id, version, HLS_MASTER)
-    return await _serve_key(request, blobs, settings, metrics, key, f"the HLS playlist of video {video_id}")
+    what = f"the HLS playlist of video {video_id}"
+    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control=PLAYLIST_CACHE)
 
 
 @router.api_route(
@@ -311,7 +312,9 @@ async def get_hls_file(
     """A rendition's HLS media playlist, init segment (video/mp4) or media segment (video/iso.segment, immutable:
     cached for a year), with HTTP ranges; with CATTUBE_PLAYBACK=redirect, segments answer 307 to the bucket."""
     key = await _hls_key(catalog, blobs, video_id, version, name, file)
-    return await _serve_key(request, blobs, settings, metrics, key, f"HLS {name}/{file} of video {video_id}")
+    what = f"HLS {name}/{file} of video {video_id}"
+    cache_control = PLAYLIST_CACHE if file.endswith(".m3u8") else IMMUTABLE
+    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control=cache_control)
 
 
 async def _hls_key(catalog: Catalog, blobs: BlobStore, video_id: str, version: str, *names: str) -> str:
@@ -335,11 +338,19 @@ async def _serve_blob(
         key = blobs.key_of(uri)
     except InvalidInput:
         raise NotFound(f"{what} is not in this store's bucket") from None
-    return await _serve_key(request, blobs, settings, metrics, key, what)
+    # Renditions and posters are rewritten in place when a job runs twice: revalidate (cheap, a 304).
+    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control="no-cache")
 
 
 async def _serve_key(
-    request: Request, blobs: BlobStore, settings: StoreSettings, metrics: StoreMetrics, key: str, what: str
+    request: Request,
+    blobs: BlobStore,
+    settings: StoreSettings,
+    metrics: StoreMetrics,
+    key: str,
+    what: str,
+    *,
+    cache_control: str,
 ) -> Response:
     playlist = key.endswith(".m3u8")
     # A playlist is always served from here: its links are relative, and resolved against a presigned URL they
@@ -355,7 +366,7 @@ async def _serve_key(
         "ETag": etag,
         "Last-Modified": http_date(info.modified_at),
         "Accept-Ranges": "bytes",
-        "Cache-Control": _cache_control(key),
+        "Cache-Control": cache_control,
     }
     if not_modified(request.headers, etag, info.modified_at):
         return Response(status_code=304, headers=headers)
@@ -384,12 +395,6 @@ async def _serve_key(
             yield chunk
 
     return StreamingResponse(body(), status_code=status, headers=headers, media_type=media_type)
-
-
-def _cache_control(key: str) -> str:
-    if "/hls/" in key:
-        return PLAYLIST_CACHE if key.endswith(".m3u8") else IMMUTABLE
-    return "no-cache"  # renditions and posters: a retry may rewrite the object, so revalidate (cheap, 304)
 
 
 async def _redirect(request: Request, blobs: BlobStore, settings: StoreSettings, key: str) -> Response:
