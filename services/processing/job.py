@@ -270,13 +270,16 @@ class TranscodeJobs:
                 key = video_key(video_id, hls.HLS_DIR, version, *path.relative_to(hls_dir).parts)
                 return await self.store.put_file(key, path)
 
+        stored: list[asyncio.Task[BlobInfo]] = []
         try:
-            stored: list[BlobInfo] = []
             for batch in hls.upload_order(hls_dir):
-                stored = await asyncio.gather(*(put(path) for path in batch))
-        except OSError as exc:
-            raise RetryLater(f"The HLS segments could not be stored in the bucket ({exc}).") from exc
-        return stored[-1].uri
+                # A task group: one failing store stops the others before the work directory goes away.
+                async with asyncio.TaskGroup() as group:
+                    stored = [group.create_task(put(path)) for path in batch]
+        except* OSError as failed:
+            reason = failed.exceptions[0]
+            raise RetryLater(f"The HLS segments could not be stored in the bucket ({reason}).") from reason
+        return stored[-1].result().uri
 
 
 def hls_version(run: str) -> str:

@@ -14,10 +14,15 @@ import m3u8
 import pytest
 from av.video.frame import PictureType
 
+from services.common.blobs import BlobInfo, FileBlobStore
 from services.common.media import ffmpeg_exe
 from services.processing import hls
+from services.processing.events import EventSink
 from services.processing.hls import Segment, Variant, avc_codec, master_playlist, package_command
+from services.processing.job import TranscodeJobs
+from services.processing.settings import ProcessingSettings
 from services.processing.transcode import TranscodeError, TranscodeResult, transcode
+from services.processing.worker import RetryLater
 from tests.media import make_clip, probe_of
 
 MAX_PIXELS = 7680 * 4320
@@ -213,3 +218,28 @@ def test_packaging_copies_packets_and_names_only_relative_paths_of_local_mp4_inp
     assert [argv[i + 1] for i, arg in enumerate(argv) if arg == "-i"] == ["720p.mp4", "360p.mp4"]
     assert "hls/360p/seg-%05d.m4s" in argv and argv[-1] == "hls/360p/index.m3u8"
     assert not any(arg.startswith("/") for arg in argv[1:])
+
+
+class FailingBucket(FileBlobStore):
+    """A file bucket whose disk fills up on the first media segment."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.keys: list[str] = []
+
+    async def put_file(self, key: str, path: Path) -> BlobInfo:
+        self.keys.append(key)
+        if key.endswith("seg-00000.m4s"):
+            await asyncio.sleep(0)  # let the batch's other stores start
+            raise OSError(28, "No space left on device")
+        return await super().put_file(key, path)
+
+
+async def test_a_package_the_bucket_cannot_take_is_retried_later_and_no_playlist_is_stored(
+    packaged: dict[str, TranscodeResult], tmp_path: Path
+) -> None:
+    bucket = FailingBucket(tmp_path / "bucket")
+    jobs = TranscodeJobs(bucket, EventSink.__new__(EventSink), ProcessingSettings(data_dir=tmp_path / "data"))
+    with pytest.raises(RetryLater, match=r"HLS segments could not be stored.*No space left on device"):
+        await jobs._store_hls("v1", packaged["landscape"].hls_dir, "0123456789ab")
+    assert not any(key.endswith(".m3u8") for key in bucket.keys)  # playlists wait for their segments
