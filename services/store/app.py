@@ -35,9 +35,9 @@ STATIC = Path(__file__).parent / "static"
 
 DESCRIPTION = """
 CatTube's store service: a catalog of videos fed only by the router's events (idempotent, forward
-only), renditions and posters streamed from the bucket with HTTP ranges, `cattube.video.ready` /
-`.failed` / `.retry-requested` / `.deleted` published through an outbox, and a web page (`/`)
-with live status, players and the autoscaler's chart.
+only), renditions, posters and HLS playlists and segments streamed from the bucket with HTTP ranges,
+`cattube.video.ready` / `.failed` / `.retry-requested` / `.deleted` published through an outbox, and a
+web page (`/`) with live status, players and the autoscaler's chart.
 """
 
 

@@ -79,6 +79,16 @@ async def test_upload_through_the_page_then_play(stack: Stack, tmp_path: Path) -
             if target := os.environ.get("CATTUBE_SCREENSHOT"):
                 shutil.copy(shot, target)
             assert errors == []
+
+            # A browser without native HLS (most but Safari and recent Chromium) gets the MP4 rungs.
+            plain = await browser.new_page()
+            await plain.add_init_script("HTMLMediaElement.prototype.canPlayType = () => '';")
+            await plain.goto(stack.url("store"))
+            player = plain.locator(".video[data-status=ready] [data-testid=player]")
+            await player.wait_for(timeout=20_000)
+            assert await player.get_attribute("data-rendition") == "360p"
+            assert (await player.evaluate("video => video.currentSrc")).endswith("/renditions/360p")
+            assert await plain.locator("[data-testid=rendition-auto]").count() == 0
         finally:
             await browser.close()
 
