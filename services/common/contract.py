@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Final, TypeVar, overload
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 from pydantic_core import PydanticCustomError
 
 from services.common.blobs import video_key
@@ -31,6 +31,7 @@ RETRY_REQUESTED: Final = "cattube.video.retry-requested"
 VIDEO_READY: Final = "cattube.video.ready"
 VIDEO_FAILED: Final = "cattube.video.failed"
 VIDEO_DELETED: Final = "cattube.video.deleted"
+VIDEO_UPDATED: Final = "cattube.video.updated"
 TRANSCODE_STARTED: Final = "cattube.transcode.started"
 TRANSCODE_PROGRESS: Final = "cattube.transcode.progress"
 TRANSCODE_COMPLETED: Final = "cattube.transcode.completed"
@@ -207,6 +208,7 @@ class VideoRecord(EventData):
     video_id: VideoId
     status: str
     title: str | None = None
+    description: str | None = None
     renditions: list[RecordRendition] = []
     poster_url: str | None = None
     error: str | None = None
@@ -230,6 +232,19 @@ class VideoDeleted(EventData):
     prefix: str | None = None
 
 
+class VideoUpdated(EventData):
+    """`cattube.video.updated`: a person edited the title or description; `revision` counts the edits of the video.
+
+    The data is the whole of what a person edits, not the difference: a consumer keeps the highest
+    revision it has seen and ignores older ones, whatever order they arrive in.
+    """
+
+    video_id: VideoId
+    title: str | None = None
+    description: str | None = None
+    revision: PositiveInt
+
+
 class DeadLettered(EventData):
     """`cattube.router.dead-lettered`; the router adds why it gave up (`limit`, ...) as more fields."""
 
@@ -247,6 +262,7 @@ MODELS: Final[Mapping[str, type[EventData]]] = {
     VIDEO_READY: VideoRecord,
     VIDEO_FAILED: VideoRecord,
     VIDEO_DELETED: VideoDeleted,
+    VIDEO_UPDATED: VideoUpdated,
     TRANSCODE_STARTED: TranscodeStarted,
     TRANSCODE_PROGRESS: TranscodeProgress,
     TRANSCODE_COMPLETED: TranscodeCompleted,

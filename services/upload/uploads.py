@@ -113,12 +113,13 @@ class Uploads:
         title: str | None = None,
         renditions: str | None = None,
         declared_bytes: int | None = None,
+        video_id: str | None = None,
     ) -> str:
         """Store the video in `body` and queue its event; returns the new video id.
 
         A multipart/form-data body carries it in its `file` field (its `title` and `renditions` fields win
         over the arguments, which come from the query); a `video/*` or `application/octet-stream` body
-        is the file itself.
+        is the file itself. `video_id` is the id a finished resumable upload already has (its own).
         """
         self._local("videos/probe/master")  # refused before a byte is read when the bucket is remote
         try:
@@ -128,7 +129,7 @@ class Uploads:
             if media.startswith("video/") or media == "application/octet-stream":
                 self._check_declared(declared_bytes, self.settings.max_upload_bytes)
                 described = self._describe(title, renditions, None)
-                return await self._receive(body, lambda: described)
+                return await self._receive(body, lambda: described, video_id)
             raise UnsupportedMedia(
                 f"Content-Type: expected {EXPECTED_CONTENT_TYPES}, got {media or 'none'!r}",
                 errors=[{"field": "header.Content-Type", "expected": EXPECTED_CONTENT_TYPES}],
@@ -161,8 +162,10 @@ class Uploads:
 
     # -- the steps --------------------------------------------------------------------------------
 
-    async def _receive(self, chunks: AsyncIterable[bytes], described: Callable[[], Described]) -> str:
-        video_id = uuid.uuid4().hex
+    async def _receive(
+        self, chunks: AsyncIterable[bytes], described: Callable[[], Described], video_id: str | None = None
+    ) -> str:
+        video_id = video_id or uuid.uuid4().hex
         try:
             await self.outbox.begin(video_id)
         except Exception as exc:

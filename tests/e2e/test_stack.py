@@ -186,3 +186,23 @@ async def test_tokens_and_page_link_survive_a_restart(stack: Stack) -> None:
             f"{stack.url('processing')}/autoscaler", json={"max_workers": 0}, headers=stack.auth("user")
         )
         assert page_token.status_code == 403
+
+
+async def test_a_clip_becomes_ready_with_the_services_on_postgresql(tmp_path: Path, database_url: str) -> None:
+    """Upload, processing and the store keep their tables in PostgreSQL (one database, a schema each)."""
+    services_on_postgres = {
+        f"CATTUBE_{name}_DATABASE_URL": database_url for name in ("UPLOAD", "PROCESSING", "STORE")
+    }  # the router keeps its SQLite file: its PostgreSQL store is not there yet
+    on_postgres = Stack(tmp_path / "data", CATTUBE_MAX_WORKERS="1", **services_on_postgres)
+    await on_postgres.start()
+    try:
+        async with watching(on_postgres) as changes:
+            video_id = await upload(on_postgres, make_clip(tmp_path / "cat.mp4", 640, 360, 1))
+            final = await until(changes, {video_id}, FINAL)
+        assert final[video_id]["status"] == "ready", final
+        async with httpx.AsyncClient(timeout=30) as client:
+            video = (await client.get(f"{on_postgres.url('store')}/videos/{video_id}")).json()
+            assert {r["name"] for r in video["renditions"]} == {"360p", "240p"}
+    finally:
+        await on_postgres.stop()
+    assert not (tmp_path / "data" / "store" / "catalog.db").exists()  # the catalog was never a SQLite file

@@ -391,24 +391,25 @@ class StatsWatch(httpx.AsyncBaseTransport):
     """The router's transport, telling when the autoscaler has read the transcode queue's numbers of a version.
 
     `watch_stats` asks for the numbers after version V only once its reader (the autoscaler) has acted on V.
+    Versions are digests of the numbers (router.bus.stats_version), not a count: remember each one asked.
     """
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self.inner = inner
-        self.acted_on = -1
+        self.acted_on: set[int] = set()
         self.changed = asyncio.Condition()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         version = request.url.params.get("version")
         if request.url.path == "/subscriptions/transcode/stats" and version is not None:
             async with self.changed:
-                self.acted_on = max(self.acted_on, int(version))
+                self.acted_on.add(int(version))
                 self.changed.notify_all()
         return await self.inner.handle_async_request(request)
 
     async def until_acted_on(self, version: int) -> None:
         async with asyncio.timeout(10), self.changed:
-            await self.changed.wait_for(lambda: self.acted_on >= version)
+            await self.changed.wait_for(lambda: version in self.acted_on)
 
 
 async def test_jobs_another_instance_holds_ask_for_no_workers_here(
@@ -511,6 +512,20 @@ async def test_a_missing_bucket_is_named_by_readyz_and_the_service_stays_up(tmp_
         assert (await api.get("/healthz")).status_code == 200
         ready = await api.get("/readyz")
         assert ready.status_code == 503 and f"the bucket '{missing}' does not exist" in ready.json()["detail"]
+
+
+async def test_a_stopping_instance_announces_it_runs_no_workers_any_more(
+    make_stack: Callable[..., Any], router_app: FastAPI
+) -> None:
+    # Otherwise the store would count its last workers in the fleet for as long as it stays away.
+    async for stack in make_stack(instance="edge-3", min_workers=1):
+        await observe(stack.router)
+        await events_until(stack.router, lambda seen: any(e["data"]["to"] == 1 for e in seen))
+    async with RouterClient("http://router", transport=httpx.ASGITransport(app=router_app)) as router:
+        (last,) = await events_until(router, lambda seen: bool(seen))
+    assert last["type"] == "cattube.processing.scaled"
+    assert (last["data"]["instance"], last["data"]["from"], last["data"]["to"]) == ("edge-3", 1, 0)
+    assert last["data"]["reason"] == "the instance stopped"
 
 
 async def test_a_job_on_an_s3_bucket_stores_its_hls_package_and_a_deletion_takes_it(

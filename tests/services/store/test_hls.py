@@ -3,7 +3,6 @@ ranges and caching, 404s for what is not there, and a catalog from before HLS ta
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,9 @@ from typing import Any
 import pytest
 
 from services.common.blobs import video_key
-from services.store.tables import SCHEMA
+from services.common.db import Migrations, SQLiteDatabase
+from services.common.outbox import OUTBOX
+from services.store.tables import CATALOG
 from tests.services.store.conftest import Store, completed, uploaded
 from tests.services.store.test_api import _chunks, problem, ready_video
 
@@ -46,6 +47,13 @@ async def test_the_record_and_the_ready_event_carry_the_playlist(make_store: Cal
         (ready,) = await store.published("cattube.video.ready")
         assert ready["data"]["hls_url"] == video["hls_url"]
         assert ready["data"]["hls_uri"] == store.bucket.uri(video_key("v1", "hls", VERSION, "master.m3u8"))
+
+
+async def test_the_playlist_is_kept_on_postgresql_too(make_store: Callable[..., Any], database_url: str) -> None:
+    async with make_store(database_url=database_url) as store:
+        await hls_video(store)
+        assert (await store.api.get("/videos/v1")).json()["hls_url"] == f"http://store{BASE}/master.m3u8"
+        assert (await store.api.get(f"{BASE}/720p/seg-00000.m4s")).content == SEGMENT
 
 
 async def test_a_video_made_before_hls_has_no_playlist_and_plays_its_mp4s(make_store: Callable[..., Any]) -> None:
@@ -125,13 +133,11 @@ async def test_what_the_bucket_lacks_is_404_and_a_deleted_video_has_no_playlist(
 async def test_a_catalog_from_before_hls_gains_the_column_at_start(
     make_store: Callable[..., Any], tmp_path: Path
 ) -> None:
-    old_schema = SCHEMA.replace("    hls_uri TEXT,\n", "")
-    assert old_schema != SCHEMA
-    catalog = tmp_path / "data" / "store" / "catalog.db"
-    catalog.parent.mkdir(parents=True)
-    with sqlite3.connect(catalog) as conn:
-        conn.executescript(old_schema)
+    before_hls = Migrations("catalog", sqlite=CATALOG.sqlite[:3], postgres=CATALOG.postgres[:2])
+    older = SQLiteDatabase(tmp_path / "data" / "store" / "catalog.db", [before_hls, OUTBOX])
+    await older.open()
+    await older.close()
     async with make_store() as store:
-        assert store.app.state.catalog.db.path == catalog
+        assert store.app.state.catalog.db.where == str(older.path)
         await hls_video(store)
         assert (await store.api.get("/videos/v1")).json()["hls_url"] == f"http://store{BASE}/master.m3u8"

@@ -16,8 +16,9 @@ from starlette.requests import ClientDisconnect
 
 from router.client import RouterClient
 from services.common.blobs import open_blob_store
+from services.common.db import SQLiteDatabase
 from services.upload.app import create_app
-from services.upload.outbox import Outbox
+from services.upload.outbox import MIGRATIONS, Outbox
 from services.upload.settings import UploadSettings
 from tests.conftest import running
 from tests.media import make_clip
@@ -131,7 +132,7 @@ async def test_the_event_reaches_the_router(
         "probe": found["probe"],
         "renditions": found["renditions"],
     }
-    outbox = Outbox(settings.outbox_file)
+    outbox = Outbox(SQLiteDatabase(settings.outbox_file, MIGRATIONS))
     await outbox.open()
     after = await outbox.get(video_id)
     await outbox.close()
@@ -324,7 +325,7 @@ async def test_uploads_cut_short_by_a_crash_are_swept_at_start(
     upload_settings: Callable[..., UploadSettings], bucket: Path
 ) -> None:
     settings = upload_settings()
-    outbox = Outbox(settings.outbox_file)
+    outbox = Outbox(SQLiteDatabase(settings.outbox_file, MIGRATIONS))
     await outbox.open()
     await outbox.begin("interrupted")
     await outbox.close()
@@ -334,7 +335,7 @@ async def test_uploads_cut_short_by_a_crash_are_swept_at_start(
     async with running(create_app(settings, exit_on_failure=False)) as upload:
         assert (await upload.get("/videos/interrupted")).status_code == 404
     assert bucket_files(bucket) == []
-    outbox = Outbox(settings.outbox_file)
+    outbox = Outbox(SQLiteDatabase(settings.outbox_file, MIGRATIONS))
     await outbox.open()
     assert await outbox.unfinished() == []
     await outbox.close()
