@@ -228,13 +228,20 @@ def _running(weed: Path, directory: Path, config: Path) -> Iterator[tuple[int, d
             process.stdout.close()
 
 
-@asynccontextmanager
-async def fresh_bucket(server: S3Server) -> AsyncIterator[str]:
-    """A new empty bucket (created by the admin's first upload), emptied and left behind afterwards."""
+async def new_bucket(server: S3Server) -> str:
+    """The name of a new empty bucket (created by the admin's first upload)."""
     name = f"cattube-test-{secrets.token_hex(6)}"
     admin = S3Store(name, config=server.config(server.admin), client_options=CLIENT)  # type: ignore[arg-type]
     await obstore.put_async(admin, ".created", b"")
     await obstore.delete_async(admin, ".created")
+    return name
+
+
+@asynccontextmanager
+async def fresh_bucket(server: S3Server) -> AsyncIterator[str]:
+    """A new empty bucket (created by the admin's first upload), emptied and left behind afterwards."""
+    name = await new_bucket(server)
+    admin = S3Store(name, config=server.config(server.admin), client_options=CLIENT)  # type: ignore[arg-type]
     try:
         yield name
     finally:

@@ -23,8 +23,8 @@ that `stat` can report it later.
 The `s3://` store (`services/common/s3_blobs.py`) fits the same interface: `write` becomes a
 multipart upload (parts of a few MiB buffered from the stream, aborted on any error, so nothing
 is left behind either), `put_file` an upload of the file, `read` a ranged GET, `copy` a
-server-side copy, `delete_prefix` a listing plus batched deletes, and `local_path` returns None,
-so callers that want a local file (ffmpeg) download it first.
+server-side copy, `delete` a DeleteObjects, `delete_prefix` a listing plus batched deletes, and
+`local_path` returns None, so callers that want a local file (ffmpeg) download it first.
 """
 
 from __future__ import annotations
@@ -110,6 +110,10 @@ class BlobStore(Protocol):
 
     def local_path(self, key: str) -> Path | None:
         """The object's own file, to read in place (it may not exist); None when the store is not local."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Delete the object at `key`, checksum included; nothing to do when there is none."""
         ...
 
     async def delete_prefix(self, prefix: str) -> int:
@@ -284,6 +288,13 @@ class FileBlobStore:
             return await self._info(key, path, None)
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        if await aiofiles.os.path.isdir(path):
+            return  # a directory is not an object
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            await aiofiles.os.remove(path)
 
     async def delete_prefix(self, prefix: str) -> int:
         directory = self.root.joinpath(*check_prefix(prefix)[:-1].split("/"))

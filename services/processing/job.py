@@ -19,7 +19,9 @@ The master is read in place when the bucket is local (`BlobStore.local_path`), o
 downloaded into the job's work directory first. ffmpeg writes into that work directory
 (`CATTUBE_DATA_DIR/processing/work`, on the bucket's filesystem by default, so outputs are
 linked into the bucket rather than copied); it is removed whatever happens, and what a killed
-process could not remove is swept at the next start (`sweep_work_dir`).
+process could not remove is swept at the next start (`sweep_work_dir`). A bucket that cannot be
+used meanwhile (S3 unreachable, credentials refused) hands the job back to the queue (`RetryLater`,
+saying why), like any other trouble that may pass.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import aiofiles.os
 from router.client import ReceivedMessage
 from services.common import contract
 from services.common.blobs import BlobInfo, BlobStore, video_key
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidInput, Unavailable
 from services.common.media import ProcessTimeout
 from services.processing import events, hls
 from services.processing.events import EventSink, OutboxUnavailable, run_id
@@ -194,6 +196,8 @@ class TranscodeJobs:
             return path
         except OSError as exc:
             raise RetryLater(f"The master could not be read from the bucket ({exc}).") from exc
+        except Unavailable as exc:  # S3 unreachable, or refusing the credentials: the job goes back to the queue
+            raise RetryLater(f"The master could not be read from the bucket: {exc.detail}.") from exc
 
     async def _transcode(
         self, request: TranscodeRequest, master: Path, out_dir: Path, context: JobContext, run: str
@@ -259,6 +263,8 @@ class TranscodeJobs:
             poster = await self.store.put_file(video_key(video_id, result.poster.name), result.poster)
         except OSError as exc:
             raise RetryLater(f"The renditions could not be stored in the bucket ({exc}).") from exc
+        except Unavailable as exc:
+            raise RetryLater(f"The renditions could not be stored in the bucket: {exc.detail}.") from exc
         return renditions, poster.uri
 
     async def _store_hls(self, video_id: str, hls_dir: Path, version: str) -> str:
@@ -276,9 +282,10 @@ class TranscodeJobs:
                 # A task group: one failing store stops the others before the work directory goes away.
                 async with asyncio.TaskGroup() as group:
                     stored = [group.create_task(put(path)) for path in batch]
-        except* OSError as failed:
-            reason = failed.exceptions[0]
-            raise RetryLater(f"The HLS segments could not be stored in the bucket ({reason}).") from reason
+        except* (OSError, Unavailable) as failed:  # a full disk; S3 unreachable or refusing: back to the queue
+            first = failed.exceptions[0]
+            reason = first.detail if isinstance(first, Unavailable) else str(first)
+            raise RetryLater(f"The HLS segments could not be stored in the bucket ({reason}).") from first
         return stored[-1].result().uri
 
 

@@ -94,6 +94,7 @@ def create_app(
                 on_failure=metrics.relay_failures.inc,
             )
             uploads = Uploads(store, outbox, settings, metrics, on_accepted=relay.wake)
+            await uploads.sweep_spools()  # now, before serving: the database's part may have to wait (below)
             try:
                 await uploads.sweep()
             except Unavailable as exc:  # the database is away: uploads answer 503 meanwhile, the sweep waits

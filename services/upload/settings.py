@@ -93,6 +93,11 @@ class UploadSettings(CommonSettings):
         return self.data_dir / "upload" / "partials"
 
     @property
+    def spool_dir(self) -> Path:
+        """Local scratch for the probe's copy of uploads bound for a remote bucket (emptied at start-up)."""
+        return self.data_dir / "upload" / "spool"
+
+    @property
     def allowed_origins(self) -> list[str]:
         if self.cors_origins is not None:
             return self.cors_origins

@@ -15,6 +15,7 @@ import pytest
 from av.video.frame import PictureType
 
 from services.common.blobs import BlobInfo, FileBlobStore
+from services.common.errors import Unavailable
 from services.common.media import ffmpeg_exe
 from services.processing import hls
 from services.processing.events import EventSink
@@ -221,25 +222,33 @@ def test_packaging_copies_packets_and_names_only_relative_paths_of_local_mp4_inp
 
 
 class FailingBucket(FileBlobStore):
-    """A file bucket whose disk fills up on the first media segment."""
+    """A file bucket that fails with `error` on the first media segment."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, error: Exception) -> None:
         super().__init__(root)
+        self.error = error
         self.keys: list[str] = []
 
     async def put_file(self, key: str, path: Path) -> BlobInfo:
         self.keys.append(key)
         if key.endswith("seg-00000.m4s"):
             await asyncio.sleep(0)  # let the batch's other stores start
-            raise OSError(28, "No space left on device")
+            raise self.error
         return await super().put_file(key, path)
 
 
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (OSError(28, "No space left on device"), "No space left on device"),
+        (Unavailable("S3 at http://s3 could not write it: connection refused"), "connection refused"),
+    ],
+)
 async def test_a_package_the_bucket_cannot_take_is_retried_later_and_no_playlist_is_stored(
-    packaged: dict[str, TranscodeResult], tmp_path: Path
+    packaged: dict[str, TranscodeResult], tmp_path: Path, error: Exception, said: str
 ) -> None:
-    bucket = FailingBucket(tmp_path / "bucket")
+    bucket = FailingBucket(tmp_path / "bucket", error)
     jobs = TranscodeJobs(bucket, EventSink.__new__(EventSink), ProcessingSettings(data_dir=tmp_path / "data"))
-    with pytest.raises(RetryLater, match=r"HLS segments could not be stored.*No space left on device"):
+    with pytest.raises(RetryLater, match=rf"HLS segments could not be stored in the bucket \(.*{said}"):
         await jobs._store_hls("v1", packaged["landscape"].hls_dir, "0123456789ab")
     assert not any(key.endswith(".m3u8") for key in bucket.keys)  # playlists wait for their segments
