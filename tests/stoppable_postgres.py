@@ -6,14 +6,12 @@
         await server.start()      # back on the same port, with everything committed before
 
 Built on `tests.postgres.throwaway_postgres` (its own server, never the session's, which other tests use);
-`pg_ctl` runs as the `postgres` user when the tests run as root, as there.
+`pg_ctl` runs as `cattube up --cluster` runs it (services.cli.local_postgres).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,7 +20,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from tests.postgres import PostgresUnavailable, fresh_database, server_bin_dir, throwaway_postgres
+from services.cli import local_postgres
+from tests.postgres import fresh_database, throwaway_postgres
 
 
 @dataclass
@@ -33,13 +32,12 @@ class StoppablePostgres:
     running: bool = True
 
     async def stop(self) -> None:
-        await _pg_ctl("stop", "--wait", "--mode", "fast", "--pgdata", str(self.data))
+        await asyncio.to_thread(local_postgres.stop, self.data)
         self.running = False
 
     async def start(self) -> None:
         # The log goes beside the data directory (where the postgres user may write), not to our pipes.
-        log = self.data.parent / "restarted.log"
-        await _pg_ctl("start", "--wait", "--pgdata", str(self.data), "--log", str(log), "-o", f"-p {self.port}")
+        await asyncio.to_thread(local_postgres.start, self.data, self.port, self.data.parent / "restarted.log")
         self.running = True
 
 
@@ -58,11 +56,3 @@ async def stoppable_postgres() -> AsyncIterator[StoppablePostgres]:
             finally:
                 if not server.running:  # running again, so the database can be dropped and the server stopped
                     await server.start()
-
-
-async def _pg_ctl(*arguments: str) -> None:
-    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    command = [*run_as, str(server_bin_dir() / "pg_ctl"), *arguments]
-    result = await asyncio.to_thread(subprocess.run, command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise PostgresUnavailable(f"{' '.join(command)} failed ({result.returncode}): {result.stdout}{result.stderr}")

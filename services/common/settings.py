@@ -18,7 +18,8 @@ class CommonSettings(BaseSettings):
         app = create_app(settings)
     """
 
-    model_config = SettingsConfigDict(env_prefix="CATTUBE_", extra="ignore")
+    # An empty variable is an unset one: compose.yaml passes `${CATTUBE_BLOB_URL:-}` and the like through.
+    model_config = SettingsConfigDict(env_prefix="CATTUBE_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(Path(".cattube"), description="Where every service keeps its files and databases.")
     token: SecretStr | None = Field(

@@ -16,7 +16,7 @@ from router.client import RouterClient, new_event
 from tests.process import ServiceProcess, free_port, service
 from tests.router.receiver import Delivery, Receiver
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engines]
 
 FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 2}
 

@@ -35,6 +35,15 @@ def test_a_bad_list_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPat
         CommonSettings()
 
 
+def test_an_empty_variable_is_an_unset_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # compose.yaml passes `${CATTUBE_BLOB_URL:-}` through: empty must mean the default, not "" (an invalid URL).
+    monkeypatch.setenv("CATTUBE_BLOB_URL", "")
+    monkeypatch.setenv("CATTUBE_DATABASE_URL", "")
+    monkeypatch.setenv("CATTUBE_ROUTER_PORT", "")
+    settings = CommonSettings()
+    assert (settings.blob_url, settings.database_url, settings.router_port) == (None, None, 8700)
+
+
 PG = "postgresql://cattube:secret@db:5432/cattube"
 
 
