@@ -42,6 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 BUCKET = "cattube"
 CLIPS = 6
+CUT_S = 4
 
 
 @dataclass
@@ -52,9 +53,15 @@ class Hosts:
     subnet: str
     namespaces: tuple[str, str, str] | None = None
     """None: the hosts are loopback addresses of this machine's own namespace."""
+    links: tuple[str, str, str] | None = None
+    """Each host's end of the bridge (in the root namespace): down, the host is cut off."""
 
     def address(self, host: int) -> str:
         return self.addresses[host - 1]
+
+    def set_link(self, host: int, state: str) -> None:
+        assert self.links is not None
+        _ip("link", "set", self.links[host - 1], state)
 
     def prefix(self, host: int) -> list[str]:
         return ["ip", "netns", "exec", self.namespaces[host - 1]] if self.namespaces else []
@@ -96,7 +103,8 @@ def three_hosts() -> Iterator[Hosts]:
             _ip("-n", name, "link", "set", "eth0", "up")
             _ip("-n", name, "link", "set", "lo", "up")
         print(f"cross-host: three network namespaces {', '.join(names)} on {net}.0/24 (bridge {bridge})")
-        yield Hosts((f"{net}.1", f"{net}.2", f"{net}.3"), f"{net}.0/24", names)
+        links = (f"{tag}v1", f"{tag}v2", f"{tag}v3")
+        yield Hosts((f"{net}.1", f"{net}.2", f"{net}.3"), f"{net}.0/24", names, links)
     finally:
         for name in made:
             subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)  # its veth goes too
@@ -349,6 +357,15 @@ async def test_clips_uploaded_on_one_host_play_from_another_through_a_killed_wor
         print(f"cross-host: host 3's processing killed (-9) mid-transcode; {len(left)} ffmpeg of it still dying")
         ids = await uploads
         await victim.start(timeout_s=60)  # the same instance again (its queues are its own, not new ones)
+        if cluster.hosts.links is not None:
+            # Host 3 off the network for a while (its router, store and processing unreachable, and they reach
+            # nothing), then back: the connections through it stall instead of failing, as a real cut does.
+            cluster.hosts.set_link(3, "down")
+            await asyncio.sleep(CUT_S)  # the outage's length, not a wait for something
+            cluster.hosts.set_link(3, "up")
+            print(f"cross-host: host 3 cut off the network for {CUT_S} s, then restored")
+        else:
+            print("cross-host: loopback hosts cannot be cut off the network; that part is not run")
         final = await until(changes, set(ids), FINAL)
     assert {video["status"] for video in final.values()} == {"ready"}, final
 
