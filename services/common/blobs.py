@@ -161,13 +161,15 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-def video_key(video_id: str, name: str) -> str:
-    """The key of one of a video's objects: `videos/{video_id}/{name}` (`master.mp4`, `720p.mp4`, `poster.jpg`)."""
+def video_key(video_id: str, name: str, *names: str) -> str:
+    """The key of one of a video's objects: `videos/{video_id}/{name}` (`master.mp4`, `720p.mp4`, `poster.jpg`),
+    or one in a folder of the video's: `video_key(id, "hls", "v1", "720p", "init.mp4")`."""
     if not isinstance(video_id, str) or not _VIDEO_ID.fullmatch(video_id):
         raise InvalidInput("video_id", "1 to 64 characters of A-Z a-z 0-9 _ -")
-    if not isinstance(name, str) or "/" in name or not _SEGMENT.fullmatch(name) or ".." in name:
-        raise InvalidInput("name", "a file name of A-Z a-z 0-9 . _ - not starting with '.'")
-    return f"videos/{video_id}/{name}"
+    for part in (name, *names):
+        if not isinstance(part, str) or "/" in part or not _SEGMENT.fullmatch(part) or ".." in part:
+            raise InvalidInput("name", "a file name of A-Z a-z 0-9 . _ - not starting with '.'")
+    return "/".join(("videos", video_id, name, *names))
 
 
 def open_blob_store(url: str) -> BlobStore:

@@ -54,6 +54,16 @@ RENDITION_NAMES: Final[tuple[str, ...]] = tuple(LADDER)
 
 VIDEO_ID_EXPECTED: Final = "a video id: 1 to 64 characters of A-Z a-z 0-9 _ -"
 
+# The HLS package's layout, which processing writes and the store serves (links inside it are relative):
+# {version}/master.m3u8, {version}/{rendition}/index.m3u8, .../init.mp4, .../seg-00000.m4s, ...
+HLS_MASTER: Final = "master.m3u8"
+HLS_MEDIA_PLAYLIST: Final = "index.m3u8"
+HLS_INIT: Final = "init.mp4"
+HLS_SEGMENT_TEMPLATE: Final = "seg-%05d.m4s"
+"""ffmpeg's template; the numbers grow past five digits in a video longer than 4.6 days of 4 s segments."""
+HLS_FILE_PATTERN: Final = r"^(index\.m3u8|init\.mp4|seg-[0-9]{5,9}\.m4s)$"
+"""Every name a rendition's folder may hold."""
+
 
 def _video_id(value: Any) -> Any:
     try:
@@ -144,11 +154,18 @@ class Poster(EventData):
     uri: Uri
 
 
+class Hls(EventData):
+    uri: Uri
+    """The HLS master playlist's URI in the bucket; its media playlists and segments sit beside it."""
+
+
 class TranscodeCompleted(EventData):
     video_id: VideoId
     renditions: list[Rendition]
     skipped: list[RenditionName] | None = None
     poster: Poster | None = None
+    hls: Hls | None = None
+    """None in events from before HLS packaging: such a video plays its MP4 rungs only."""
     elapsed_s: float | None = None
     worker: str | None = None
     attempt: int | None = None
@@ -204,6 +221,9 @@ class VideoRecord(EventData):
     retries: int | None = None
     master: Master | None = None
     poster_uri: str | None = None
+    hls_url: str | None = None
+    """The HLS master playlist as the store serves it (None for a video made before HLS packaging)."""
+    hls_uri: str | None = None
 
 
 class VideoDeleted(EventData):

@@ -19,7 +19,8 @@ from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from services.common.auth import Access, AccessRules, granted_access
-from services.common.blobs import BlobStore
+from services.common.blobs import BlobStore, check_key
+from services.common.contract import HLS_FILE_PATTERN, HLS_MASTER
 from services.common.errors import InvalidInput, NotFound, Unavailable
 from services.common.openapi import problems
 from services.common.problems import problem_response
@@ -58,6 +59,8 @@ ACCESS = AccessRules(
         ("DELETE", "/videos/{video_id}", Access.USER),
         ("GET HEAD", "/videos/{video_id}/renditions/{name}", Access.PUBLIC),
         ("GET HEAD", "/videos/{video_id}/poster", Access.PUBLIC),
+        ("GET HEAD", "/videos/{video_id}/hls/{version}/master.m3u8", Access.PUBLIC),
+        ("GET HEAD", "/videos/{video_id}/hls/{version}/{name}/{file}", Access.PUBLIC),
         ("POST", "/inbox", Access.PUBLIC),
         ("GET", "/events", Access.PUBLIC),
         ("GET", "/autoscaler/history", Access.PUBLIC),
@@ -66,6 +69,11 @@ ACCESS = AccessRules(
 
 VIDEO_ID = r"^[A-Za-z0-9_-]{1,64}$"
 RENDITION = r"^[0-9]{3,4}p$"
+HLS_VERSION = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# Segments never change under their URL (each run of a job packages into a version of its own), so browsers and
+# CDNs may keep them; playlists are tiny and re-read often, so they get a short life all the same.
+IMMUTABLE = "public, max-age=31536000, immutable"
+PLAYLIST_CACHE = "public, max-age=60"
 # Timestamps are strings from `services.common.timestamps` (milliseconds, `Z`): a `datetime` field would be
 # re-serialized by pydantic with microseconds.
 DATE_TIME: dict[str, Any] = {"format": "date-time"}
@@ -86,6 +94,12 @@ SettingsDep = Annotated[StoreSettings, _state("settings")]
 MetricsDep = Annotated[StoreMetrics, _state("metrics")]
 VideoId = Annotated[str, Path(pattern=VIDEO_ID, description="The id the upload service gave the video.")]
 RenditionName = Annotated[str, Path(pattern=RENDITION, description="A rendition name, such as 720p.")]
+HlsVersion = Annotated[
+    str, Path(pattern=HLS_VERSION, description="The HLS package's version, as the record's `hls_url` names it.")
+]
+HlsFile = Annotated[
+    str, Path(pattern=HLS_FILE_PATTERN, description="A rung's media playlist, init segment or media segment.")
+]
 
 
 async def delivered_event(request: Request, feed: FeedDep) -> dict[str, Any]:
@@ -119,6 +133,9 @@ class VideoOut(BaseModel):
     watch_url: str = Field(description="The video's page, to share.")
     renditions: list[RenditionOut]
     poster_url: str | None
+    hls_url: str | None = Field(
+        None, description="The HLS master playlist (adaptive streaming); null while processing and for older videos."
+    )
     error: str | None = Field(description="Why the video failed, in words a person can act on.")
     progress: float | None = Field(description="Percent transcoded, while processing (100 once ready).")
     speed: float | None = Field(None, description="Transcoding speed, times real time.")
@@ -279,6 +296,12 @@ async def delete_video(video_id: VideoId, catalog: CatalogDep, settings: Setting
 REDIRECTED: dict[int | str, dict[str, Any]] = {
     307: {"description": "CATTUBE_PLAYBACK=redirect: `Location` is a short-lived presigned URL of the object"}
 }
+HLS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The file's bytes (or the range asked for, 206)",
+        "content": {media: {} for media in ("application/vnd.apple.mpegurl", "video/mp4", "video/iso.segment")},
+    }
+}
 
 
 @router.api_route(
@@ -319,6 +342,63 @@ async def get_poster(
     return await _serve_blob(request, blobs, settings, metrics, video.poster_uri, f"the poster of video {video_id}")
 
 
+@router.api_route(
+    "/videos/{video_id}/hls/{version}/master.m3u8", methods=["GET", "HEAD"], tags=["playback"], responses=HLS_RESPONSES
+)
+async def get_hls_master(
+    request: Request,
+    video_id: VideoId,
+    version: HlsVersion,
+    catalog: CatalogDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> Response:
+    """The HLS master playlist (application/vnd.apple.mpegurl): one variant per rendition, relative links."""
+    key = await _hls_key(catalog, blobs, video_id, version, HLS_MASTER)
+    what = f"the HLS playlist of video {video_id}"
+    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control=PLAYLIST_CACHE)
+
+
+@router.api_route(
+    "/videos/{video_id}/hls/{version}/{name}/{file}",
+    methods=["GET", "HEAD"],
+    tags=["playback"],
+    responses={**REDIRECTED, **HLS_RESPONSES},
+)
+async def get_hls_file(
+    request: Request,
+    video_id: VideoId,
+    version: HlsVersion,
+    name: RenditionName,
+    file: HlsFile,
+    catalog: CatalogDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> Response:
+    """A rendition's HLS media playlist, init segment (video/mp4) or media segment (video/iso.segment, immutable:
+    cached for a year), with HTTP ranges; with CATTUBE_PLAYBACK=redirect, segments answer 307 to the bucket."""
+    key = await _hls_key(catalog, blobs, video_id, version, name, file)
+    what = f"HLS {name}/{file} of video {video_id}"
+    cache_control = PLAYLIST_CACHE if file.endswith(".m3u8") else IMMUTABLE
+    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control=cache_control)
+
+
+async def _hls_key(catalog: Catalog, blobs: BlobStore, video_id: str, version: str, *names: str) -> str:
+    """The bucket key of one file of the video's HLS package; any version still in the bucket is served, so a
+    player halfway through a version made by an earlier run of the job plays on."""
+    video = await catalog.get(video_id)
+    if video.hls_uri is None:
+        raise NotFound(f"video {video_id} has no HLS playlist (it is {video.status}, or older than HLS here)")
+    try:
+        master_key = blobs.key_of(video.hls_uri)
+    except InvalidInput:
+        raise NotFound(f"the HLS playlist of video {video_id} is not in this store's bucket") from None
+    folder = master_key.rsplit("/", 2)[0]  # videos/{id}/hls
+    return check_key("/".join((folder, version, *names)))
+
+
 async def _serve_blob(
     request: Request, blobs: BlobStore, settings: StoreSettings, metrics: StoreMetrics, uri: str, what: str
 ) -> Response:
@@ -326,7 +406,24 @@ async def _serve_blob(
         key = blobs.key_of(uri)
     except InvalidInput:
         raise NotFound(f"{what} is not in this store's bucket") from None
-    if settings.playback == "redirect":
+    # Renditions and posters are rewritten in place when a job runs twice: revalidate (cheap, a 304).
+    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control="no-cache")
+
+
+async def _serve_key(
+    request: Request,
+    blobs: BlobStore,
+    settings: StoreSettings,
+    metrics: StoreMetrics,
+    key: str,
+    what: str,
+    *,
+    cache_control: str,
+) -> Response:
+    playlist = key.endswith(".m3u8")
+    # A playlist is always served from here: its links are relative, and resolved against a presigned URL they
+    # would name unsigned objects in the bucket. Segments may go to the bucket.
+    if settings.playback == "redirect" and not playlist:
         return await _redirect(request, blobs, settings, key)
     info = await blobs.stat(key)
     if info is None:
@@ -337,7 +434,7 @@ async def _serve_blob(
         "ETag": etag,
         "Last-Modified": http_date(info.modified_at),
         "Accept-Ranges": "bytes",
-        "Cache-Control": "no-cache",  # a retry may rewrite the object: revalidate (cheap, 304)
+        "Cache-Control": cache_control,
     }
     if not_modified(request.headers, etag, info.modified_at):
         return Response(status_code=304, headers=headers)

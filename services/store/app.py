@@ -39,9 +39,10 @@ STATIC = Path(__file__).parent / "static"
 
 DESCRIPTION = """
 CatTube's store service: a catalog of videos fed only by the router's events (idempotent, forward
-only), renditions and posters streamed from the bucket with HTTP ranges, `cattube.video.ready` /
-`.failed` / `.retry-requested` / `.updated` / `.deleted` published through an outbox, and web pages:
-`/` (upload, a grid of posters with live status, the autoscaler's chart) and `/watch/{id}` (one video).
+only), renditions, posters and HLS playlists and segments streamed from the bucket with HTTP ranges,
+`cattube.video.ready` / `.failed` / `.retry-requested` / `.updated` / `.deleted` published through an
+outbox, and web pages: `/` (upload, a grid of posters with live status, the autoscaler's chart) and
+`/watch/{id}` (one video).
 """
 
 

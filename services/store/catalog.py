@@ -193,6 +193,7 @@ class Catalog:
             Rendition(r.name, r.uri, r.width, r.height, r.bitrate, r.size_bytes, r.duration_s) for r in data.renditions
         ]
         video.poster_uri = data.poster.uri if data.poster is not None else None
+        video.hls_uri = data.hls.uri if data.hls is not None else None  # None from a processing before HLS
         if data.skipped is not None:
             video.skipped = list(data.skipped)
         video.elapsed_s = data.elapsed_s
@@ -419,7 +420,7 @@ class Catalog:
         before = copy.deepcopy(video)
         video.status = "deleted"
         video.renditions = []
-        video.poster_uri = video.progress = video.speed = video.error = None
+        video.poster_uri = video.hls_uri = video.progress = video.speed = video.error = None
         return self._save(conn, video, before, now)
 
     def _announce(self, conn: Connection, kind: str, video: Video, event_id: str) -> int:

@@ -46,6 +46,8 @@ class Video:
     skipped: list[str] = field(default_factory=list)
     renditions: list[Rendition] = field(default_factory=list)
     poster_uri: str | None = None
+    hls_uri: str | None = None
+    """The HLS master playlist in the bucket (`.../videos/{id}/hls/{version}/master.m3u8`); None before HLS."""
     error: str | None = None
     last_error: str | None = None
     progress: float | None = None
@@ -116,6 +118,7 @@ class Video:
             "watch_url": f"{base_url.rstrip('/')}/watch/{self.video_id}",
             "renditions": renditions,
             "poster_url": f"{own}/poster" if self.poster_uri else None,
+            "hls_url": self.hls_url(own),
             "error": self.error,
             "progress": self.progress,
             "speed": self.speed,
@@ -135,7 +138,15 @@ class Video:
         if with_uris:
             record["master"] = self.master
             record["poster_uri"] = self.poster_uri
+            record["hls_uri"] = self.hls_uri
         return record
+
+    def hls_url(self, own: str) -> str | None:
+        """Where the store serves the master playlist: `{own}/hls/{version}/master.m3u8`, the version the bucket's."""
+        if self.hls_uri is None:
+            return None
+        version, name = self.hls_uri.rsplit("/", 2)[-2:]
+        return f"{own}/hls/{version}/{name}"
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,8 @@ CATALOG = Migrations(
         " ON CONFLICT (name) DO NOTHING;",
         # 3: descriptions, edits and scaling instances, for a file from before them (step 1 made missing tables).
         _add_missing_columns,
+        # 4: the HLS master playlist of a ready video (null for one made before HLS packaging).
+        "ALTER TABLE videos ADD COLUMN hls_uri TEXT;",
     ),
     postgres=(
         POSTGRES_TABLES,
@@ -202,13 +204,15 @@ CREATE TRIGGER videos_changed AFTER INSERT OR UPDATE ON videos
 CREATE TRIGGER scaling_changed AFTER INSERT ON scaling
     FOR EACH ROW EXECUTE FUNCTION announce_change('seq');
 """,
+        # 3: the HLS master playlist of a ready video (null for one made before HLS packaging).
+        "ALTER TABLE videos ADD COLUMN hls_uri TEXT;",
     ),
 )
 
 _VIDEO_COLUMNS = (
-    "video_id", "status", "title", "description", "master", "probe", "requested", "skipped", "poster_uri", "error",
-    "last_error", "progress", "speed", "attempt", "worker", "elapsed_s", "round", "edits", "created_at", "updated_at",
-    "version",
+    "video_id", "status", "title", "description", "master", "probe", "requested", "skipped", "poster_uri", "hls_uri",
+    "error", "last_error", "progress", "speed", "attempt", "worker", "elapsed_s", "round", "edits", "created_at",
+    "updated_at", "version",
 )  # fmt: skip
 _JSON_COLUMNS = frozenset({"master", "probe", "requested", "skipped"})
 

@@ -128,6 +128,10 @@ async def test_the_grid_the_watch_page_playing_and_an_edit(stack: Stack, tmp_pat
             player = page.locator("[data-testid=player]")
             await player.wait_for(timeout=180_000)
             assert await page.evaluate("window.sameDocument") is True  # no reload: the live stream did it
+            # This Chromium plays HLS natively, as Safari does: the watch page picks the adaptive playlist.
+            assert await player.evaluate("video => video.canPlayType('application/vnd.apple.mpegurl')") != ""
+            assert await player.get_attribute("data-rendition") == "auto"
+            assert (await player.evaluate("video => video.currentSrc")).endswith("/master.m3u8")
             download = await page.get_attribute("[data-testid=download-360p]", "href")
             assert download == f"{store}/videos/{video_id}/renditions/360p"  # 720p: larger than the source, skipped
 
@@ -171,6 +175,16 @@ async def test_the_grid_the_watch_page_playing_and_an_edit(stack: Stack, tmp_pat
             assert titles == ["Whiskers, asleep on the beach", "Test card, with cat", "Mittens dreams in fractals"]
             await save(page, tmp_path, "page.png")
             assert errors == []
+
+            # A browser without native HLS (most but Safari and recent Chromium) gets the MP4 rungs.
+            plain = await browser.new_page()
+            await plain.add_init_script("HTMLMediaElement.prototype.canPlayType = () => '';")
+            await plain.goto(share)
+            player = plain.locator("[data-testid=player]")
+            await player.wait_for(timeout=20_000)
+            assert await player.get_attribute("data-rendition") == "360p"
+            assert (await player.evaluate("video => video.currentSrc")).endswith("/renditions/360p")
+            assert await plain.locator("[data-testid=rendition-auto]").count() == 0
         finally:
             await browser.close()
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin
 
 import httpx
 import pytest
@@ -19,7 +20,7 @@ from router.client import RouterClient
 from services.common.s3_blobs import S3BlobStore
 from services.processing.deletions import deletions_queue_name
 from tests.e2e.stack import Stack
-from tests.e2e.test_stack import FINAL, until, upload, watching
+from tests.e2e.test_stack import FINAL, decoded_frames, until, upload, watching
 from tests.media import make_clip
 from tests.s3 import CLIENT, S3Server, fresh_bucket
 
@@ -68,9 +69,12 @@ async def test_a_clip_becomes_ready_plays_from_the_bucket_and_delete_removes_its
         final = await until(changes, {video_id}, FINAL)
     assert final[video_id]["status"] == "ready", final
     prefix = f"videos/{video_id}/"
-    assert await bucket.list(prefix) == [
+    stored_keys = await bucket.list(prefix)
+    assert [key for key in stored_keys if "/hls/" not in key] == [
         f"{prefix}{name}" for name in ("240p.mp4", "360p.mp4", "master.mp4", "poster.jpg")
     ]
+    package = {key.split("/", 4)[4] for key in stored_keys if "/hls/" in key}  # below videos/{id}/hls/{version}/
+    assert {"master.m3u8", "360p/index.m3u8", "360p/init.mp4", "240p/seg-00000.m4s"} <= package
     data = stack.data_dir
     assert not (data / "bucket").exists()  # nothing went to a local bucket
     assert files_under(data / "upload" / "spool") == []  # the probe's copy is gone
@@ -88,6 +92,10 @@ async def test_a_clip_becomes_ready_plays_from_the_bucket_and_delete_removes_its
         assert poster.status_code == 200 and poster.content == b"".join(
             [chunk async for chunk in bucket.read(f"{prefix}poster.jpg")]
         )
+        # The HLS package plays from the bucket through the store: each variant decodes whole over HTTP.
+        for rung in ("360p", "240p"):
+            frames = await asyncio.to_thread(decoded_frames, urljoin(video["hls_url"], f"{rung}/index.m3u8"))
+            assert len(frames) == 50, rung  # 2 s at 25 fps
 
     async with RouterClient(stack.url("router"), token=stack.tokens["service"]) as router:
         async with httpx.AsyncClient() as client:

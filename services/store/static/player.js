@@ -1,16 +1,26 @@
-// The player of the watch page: one <video> and a choice of quality. What it plays is decided in one
-// place, `sourceFor`, so another way to play (adaptive streaming) changes that function alone.
+// The player of the watch page: one <video> and a choice of quality. What it may play is decided by
+// `choicesFor` (adaptive HLS where the browser plays it, the MP4 rungs always) and `sourceFor`.
 "use strict";
 
-// The address the <video> loads for `choice`, one of `video.renditions`.
+const HLS_TYPE = "application/vnd.apple.mpegurl";
+const AUTO = { name: "auto", title: "Adaptive streaming (HLS): the quality follows the connection" };
+
+// What a viewer may choose: "auto", the HLS playlist (the browser switches rungs as the connection allows),
+// where the browser plays HLS itself, as Safari and recent Chromium do; then each rendition's MP4.
+export function choicesFor(video, element) {
+  const adaptive = Boolean(video.hls_url) && element.canPlayType(HLS_TYPE) !== "";
+  return adaptive ? [AUTO, ...video.renditions] : video.renditions;
+}
+
+// The address the <video> loads for `choice`, one of `choicesFor(video, ...)`.
 export function sourceFor(video, choice) {
-  return choice.url;
+  return choice === AUTO ? video.hls_url : choice.url;
 }
 
 // Show `video` (ready, with renditions) in `container`; a later call with the same renditions keeps playing.
 export function mountPlayer(container, video) {
   const title = video.title || video.video_id;
-  const signature = video.renditions.map((r) => `${r.name}:${r.size_bytes}`).join(",");
+  const signature = video.renditions.map((r) => `${r.name}:${r.size_bytes}`).join(",") + (video.hls_url || "");
   const current = container.querySelector("video");
   if (current && container.dataset.signature === signature) {
     current.setAttribute("aria-label", `${title}, video`);
@@ -28,18 +38,19 @@ export function mountPlayer(container, video) {
   picker.className = "rendition-picker";
   picker.setAttribute("role", "group");
   picker.setAttribute("aria-label", "Quality");
-  for (const rendition of video.renditions) {
+  const choices = choicesFor(video, element);
+  for (const choice of choices) {
     const button = document.createElement("button");
     button.type = "button";
-    button.dataset.rendition = rendition.name;
-    button.dataset.testid = `rendition-${rendition.name}`;
-    button.textContent = rendition.name;
-    button.title = `${rendition.width}×${rendition.height}`;
-    button.addEventListener("click", () => choose(element, picker, video, rendition));
+    button.dataset.rendition = choice.name;
+    button.dataset.testid = `rendition-${choice.name}`;
+    button.textContent = choice.name;
+    button.title = choice.title || `${choice.width}×${choice.height}`;
+    button.addEventListener("click", () => choose(element, picker, video, choice));
     picker.append(button);
   }
   container.replaceChildren(element, picker);
-  choose(element, picker, video, video.renditions[0]);
+  choose(element, picker, video, choices[0]);
   return element;
 }
 

@@ -56,6 +56,7 @@ def processing_events(video_id: str = "v1") -> list[dict[str, Any]]:
             renditions=[rendition],
             skipped=["1080p"],
             poster_uri=f"{BUCKET}poster.jpg",
+            hls_uri=f"{BUCKET}hls/0123456789ab/master.m3u8",
             elapsed_s=3.14159,
             worker="worker-a-1",
             attempt=1,
@@ -120,6 +121,7 @@ async def test_the_store_s_retry_repeats_the_upload_s_master_and_probe(tmp_path:
         (contract.TRANSCODE_COMPLETED, {"video_id": "v1", "renditions": [{"name": "720p"}]}, "data.renditions[0].uri"),
         (contract.TRANSCODE_COMPLETED, {"video_id": "v1", "renditions": [{"name": "4k", "uri": "u"}]},
          "data.renditions[0].name"),
+        (contract.TRANSCODE_COMPLETED, {"video_id": "v1", "renditions": [], "hls": {"url": "u"}}, "data.hls.uri"),
         (contract.TRANSCODE_PROGRESS, {"video_id": "v1", "percent": "50"}, "data.percent"),
         (contract.TRANSCODE_STARTED, {"video_id": "v1", "attempt": True}, "data.attempt"),
         (contract.TRANSCODE_FAILED, {"video_id": "../etc"}, "data.video_id"),
@@ -155,6 +157,19 @@ async def test_the_store_refuses_a_completed_without_renditions(tmp_path: Path) 
             await catalog.apply(bad)
     finally:
         await db.close()
+
+
+def test_a_completed_from_before_hls_still_reads() -> None:
+    old = processing_events()[2]
+    del old["data"]["hls"]
+    data = contract.parse(old, contract.TranscodeCompleted)
+    assert data.hls is None and data.renditions[0].name == "720p"
+
+
+async def test_the_ready_event_carries_the_playlist_s_url_and_uri(tmp_path: Path) -> None:
+    ready = next(e for e in await store_events(tmp_path) if e["type"] == contract.VIDEO_READY)
+    assert ready["data"]["hls_url"] == "http://store/videos/v1/hls/0123456789ab/master.m3u8"
+    assert ready["data"]["hls_uri"] == f"{BUCKET}hls/0123456789ab/master.m3u8"
 
 
 def test_processing_fails_a_malformed_job_permanently_naming_the_field() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import m3u8
 import pytest
 from fastapi import FastAPI
 
@@ -17,12 +18,14 @@ from router.api import SUBSCRIPTION_NAME
 from router.client import RouterClient, new_event
 from services.common.blobs import FileBlobStore, video_key
 from services.common.errors import Unavailable
+from services.common.s3_blobs import S3BlobStore
 from services.processing.app import create_app
 from services.processing.deletions import deletions_queue_name
 from services.processing.settings import ProcessingSettings
 from tests.conftest import running
-from tests.media import make_clip
+from tests.media import make_clip, probe_of
 from tests.replicas import DOWN, Replicas
+from tests.s3 import CLIENT, S3Server, fresh_bucket
 from tests.services.processing.test_transcode import children_of_this_process
 
 PROBE = {"duration_s": 1.0, "width": 320, "height": 180, "fps": 10.0, "video_codec": "h264", "rotation": 0}
@@ -523,3 +526,35 @@ async def test_a_stopping_instance_announces_it_runs_no_workers_any_more(
     assert last["type"] == "cattube.processing.scaled"
     assert (last["data"]["instance"], last["data"]["from"], last["data"]["to"]) == ("edge-3", 1, 0)
     assert last["data"]["reason"] == "the instance stopped"
+
+
+async def test_a_job_on_an_s3_bucket_stores_its_hls_package_and_a_deletion_takes_it(
+    make_stack: Callable[..., Any], s3: S3Server, s3_env: None, tmp_path: Path
+) -> None:
+    async with fresh_bucket(s3) as bucket:
+        url = f"s3://{bucket}/media"
+        store = S3BlobStore(url, config=s3.config(), client_options=CLIENT)  # type: ignore[arg-type]
+        clip = make_clip(tmp_path / "clip.mp4", 320, 180, 1)
+        async for stack in make_stack(blob_url=url):
+            await observe(stack.router)
+            master = await store.put_file(video_key("cloudy", "master.mp4"), clip)
+            await stack.router.publish(uploaded("cloudy", master.uri, probe=probe_of(clip)))
+            seen = await events_until(
+                stack.router, lambda seen: any(e["type"] == "cattube.transcode.completed" for e in seen), 30
+            )
+            (completed,) = [e["data"] for e in seen if e["type"] == "cattube.transcode.completed"]
+            hls_key = store.key_of(completed["hls"]["uri"])
+            folder = hls_key.rsplit("/", 1)[0]
+            assert sorted(await store.list(f"{folder}/")) == [
+                f"{folder}/144p/index.m3u8", f"{folder}/144p/init.mp4", f"{folder}/144p/seg-00000.m4s", hls_key,
+            ]  # fmt: skip
+            text = b"".join([chunk async for chunk in store.read(hls_key)]).decode()
+            assert [v.uri for v in m3u8.M3U8(text, strict=True).playlists] == ["144p/index.m3u8"]
+
+            await stack.router.publish(
+                new_event("cattube.video.deleted", "cattube/store", {"video_id": "cloudy"}, id="cloudy/deleted")
+            )
+            async for stats in stack.router.watch_stats(deletions_queue_name(socket.gethostname()), wait_s=5):
+                if stats.delivered_total == 1 and (stats.backlog, stats.in_flight) == (0, 0):
+                    break
+            assert await store.list("videos/cloudy/") == []

@@ -77,9 +77,13 @@ async def test_a_job_downloads_the_master_uploads_its_outputs_and_leaves_no_scra
     await TranscodeJobs(store, sink, settings).run(job_for("v1", uploaded.uri), JobContext("w1", 1))
     assert any(scratch_seen), "the job works in a scratch directory of its own"
     assert scratch(settings) == []
-    assert await store.list("videos/v1/") == ["videos/v1/144p.mp4", "videos/v1/master.mp4", "videos/v1/poster.jpg"]
     completed = sink.events[-1]
     assert completed["type"] == "cattube.transcode.completed"
+    package = store.key_of(completed["data"]["hls"]["uri"]).removesuffix("master.m3u8")  # videos/v1/hls/{version}/
+    assert await store.list("videos/v1/") == sorted(
+        ["videos/v1/144p.mp4", "videos/v1/master.mp4", "videos/v1/poster.jpg"]
+        + [f"{package}{name}" for name in ("master.m3u8", "144p/index.m3u8", "144p/init.mp4", "144p/seg-00000.m4s")]
+    )
     (rendition,) = completed["data"]["renditions"]
     info = await store.stat("videos/v1/144p.mp4")
     assert info is not None and rendition["uri"] == info.uri and rendition["size_bytes"] == info.size_bytes
