@@ -5,10 +5,13 @@
 In one script, on one machine:
 
 1. **Wall time.** The same N clips are transcoded (a) directly, calling the same `transcode()` the
-   workers call (so the very same ffmpeg command) with the same parallelism and threads per job,
+   workers call (so the very same ffmpeg commands: the encode, and the HLS packaging that cuts its
+   MP4s into segments and playlists) with the same parallelism and threads per job,
    and (b) through the stack: masters in the bucket, one `cattube.video.uploaded` each, until the
    last `cattube.transcode.completed` reaches a subscriber. Rounds alternate (direct, service,
    direct, ...) because this machine is shared and noisy; the ratio of the medians is reported.
+   Both sides make the same outputs (MP4 rungs, poster, HLS package); the service also stores them in
+   the bucket and publishes its events.
 2. **Start latency.** One upload at a time, from publishing `cattube.video.uploaded` to the
    moment an ffmpeg child of the processing service appears in /proc (watched every 2 ms, so the
    figure is at most 2 ms late): cold (0 workers: the autoscaler has to spawn one) and warm
@@ -156,6 +159,8 @@ async def wait_completed(client: RouterClient, count: int) -> None:
     queue = client.queue("bench")
     while count:
         messages = await queue.receive(max_messages=10, wait_s=20)
+        if any("hls" not in m.event["data"] for m in messages):
+            raise RuntimeError("a transcode completed without its HLS package")
         if messages:
             await queue.ack([m.receipt for m in messages])
             count -= len(messages)

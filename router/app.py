@@ -40,11 +40,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store, notifier = make_store()
         bus = Bus(
-            make_store(),
+            store,
             retention_s=settings.retention_s,
             purge_interval_s=settings.purge_interval_s,
             push_policy=policy,
+            notifier=notifier,
         )
         await bus.start()
         app.state.bus = bus

@@ -90,7 +90,10 @@ class GroupCommit(Generic[T, R]):
             done.set_result(result)
 
     def _fail(self, done: asyncio.Future[R], exc: Exception) -> None:
-        log.error("%s: a commit failed", self.name, exc_info=exc)
+        if isinstance(exc, Unavailable):  # the store's database is away: said on /readyz, no traceback to add
+            log.warning("%s: a commit failed: %s", self.name, exc.detail)
+        else:
+            log.error("%s: a commit failed", self.name, exc_info=exc)
         if not done.done():
             done.set_exception(Unavailable(f"{self.name}: the store refused the write: {exc}"))
 

@@ -71,21 +71,70 @@ class Bus:
         self.notifier.listen(self._on_change)
         self._writer = GroupCommit("the bus", self._append, weight=len, max_weight=MAX_EVENTS_PER_COMMIT)
         self._stopping = asyncio.Event()
+        self._known: set[str] = set()
+        """Subscriptions this replica has synced (router.delivery's dispatchers, the signals' timers)."""
+        self._syncing: asyncio.Task[None] | None = None
+        self._sync_again = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.notifier.start()
         await self.store.open(self.notifier, self.fanout)
-        for sub in await self.list_subscriptions():
-            if (at := await self.store.next_visible_ms(sub.spec.name, now_ms())) is not None:
-                self.signals.schedule(sub.spec.name, at)
+        try:
+            await self._sync_subscriptions()
+        except Unavailable as exc:  # a networked store's database is away: served as 503s until it is back
+            log.error("the bus starts without its subscriptions (%s); they are read once the store answers", exc)
+
+    async def _sync_subscriptions(self) -> None:
+        """Match this replica to the subscriptions, wherever they were made: a push dispatcher for each push
+        subscription (shared with other replicas through leases), none for the others, and a wake-up at the
+        next hidden message of each subscription seen for the first time."""
+        subs = await self.list_subscriptions()
+        for sub in subs:
+            name = sub.spec.name
+            if name not in self._known:
+                self._known.add(name)
+                if (at := await self.store.next_visible_ms(name, now_ms())) is not None:
+                    self.signals.schedule(name, at)
             await self.dispatchers.sync(sub)
+        for name in self._known - {sub.spec.name for sub in subs}:  # deleted, here or on another replica
+            self._known.discard(name)
+            await self.dispatchers.remove(name)
+            self.signals.forget(name)
 
     def _on_change(self, changes: Changes) -> None:
-        if changes.catalog:
+        if changes.catalog or changes.everything:
             self.fanout.invalidate()
+            self._sync_soon()
+        if changes.everything:  # a re-check: every waiter and every dispatcher looks again
+            self.dispatchers.mark_ready(self.dispatchers.names)
+            self.signals.wake_all()
         self.dispatchers.mark_ready(changes.ready)
         self.signals.on_change(changes.touched, changes.hidden_until)
+
+    def _sync_soon(self) -> None:
+        """Sync the subscriptions in the background, once more if they change again meanwhile."""
+        if self._stopping.is_set():
+            return
+        if self._syncing is not None and not self._syncing.done():
+            self._sync_again = True
+            return
+        self._syncing = asyncio.get_running_loop().create_task(self._sync_while_changing(), name="bus-sync")
+
+    async def _sync_while_changing(self) -> None:
+        while not self._stopping.is_set():
+            self._sync_again = False
+            try:
+                await self._sync_subscriptions()
+            except Unavailable as exc:
+                log.warning("subscriptions not synced (%s); the next change tries again", exc)
+                return
+            except Exception:
+                log.exception("subscriptions not synced; the next change tries again")
+                return
+            if not self._sync_again:
+                return
 
     def _visible_again(self, name: str) -> None:
         """A hidden message's time has come (a retry delay or a lease ran out): a lease may find it."""
@@ -123,9 +172,13 @@ class Bus:
             self.signals.wake_all()
 
     async def close(self) -> None:
+        if self._syncing is not None:
+            self._syncing.cancel()
+            await asyncio.gather(self._syncing, return_exceptions=True)
         await self.dispatchers.close()
         self.signals.close()
         await self.store.close()
+        await self.notifier.close()
 
     # -- publishing -------------------------------------------------------------------------------
 
@@ -140,10 +193,11 @@ class Bus:
             raise
 
     async def readiness(self) -> str | None:
-        """Not ready while commits fail for want of storage: every publish would fail."""
+        """Not ready while commits fail for want of storage (every publish would fail), or while the store's
+        database cannot be reached."""
         if (failure := self.store.write_failure) is not None:
             return f"the bus cannot commit: {failure}"
-        return None
+        return await self.store.readiness()
 
     # -- subscriptions ----------------------------------------------------------------------------
 

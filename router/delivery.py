@@ -17,6 +17,7 @@ expire, after which they are leased again: a crash mid-delivery means the event 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -35,11 +36,15 @@ from router.fanout import Fanout
 from router.persistence import EventStore, Message, Settlement, Subscription
 from router.push_policy import REFUSED, PushPolicy, TargetRefused
 from router.signals import Signals
+from services.common.errors import Unavailable
 from services.common.timestamps import iso_utc
 
 log = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({408, 429})
+PAUSE_INITIAL_S = 0.5
+PAUSE_MAX_S = 10.0
+"""A dispatcher whose store does not answer pauses this long at first, doubling up to the most."""
 LEASE_MARGIN_S = 5.0
 """A lease outlives one attempt's timeout by this much, so a live attempt never loses it."""
 
@@ -142,6 +147,8 @@ class Dispatcher:
         self._ready_marks = 0
         self._session: aiohttp.ClientSession | None = None
         self._outcomes: GroupCommit[Settlement, None] = GroupCommit(f"push:{self.name}", self._settle)
+        self._failures = 0
+        """Store calls failed in a row (the database is away): how long to pause before the next."""
 
     def update(self, sub: Subscription) -> None:
         """A re-PUT changed the URL or the delivery policy: the next leases use them."""
@@ -164,7 +171,13 @@ class Dispatcher:
         delivery = self.sub.spec.delivery
         connector = self.policy.connector(limit=max(delivery.max_in_flight, 1))
         async with aiohttp.ClientSession(connector=connector) as session:
-            await self.store.release_leases(self.name, _now_ms())
+            while not self._stopping.is_set():
+                try:
+                    await self.store.release_leases(self.name, _now_ms())
+                    break
+                except Unavailable as exc:
+                    await self._pause(exc)
+            self._failures = 0
             settler = asyncio.create_task(self._outcomes.run())
             try:
                 await self._loop(session)
@@ -194,7 +207,12 @@ class Dispatcher:
                 # Ordered delivery leases every time: a key unblocks when its head is acked, which no hint follows.
                 if delivery.ordered or self._maybe_ready:
                     marks = self._ready_marks
-                    messages = await self.store.lease(self.name, free, lease_ms, _now_ms(), delivery.ordered)
+                    try:
+                        messages = await self.store.lease(self.name, free, lease_ms, _now_ms(), delivery.ordered)
+                    except Unavailable as exc:  # the database is away: look again later, do not die
+                        await self._pause(exc)
+                        continue
+                    self._failures = 0
                     self._start(messages)
                     if len(messages) == free:
                         continue
@@ -208,6 +226,16 @@ class Dispatcher:
                 await self._wake.wait()
         finally:
             signal.unwatch(self._wake.set)
+
+    async def _pause(self, exc: Unavailable) -> None:
+        """Back off (exponentially, with jitter) after the store failed to answer, or until stopped."""
+        self._failures += 1
+        ceiling = min(PAUSE_MAX_S, PAUSE_INITIAL_S * 2 ** (self._failures - 1))
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+        log.warning("push to %s paused for %.1f s: %s", self.name, delay, exc.detail)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._stopping.wait()
 
     def take(self, messages: list[Message]) -> None:
         """Messages the store leased to us in an append's commit."""
@@ -227,7 +255,10 @@ class Dispatcher:
         self._in_flight.discard(task)
         self._wake.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("delivery to %s failed unexpectedly", self.name, exc_info=exc)
+            if isinstance(exc, Unavailable):  # its outcome was not recorded: the lease lapses, it goes out again
+                log.warning("delivery to %s: its outcome could not be stored (%s)", self.name, exc.detail)
+            else:
+                log.error("delivery to %s failed unexpectedly", self.name, exc_info=exc)
 
     async def _deliver(self, session: aiohttp.ClientSession, message: Message) -> None:
         outcome = await self._attempt(session, message)
@@ -316,7 +347,9 @@ class Dispatchers:
             await self.remove(name)  # it may have been a push subscription before this PUT
             return
         if name in self._running:
-            self._running[name][0].update(sub)
+            running = self._running[name][0].sub
+            if not (running.spec.same_as(sub.spec) and running.secret == sub.secret):
+                self._running[name][0].update(sub)
             return
         dispatcher = Dispatcher(sub, self.store, self.signals, self.policy, self.fanout)
         task = asyncio.create_task(dispatcher.run(), name=f"push:{name}")
@@ -330,6 +363,10 @@ class Dispatchers:
         if not task.cancelled() and (exc := task.exception()) is not None:
             self.failures[name] = f"push dispatcher for {name} stopped: {exc!r}"
             log.error("push dispatcher for %s stopped", name, exc_info=exc)
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._running)
 
     def mark_ready(self, names: Iterable[str]) -> None:
         for name in names:

@@ -52,6 +52,11 @@ class Fanout:
     def version(self) -> int | None:
         return self._catalog.version
 
+    @property
+    def catalog(self) -> Catalog:
+        """The newest catalog read (one reference: its version and subscriptions always belong together)."""
+        return self._catalog
+
     def at(self, version: int, load: Callable[[], Iterable[Subscription]]) -> Catalog:
         """Inside a store transaction that read the catalog at `version`: its subscriptions, read again
         through `load` if the version moved. A newer read replaces the cached one (never an older one,

@@ -32,15 +32,24 @@ class Changes:
     """Per subscription, the earliest time (ms) a message hidden by this commit becomes visible again."""
     catalog: bool = False
     """Subscriptions were created, changed or deleted."""
+    everything: bool = False
+    """Anything may have changed (a networked notifier's periodic re-check, or a reconnection after which
+    notifications may have been missed): every waiter reads again, and the subscriptions are read again."""
 
     def __bool__(self) -> bool:
-        return bool(self.touched or self.ready or self.hidden_until or self.catalog)
+        return bool(self.touched or self.ready or self.hidden_until or self.catalog or self.everything)
 
 
 Listener = Callable[[Changes], None]
 
 
 class Notifier(Protocol):
+    async def start(self) -> None:
+        """Begin hearing other replicas' commits (a networked notifier connects; an in-process one need not)."""
+        ...
+
+    async def close(self) -> None: ...
+
     def publish(self, changes: Changes) -> None:
         """Called by a store after the commit that made `changes`, on the event loop."""
         ...
@@ -57,6 +66,12 @@ class InProcessNotifier:
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
 
     def publish(self, changes: Changes) -> None:
         if not changes:

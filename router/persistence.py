@@ -1,10 +1,9 @@
 """The storage port behind the bus: what the router needs from a durable store, and its records.
 
-`EventStore` has one implementation today, the embedded SQLite one (`router.stores.sqlite`), and one
-contract test suite (`tests/router/test_store_contract.py`, parametrized over store factories).
-A networked store (PostgreSQL, not written yet) implements this protocol and passes those same
-tests: append one factory there. Times are integer milliseconds since the epoch, passed in by the caller so
-tests can control the clock.
+`EventStore` has two implementations, the embedded SQLite one (`router.stores.sqlite`) and the networked
+PostgreSQL one (`router.stores.postgres`, shared by any number of replicas), and one contract test suite
+(`tests/router/test_store_contract.py`, parametrized over store factories) that both pass. Times are
+integer milliseconds since the epoch, passed in by the caller so tests can control the clock.
 """
 
 from __future__ import annotations
@@ -168,9 +167,16 @@ class EventStore(Protocol):
     """Why the last commit failed for want of storage (disk full, I/O error); None once one succeeds.
     The router is not ready meanwhile, and publishes answer 507."""
 
-    async def open(self, notifier: Notifier, fanout: Fanout) -> None: ...
+    async def open(self, notifier: Notifier, fanout: Fanout) -> None:
+        """Open the store. A networked store whose database is away does not fail here: it answers `Unavailable`
+        meanwhile, keeps connecting, and publishes `Changes(catalog=True, everything=True)` once it can."""
+        ...
 
     async def close(self) -> None: ...
+
+    async def readiness(self) -> str | None:
+        """None when the store can be used now, else a sentence saying why not (its database is away)."""
+        ...
 
     async def append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         """Store events in one transaction, skipping repeats of `source`+`id`, and queue each new one

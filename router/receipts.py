@@ -22,6 +22,11 @@ def receipt_for(message_id: int, nonce: str) -> str:
     return f"{message_id}.{nonce}"
 
 
+def nonce_of(receipt: str) -> str:
+    """The claim's nonce a receipt carries ("" when it is not one of ours)."""
+    return receipt.split(".", 1)[1] if "." in receipt else ""
+
+
 def message_id_of(receipt: str) -> int:
     """The message a receipt names; -1 (no message) when it is not one of ours."""
     head = receipt.split(".", 1)[0]

@@ -14,8 +14,25 @@ from services.common.settings import CommonSettings
 class RouterSettings(CommonSettings):
     router_database_url: str | None = Field(
         None,
-        description="The router's database, overriding DATABASE_URL: sqlite:///relative.db or sqlite:////absolute.db"
-        " (postgresql:// is not available yet); default the SQLite file BUS_PATH.",
+        description="The router's database, overriding DATABASE_URL: sqlite:///relative.db, sqlite:////absolute.db"
+        " or postgresql://user:password@host:port/database (any number of routers may share one);"
+        " default the SQLite file BUS_PATH.",
+    )
+    database_pool_size: int = Field(10, ge=1, description="PostgreSQL: connections each router keeps at most.")
+    database_statement_timeout_s: float = Field(
+        30, gt=0, description="PostgreSQL: the longest a statement of the router's may run (statement_timeout)."
+    )
+    database_idle_in_transaction_timeout_s: float = Field(
+        60,
+        gt=0,
+        description="PostgreSQL: a session of the router's left idle in a transaction this long is ended"
+        " (idle_in_transaction_session_timeout), so it cannot hold back vacuum.",
+    )
+    database_recheck_s: float = Field(
+        2.0,
+        gt=0,
+        description="PostgreSQL: how often every waiter looks again anyway (NOTIFY is best-effort; a lost one"
+        " delays a wake-up by at most this long).",
     )
     bus_path: Path | None = Field(None, description="SQLite file of the bus; default DATA_DIR/router/bus.db.")
     retention_s: float = Field(7 * 86_400, gt=0, description="How long the bus keeps events (replay, dedup).")

@@ -13,6 +13,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from services.common.errors import Unavailable
+
 
 class Signal:
     def __init__(self) -> None:
@@ -117,7 +119,11 @@ class Signals:
         task.add_done_callback(self._tasks.discard)
 
     async def _schedule_next(self, name: str) -> None:
-        if name in self._signals and (at_ms := await self._next_visible(name)) is not None:
+        try:
+            at_ms = await self._next_visible(name) if name in self._signals else None
+        except Unavailable:  # the store's database is away; its re-checks wake waiters meanwhile
+            return
+        if at_ms is not None:
             self.schedule(name, at_ms)
 
     def wake_all(self) -> None:

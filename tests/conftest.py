@@ -17,6 +17,15 @@ from tests.postgres import PostgresServer, PostgresUnavailable, fresh_database, 
 from tests.s3 import S3Server, S3Unavailable, s3_server
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--router-engine",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="The store the router tests run the router on (tests/router/conftest.py).",
+    )
+
+
 @asynccontextmanager
 async def running(app: FastAPI, base_url: str = "http://testserver") -> AsyncIterator[httpx.AsyncClient]:
     """Enter the app's lifespan and hand back a client talking to it in-process."""

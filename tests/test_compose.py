@@ -26,7 +26,14 @@ SERVICES: dict[str, tuple[str, type[BaseSettings], str]] = {
     "upload": ("services.upload", UploadSettings, "upload_port"),
     "processing": ("services.processing", ProcessingSettings, "processing_port"),
     "store": ("services.store", StoreSettings, "store_port"),
+    # The cluster profile's second replicas: the same image and settings, published on other host ports.
+    "router-2": ("router", RouterSettings, "router_port"),
+    "processing-2": ("services.processing", ProcessingSettings, "processing_port"),
 }
+HOST_PORTS = {"router-2": 8710, "processing-2": 8712}
+THIRD_PARTY = {"postgres", "s3"}
+"""The cluster profile's PostgreSQL and S3 server: images of their own."""
+READ_BY_OBSTORE = {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ALLOW_HTTP"}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +43,10 @@ def compose() -> dict[str, Any]:
 
 
 def test_every_service_is_there(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == set(SERVICES)
+    assert set(compose["services"]) == set(SERVICES) | THIRD_PARTY
+    cluster_only = {name for name, service in compose["services"].items() if service.get("profiles")}
+    assert cluster_only == {"router-2", "processing-2"} | THIRD_PARTY
+    assert all(compose["services"][name]["profiles"] == ["cluster"] for name in cluster_only)
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
@@ -49,20 +59,41 @@ def test_service_matches_its_settings(compose: dict[str, Any], name: str) -> Non
 
     env = service["environment"]
     fields = {f"CATTUBE_{field.upper()}" for field in settings_type.model_fields}
-    unknown = sorted(set(env) - fields)
+    unknown = sorted(set(env) - fields - READ_BY_OBSTORE)
     assert not unknown, f"{name}: variables no setting reads: {unknown}"
 
     default_port = settings_type.model_fields[port_field].default
     assert int(env[f"CATTUBE_{port_field.upper()}"]) == default_port
-    assert service["ports"] == [f"{default_port}:{default_port}"]
+    assert service["ports"] == [f"{HOST_PORTS.get(name, default_port)}:{default_port}"]
     probe = " ".join(service["healthcheck"]["test"])
     assert re.search(rf"127\.0\.0\.1:{default_port}/(healthz|readyz)", probe)
 
     assert env["CATTUBE_DATA_DIR"] == "/data"
-    assert "cattube-data:/data" in service["volumes"]
-    assert env["CATTUBE_ROUTER_URL"] == "http://router:8700"
-    if name != "router":
+    assert service["volumes"] == [f"{name}-data:/data" if name in HOST_PORTS else "cattube-data:/data"]
+    assert env["CATTUBE_ROUTER_URL"] == "${CATTUBE_ROUTER_URLS:-http://router:8700}"
+    if module == "router":
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    else:
         assert service["depends_on"]["router"]["condition"] == "service_healthy"
+    if module == "services.processing":
+        assert env["CATTUBE_INSTANCE"] == name if name in HOST_PORTS else env["CATTUBE_INSTANCE"] == "processing-1"
+
+
+def test_the_cluster_env_file_names_only_what_is_read() -> None:
+    """cluster.env turns the profile on and fills the variables compose.yaml interpolates."""
+    compose_text = (REPO / "compose.yaml").read_text()
+    lines = [line for line in (REPO / "cluster.env").read_text().splitlines() if line and not line.startswith("#")]
+    assigned = dict(line.split("=", 1) for line in lines)
+    assert assigned.pop("COMPOSE_PROFILES") == "cluster"
+    for variable in assigned:
+        assert f"${{{variable}:-" in compose_text, f"{variable} is set in cluster.env but compose.yaml never reads it"
+    routers = assigned["CATTUBE_ROUTER_URLS"].split(",")
+    assert routers == ["http://router:8700", "http://router-2:8700"]
+    assert (
+        assigned["CATTUBE_DATABASE_URL"].startswith("postgresql://cattube:")
+        and "@postgres:5432/" in assigned["CATTUBE_DATABASE_URL"]
+    )
+    assert assigned["CATTUBE_BLOB_URL"] == "s3://cattube" and "-bucket=cattube" in compose_text
 
 
 def test_the_store_is_pushed_to_on_the_compose_network(compose: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from services.cli import local_postgres
 from tests import postgres as postgres_module
 from tests.postgres import PostgresServer, PostgresUnavailable, database_url, throwaway_postgres
 
@@ -77,7 +78,7 @@ async def _assert_loopback_only(url: str) -> None:
 
 
 def test_missing_server_programs_name_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(postgres_module, "DEBIAN_BIN_DIRS", tmp_path)
+    monkeypatch.setattr(local_postgres, "DEBIAN_BIN_DIRS", tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(PostgresUnavailable, match=r"Install Debian's `postgresql` package"):
+    with pytest.raises(PostgresUnavailable, match=r"install Debian's `postgresql` package.*CATTUBE_TEST_DATABASE_URL"):
         postgres_module.server_bin_dir()

@@ -1,8 +1,9 @@
 """Storage adapters behind `router.persistence.EventStore`, chosen by a database URL.
 
 `CATTUBE_ROUTER_DATABASE_URL`, else `CATTUBE_DATABASE_URL`, else the SQLite file under `DATA_DIR`
-(`sqlite:///DATA_DIR/router/bus.db`, where the router has always kept it). Only SQLite exists
-today; a `postgresql://` URL is refused at start with a sentence saying so.
+(`sqlite:///DATA_DIR/router/bus.db`, where the router has always kept it). `postgresql://` (or
+`postgres://`) names the networked store, which any number of replicas share; each store comes with
+the notifier its waiters hear commits through (router.notifier).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from router.notifier import InProcessNotifier, Notifier
 from router.persistence import EventStore
 from router.settings import RouterSettings
+from router.stores.postgres import Connection, PostgresEventStore
+from router.stores.postgres.notifier import PostgresNotifier
 from router.stores.sqlite import SQLiteEventStore
 
 __all__ = ["StoreConfigError", "database_url", "store_factory", "sqlite_path"]
@@ -38,19 +42,29 @@ def sqlite_path(url: str) -> Path:
     return Path(unquote(parts.path[1:]))
 
 
-def store_factory(settings: RouterSettings) -> Callable[[], EventStore]:
-    """What makes the store the settings name; raises `StoreConfigError` at once (at start) when the URL
-    names no usable store. The store is made, and opened, by the app's lifespan."""
+def store_factory(settings: RouterSettings) -> Callable[[], tuple[EventStore, Notifier]]:
+    """What makes the store the settings name, and its notifier; raises `StoreConfigError` at once (at start) when
+    the URL names no usable store. Both are made, and opened, by the app's lifespan."""
     url = database_url(settings)
     scheme = urlsplit(url).scheme.lower()
     if scheme == "sqlite":
         path = sqlite_path(url)
-        return lambda: SQLiteEventStore(
-            path, synchronous=settings.sqlite_synchronous, wal_limit_bytes=settings.wal_limit_bytes
+        return lambda: (
+            SQLiteEventStore(path, synchronous=settings.sqlite_synchronous, wal_limit_bytes=settings.wal_limit_bytes),
+            InProcessNotifier(),
         )
     if scheme in ("postgresql", "postgres"):
-        raise StoreConfigError(
-            "database URL is postgresql://: the PostgreSQL store is not available yet in this router;"
-            " use sqlite:///path (or leave CATTUBE_ROUTER_DATABASE_URL and CATTUBE_DATABASE_URL unset)"
+        connection = Connection(
+            url,
+            pool_size=settings.database_pool_size,
+            statement_timeout_s=settings.database_statement_timeout_s,
+            idle_in_transaction_timeout_s=settings.database_idle_in_transaction_timeout_s,
         )
-    raise StoreConfigError(f"database URL scheme {scheme or url!r} is not supported; expected sqlite:///path")
+        return lambda: (
+            PostgresEventStore(connection),
+            PostgresNotifier(connection, recheck_s=settings.database_recheck_s),
+        )
+    raise StoreConfigError(
+        f"database URL scheme {scheme or url!r} is not supported;"
+        " expected sqlite:///path or postgresql://user:password@host:port/database"
+    )

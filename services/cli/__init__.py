@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from services.cli import demo, up, upload
+from services.cli import cluster, demo, up, upload
 from services.cli.failure import Failure
 from services.cli.tokens import tokens_help
 from services.common.settings import CommonSettings
@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     up_parser.add_argument(
         "--rotate-tokens", action="store_true", help="make new tokens (old links and scripts stop working)"
     )
+    up_parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the scaled-out architecture on this machine: PostgreSQL, an S3 server (SeaweedFS), two routers, "
+        "two processing instances, upload and store (needs Debian's postgresql package and the `cluster` extra)",
+    )
     upload.add_parser(commands)
     commands.add_parser(
         "demo",
@@ -41,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.model_copy(update={"data_dir": args.data_dir})
     try:
         if args.command == "up":
-            return asyncio.run(up.up(settings, rotate_tokens=args.rotate_tokens))
+            start = cluster.up if args.cluster else up.up
+            return asyncio.run(start(settings, rotate_tokens=args.rotate_tokens))
         if args.command == "upload":
             return asyncio.run(upload.run(settings, args))
         return asyncio.run(demo.run(settings))

@@ -1,6 +1,7 @@
-"""The four services of `cattube up` as child processes: their ports checked before anything
-starts, started in dependency order, restarted when they crash once the stack is up, and stopped
-one by one with the router last."""
+"""The services of `cattube up` as child processes: their ports checked before anything starts,
+started in dependency order, restarted when they crash once the stack is up, and stopped one by one
+with the routers last. `cattube up --cluster` runs more of them (two routers, two processing
+instances) and an S3 server the same way (services.cli.cluster)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -23,8 +25,11 @@ SERVICES = [
     ("store", "services.store", "store_port"),
 ]
 """Each service: its name, the module `python -m` runs, and the setting holding its port."""
-STOP_ORDER = ("upload", "store", "processing", "router")
-"""What takes work in first, the router last: processing hands its running jobs back through it."""
+STOP_ORDER = ("upload", "store", "processing", "router", "s3")
+"""Roles, what takes work in first, the router last: processing hands its running jobs back through it.
+The bucket goes after everything that writes to it."""
+START_ORDER = (("s3",), ("router",), ("upload", "processing", "store"))
+"""Roles started together, each group once the one before serves."""
 STOP_DEADLINE_S = 5.0
 """How long one service has to exit after SIGTERM before it is killed."""
 STARTUP_DEADLINE_S = 60.0
@@ -43,13 +48,24 @@ class Child:
     module: str
     port: int
     port_field: str
+    """The setting (or, for a cluster's extra parts, the variable) that moves its port."""
+    role: str = ""
+    """What it is (a STOP_ORDER role): the name, unless several children share a role."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables of its own, on top of the stack's."""
+    command: list[str] | None = None
+    """What to run instead of `python -m module --port PORT` (the S3 server)."""
+    ready_text: str = SERVING
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
     serving: bool = False
 
+    def __post_init__(self) -> None:
+        self.role = self.role or self.name
+
     @property
     def variable(self) -> str:
-        return f"CATTUBE_{self.port_field.upper()}"
+        return self.port_field if self.port_field.isupper() else f"CATTUBE_{self.port_field.upper()}"
 
     @property
     def running(self) -> bool:
@@ -88,9 +104,21 @@ def _cannot_listen(host: str, port: int) -> str | None:
     return None
 
 
+ReadyHook = Callable[[], Awaitable[None]]
+
+
 class Stack:
-    def __init__(self, host: str, children: list[Child], env: dict[str, str], log_level: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        children: list[Child],
+        env: dict[str, str],
+        log_level: str,
+        when_serving: dict[str, ReadyHook] | None = None,
+    ) -> None:
         self.host = host
+        self.when_serving = when_serving or {}
+        """Per role: what to do once its group serves, before the next group starts (make the bucket)."""
         self.children = {child.name: child for child in children}
         self.env = env
         # Below INFO uvicorn does not say it is serving: then /healthz is asked instead.
@@ -106,12 +134,18 @@ class Stack:
     # -- starting -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """The router first (everything else talks to it), then the others; returns once each serves."""
-        for names in (["router"], ["upload", "processing", "store"]):
+        """The routers first (everything else talks to them), then the others; returns once each serves."""
+        for roles in START_ORDER:
+            names = [child.name for child in self.children.values() if child.role in roles]
+            if not names:
+                continue
             self.tasks += [asyncio.create_task(self._keep_running(self.children[name])) for name in names]
             await self._until_serving(names)
             if self.stopping:
                 return
+            for role in roles:
+                if role in self.when_serving:
+                    await self.when_serving[role]()
         self.up = True
 
     async def _until_serving(self, names: list[str]) -> None:
@@ -132,14 +166,15 @@ class Stack:
             started = loop.time()
             # A process group of its own: a Ctrl-C at the terminal reaches `cattube up` only, which
             # then stops the services in order (the terminal would signal them all at once).
+            command = child.command or [sys.executable, "-m", child.module, "--port", str(child.port)]
             child.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", child.module, "--port", str(child.port),
-                env=self.env, stdin=asyncio.subprocess.DEVNULL,
+                *command, env={**self.env, **child.env}, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, process_group=0,
             )  # fmt: skip
             if self.stopping:  # asked while it was being spawned: `stop` may have passed it by already
                 child.proc.terminate()
-            asking = None if self.announces else asyncio.create_task(self._ask_healthz(child))
+            quiet = not self.announces and child.command is None
+            asking = asyncio.create_task(self._ask_healthz(child)) if quiet else None
             await self._pump(child)
             code = await child.proc.wait()
             if asking is not None:
@@ -175,7 +210,7 @@ class Stack:
             text = raw.decode(errors="replace")
             sys.stdout.write(f"{child.name:>10} | {text}")
             sys.stdout.flush()
-            if SERVING in text and not child.serving:
+            if child.ready_text in text and not child.serving:
                 child.serving = True
                 self.changed.set()
 
@@ -213,8 +248,8 @@ class Stack:
         """Each service in STOP_ORDER: SIGTERM, wait for it (killed after STOP_DEADLINE_S), then the next."""
         self.stopping = True
         self.changed.set()
-        for name in STOP_ORDER:
-            child = self.children[name]
+        for child in sorted(self.children.values(), key=lambda child: STOP_ORDER.index(child.role)):
+            name = child.name
             if not child.running:
                 continue
             assert child.proc is not None

@@ -83,7 +83,7 @@ def tokens_help() -> str:
     """For `cattube up --help`: which token does what, and how a deployment sets them."""
     return (
         "tokens: three bearer tokens, each allowing more than the one before:\n"
-        "  CATTUBE_USER_TOKEN     upload, list, retry, delete videos (the page's link carries it)\n"
+        "  CATTUBE_USER_TOKEN     upload, list, edit, retry, delete videos (the page's link carries it)\n"
         "  CATTUBE_SERVICE_TOKEN  publish, receive/ack, own subscriptions (services call the router with it)\n"
         "  CATTUBE_TOKEN          admin: everything, router management and PUT /autoscaler\n"
         f"Made once and kept in DATA_DIR/{FILE_NAME} (owner-only), so links and scripts survive restarts;\n"

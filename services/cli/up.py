@@ -49,25 +49,29 @@ def _describe(settings_type: type[CommonSettings], skip: set[str]) -> list[str]:
 
 
 async def up(settings: CommonSettings, *, rotate_tokens: bool = False) -> int:
-    env = dict(os.environ)
     children = [Child(name, module, getattr(settings, field), field) for name, module, field in SERVICES]
     check_ports(settings.host, children)
     stack_tokens = tokens.prepare(settings, rotate=rotate_tokens)
-    env.update(stack_tokens.environment(), CATTUBE_DATA_DIR=str(settings.data_dir.resolve()))
+    env = {**os.environ, **stack_tokens.environment(), "CATTUBE_DATA_DIR": str(settings.data_dir.resolve())}
+    return await run(settings, Stack(settings.host, children, env, settings.log_level), stack_tokens)
+
+
+async def run(settings: CommonSettings, stack: Stack, stack_tokens: tokens.StackTokens) -> int:
+    """Start the stack, say where everything is once it all serves, and stop it in order on Ctrl-C."""
     # Where a person follows an upload (its status_url): the store's page of the video.
-    env.setdefault("CATTUBE_STORE_PUBLIC_URL", f"http://{settings.host}:{settings.store_port}")
+    stack.env.setdefault("CATTUBE_STORE_PUBLIC_URL", f"http://{settings.host}:{settings.store_port}")
     print(
         f"CatTube: data in {settings.data_dir.resolve()}; tokens in {tokens.tokens_file(settings.data_dir.resolve())}"
     )
-    stack = Stack(settings.host, children, env, settings.log_level)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stack.ask_to_stop)
     try:
         await stack.start()
         if not stack.stopping:
-            for child in children:
-                print(f"  {child.name:<10} http://{settings.host}:{child.port}  (API docs: /docs)")
+            for child in stack.children.values():
+                what = "(API docs: /docs)" if child.command is None else "(S3 endpoint)"
+                print(f"  {child.name:<12} http://{settings.host}:{child.port}  {what}")
             print(f"{PAGE_LINE} http://{settings.host}:{settings.store_port}/#token={stack_tokens.user}", flush=True)
             await stack.until_stop_asked()
     finally:

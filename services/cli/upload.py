@@ -1,5 +1,6 @@
 """`cattube upload FILE`: send a video to the upload service, with a progress bar; `--wait` follows
-it through processing on the store's live stream until it is ready or has failed."""
+it through processing on the store's live stream until it is ready or has failed. The upload is
+resumable (tus): if it is cut short, the same command again sends only what the server lacks."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import httpx
 
 from services.cli.failure import Failure
 from services.cli.progress import Bar, line, phase
+from services.cli.resumable import TUS, Remembered, body_from, metadata_header, offset_of
 from services.cli.tokens import user_token
 from services.common.contract import RENDITION_NAMES  # checked here before a byte is sent
 from services.common.settings import CommonSettings
@@ -29,21 +31,6 @@ def add_parser(commands: Any) -> None:
         "--renditions", help=f"comma-separated, out of {','.join(RENDITION_NAMES)} (default: the upload service's)"
     )
     parser.add_argument("--wait", action="store_true", help="follow it until it is ready or has failed")
-
-
-class _Counting:
-    """A file whose reads move a progress bar (httpx streams multipart bodies by reading files)."""
-
-    def __init__(self, file: IO[bytes], bar: Bar) -> None:
-        self.file = file
-        self.bar = bar
-        self.sent = 0
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self.file.read(size)
-        self.sent += len(chunk)
-        self.bar.show(self.sent)
-        return chunk
 
 
 def urls(settings: CommonSettings) -> tuple[str, str]:
@@ -95,28 +82,74 @@ def refusal(response: httpx.Response) -> str:
 async def upload_file(
     settings: CommonSettings, path: Path, *, title: str | None = None, renditions: str | None = None
 ) -> str:
-    """Upload one file; returns its video id. Raises Failure with the reason if it cannot be sent or is refused."""
+    """Upload one file resumably (tus); returns its video id. Raises Failure with the reason if it cannot be
+    sent or is refused. An upload of the same file that was cut short earlier goes on from where it stopped."""
     upload_url, _ = urls(settings)
-    form = {"title": title or path.stem}
-    if renditions:
-        form["renditions"] = check_renditions(renditions)
+    metadata = metadata_header(
+        filename=path.name, title=title or path.stem, renditions=check_renditions(renditions) if renditions else None
+    )
     token = user_token(settings)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    remembered = Remembered(settings.data_dir)
     with await asyncio.to_thread(open_video, path) as file:
-        bar = Bar(f"uploading {title or path.name}", os.fstat(file.fileno()).st_size)
-        files = {"file": (path.name, _Counting(file, bar), "application/octet-stream")}
+        key = remembered.key(path, file)
+        size = os.fstat(file.fileno()).st_size
+        bar = Bar(f"uploading {title or path.name}", size)
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10)) as client:
-                response = await client.post(f"{upload_url}/videos", data=form, files=files, headers=headers)  # type: ignore[arg-type]
+                url, offset = await _begin(client, upload_url, remembered, key, size, metadata, auth, path)
+                if offset < size:
+                    if offset:
+                        line(f"{path.name}: resuming at {offset} of {size} bytes")
+                    headers = {
+                        **TUS,
+                        **auth,
+                        "Upload-Offset": str(offset),
+                        "Content-Type": "application/offset+octet-stream",
+                        "Content-Length": str(size - offset),
+                    }
+                    response = await client.patch(url, content=body_from(file, offset, bar.show), headers=headers)
+                    if response.status_code != 204:
+                        if response.status_code != 409:  # refused for good: the server kept nothing of it
+                            remembered.forget(key)
+                        raise Failure(f"{path.name}: {refusal(response)}")
         except httpx.TransportError as exc:
             bar.abandon()
-            raise unreachable("upload service", upload_url, exc) from None
-    if response.status_code != 202:
-        bar.abandon()
-        raise Failure(f"{path.name}: {refusal(response)}")
-    video_id: str = response.json()["video_id"]
+            failure = unreachable("upload service", upload_url, exc)
+            raise Failure(f"{failure}; run the same command again to resume the upload") from None
+        except Failure:
+            bar.abandon()
+            raise
+    remembered.forget(key)
+    video_id = url.rstrip("/").rsplit("/", 1)[1]  # a tus upload's id is its video id
     bar.done(video_id)
     return video_id
+
+
+async def _begin(
+    client: httpx.AsyncClient,
+    upload_url: str,
+    remembered: Remembered,
+    key: str,
+    size: int,
+    metadata: str,
+    auth: dict[str, str],
+    path: Path,
+) -> tuple[str, int]:
+    """The upload to send to and how much of it the server has: the one begun earlier for this file, or a new one."""
+    url = remembered.get(key)
+    if url is not None:
+        offset = await offset_of(client, url, auth)
+        if offset is not None:
+            return url, offset
+        remembered.forget(key)  # expired or terminated: start again
+    headers = {**TUS, **auth, "Upload-Length": str(size), "Upload-Metadata": metadata}
+    response = await client.post(f"{upload_url}/uploads", headers=headers)
+    if response.status_code != 201 or "location" not in response.headers:
+        raise Failure(f"{path.name}: {refusal(response)}")
+    url = response.headers["location"]
+    remembered.put(key, url)
+    return url, 0
 
 
 async def live_changes(store_url: str) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
@@ -152,7 +185,7 @@ async def run(settings: CommonSettings, args: argparse.Namespace) -> int:
     _, store_url = urls(settings)
     if not args.wait:
         video_id = await upload_file(settings, args.file, title=args.title, renditions=args.renditions)
-        line(f"{video_id}: uploaded; watch it at {store_url}/")
+        line(f"{video_id}: uploaded; watch it at {store_url}/watch/{video_id}")
         return 0
     async with contextlib.aclosing(live_changes(store_url)) as changes:
         await anext(changes)  # listening before the upload: no change can be missed

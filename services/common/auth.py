@@ -2,7 +2,7 @@
 
 Three tokens, three scopes, each wider than the one before (docs/architecture.md, Tokens and scopes):
 
-    user     upload, list, retry, delete videos         CATTUBE_USER_TOKEN     (what the page holds)
+    user     upload, list, edit, retry, delete videos   CATTUBE_USER_TOKEN     (what the page holds)
     service  publish, receive/ack, own subscriptions    CATTUBE_SERVICE_TOKEN  (what services call with)
     admin    everything: router management, autoscaler  CATTUBE_TOKEN
 

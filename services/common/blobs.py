@@ -23,8 +23,8 @@ that `stat` can report it later.
 The `s3://` store (`services/common/s3_blobs.py`) fits the same interface: `write` becomes a
 multipart upload (parts of a few MiB buffered from the stream, aborted on any error, so nothing
 is left behind either), `put_file` an upload of the file, `read` a ranged GET, `copy` a
-server-side copy, `delete_prefix` a listing plus batched deletes, and `local_path` returns None,
-so callers that want a local file (ffmpeg) download it first.
+server-side copy, `delete` a DeleteObjects, `delete_prefix` a listing plus batched deletes, and
+`local_path` returns None, so callers that want a local file (ffmpeg) download it first.
 """
 
 from __future__ import annotations
@@ -112,6 +112,10 @@ class BlobStore(Protocol):
         """The object's own file, to read in place (it may not exist); None when the store is not local."""
         ...
 
+    async def delete(self, key: str) -> None:
+        """Delete the object at `key`, checksum included; nothing to do when there is none."""
+        ...
+
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every object whose key starts with `prefix` (which ends with `/`); returns how many."""
         ...
@@ -157,13 +161,15 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
-def video_key(video_id: str, name: str) -> str:
-    """The key of one of a video's objects: `videos/{video_id}/{name}` (`master.mp4`, `720p.mp4`, `poster.jpg`)."""
+def video_key(video_id: str, name: str, *names: str) -> str:
+    """The key of one of a video's objects: `videos/{video_id}/{name}` (`master.mp4`, `720p.mp4`, `poster.jpg`),
+    or one in a folder of the video's: `video_key(id, "hls", "v1", "720p", "init.mp4")`."""
     if not isinstance(video_id, str) or not _VIDEO_ID.fullmatch(video_id):
         raise InvalidInput("video_id", "1 to 64 characters of A-Z a-z 0-9 _ -")
-    if not isinstance(name, str) or "/" in name or not _SEGMENT.fullmatch(name) or ".." in name:
-        raise InvalidInput("name", "a file name of A-Z a-z 0-9 . _ - not starting with '.'")
-    return f"videos/{video_id}/{name}"
+    for part in (name, *names):
+        if not isinstance(part, str) or "/" in part or not _SEGMENT.fullmatch(part) or ".." in part:
+            raise InvalidInput("name", "a file name of A-Z a-z 0-9 . _ - not starting with '.'")
+    return "/".join(("videos", video_id, name, *names))
 
 
 def open_blob_store(url: str) -> BlobStore:
@@ -282,6 +288,13 @@ class FileBlobStore:
             return await self._info(key, path, None)
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        if await aiofiles.os.path.isdir(path):
+            return  # a directory is not an object
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            await aiofiles.os.remove(path)
 
     async def delete_prefix(self, prefix: str) -> int:
         directory = self.root.joinpath(*check_prefix(prefix)[:-1].split("/"))

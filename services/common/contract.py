@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Final, TypeVar, overload
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 from pydantic_core import PydanticCustomError
 
 from services.common.blobs import video_key
@@ -31,6 +31,7 @@ RETRY_REQUESTED: Final = "cattube.video.retry-requested"
 VIDEO_READY: Final = "cattube.video.ready"
 VIDEO_FAILED: Final = "cattube.video.failed"
 VIDEO_DELETED: Final = "cattube.video.deleted"
+VIDEO_UPDATED: Final = "cattube.video.updated"
 TRANSCODE_STARTED: Final = "cattube.transcode.started"
 TRANSCODE_PROGRESS: Final = "cattube.transcode.progress"
 TRANSCODE_COMPLETED: Final = "cattube.transcode.completed"
@@ -52,6 +53,16 @@ LADDER: Final[Mapping[str, int]] = {
 RENDITION_NAMES: Final[tuple[str, ...]] = tuple(LADDER)
 
 VIDEO_ID_EXPECTED: Final = "a video id: 1 to 64 characters of A-Z a-z 0-9 _ -"
+
+# The HLS package's layout, which processing writes and the store serves (links inside it are relative):
+# {version}/master.m3u8, {version}/{rendition}/index.m3u8, .../init.mp4, .../seg-00000.m4s, ...
+HLS_MASTER: Final = "master.m3u8"
+HLS_MEDIA_PLAYLIST: Final = "index.m3u8"
+HLS_INIT: Final = "init.mp4"
+HLS_SEGMENT_TEMPLATE: Final = "seg-%05d.m4s"
+"""ffmpeg's template; the numbers grow past five digits in a video longer than 4.6 days of 4 s segments."""
+HLS_FILE_PATTERN: Final = r"^(index\.m3u8|init\.mp4|seg-[0-9]{5,9}\.m4s)$"
+"""Every name a rendition's folder may hold."""
 
 
 def _video_id(value: Any) -> Any:
@@ -143,11 +154,18 @@ class Poster(EventData):
     uri: Uri
 
 
+class Hls(EventData):
+    uri: Uri
+    """The HLS master playlist's URI in the bucket; its media playlists and segments sit beside it."""
+
+
 class TranscodeCompleted(EventData):
     video_id: VideoId
     renditions: list[Rendition]
     skipped: list[RenditionName] | None = None
     poster: Poster | None = None
+    hls: Hls | None = None
+    """None in events from before HLS packaging: such a video plays its MP4 rungs only."""
     elapsed_s: float | None = None
     worker: str | None = None
     attempt: int | None = None
@@ -190,6 +208,7 @@ class VideoRecord(EventData):
     video_id: VideoId
     status: str
     title: str | None = None
+    description: str | None = None
     renditions: list[RecordRendition] = []
     poster_url: str | None = None
     error: str | None = None
@@ -202,12 +221,28 @@ class VideoRecord(EventData):
     retries: int | None = None
     master: Master | None = None
     poster_uri: str | None = None
+    hls_url: str | None = None
+    """The HLS master playlist as the store serves it (None for a video made before HLS packaging)."""
+    hls_uri: str | None = None
 
 
 class VideoDeleted(EventData):
     video_id: VideoId
     blob_uris: list[str] = []
     prefix: str | None = None
+
+
+class VideoUpdated(EventData):
+    """`cattube.video.updated`: a person edited the title or description; `revision` counts the edits of the video.
+
+    The data is the whole of what a person edits, not the difference: a consumer keeps the highest
+    revision it has seen and ignores older ones, whatever order they arrive in.
+    """
+
+    video_id: VideoId
+    title: str | None = None
+    description: str | None = None
+    revision: PositiveInt
 
 
 class DeadLettered(EventData):
@@ -227,6 +262,7 @@ MODELS: Final[Mapping[str, type[EventData]]] = {
     VIDEO_READY: VideoRecord,
     VIDEO_FAILED: VideoRecord,
     VIDEO_DELETED: VideoDeleted,
+    VIDEO_UPDATED: VideoUpdated,
     TRANSCODE_STARTED: TranscodeStarted,
     TRANSCODE_PROGRESS: TranscodeProgress,
     TRANSCODE_COMPLETED: TranscodeCompleted,

@@ -139,6 +139,7 @@ async def run_process(
     memory_limit_bytes: int | None = None,
     on_stdout_line: Callable[[str], None] | None = None,
     env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> ProcessResult:
     """Run `argv` to completion in its own process group, which cannot outlive this call.
 
@@ -147,7 +148,7 @@ async def run_process(
     `memory_limit_bytes` the child runs under `RLIMIT_AS`, so an allocation past it fails in the
     child. Past `timeout_s` the group is killed and `ProcessTimeout` raised; cancelling the awaiting
     task kills the group too. On Linux the child also dies with this process (`PR_SET_PDEATHSIG`).
-    `env` replaces the child's environment (by default it inherits ours).
+    `env` replaces the child's environment (by default it inherits ours); `cwd` is its working directory.
 
         result = await run_process([ffmpeg_exe(), "-version"], timeout_s=10)
         assert result.returncode == 0
@@ -158,6 +159,7 @@ async def run_process(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
+        cwd=cwd,
         start_new_session=True,
         preexec_fn=_child_setup(memory_limit_bytes),
     )

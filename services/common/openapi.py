@@ -53,10 +53,12 @@ DESCRIPTIONS = {
     404: "No such resource",
     405: "Method not allowed",
     409: "The resource is in a state that forbids this",
+    412: "A precondition of the protocol is not met (tus: the Tus-Resumable version)",
     413: "Body over its limit",
     415: "Unsupported media type",
     416: "Range not satisfiable",
     422: "A field has a value that cannot be used (named in `errors`)",
+    460: "Checksum mismatch (tus: the body's Upload-Checksum)",
     503: "Overloaded, or a dependency cannot be reached now",
     507: "Out of storage",
 }

@@ -15,6 +15,8 @@ Credentials and endpoint come from the standard variables (`AWS_ENDPOINT_URL`, `
   ETag: a sidecar left from an older version does not match and `stat` reports None rather than a
   wrong checksum. `put_file` hashes the file first and keeps the checksum as the object's own
   metadata (`x-amz-meta-sha256`), which a server-side `copy` carries along.
+- `copy` is a server-side copy (CopyObject, at most 5 GiB), whose answer comes only once the server
+  has copied every byte: its request may take `COPY_TIMEOUT`, far longer than any other.
 - A missing bucket, refused credentials or an unreachable endpoint raise `Unavailable` naming the
   bucket and endpoint; the bucket is checked once, at first use (or at `check()`).
 
@@ -65,6 +67,9 @@ SHA256_ATTRIBUTE = "sha256"  # x-amz-meta-sha256
 # Unreachable endpoints fail within seconds rather than obstore's default 3 minutes of retries.
 RETRY: Any = {"max_retries": 3, "retry_timeout": timedelta(seconds=20)}
 CLIENT: Any = {"connect_timeout": timedelta(seconds=5)}
+# A server-side copy answers only once the server has copied every byte: SeaweedFS took over 30 s (obstore's
+# default request timeout, which then failed the copy) for 2 GiB on the loaded dev machine. Copies wait longer.
+COPY_TIMEOUT = timedelta(minutes=10)
 _HASH_IN_THREAD_BYTES = 256 * 1024
 _S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -93,6 +98,12 @@ class S3BlobStore:
             self.bucket,
             config=config,
             client_options={**CLIENT, **allow_http, **(client_options or {})},
+            retry_config=RETRY,
+        )
+        self._copier = S3Store(
+            self.bucket,
+            config=config,
+            client_options={**CLIENT, **allow_http, **(client_options or {}), "timeout": COPY_TIMEOUT},
             retry_config=RETRY,
         )
         # For messages only: the endpoint obstore was given, else the one it read from the environment.
@@ -273,7 +284,7 @@ class S3BlobStore:
             raise NotFound(f"no object {source!r}")
         with self._errors("copy", self.uri(target)):
             try:
-                await obstore.copy_async(self.store, source_path, target_path)  # carries x-amz-meta-sha256
+                await obstore.copy_async(self._copier, source_path, target_path)  # carries x-amz-meta-sha256
             except _MISSING:
                 raise NotFound(f"no object {source!r}") from None
             await obstore.delete_async(self.store, _sidecar(target_path))
@@ -286,6 +297,12 @@ class S3BlobStore:
                 await self._put_sidecar(target_path, meta["e_tag"], recorded.sha256)
                 info = BlobInfo(info.key, info.size_bytes, recorded.sha256, info.modified_at, info.uri)
         return info
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        await self.check()
+        with self._errors("delete", self.uri(key)):
+            await obstore.delete_async(self.store, [path, _sidecar(path)])  # batched; a missing one is no error
 
     async def delete_prefix(self, prefix: str) -> int:
         check_prefix(prefix)

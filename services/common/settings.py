@@ -18,7 +18,8 @@ class CommonSettings(BaseSettings):
         app = create_app(settings)
     """
 
-    model_config = SettingsConfigDict(env_prefix="CATTUBE_", extra="ignore")
+    # An empty variable is an unset one: compose.yaml passes `${CATTUBE_BLOB_URL:-}` and the like through.
+    model_config = SettingsConfigDict(env_prefix="CATTUBE_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(Path(".cattube"), description="Where every service keeps its files and databases.")
     token: SecretStr | None = Field(
@@ -28,7 +29,7 @@ class CommonSettings(BaseSettings):
         None, description="The service token: publish, receive/ack, subscriptions (what services call with)."
     )
     user_token: SecretStr | None = Field(
-        None, description="The user token: upload, list, retry, delete videos (what the page holds)."
+        None, description="The user token: upload, list, edit, retry, delete videos (what the page holds)."
     )
     host: str = Field("127.0.0.1", description="Interface the service listens on.")
     router_port: int = Field(8700, ge=1, le=65535)
@@ -42,9 +43,9 @@ class CommonSettings(BaseSettings):
     )
     database_url: str | None = Field(
         None,
-        description="One database for the services (each keeps its own tables), e.g. sqlite:////abs/file.db;"
-        " CATTUBE_<SERVICE>_DATABASE_URL overrides it per service. Default: SQLite files under DATA_DIR."
-        " Only the router reads it so far.",
+        description="One database for the services, each in a schema of its own: postgresql://user:pass@host/db;"
+        " CATTUBE_<SERVICE>_DATABASE_URL overrides it per service. A sqlite:/// URL here is the router's alone"
+        " (the other services keep their files). Default: SQLite files under DATA_DIR.",
     )
     log_level: str = Field("info", description="debug, info, warning or error.")
     blob_url: str | None = Field(
@@ -93,6 +94,15 @@ class CommonSettings(BaseSettings):
                 )
         return value
 
+    def service_database_url(self, own: str | None) -> str | None:
+        """A service's database: its own URL, else DATABASE_URL when that is PostgreSQL, else None (its SQLite
+        file under DATA_DIR). Two services cannot share one SQLite file: their tables have the same names."""
+        if own:
+            return own
+        if self.database_url and urlsplit(self.database_url).scheme.lower() in ("postgresql", "postgres"):
+            return self.database_url
+        return None
+
     @property
     def blob_base_url(self) -> str:
         """The bucket every service shares (upload writes masters, processing renditions, store serves)."""
@@ -136,6 +146,19 @@ class CommonSettings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return any((self.token, self.service_token, self.user_token))
+
+
+def check_database_url(value: str | None, variable: str) -> str | None:
+    """A service's own database URL, checked at start (the message does not repeat it: it may hold a password)."""
+    if value is None or not value.strip():
+        return None  # empty means unset
+    scheme = urlsplit(value).scheme.lower()
+    if scheme not in ("postgresql", "postgres", "sqlite"):
+        raise ValueError(
+            f"{variable}: expected postgresql://user:password@host:port/database or sqlite:///file.db, "
+            f"got a URL of scheme {scheme or 'none'!r}"
+        )
+    return value
 
 
 def _is_http_url(url: str) -> bool:

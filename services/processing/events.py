@@ -16,8 +16,10 @@ restarts, and `n` counts from 1 again. `run` names one delivery of one job messa
 and a dead letter redriven with its attempt count reset still gets new ids, since its receipt is new.
 
 Every event leaves through a durable outbox (`services.common.outbox`, a SQLite file under
-`DATA_DIR/processing`): when the router is away, or gone at shutdown, the events wait on disk and
-are published, in order, once it is back, after a restart too. Nothing is dropped.
+`DATA_DIR/processing`, or the `processing` schema on PostgreSQL, where each instance's rows carry
+its name and only it relays them, in its order): when the router is away, or gone at shutdown, the
+events wait in the database and are published, in order, once it is back, after a restart too.
+Nothing is dropped.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 from router.client import ReceivedMessage, RouterClient, new_event
 from services.common import contract, outbox
-from services.common.database import Database
+from services.common.db import Connection, Database
 from services.common.errors import Unavailable
 from services.common.outbox import OutboxRelay
 
@@ -71,6 +73,7 @@ def completed(
     renditions: list[contract.Rendition],
     skipped: list[str],
     poster_uri: str,
+    hls_uri: str,
     elapsed_s: float,
     worker: str,
     attempt: int,
@@ -80,6 +83,7 @@ def completed(
         renditions=renditions,
         skipped=skipped,
         poster=contract.Poster(uri=poster_uri),
+        hls=contract.Hls(uri=hls_uri),
         elapsed_s=round(elapsed_s, 3),
         worker=worker,
         attempt=attempt,
@@ -105,13 +109,17 @@ class OutboxUnavailable(Exception):
     """The event could not be written to the outbox (a full disk, a closed database)."""
 
 
-def _enqueue_all(conn: sqlite3.Connection, events: list[Mapping[str, Any]]) -> None:
+POSTGRES_SCHEMA = "processing"
+MIGRATIONS = (outbox.OUTBOX,)
+
+
+def _enqueue_all(conn: Connection, events: list[Mapping[str, Any]], owner: str) -> None:
     for event in events:
-        outbox.enqueue(conn, event)
+        outbox.enqueue(conn, event, owner)
 
 
-def _pending(conn: sqlite3.Connection) -> int:
-    return outbox.counts(conn)[0]
+def _pending(conn: Connection, owner: str) -> int:
+    return outbox.counts(conn, owner)[0]
 
 
 class EventSink:
@@ -122,15 +130,16 @@ class EventSink:
     the order they happened, and a slow or absent router never blocks a job. `publish` returns once
     the event is on disk: the router takes it when it can (`relay`, run by `run_relay()`).
 
-        sink = EventSink(Database(path, outbox.OUTBOX_SCHEMA, name="outbox"), router_client_with_no_retries)
+        sink = EventSink(db, router_client_with_no_retries, owner=instance)   # db: made with MIGRATIONS
         await sink.open()
         ...  run() and run_relay() in the background
         await sink.close(timeout_s=2)    # writes what is queued; the router gets up to 2 s for the rest
     """
 
-    def __init__(self, db: Database, client: RouterClient) -> None:
+    def __init__(self, db: Database, client: RouterClient, *, owner: str = "") -> None:
         self.db = db
-        self.relay = OutboxRelay(db, client, on_published=self._on_published)
+        self.owner = owner
+        self.relay = OutboxRelay(db, client, on_published=self._on_published, owner=owner)
         self._queue: asyncio.Queue[tuple[Mapping[str, Any], asyncio.Future[None] | None]] = asyncio.Queue()
         self._published = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -139,7 +148,12 @@ class EventSink:
 
     async def open(self) -> None:
         await self.db.open()
-        if pending := await self.db.transact(_pending):
+        try:
+            pending = await self.db.transact(_pending, self.owner)
+        except Unavailable as exc:  # the relay waits for it; events are refused until it is back
+            log.warning("the outbox cannot be read yet: %s", exc.detail)
+            return
+        if pending:
             log.info("%d event(s) in the outbox from an earlier run; publishing them first", pending)
 
     def announce(self, event: Mapping[str, Any]) -> None:
@@ -181,7 +195,7 @@ class EventSink:
                     await self._queue.join()
                 while True:
                     self._published.clear()  # before counting: a publish from here on sets it again
-                    if not await self.db.transact(_pending):
+                    if not await self.db.transact(_pending, self.owner):
                         break
                     await self._published.wait()
         self._closed = True
@@ -194,12 +208,12 @@ class EventSink:
         if not self._queue.empty():  # the database would not take them: say so, loudly
             log.error("%d event(s) could not be written to the outbox before shutdown", self._queue.qsize())
         with contextlib.suppress(sqlite3.Error, Unavailable):
-            if pending := await self.db.transact(_pending):
+            if pending := await self.db.transact(_pending, self.owner):
                 log.warning(
                     "%d event(s) kept in the outbox (%s): the router did not take them before shutdown; "
                     "they are published after the next start",
                     pending,
-                    self.db.path,
+                    self.db.where,
                 )
         await self.db.close()
 
@@ -208,10 +222,10 @@ class EventSink:
 
     async def _write(self, batch: list[tuple[Mapping[str, Any], asyncio.Future[None] | None]]) -> None:
         try:
-            await self.db.transact(_enqueue_all, [event for event, _ in batch])
+            await self.db.transact(_enqueue_all, [event for event, _ in batch], self.owner)
         except (sqlite3.Error, Unavailable, OSError) as exc:
-            log.error("could not write %d event(s) to the outbox at %s: %s", len(batch), self.db.path, exc)
-            failure = OutboxUnavailable(f"the outbox at {self.db.path} could not be written ({exc})")
+            log.error("could not write %d event(s) to the outbox at %s: %s", len(batch), self.db.where, exc)
+            failure = OutboxUnavailable(f"the outbox at {self.db.where} could not be written ({exc})")
             for _, done in batch:
                 if done is not None and not done.done():
                     done.set_exception(failure)

@@ -19,8 +19,9 @@ Choices baked in here, and why:
 - `setsar=1` after every scale (square pixels), `format=yuv420p` so 10-bit or 4:2:2 masters
   still give High-profile H.264 that every browser plays.
 - Keyframes every 2 s by timestamp (`-force_key_frames expr:gte(t,n_forced*2)`), which holds
-  for variable frame rate phone clips where a frame-count `-g` would drift; the rungs' GOPs
-  line up, so they can later be segmented for adaptive streaming.
+  for variable frame rate phone clips where a frame-count `-g` would drift. Forced keyframes are
+  IDR frames (`-forced-idr 1`; x264's GOPs are closed), at the same instants in every rung, so the
+  HLS packaging (`services.processing.hls`) cuts aligned segments that each start with one.
 - Frame rates above 60 fps (slow-motion phone clips) are halved, or more, to at most 60.
 - Audio: AAC 128 kb/s stereo when the source has audio, `-an` otherwise (no silent track).
 - `-map_metadata -1 -map_chapters -1`: a phone clip's tags carry its GPS position; the
@@ -158,7 +159,7 @@ def build_command(exe: str, job: Job, input_args: Sequence[str]) -> list[str]:
         argv += [
             "-c:v", "libx264", "-preset", job.preset, "-profile:v", "high",
             "-crf", str(rung.crf), "-maxrate", str(rung.maxrate_bps), "-bufsize", str(rung.bufsize_bits),
-            "-force_key_frames", f"expr:gte(t,n_forced*{KEYFRAME_INTERVAL_S})",
+            "-force_key_frames", f"expr:gte(t,n_forced*{KEYFRAME_INTERVAL_S})", "-forced-idr", "1",
             "-threads", threads,
             "-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1",
             "-movflags", "+faststart",

@@ -9,15 +9,25 @@ repeats the master and probe of the original upload, since nothing else knows th
 service keeps no catalog, and probing again would mean decoding an untrusted file once more).
 A retry event without them fails permanently with a reason that says so.
 
+Outputs go to the bucket under the video's prefix: `videos/{id}/{rendition}.mp4`, `poster.jpg`, and the
+HLS package under `videos/{id}/hls/{version}/` (`master.m3u8`, `{rendition}/index.m3u8`, `init.mp4`,
+`seg-00000.m4s`, ...). `version` is drawn from the job's run, so a job run twice (at-least-once
+delivery) never rewrites a segment a player or a cache may hold: the store serves segments as
+immutable, and `completed` names the version it made.
+
 The master is read in place when the bucket is local (`BlobStore.local_path`), otherwise
 downloaded into the job's work directory first. ffmpeg writes into that work directory
 (`CATTUBE_DATA_DIR/processing/work`, on the bucket's filesystem by default, so outputs are
 linked into the bucket rather than copied); it is removed whatever happens, and what a killed
-process could not remove is swept at the next start (`sweep_work_dir`).
+process could not remove is swept at the next start (`sweep_work_dir`). A bucket that cannot be
+used meanwhile (S3 unreachable, credentials refused) hands the job back to the queue (`RetryLater`,
+saying why), like any other trouble that may pass.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import math
 import shutil
@@ -32,16 +42,18 @@ import aiofiles.os
 
 from router.client import ReceivedMessage
 from services.common import contract
-from services.common.blobs import BlobStore, video_key
-from services.common.errors import InvalidInput
+from services.common.blobs import BlobInfo, BlobStore, video_key
+from services.common.errors import InvalidInput, Unavailable
 from services.common.media import ProcessTimeout
-from services.processing import events
+from services.processing import events, hls
 from services.processing.events import EventSink, OutboxUnavailable, run_id
 from services.processing.settings import ProcessingSettings
 from services.processing.transcode import TranscodeError, TranscodeResult, transcode
 from services.processing.worker import JobCancelled, JobContext, PermanentFailure, RetryLater
 
 log = logging.getLogger(__name__)
+
+HLS_UPLOADS_AT_ONCE = 8  # segments are small and many: several stores at once hide each one's latency (S3, fsync)
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,7 @@ class TranscodeJobs:
             if self.is_deleted(video_id):
                 raise JobCancelled(video_id)
             renditions, poster_uri = await self._store_outputs(video_id, result)
+            hls_uri = await self._store_hls(video_id, result.hls_dir, hls_version(run))
         finally:
             # Synchronous on purpose: it must finish even when the job is being cancelled.
             shutil.rmtree(work, ignore_errors=True)
@@ -138,6 +151,7 @@ class TranscodeJobs:
             renditions=renditions,
             skipped=result.skipped,
             poster_uri=poster_uri,
+            hls_uri=hls_uri,
             elapsed_s=result.elapsed_s,
             worker=context.worker,
             attempt=message.attempt,
@@ -182,6 +196,8 @@ class TranscodeJobs:
             return path
         except OSError as exc:
             raise RetryLater(f"The master could not be read from the bucket ({exc}).") from exc
+        except Unavailable as exc:  # S3 unreachable, or refusing the credentials: the job goes back to the queue
+            raise RetryLater(f"The master could not be read from the bucket: {exc.detail}.") from exc
 
     async def _transcode(
         self, request: TranscodeRequest, master: Path, out_dir: Path, context: JobContext, run: str
@@ -247,4 +263,32 @@ class TranscodeJobs:
             poster = await self.store.put_file(video_key(video_id, result.poster.name), result.poster)
         except OSError as exc:
             raise RetryLater(f"The renditions could not be stored in the bucket ({exc}).") from exc
+        except Unavailable as exc:
+            raise RetryLater(f"The renditions could not be stored in the bucket: {exc.detail}.") from exc
         return renditions, poster.uri
+
+    async def _store_hls(self, video_id: str, hls_dir: Path, version: str) -> str:
+        """Store the HLS package under `videos/{id}/hls/{version}/`, files of a batch side by side; the master's URI."""
+        gate = asyncio.Semaphore(HLS_UPLOADS_AT_ONCE)
+
+        async def put(path: Path) -> BlobInfo:
+            async with gate:
+                key = video_key(video_id, hls.HLS_DIR, version, *path.relative_to(hls_dir).parts)
+                return await self.store.put_file(key, path)
+
+        stored: list[asyncio.Task[BlobInfo]] = []
+        try:
+            for batch in hls.upload_order(hls_dir):
+                # A task group: one failing store stops the others before the work directory goes away.
+                async with asyncio.TaskGroup() as group:
+                    stored = [group.create_task(put(path)) for path in batch]
+        except* (OSError, Unavailable) as failed:  # a full disk; S3 unreachable or refusing: back to the queue
+            first = failed.exceptions[0]
+            reason = first.detail if isinstance(first, Unavailable) else str(first)
+            raise RetryLater(f"The HLS segments could not be stored in the bucket ({reason}).") from first
+        return stored[-1].result().uri
+
+
+def hls_version(run: str) -> str:
+    """The folder of one run's HLS package: a digest of the run (its delivery), so another run never shares it."""
+    return hashlib.sha256(run.encode()).hexdigest()[:12]

@@ -6,6 +6,7 @@
     ...
     service.begin_shutdown()         # on SIGTERM: no new jobs
     await service.close()            # running jobs go back to the queue (after shutdown_grace_s, 0 by default);
+                                     # `scaled` to 0 workers is announced ("the instance stopped");
                                      # events the router does not take in 2 s stay in the outbox for the next start
 
 The subscriptions are declared in the background (retrying until the router answers), so the
@@ -22,6 +23,7 @@ import asyncio
 import fcntl
 import logging
 import secrets
+import time
 from pathlib import Path
 from typing import IO
 
@@ -31,9 +33,8 @@ from router.client import RouterClient, RouterError
 from services.common import contract
 from services.common.blob_check import BlobStoreCheck
 from services.common.blobs import BlobStore, open_blob_store
-from services.common.database import Database
+from services.common.db import make_database
 from services.common.errors import Unavailable
-from services.common.outbox import OUTBOX_SCHEMA
 from services.common.supervisor import Supervisor
 from services.processing import events
 from services.processing.autoscaler import Autoscaler, Limits, ScalingChange
@@ -53,6 +54,7 @@ QUEUE_CONNECTIONS = 8
 # At shutdown the router gets this long to take the outbox; what it does not take waits for the next start.
 SINK_FLUSH_S = 2.0
 EVENTS_TIMEOUT_S = 5.0
+STOPPED = "the instance stopped"
 
 
 def lock_data_dir(path: Path) -> IO[bytes]:
@@ -86,6 +88,7 @@ class ProcessingService:
         self.subscribed = asyncio.Event()
         self._router_transport = router_transport
         self._scalings = 0
+        self._announced_workers = 0
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self._store: BlobStore | None = None
@@ -148,7 +151,15 @@ class ProcessingService:
             transport=self._router_transport,
             retries=0,
         )
-        self._sink = EventSink(Database(settings.outbox_file, OUTBOX_SCHEMA, name="outbox"), self._events)
+        db = make_database(
+            settings.outbox_database_url,
+            path=settings.outbox_file,
+            schema=events.POSTGRES_SCHEMA,
+            migrations=events.MIGRATIONS,
+            name="outbox",
+        )
+        # On a database instances share, each relays only its own events (in the order it recorded them).
+        self._sink = EventSink(db, self._events, owner=self.instance if db.shared else "")
         await self._sink.open()
         jobs = TranscodeJobs(self._store, self._sink, settings, is_deleted=self._is_deleted)
         self._pool = WorkerPool(
@@ -208,10 +219,11 @@ class ProcessingService:
         self.pool.begin_stop(self.settings.shutdown_grace_s)
 
     async def close(self) -> None:
-        """Hand running jobs back (after the grace period), write every event to the outbox, disconnect."""
+        """Hand running jobs back (after the grace period), announce 0 workers, put every event in the outbox, close."""
         if self._pool is not None:
             self.begin_shutdown()
             await self._pool.drain()
+            self._announce_stopped()
         if self._sink is not None:
             await self._sink.close(SINK_FLUSH_S)
         for client in (self._queues, self._control, self._events):
@@ -224,11 +236,15 @@ class ProcessingService:
     # -- readiness --------------------------------------------------------------------------------
 
     async def readiness(self) -> str | None:
-        problems = [p for p in (await self._blob_readiness(), await self._router_readiness()) if p is not None]
+        checks = (await self._blob_readiness(), await self._router_readiness(), await self._outbox_readiness())
+        problems = [p for p in checks if p is not None]
         return "; ".join(problems) or None
 
     async def _blob_readiness(self) -> str | None:
         return None if self._blob_check is None else await self._blob_check.readiness()
+
+    async def _outbox_readiness(self) -> str | None:
+        return None if self._sink is None else await self._sink.db.readiness()
 
     async def _router_readiness(self) -> str | None:
         if not self.subscribed.is_set():
@@ -291,9 +307,18 @@ class ProcessingService:
         if self._autoscaler is not None:
             self._autoscaler.reconcile()
 
+    def _announce_stopped(self) -> None:
+        # The store sums the last count each instance announced: say this one runs none any more, or
+        # its workers would count in the fleet for as long as it stays away.
+        if self._announced_workers == 0 or self._autoscaler is None:
+            return
+        a = self._autoscaler
+        self._scaled(ScalingChange(time.time(), self._announced_workers, 0, a.backlog, a.in_flight, 0, STOPPED))
+
     def _scaled(self, change: ScalingChange) -> None:
         self.metrics.scaled(change)
         self._scalings += 1
+        self._announced_workers = change.to
         if self._sink is not None:
             self._sink.announce(
                 events.scaled(

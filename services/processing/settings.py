@@ -7,9 +7,9 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from services.common.settings import CommonSettings
+from services.common.settings import CommonSettings, check_database_url
 
 MAX_WORKERS_LIMIT = 10_000
 X264_PRESETS = Literal[
@@ -64,12 +64,22 @@ class ProcessingSettings(CommonSettings):
     max_pixels: int = Field(7680 * 4320, gt=0, description="Largest picture (width x height) a master may have.")
     ffmpeg: str | None = Field(None, description="The ffmpeg binary; default the one from imageio-ffmpeg.")
     history_size: int = Field(100, ge=1, le=10_000, description="Scaling changes kept for GET /autoscaler.")
+    processing_database_url: str | None = Field(
+        None,
+        description="The outbox's database, overriding DATABASE_URL: postgresql://... (schema `processing`, each "
+        "instance's rows its own) or sqlite:///file.",
+    )
 
     @model_validator(mode="after")
     def _min_at_most_max(self) -> ProcessingSettings:
         if self.min_workers > self.max_workers:
             raise ValueError(f"min_workers ({self.min_workers}) must not exceed max_workers ({self.max_workers})")
         return self
+
+    @field_validator("processing_database_url")
+    @classmethod
+    def _processing_database_url_valid(cls, value: str | None) -> str | None:
+        return check_database_url(value, "CATTUBE_PROCESSING_DATABASE_URL")
 
     @property
     def work_dir(self) -> Path:
@@ -80,6 +90,11 @@ class ProcessingSettings(CommonSettings):
     def outbox_file(self) -> Path:
         """The SQLite outbox of the events this service owes the router (kept across restarts)."""
         return self.data_dir / "processing" / "outbox.db"
+
+    @property
+    def outbox_database_url(self) -> str | None:
+        """Where the outbox is, as a URL; None: the SQLite file `outbox_file`."""
+        return self.service_database_url(self.processing_database_url)
 
     def job_timeout_s(self, duration_s: float) -> float:
         return self.job_timeout_factor * max(duration_s, 0.0) + self.job_timeout_base_s

@@ -5,10 +5,13 @@
         threads=2, timeout_s=3600, max_pixels=7680 * 4320, on_progress=report,
     )
     result.renditions  # [Rendition(name="1080p", width=1920, height=1080, bitrate=..., path=out_dir/"1080p.mp4", ...)]
+    result.hls_master  # out_dir/"hls"/"master.m3u8", beside hls/1080p/index.m3u8, init.mp4, seg-00000.m4s, ...
 
 ffmpeg writes into a fresh hidden directory inside `out_dir` (same filesystem, so the final
-`os.replace` is atomic); only when it exits cleanly and every output has been measured are
-the files moved to `out_dir/{rendition}.mp4` and `out_dir/poster.jpg`. Whatever happens
+`os.replace` is atomic): one run decodes the master once and encodes every rung and the poster,
+then a second one cuts the rungs' MP4s into HLS segments without decoding them
+(`services.processing.hls`). Only when both exit cleanly and every output has been measured are
+the files moved to `out_dir/{rendition}.mp4`, `out_dir/poster.jpg` and `out_dir/hls/`. Whatever happens
 otherwise (a decode error, a timeout, the task being cancelled) the hidden directory is
 removed, so a failed job leaves no partial outputs, and `run_process` has already killed
 ffmpeg's process group.
@@ -44,7 +47,8 @@ from typing import Any
 import av
 
 from services.common.errors import InvalidInput
-from services.common.media import ffmpeg_exe, hardened_input_args, run_process
+from services.common.media import ProcessResult, ffmpeg_exe, hardened_input_args, run_process
+from services.processing import hls
 from services.processing.ffmpeg import POSTER_NAME, Job, build_command, output_fps, rendition_name, size_limit_bytes
 from services.processing.ladder import RUNG_NAMES, Rung, plan_ladder, poster_size
 from services.processing.progress import ProgressParser
@@ -101,6 +105,12 @@ class TranscodeResult:
     """Requested names larger than the source: not encoded, never upscaled."""
     poster: Path
     elapsed_s: float
+    hls_dir: Path
+    """The HLS package: `master.m3u8` and one folder per rung (`services.processing.hls`)."""
+
+    @property
+    def hls_master(self) -> Path:
+        return self.hls_dir / hls.MASTER_NAME
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,7 @@ async def transcode(
     `probe` is the upload event's probe (`width`, `height`, `rotation`, `duration_s`, `fps`,
     `audio_codec`). `on_progress(percent, speed)` is called at most once a second and last with
     100.0. `threads` goes to ffmpeg (see `services.processing.ffmpeg`); `timeout_s` bounds the
-    whole ffmpeg run; `memory_limit_bytes` caps its address space.
+    encode and the packaging together; `memory_limit_bytes` caps each ffmpeg's address space.
     """
     started = time.monotonic()
     source = _read_probe(probe)
@@ -171,7 +181,11 @@ async def transcode(
         if result.returncode != 0:
             raise _verdict(result.returncode, result.stderr_tail)
         measured = await asyncio.to_thread(_measure_all, job)
-        # No await from here on: once measured, the outputs move to their final names without a
+        remaining_s = timeout_s - (time.monotonic() - started)
+        await _package(
+            job, measured, ffmpeg_exe(ffmpeg), timeout_s=max(remaining_s, 1.0), memory_limit_bytes=memory_limit_bytes
+        )
+        # No await from here on: once packaged, the outputs move to their final names without a
         # cancellation point in between, so a job is either wholly published or not at all.
         _publish(job, out_dir)
     finally:
@@ -184,6 +198,7 @@ async def transcode(
         skipped=list(plan.skipped),
         poster=out_dir / POSTER_NAME,
         elapsed_s=elapsed_s,
+        hls_dir=out_dir / hls.HLS_DIR,
     )
 
 
@@ -202,7 +217,13 @@ def _publish(job: Job, out_dir: Path) -> None:
             "The video ended before its declared duration, so no poster frame could be taken; upload it again."
         )
     moves = [(job.work_dir / rendition_name(rung), out_dir / rendition_name(rung)) for rung in job.rungs]
-    for temporary, final in [*moves, (poster, out_dir / POSTER_NAME)]:
+    # A package left by an earlier run into the same `out_dir`: a directory is only replaced when empty.
+    shutil.rmtree(out_dir / hls.HLS_DIR, ignore_errors=True)
+    for temporary, final in [
+        *moves,
+        (poster, out_dir / POSTER_NAME),
+        (job.work_dir / hls.HLS_DIR, out_dir / hls.HLS_DIR),
+    ]:
         os.replace(temporary, final)
 
 
@@ -267,6 +288,35 @@ def _verdict(returncode: int, stderr_tail: str) -> TranscodeError:
     )
 
 
+async def _package(
+    job: Job, measured: Sequence[_Measured], exe: str, *, timeout_s: float, memory_limit_bytes: int | None
+) -> None:
+    """Cut the finished MP4s into HLS segments (packets copied, nothing encoded) and write the master playlist."""
+    hls_dir = job.work_dir / hls.HLS_DIR
+    for rung in job.rungs:
+        (hls_dir / rung.name).mkdir(parents=True)
+    argv = hls.package_command(exe, [rung.name for rung in job.rungs])
+    result = await run_process(argv, timeout_s=timeout_s, memory_limit_bytes=memory_limit_bytes, cwd=job.work_dir)
+    if result.returncode != 0:
+        # Our own outputs, just measured: whatever went wrong is not the master's fault.
+        raise TranscodeError(f"The renditions could not be cut into HLS segments ({_detail(result)}); try again.")
+    try:
+        variants = [
+            hls.measure_variant(
+                hls_dir, m.rung.name, width=m.width, height=m.height, codecs=m.codecs, frame_rate=m.frame_rate
+            )
+            for m in measured
+        ]
+    except (OSError, ValueError) as exc:
+        raise TranscodeError(f"The HLS packaging left an unreadable playlist ({exc}); try again.") from exc
+    (hls_dir / hls.MASTER_NAME).write_text(hls.master_playlist(variants), encoding="utf-8")
+
+
+def _detail(result: ProcessResult) -> str:
+    lines = [_LOG_PREFIX.sub("", line).strip() for line in result.stderr_tail.splitlines()]
+    return ([line for line in lines if line] or [f"exit status {result.returncode}"])[-1]
+
+
 @dataclass(frozen=True)
 class _Measured:
     rung: Rung
@@ -274,6 +324,9 @@ class _Measured:
     height: int
     size_bytes: int
     duration_s: float
+    codecs: str
+    """RFC 6381 codec names, as a master playlist's CODECS lists them (`avc1.64001f,mp4a.40.2`)."""
+    frame_rate: float | None
 
 
 def _measure_all(job: Job) -> list[_Measured]:
@@ -285,21 +338,36 @@ def _measure_all(job: Job) -> list[_Measured]:
         size_bytes = path.stat().st_size
         if size_bytes >= size_limit_bytes(rung, job.duration_s):
             raise UnsuitableInput(f"The {rung.name} output grew past its size limit; the video may be damaged.")
-        width, height, duration_s = _measure(path)
-        if (width, height) != (rung.width, rung.height):
-            log.warning("%s came out %sx%s, planned %sx%s", path, width, height, rung.width, rung.height)
-        measured.append(_Measured(rung, width, height, size_bytes, duration_s))
+        facts = _measure(path)
+        if (facts.width, facts.height) != (rung.width, rung.height):
+            log.warning("%s came out %sx%s, planned %sx%s", path, facts.width, facts.height, rung.width, rung.height)
+        measured.append(
+            _Measured(rung, facts.width, facts.height, size_bytes, facts.duration_s, facts.codecs, facts.frame_rate)
+        )
     return measured
 
 
-def _measure(path: Path) -> tuple[int, int, float]:
-    """(width, height, duration in seconds) of one of our own outputs."""
+@dataclass(frozen=True)
+class _Facts:
+    width: int
+    height: int
+    duration_s: float
+    codecs: str
+    frame_rate: float | None
+
+
+def _measure(path: Path) -> _Facts:
+    """What one of our own outputs holds: its size, duration, codecs and frame rate."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         duration_s = (container.duration or 0) / 1_000_000
         if duration_s <= 0 and stream.duration is not None and stream.time_base is not None:
             duration_s = float(stream.duration * stream.time_base)
-        return stream.width, stream.height, duration_s
+        codecs = hls.avc_codec(stream.codec_context.extradata or b"")
+        if container.streams.audio:
+            codecs += f",{hls.AAC_LC}"
+        rate = stream.average_rate
+        return _Facts(stream.width, stream.height, duration_s, codecs, float(rate) if rate else None)
 
 
 def _finished(measured: _Measured, out_dir: Path) -> Rendition:

@@ -1,6 +1,6 @@
 """The store's HTTP API: the catalog, playback with HTTP ranges, the live stream, and the page that uses them.
 
-Reads are open (a page and a player need them without a token). Retry and delete need the user
+Reads are open (a page and a player need them without a token). Editing, retry and delete need the user
 token (`Authorization: Bearer <CATTUBE_USER_TOKEN>`) when tokens are set; the page asks for it (or
 takes it from its address, `/#token=...`, as `cattube up` prints it) and keeps it in the browser.
 """
@@ -10,24 +10,26 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from html import escape
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from services.common.auth import Access, AccessRules, granted_access
-from services.common.blobs import BlobStore
-from services.common.contract import RENDITION_NAMES
+from services.common.blobs import BlobStore, check_key
+from services.common.contract import HLS_FILE_PATTERN, HLS_MASTER
 from services.common.errors import InvalidInput, NotFound, Unavailable
 from services.common.openapi import problems
 from services.common.problems import problem_response
+from services.common.text import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS
 from services.store.catalog import Catalog
 from services.store.feed import Feed
 from services.store.live import Change, Live
 from services.store.metrics import StoreMetrics
+from services.store.pages import bucket_origin
 from services.store.playback import (
     RangeNotSatisfiable,
     content_type_of,
@@ -48,13 +50,17 @@ router = APIRouter()
 ACCESS = AccessRules(
     [
         ("GET HEAD", "/", Access.PUBLIC),
+        ("GET HEAD", "/watch/{video_id}", Access.PUBLIC),
         ("GET HEAD", "/static/{path:path}", Access.PUBLIC),
         ("GET", "/videos", Access.PUBLIC),
         ("GET", "/videos/{video_id}", Access.PUBLIC),
+        ("PATCH", "/videos/{video_id}", Access.USER),
         ("POST", "/videos/{video_id}/retry", Access.USER),
         ("DELETE", "/videos/{video_id}", Access.USER),
         ("GET HEAD", "/videos/{video_id}/renditions/{name}", Access.PUBLIC),
         ("GET HEAD", "/videos/{video_id}/poster", Access.PUBLIC),
+        ("GET HEAD", "/videos/{video_id}/hls/{version}/master.m3u8", Access.PUBLIC),
+        ("GET HEAD", "/videos/{video_id}/hls/{version}/{name}/{file}", Access.PUBLIC),
         ("POST", "/inbox", Access.PUBLIC),
         ("GET", "/events", Access.PUBLIC),
         ("GET", "/autoscaler/history", Access.PUBLIC),
@@ -63,6 +69,11 @@ ACCESS = AccessRules(
 
 VIDEO_ID = r"^[A-Za-z0-9_-]{1,64}$"
 RENDITION = r"^[0-9]{3,4}p$"
+HLS_VERSION = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# Segments never change under their URL (each run of a job packages into a version of its own), so browsers and
+# CDNs may keep them; playlists are tiny and re-read often, so they get a short life all the same.
+IMMUTABLE = "public, max-age=31536000, immutable"
+PLAYLIST_CACHE = "public, max-age=60"
 # Timestamps are strings from `services.common.timestamps` (milliseconds, `Z`): a `datetime` field would be
 # re-serialized by pydantic with microseconds.
 DATE_TIME: dict[str, Any] = {"format": "date-time"}
@@ -83,6 +94,12 @@ SettingsDep = Annotated[StoreSettings, _state("settings")]
 MetricsDep = Annotated[StoreMetrics, _state("metrics")]
 VideoId = Annotated[str, Path(pattern=VIDEO_ID, description="The id the upload service gave the video.")]
 RenditionName = Annotated[str, Path(pattern=RENDITION, description="A rendition name, such as 720p.")]
+HlsVersion = Annotated[
+    str, Path(pattern=HLS_VERSION, description="The HLS package's version, as the record's `hls_url` names it.")
+]
+HlsFile = Annotated[
+    str, Path(pattern=HLS_FILE_PATTERN, description="A rung's media playlist, init segment or media segment.")
+]
 
 
 async def delivered_event(request: Request, feed: FeedDep) -> dict[str, Any]:
@@ -111,9 +128,14 @@ class RenditionOut(BaseModel):
 class VideoOut(BaseModel):
     video_id: str
     title: str | None
+    description: str | None = Field(None, description="What a person wrote about the video (line breaks kept).")
     status: Literal["uploaded", "processing", "failed", "ready", "deleted"]
+    watch_url: str = Field(description="The video's page, to share.")
     renditions: list[RenditionOut]
     poster_url: str | None
+    hls_url: str | None = Field(
+        None, description="The HLS master playlist (adaptive streaming); null while processing and for older videos."
+    )
     error: str | None = Field(description="Why the video failed, in words a person can act on.")
     progress: float | None = Field(description="Percent transcoded, while processing (100 once ready).")
     speed: float | None = Field(None, description="Transcoding speed, times real time.")
@@ -131,6 +153,39 @@ class VideoOut(BaseModel):
     version: int = Field(description="Grows with every change: keep the copy with the highest version.")
 
 
+class VideoEdit(BaseModel):
+    """What a person may change about a video; fields left out stay as they are (JSON Merge Patch, RFC 7396)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+
+    # Not null (refused below), so the schema leaves null out.
+    title: str | SkipJsonSchema[None] = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TITLE_CHARS,
+        description="Control characters are removed and spaces collapsed; something must be left.",
+    )
+    description: str | None = Field(
+        None,
+        max_length=MAX_DESCRIPTION_CHARS,
+        description="Line breaks are kept, other control characters removed; empty or null removes it.",
+    )
+
+    @field_validator("title", mode="before")
+    @classmethod
+    def _title_stays(cls, value: Any) -> Any:
+        # Only an explicit null gets here (a left-out field keeps its default): a video always has a title.
+        if value is None:
+            raise PydanticCustomError("title_null", "a string: a video keeps a title (leave it out to keep it)")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> VideoEdit:
+        if not self.model_fields_set:
+            raise PydanticCustomError("empty_edit", "an object with title or description (nothing to change)")
+        return self
+
+
 class VideoPage(BaseModel):
     items: list[VideoOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last one.")
@@ -140,15 +195,30 @@ class ScalingOut(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     at: str = Field(json_schema_extra=DATE_TIME)
-    from_: int = Field(alias="from")
-    to: int = Field(description="Workers after the change.")
-    backlog: int
-    in_flight: int
+    instance: str | None = Field(
+        description="The processing instance that scaled (CATTUBE_INSTANCE); null for one from before instances "
+        "had names (all such changes count as one unnamed instance)."
+    )
+    from_: int = Field(alias="from", description="The instance's workers before the change.")
+    to: int = Field(description="The instance's workers after the change.")
+    fleet: int = Field(description="Workers over every processing instance after the change.")
+    backlog: int = Field(description="Jobs waiting in the transcode queue (the queue's, whichever instance reports).")
+    in_flight: int = Field(description="Jobs received by any instance and not yet settled.")
     reason: str
 
 
+class InstanceOut(BaseModel):
+    instance: str | None = Field(description="The instance's name; null for the unnamed one.")
+    workers: int = Field(description="Its workers at the end of the history.")
+    at: str = Field(json_schema_extra=DATE_TIME, description="When it last changed.")
+
+
 class HistoryOut(BaseModel):
-    items: list[ScalingOut] = Field(description="Changes of the worker count, oldest first.")
+    items: list[ScalingOut] = Field(description="Changes of each instance's worker count, oldest first.")
+    instances: list[InstanceOut] = Field(
+        description="By name: every instance with a change in `items`, and any other still running workers."
+    )
+    fleet: int = Field(description="Workers over every processing instance now.")
 
 
 def _shown(video: Video, settings: StoreSettings, *, tombstone: bool = False) -> dict[str, Any]:
@@ -183,6 +253,20 @@ async def get_video(video_id: VideoId, catalog: CatalogDep, settings: SettingsDe
     return _shown(await catalog.get(video_id), settings)
 
 
+# JSON Merge Patch's own media type is taken as well as plain JSON (FastAPI reads any `+json` body).
+MERGE_PATCH: dict[str, Any] = {
+    "requestBody": {"content": {"application/merge-patch+json": {"schema": {"$ref": "#/components/schemas/VideoEdit"}}}}
+}
+
+
+@router.patch("/videos/{video_id}", response_model=VideoOut, tags=["videos"], openapi_extra=MERGE_PATCH)
+async def edit_video(video_id: VideoId, edit: VideoEdit, catalog: CatalogDep, settings: SettingsDep) -> dict[str, Any]:
+    """Change the title or description (publishes `cattube.video.updated`); 404 once deleted."""
+    # Only the fields sent: a left-out description stays, a null one is removed (an empty string).
+    description = (edit.description or "") if "description" in edit.model_fields_set else None
+    return _shown(await catalog.edit(video_id, title=edit.title, description=description), settings)
+
+
 @router.post(
     "/videos/{video_id}/retry",
     status_code=202,
@@ -211,6 +295,12 @@ async def delete_video(video_id: VideoId, catalog: CatalogDep, settings: Setting
 # Documented, though only CATTUBE_PLAYBACK=redirect answers it.
 REDIRECTED: dict[int | str, dict[str, Any]] = {
     307: {"description": "CATTUBE_PLAYBACK=redirect: `Location` is a short-lived presigned URL of the object"}
+}
+HLS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The file's bytes (or the range asked for, 206)",
+        "content": {media: {} for media in ("application/vnd.apple.mpegurl", "video/mp4", "video/iso.segment")},
+    }
 }
 
 
@@ -252,6 +342,63 @@ async def get_poster(
     return await _serve_blob(request, blobs, settings, metrics, video.poster_uri, f"the poster of video {video_id}")
 
 
+@router.api_route(
+    "/videos/{video_id}/hls/{version}/master.m3u8", methods=["GET", "HEAD"], tags=["playback"], responses=HLS_RESPONSES
+)
+async def get_hls_master(
+    request: Request,
+    video_id: VideoId,
+    version: HlsVersion,
+    catalog: CatalogDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> Response:
+    """The HLS master playlist (application/vnd.apple.mpegurl): one variant per rendition, relative links."""
+    key = await _hls_key(catalog, blobs, video_id, version, HLS_MASTER)
+    what = f"the HLS playlist of video {video_id}"
+    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control=PLAYLIST_CACHE)
+
+
+@router.api_route(
+    "/videos/{video_id}/hls/{version}/{name}/{file}",
+    methods=["GET", "HEAD"],
+    tags=["playback"],
+    responses={**REDIRECTED, **HLS_RESPONSES},
+)
+async def get_hls_file(
+    request: Request,
+    video_id: VideoId,
+    version: HlsVersion,
+    name: RenditionName,
+    file: HlsFile,
+    catalog: CatalogDep,
+    blobs: BlobsDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> Response:
+    """A rendition's HLS media playlist, init segment (video/mp4) or media segment (video/iso.segment, immutable:
+    cached for a year), with HTTP ranges; with CATTUBE_PLAYBACK=redirect, segments answer 307 to the bucket."""
+    key = await _hls_key(catalog, blobs, video_id, version, name, file)
+    what = f"HLS {name}/{file} of video {video_id}"
+    cache_control = PLAYLIST_CACHE if file.endswith(".m3u8") else IMMUTABLE
+    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control=cache_control)
+
+
+async def _hls_key(catalog: Catalog, blobs: BlobStore, video_id: str, version: str, *names: str) -> str:
+    """The bucket key of one file of the video's HLS package; any version still in the bucket is served, so a
+    player halfway through a version made by an earlier run of the job plays on."""
+    video = await catalog.get(video_id)
+    if video.hls_uri is None:
+        raise NotFound(f"video {video_id} has no HLS playlist (it is {video.status}, or older than HLS here)")
+    try:
+        master_key = blobs.key_of(video.hls_uri)
+    except InvalidInput:
+        raise NotFound(f"the HLS playlist of video {video_id} is not in this store's bucket") from None
+    folder = master_key.rsplit("/", 2)[0]  # videos/{id}/hls
+    return check_key("/".join((folder, version, *names)))
+
+
 async def _serve_blob(
     request: Request, blobs: BlobStore, settings: StoreSettings, metrics: StoreMetrics, uri: str, what: str
 ) -> Response:
@@ -259,7 +406,24 @@ async def _serve_blob(
         key = blobs.key_of(uri)
     except InvalidInput:
         raise NotFound(f"{what} is not in this store's bucket") from None
-    if settings.playback == "redirect":
+    # Renditions and posters are rewritten in place when a job runs twice: revalidate (cheap, a 304).
+    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control="no-cache")
+
+
+async def _serve_key(
+    request: Request,
+    blobs: BlobStore,
+    settings: StoreSettings,
+    metrics: StoreMetrics,
+    key: str,
+    what: str,
+    *,
+    cache_control: str,
+) -> Response:
+    playlist = key.endswith(".m3u8")
+    # A playlist is always served from here: its links are relative, and resolved against a presigned URL they
+    # would name unsigned objects in the bucket. Segments may go to the bucket.
+    if settings.playback == "redirect" and not playlist:
         return await _redirect(request, blobs, settings, key)
     info = await blobs.stat(key)
     if info is None:
@@ -270,7 +434,7 @@ async def _serve_blob(
         "ETag": etag,
         "Last-Modified": http_date(info.modified_at),
         "Accept-Ranges": "bytes",
-        "Cache-Control": "no-cache",  # a retry may rewrite the object: revalidate (cheap, 304)
+        "Cache-Control": cache_control,
     }
     if not_modified(request.headers, etag, info.modified_at):
         return Response(status_code=304, headers=headers)
@@ -373,47 +537,29 @@ def _sse(change: Change, settings: StoreSettings) -> str:
 async def autoscaler_history(
     catalog: CatalogDep, limit: Annotated[int, Query(ge=1, le=100_000)] = 500
 ) -> dict[str, Any]:
-    """The autoscaler's changes (`cattube.processing.scaled`) as the store heard them, oldest first."""
-    return {"items": [point.record() for point in await catalog.scaling_history(limit)]}
+    """Every processing instance's autoscaler changes (`cattube.processing.scaled`), oldest first, with the fleet."""
+    return (await catalog.scaling_history(limit)).record()
 
 
 # -- the page -------------------------------------------------------------------------------------
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-async def page(request: Request, settings: SettingsDep) -> HTMLResponse:
-    """The web page: upload, the list with live status, players, the autoscaler chart."""
-    config = {
-        "upload_url": settings.upload_base_url,
-        "processing_url": settings.processing_base_url,
-        "token_required": settings.auth_enabled,
-        "renditions": RENDITION_NAMES,
-        "default_renditions": ["720p", "360p"],
-    }
-    # `<` escaped: the JSON cannot close its <script> element whatever a URL holds.
-    script = json.dumps(config).replace("<", "\\u003c")
-    action = escape(f"{settings.upload_base_url}/videos")
-    html = request.app.state.page_html.replace("{{CONFIG}}", script).replace("{{UPLOAD_ACTION}}", action)
-    upload = urlsplit(settings.upload_base_url)
-    origin = f"{upload.scheme}://{upload.netloc}"
-    public = urlsplit(settings.public_base_url)
-    own = f"{public.scheme}://{public.netloc}"  # the records' links, when the page is reached by another name
-    media = f"'self' {own}"
-    if settings.playback == "redirect":  # players and posters follow the 307 to the bucket
-        media += f" {await _bucket_origin(request.app.state.blobs)}"
-    csp = (
-        f"default-src 'self'; img-src 'self' data: {media}; media-src {media}; style-src 'self'; "
-        "script-src 'self'; "
-        f"connect-src 'self' {origin}; form-action 'self' {origin}; frame-ancestors 'none'; base-uri 'none'"
-    )
-    headers = {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+async def home_page(request: Request, settings: SettingsDep, blobs: BlobsDep) -> HTMLResponse:
+    """The home page: upload, the grid of posters with live status, the autoscaler chart."""
+    html, headers = request.app.state.pages.home(settings, await bucket_origin(settings, blobs))
     return HTMLResponse(html, headers=headers)
 
 
-async def _bucket_origin(blobs: BlobStore) -> str:
-    """The origin presigned URLs point at (path- or virtual-host-style, as the store signs them)."""
-    url = await blobs.presigned_url("origin", "GET", 60)
-    if url is None:
-        return ""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+@router.get("/watch/{video_id}", response_class=HTMLResponse, include_in_schema=False)
+async def watch_page(
+    request: Request, video_id: VideoId, catalog: CatalogDep, settings: SettingsDep, blobs: BlobsDep
+) -> HTMLResponse:
+    """One video's page: player, title, description, downloads, live status; 404 (still a page that follows
+    the live stream) while the store has not heard of the video, or once it is deleted."""
+    try:
+        record: dict[str, Any] | None = _shown(await catalog.get(video_id), settings)
+    except NotFound:
+        record = None
+    html, headers = request.app.state.pages.watch(settings, video_id, record, await bucket_origin(settings, blobs))
+    return HTMLResponse(html, status_code=200 if record else 404, headers=headers)

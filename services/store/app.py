@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,10 +17,11 @@ from services.common.auth import protect
 from services.common.blob_check import BlobStoreCheck
 from services.common.blobs import open_blob_store
 from services.common.body_limit import bound_request_bodies
-from services.common.database import Database
+from services.common.db import make_database
+from services.common.errors import Unavailable
 from services.common.openapi import document_problems
 from services.common.ops import ops_router
-from services.common.outbox import OutboxRelay
+from services.common.outbox import OUTBOX, OutboxRelay
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
 from services.store.api import ACCESS
@@ -28,16 +30,19 @@ from services.store.catalog import Catalog, Outcome
 from services.store.feed import Feed
 from services.store.live import Change, Live
 from services.store.metrics import StoreMetrics
+from services.store.pages import Pages
+from services.store.peers import PeerChanges
 from services.store.settings import StoreSettings
-from services.store.tables import SCHEMA
+from services.store.tables import CATALOG, POSTGRES_SCHEMA
 
 STATIC = Path(__file__).parent / "static"
 
 DESCRIPTION = """
 CatTube's store service: a catalog of videos fed only by the router's events (idempotent, forward
-only), renditions and posters streamed from the bucket with HTTP ranges, `cattube.video.ready` /
-`.failed` / `.retry-requested` / `.deleted` published through an outbox, and a web page (`/`)
-with live status, players and the autoscaler's chart.
+only), renditions, posters and HLS playlists and segments streamed from the bucket with HTTP ranges,
+`cattube.video.ready` / `.failed` / `.retry-requested` / `.updated` / `.deleted` published through an
+outbox, and web pages: `/` (upload, a grid of posters with live status, the autoscaler's chart) and
+`/watch/{id}` (one video).
 """
 
 
@@ -51,7 +56,14 @@ def create_app(
     metrics = StoreMetrics()
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
     live = Live(settings.live_queue_size)
-    db = Database(settings.catalog_file, SCHEMA, name="catalog")
+    db = make_database(
+        settings.catalog_database_url,
+        path=settings.catalog_file,
+        schema=POSTGRES_SCHEMA,
+        migrations=[CATALOG, OUTBOX],
+        name="catalog",
+    )
+    peers = PeerChanges(db, live, history_size=settings.scaling_history_size)
     client = RouterClient(settings.router_urls, token=settings.router_token, transport=router_transport)
     # The relay backs off on its own (and stops mid-wait at shutdown): no retries inside the client.
     relay_client = RouterClient(
@@ -89,10 +101,13 @@ def create_app(
             live.close()
             relay.stop()
             blob_check.stop()
+            peers.stop()
 
         app.state.begin_shutdown = begin_shutdown
         supervisor.start("blob-check", blob_check.run())
         supervisor.start("outbox-relay", relay.run())
+        if db.shared:  # other replicas write the catalog too: show their changes on this replica's pages
+            supervisor.start("peer-changes", peers.run())
         feed.start()
         await blob_check.first_verdict()
         try:
@@ -106,7 +121,9 @@ def create_app(
             await db.close()
 
     async def refresh_metrics() -> None:
-        await metrics.refresh(catalog, relay, live)
+        # While the database is away the catalog's numbers keep their last values; /readyz says why.
+        with contextlib.suppress(Unavailable):
+            await metrics.refresh(catalog, relay, live)
 
     app = FastAPIOffline(title="CatTube store", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -117,7 +134,8 @@ def create_app(
     app.state.live = live
     app.state.feed = feed
     app.state.relay = relay
-    app.state.page_html = (STATIC / "index.html").read_text(encoding="utf-8")
+    app.state.peers = peers
+    app.state.pages = Pages(STATIC)
     install_problem_handlers(app)
     app.include_router(
         ops_router(

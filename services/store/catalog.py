@@ -4,6 +4,7 @@
     await catalog.apply(event)          # each delivery, verified; repeats and stale events change nothing
     video = await catalog.get("v1")     # or catalog.page(limit=20, status="ready")
     await catalog.request_retry("v1")   # a person asks: failed -> processing, `retry-requested` owed
+    await catalog.edit("v1", title="Mittens", description="Asleep again")   # `updated` owed
     await catalog.delete("v1")          # tombstone, `deleted` owed
 
 Each event is applied once: its `source`+`id` is recorded in the transaction that applies it, so
@@ -27,13 +28,18 @@ The one step back is a person's: `request_retry` moves a failed video to process
 new *round*. A dead letter from an earlier round (its job was the upload, or an older retry) no
 longer fails the video. When a video becomes ready or failed, the `cattube.video.ready` /
 `.failed` event is recorded in the outbox in the same transaction.
+
+A person's edit of the title or description (`edit`) is the other command: it counts the video's
+`edits` and owes `cattube.video.updated` with the whole of the new text and that count as its
+`revision`. An update event is applied only if its revision is higher than the video's (so the
+store's own, coming back through its subscription, changes nothing, and a late one never undoes a
+newer edit), and once a video has been edited, its upload event no longer sets the title.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,9 +49,11 @@ from typing import Any
 from router.client import new_event
 from services.common import contract, outbox
 from services.common.blobs import video_key
-from services.common.database import Database
+from services.common.db import Connection, Database
 from services.common.errors import Conflict, InvalidInput, NotFound
+from services.common.text import MAX_DESCRIPTION_CHARS, MAX_TITLE_CHARS, one_line, paragraphs
 from services.store import tables
+from services.store.fleet import ScalingHistory
 from services.store.records import Rendition, ScalingPoint, Video
 from services.store.tables import Page
 
@@ -67,7 +75,7 @@ class Outcome:
     announced: int = 0
 
 
-Handler = Callable[[sqlite3.Connection, Mapping[str, Any], float], Outcome]
+Handler = Callable[[Connection, Mapping[str, Any], float], Outcome]
 
 
 class Catalog:
@@ -99,6 +107,7 @@ class Catalog:
             contract.DEAD_LETTERED: self._on_dead_lettered,
             contract.PROCESSING_SCALED: self._on_scaled,
             contract.VIDEO_DELETED: self._on_deleted,
+            contract.VIDEO_UPDATED: self._on_updated,
         }
 
     # -- events -----------------------------------------------------------------------------------
@@ -111,7 +120,7 @@ class Catalog:
         self._changed(outcome)
         return outcome
 
-    def _apply(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _apply(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         source, event_id, kind = (_attribute(event, name) for name in ("source", "id", "type"))
         if not tables.first_time(conn, source, event_id, now):
             return Outcome(duplicate=True)
@@ -123,14 +132,15 @@ class Catalog:
             return Outcome(ignored="the store's own deletion, already applied")
         return handler(conn, event, now)
 
-    def _on_uploaded(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_uploaded(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.VideoUploaded)
         video = self._load_or_new(conn, data.video_id, now)
         if video.status == "deleted":
             return Outcome(ignored="the video was deleted")
         before = copy.deepcopy(video)
-        # What an event left out stays as it was: a row created by an earlier event keeps what it learned.
-        if data.title is not None:
+        # What an event left out stays as it was: a row created by an earlier event keeps what it learned,
+        # and a title a person chose is newer than the upload's, whenever the upload arrives.
+        if data.title is not None and not video.edits:
             video.title = data.title
         if data.master is not None:
             video.master = data.master.dump()
@@ -141,7 +151,7 @@ class Catalog:
         video.created_at = _event_time(event, now)
         return self._save(conn, video, before, now)
 
-    def _on_started(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_started(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.TranscodeStarted)
         video = self._load_or_new(conn, data.video_id, now)
         if video.status not in ("uploaded", "processing"):
@@ -158,7 +168,7 @@ class Catalog:
         video.speed = None
         return self._save(conn, video, before, now)
 
-    def _on_progress(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_progress(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.TranscodeProgress)
         video = self._load_or_new(conn, data.video_id, now)
         if video.status not in ("uploaded", "processing"):
@@ -170,7 +180,7 @@ class Catalog:
         video.speed = data.speed
         return self._save(conn, video, before, now)
 
-    def _on_completed(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_completed(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.TranscodeCompleted)
         video = self._load_or_new(conn, data.video_id, now)
         if video.status == "deleted":
@@ -183,6 +193,7 @@ class Catalog:
             Rendition(r.name, r.uri, r.width, r.height, r.bitrate, r.size_bytes, r.duration_s) for r in data.renditions
         ]
         video.poster_uri = data.poster.uri if data.poster is not None else None
+        video.hls_uri = data.hls.uri if data.hls is not None else None  # None from a processing before HLS
         if data.skipped is not None:
             video.skipped = list(data.skipped)
         video.elapsed_s = data.elapsed_s
@@ -196,7 +207,7 @@ class Catalog:
             )
         return outcome
 
-    def _on_failed(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_failed(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.TranscodeFailed)
         video = self._load_or_new(conn, data.video_id, now)
         if video.status not in ("uploaded", "processing"):
@@ -210,7 +221,7 @@ class Catalog:
             return self._save(conn, video, before, now)
         return self._fail(conn, video, before, reason, now)
 
-    def _on_dead_lettered(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_dead_lettered(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.DeadLettered)
         subscription, job_type, job_id = data.subscription, data.event_type, data.event_id
         if subscription == self.subscription:
@@ -231,7 +242,7 @@ class Catalog:
         reason = f"Transcoding gave up after {data.attempts} attempt(s): {cause}"
         return self._fail(conn, video, copy.deepcopy(video), reason, now)
 
-    def _on_scaled(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_scaled(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.ProcessingScaled)
         point = ScalingPoint(
             at=_event_time(event, now),
@@ -240,16 +251,33 @@ class Catalog:
             backlog=data.backlog,
             in_flight=data.in_flight,
             reason=data.reason,
+            instance=data.instance or "",
         )
-        tables.add_scaling(conn, point, self.history_size)
-        return Outcome(scaled=point)
+        seq = tables.add_scaling(conn, point, self.history_size)
+        # With the fleet after it, as the history tells it (a late change is placed at its own time).
+        history = tables.scaling_history(conn, self.history_size)
+        return Outcome(scaled=next((p for p in history.points if p.seq == seq), point))
 
-    def _on_deleted(self, conn: sqlite3.Connection, event: Mapping[str, Any], now: float) -> Outcome:
+    def _on_deleted(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
         data = contract.parse(event, contract.VideoDeleted)
         video = tables.load_video(conn, data.video_id)
         if video is None or video.status == "deleted":
             return Outcome(ignored="nothing to delete")
         return self._tombstone(conn, video, now)
+
+    def _on_updated(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
+        data = contract.parse(event, contract.VideoUpdated)
+        video = self._load_or_new(conn, data.video_id, now)
+        if video.status == "deleted":
+            return Outcome(ignored="the video was deleted")
+        if data.revision <= video.edits:
+            return Outcome(ignored=f"edit {data.revision} is not newer than edit {video.edits}")
+        before = copy.deepcopy(video)
+        video.edits = data.revision
+        if data.title is not None:
+            video.title = data.title
+        video.description = data.description
+        return self._save(conn, video, before, now)
 
     # -- commands ---------------------------------------------------------------------------------
 
@@ -259,7 +287,7 @@ class Catalog:
         self._changed(outcome)
         return outcome.videos[0]
 
-    def _retry(self, conn: sqlite3.Connection, video_id: str, now: float) -> Outcome:
+    def _retry(self, conn: Connection, video_id: str, now: float) -> Outcome:
         video = self._existing(conn, video_id)
         if video.status != "failed":
             raise Conflict(f"video {video_id} is {video.status}: only a failed video can be retried")
@@ -289,13 +317,51 @@ class Catalog:
         outcome.announced += 1
         return outcome
 
+    async def edit(self, video_id: str, *, title: str | None = None, description: str | None = None) -> Video:
+        """Change what a person edits (None leaves a field as it is; an empty description removes it).
+
+        The text is cleaned (`services.common.text`) and checked after the video is found: `InvalidInput`
+        names `body.title` (1 to 200 characters once cleaned) or `body.description` (at most 5000).
+        A change owes `cattube.video.updated`; the same text again changes nothing and owes nothing.
+        """
+        outcome, video = await self.db.transact(self._edit, video_id, title, description, time.time())
+        self._changed(outcome)
+        return video
+
+    def _edit(
+        self, conn: Connection, video_id: str, title: str | None, description: str | None, now: float
+    ) -> tuple[Outcome, Video]:
+        video = self._existing(conn, video_id)
+        before = copy.deepcopy(video)
+        if title is not None:
+            video.title = one_line(title)
+            if not 1 <= len(video.title) <= MAX_TITLE_CHARS:
+                raise InvalidInput(
+                    "body.title", f"1 to {MAX_TITLE_CHARS} characters other than spaces and control characters"
+                )
+        if description is not None:
+            video.description = paragraphs(description) or None
+            if len(video.description or "") > MAX_DESCRIPTION_CHARS:
+                raise InvalidInput("body.description", f"at most {MAX_DESCRIPTION_CHARS} characters")
+        if video == before:
+            return Outcome(), video
+        video.edits += 1
+        outcome = self._save(conn, video, before, now)
+        data = contract.VideoUpdated(
+            video_id=video.video_id, title=video.title, description=video.description, revision=video.edits
+        )
+        event_id = f"{video.video_id}/updated/{video.edits}"
+        outbox.enqueue(conn, new_event(contract.VIDEO_UPDATED, SOURCE, data.dump(), id=event_id, partitionkey=video_id))
+        outcome.announced += 1
+        return outcome, video
+
     async def delete(self, video_id: str) -> Video:
         """Leave a tombstone and owe `cattube.video.deleted` (its consumer removes the blobs). Idempotent."""
         outcome = await self.db.transact(self._delete, video_id, time.time())
         self._changed(outcome)
         return outcome.videos[0]
 
-    def _delete(self, conn: sqlite3.Connection, video_id: str, now: float) -> Outcome:
+    def _delete(self, conn: Connection, video_id: str, now: float) -> Outcome:
         video = tables.load_video(conn, _video_id(video_id, "path.video_id"))
         if video is None:
             # Where an upload's status_url leads: its event may still be on its way here.
@@ -326,8 +392,8 @@ class Catalog:
         """Newest first. Without `status`, deleted videos are left out; `status="deleted"` lists the tombstones."""
         return await self.db.transact(tables.list_videos, limit, cursor, status)
 
-    async def scaling_history(self, limit: int) -> list[ScalingPoint]:
-        """The latest `limit` autoscaler changes, oldest first."""
+    async def scaling_history(self, limit: int) -> ScalingHistory:
+        """The latest `limit` autoscaler changes of every processing instance, oldest first, and the fleet."""
         return await self.db.transact(tables.scaling_history, limit)
 
     async def counts(self) -> dict[str, int]:
@@ -340,7 +406,7 @@ class Catalog:
         if outcome.videos or outcome.scaled or outcome.announced:
             self.on_change(outcome)
 
-    def _fail(self, conn: sqlite3.Connection, video: Video, before: Video, reason: str, now: float) -> Outcome:
+    def _fail(self, conn: Connection, video: Video, before: Video, reason: str, now: float) -> Outcome:
         video.status = "failed"
         video.error = reason
         video.speed = None
@@ -350,19 +416,19 @@ class Catalog:
         )
         return outcome
 
-    def _tombstone(self, conn: sqlite3.Connection, video: Video, now: float) -> Outcome:
+    def _tombstone(self, conn: Connection, video: Video, now: float) -> Outcome:
         before = copy.deepcopy(video)
         video.status = "deleted"
         video.renditions = []
-        video.poster_uri = video.progress = video.speed = video.error = None
+        video.poster_uri = video.hls_uri = video.progress = video.speed = video.error = None
         return self._save(conn, video, before, now)
 
-    def _announce(self, conn: sqlite3.Connection, kind: str, video: Video, event_id: str) -> int:
+    def _announce(self, conn: Connection, kind: str, video: Video, event_id: str) -> int:
         data = contract.VideoRecord.model_validate(video.record(self.public_url, with_uris=True))
         outbox.enqueue(conn, new_event(kind, SOURCE, data.dump(), id=event_id, partitionkey=video.video_id))
         return 1
 
-    def _existing(self, conn: sqlite3.Connection, video_id: str) -> Video:
+    def _existing(self, conn: Connection, video_id: str) -> Video:
         video = tables.load_video(conn, _video_id(video_id, "path.video_id"))
         if video is None:
             # Where an upload's status_url leads: its event may still be on its way here.
@@ -371,17 +437,17 @@ class Catalog:
             raise NotFound(f"video {video_id} was deleted")
         return video
 
-    def _load_or_new(self, conn: sqlite3.Connection, video_id: str, now: float) -> Video:
+    def _load_or_new(self, conn: Connection, video_id: str, now: float) -> Video:
         return tables.load_video(conn, video_id) or Video(video_id, created_at=now)
 
-    def _save(self, conn: sqlite3.Connection, video: Video, before: Video | None, now: float) -> Outcome:
+    def _save(self, conn: Connection, video: Video, before: Video | None, now: float) -> Outcome:
         """Write the video if it changed (a new version); the outcome lists it then."""
         if video == before and video.version > 0:  # version 0: never saved
             return Outcome()
         tables.write_video(conn, video, now)
         return Outcome(videos=[video])
 
-    def _prune(self, conn: sqlite3.Connection, now: float) -> None:
+    def _prune(self, conn: Connection, now: float) -> None:
         self._applied_since_prune += 1
         if self._applied_since_prune >= PRUNE_EVERY:
             self._applied_since_prune = 0

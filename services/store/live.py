@@ -62,6 +62,11 @@ class Live:
         finally:
             self._queues.discard(queue)
 
+    def resync(self) -> None:
+        """End every open stream, its browser reconnects and reloads the lists: some changes may have been missed."""
+        for queue in list(self._queues):
+            self._end(queue)
+
     def close(self) -> None:
         """End every stream (the service is stopping: open streams must not hold up the shutdown)."""
         self._closed = True

@@ -27,6 +27,8 @@ CONTENT_TYPES = {
     "jpeg": "image/jpeg",
     "png": "image/png",
     "webp": "image/webp",
+    "m3u8": "application/vnd.apple.mpegurl",  # RFC 8216 §4
+    "m4s": "video/iso.segment",  # an ISO BMFF media segment (IANA), what CMAF's .m4s segments are
 }
 
 

@@ -39,12 +39,15 @@ class Video:
     video_id: str
     status: str = "uploaded"
     title: str | None = None
+    description: str | None = None
     master: dict[str, Any] | None = None
     probe: dict[str, Any] | None = None
     requested: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     renditions: list[Rendition] = field(default_factory=list)
     poster_uri: str | None = None
+    hls_uri: str | None = None
+    """The HLS master playlist in the bucket (`.../videos/{id}/hls/{version}/master.m3u8`); None before HLS."""
     error: str | None = None
     last_error: str | None = None
     progress: float | None = None
@@ -54,6 +57,8 @@ class Video:
     elapsed_s: float | None = None
     round: int = 0
     """0 for the upload, then one more for each retry a person asked for."""
+    edits: int = 0
+    """How many times a person changed the title or description (the `revision` of `cattube.video.updated`)."""
     created_at: float = 0.0
     updated_at: float = 0.0
     version: int = 0
@@ -108,9 +113,12 @@ class Video:
         record: dict[str, Any] = {
             "video_id": self.video_id,
             "title": self.title,
+            "description": self.description,
             "status": self.status,
+            "watch_url": f"{base_url.rstrip('/')}/watch/{self.video_id}",
             "renditions": renditions,
             "poster_url": f"{own}/poster" if self.poster_uri else None,
+            "hls_url": self.hls_url(own),
             "error": self.error,
             "progress": self.progress,
             "speed": self.speed,
@@ -130,12 +138,25 @@ class Video:
         if with_uris:
             record["master"] = self.master
             record["poster_uri"] = self.poster_uri
+            record["hls_uri"] = self.hls_uri
         return record
+
+    def hls_url(self, own: str) -> str | None:
+        """Where the store serves the master playlist: `{own}/hls/{version}/master.m3u8`, the version the bucket's."""
+        if self.hls_uri is None:
+            return None
+        version, name = self.hls_uri.rsplit("/", 2)[-2:]
+        return f"{own}/hls/{version}/{name}"
 
 
 @dataclass(frozen=True)
 class ScalingPoint:
-    """One `cattube.processing.scaled`: the worker count went from `from_` to `to` at `at`."""
+    """One `cattube.processing.scaled`: `instance`'s workers went from `from_` to `to` at `at`.
+
+    `instance` is "" for events from before processing instances had names (one unnamed instance);
+    `fleet` is the workers over every instance once this change was made (`services.store.fleet`).
+    `backlog` and `in_flight` are the queue's, the same whichever instance reports them.
+    """
 
     at: float
     from_: int
@@ -143,12 +164,18 @@ class ScalingPoint:
     backlog: int
     in_flight: int
     reason: str
+    instance: str = ""
+    fleet: int = 0
+    seq: int = field(default=0, compare=False)
+    """The catalog's row: tells apart two changes reported at the same time."""
 
     def record(self) -> dict[str, Any]:
         return {
             "at": iso(self.at),
+            "instance": self.instance or None,
             "from": self.from_,
             "to": self.to,
+            "fleet": self.fleet,
             "backlog": self.backlog,
             "in_flight": self.in_flight,
             "reason": self.reason,

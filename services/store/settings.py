@@ -5,14 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from services.common.settings import CommonSettings
+from services.common.settings import CommonSettings, check_database_url
 
 
 class StoreSettings(CommonSettings):
     catalog_path: Path | None = Field(
         None, description="SQLite file of the catalog; default DATA_DIR/store/catalog.db."
+    )
+    store_database_url: str | None = Field(
+        None,
+        description="The catalog's database, overriding DATABASE_URL: postgresql://... (schema `store`, shared by "
+        "every store replica) or sqlite:///file.",
     )
     store_public_url: str | None = Field(
         None, description="Address the router pushes events to and pages link to; default http://127.0.0.1:STORE_PORT."
@@ -53,9 +58,19 @@ class StoreSettings(CommonSettings):
             )
         return self
 
+    @field_validator("store_database_url")
+    @classmethod
+    def _store_database_url_valid(cls, value: str | None) -> str | None:
+        return check_database_url(value, "CATTUBE_STORE_DATABASE_URL")
+
     @property
     def catalog_file(self) -> Path:
         return self.catalog_path or self.data_dir / "store" / "catalog.db"
+
+    @property
+    def catalog_database_url(self) -> str | None:
+        """Where the catalog is, as a URL; None: the SQLite file `catalog_file`."""
+        return self.service_database_url(self.store_database_url)
 
     @property
     def public_base_url(self) -> str:

@@ -28,6 +28,10 @@ ACCESS = AccessRules(
     [
         ("POST", "/videos", Access.USER),
         ("GET", "/videos/{video_id}", Access.USER),
+        # Resumable uploads (services/upload/tus_api.py): the user's, as POST /videos; what tus is spoken, anyone's.
+        ("POST", "/uploads", Access.USER),
+        ("HEAD PATCH DELETE", "/uploads/{upload_id}", Access.USER),
+        ("OPTIONS", "/uploads", Access.PUBLIC),
     ]
 )
 

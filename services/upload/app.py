@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
@@ -10,19 +14,24 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from router.client import RouterClient
+from router.client import RouterClient, full_jitter
 from services.common.auth import protect
 from services.common.blob_check import BlobStoreCheck
 from services.common.blobs import open_blob_store
 from services.common.body_limit import bound_request_bodies
+from services.common.db import make_database
+from services.common.errors import Unavailable
 from services.common.openapi import document_problems
 from services.common.ops import ReadinessCheck, ops_router
 from services.common.problems import install_problem_handlers
 from services.common.supervisor import Supervisor
+from services.upload import tus_api
 from services.upload.api import ACCESS
 from services.upload.api import router as api_router
 from services.upload.metrics import UploadMetrics
-from services.upload.outbox import Outbox
+from services.upload.outbox import MIGRATIONS, POSTGRES_SCHEMA, Outbox
+from services.upload.partials import Partials
+from services.upload.resumable import ExpirySweeper, Resumable
 from services.upload.settings import UploadSettings
 from services.upload.uploads import Uploads
 
@@ -30,9 +39,12 @@ DESCRIPTION = """
 CatTube's upload service: streams a master video into the bucket while hashing it, probes it in a
 sandboxed child process (only self-contained video containers pass), and announces it with a
 `cattube.video.uploaded` event through a local outbox, so uploads keep working while the router is down.
+Large files can be sent resumably with tus 1.0 at `/uploads`: the last byte takes the same path.
 """
 ROUTER_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 15.0
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -40,8 +52,10 @@ def create_app(
     *,
     exit_on_failure: bool = True,
     router_transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
-    """The app; `router_transport` lets tests reach an in-process router (`httpx.ASGITransport`)."""
+    """The app; `router_transport` lets tests reach an in-process router (`httpx.ASGITransport`), `clock`
+    moves resumable uploads' expiry."""
     metrics = UploadMetrics()
     supervisor = Supervisor(exit_on_failure=exit_on_failure)
 
@@ -51,7 +65,15 @@ def create_app(
             store = open_blob_store(settings.blob_base_url)
             blob_check = BlobStoreCheck(store)
             app.state.blob_check = blob_check
-            outbox = Outbox(settings.outbox_file)
+            db = make_database(
+                settings.outbox_database_url,
+                path=settings.outbox_file,
+                schema=POSTGRES_SCHEMA,
+                migrations=MIGRATIONS,
+                name="upload outbox",
+            )
+            # On a database replicas share, each sweeps only the uploads it had begun.
+            outbox = Outbox(db, owner=settings.instance if db.shared else "")
             await outbox.open()
             stack.push_async_callback(outbox.close)
             # The relay owns retries and their timing: the client tries once per call.
@@ -72,19 +94,36 @@ def create_app(
                 on_failure=metrics.relay_failures.inc,
             )
             uploads = Uploads(store, outbox, settings, metrics, on_accepted=relay.wake)
-            await uploads.sweep()
+            await uploads.sweep_spools()  # now, before serving: the database's part may have to wait (below)
+            try:
+                await uploads.sweep()
+            except Unavailable as exc:  # the database is away: uploads answer 503 meanwhile, the sweep waits
+                log.warning("cannot sweep interrupted uploads yet: %s", exc.detail)
+                sweeping = asyncio.create_task(_sweep_once_back(uploads), name="sweep")
+                stack.callback(sweeping.cancel)
+            partials = Partials(settings.partials_dir, expiry_s=settings.resumable_expiry_s, clock=clock)
+            await partials.open()
+            stack.push_async_callback(partials.close)
+            resumable = Resumable(partials, uploads, max_upload_bytes=settings.max_upload_bytes)
+            await resumable.start_up()
+            sweeper = ExpirySweeper(resumable, clock)
+            resumable.on_change = sweeper.wake
             app.state.outbox = outbox
             app.state.uploads = uploads
             app.state.relay = relay
+            app.state.resumable = resumable
+            app.state.sweeper = sweeper
 
             def begin_shutdown() -> None:
                 supervisor.begin_stop()
                 relay.stop()
                 blob_check.stop()
+                sweeper.stop()
 
             app.state.begin_shutdown = begin_shutdown
             supervisor.start("blob-check", blob_check.run())
             supervisor.start("outbox-relay", relay.run())
+            supervisor.start("resumable-expiry", sweeper.run())
             await blob_check.first_verdict()
             try:
                 yield
@@ -93,7 +132,8 @@ def create_app(
                 await supervisor.drain(timeout_s=DRAIN_TIMEOUT_S)
 
     async def refresh_gauges() -> None:
-        metrics.outbox_pending.set(await app.state.outbox.pending_count())
+        with contextlib.suppress(Unavailable):  # the last value stays while the database is away
+            metrics.outbox_pending.set(await app.state.outbox.pending_count())
 
     app = FastAPIOffline(title="CatTube upload", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -104,18 +144,37 @@ def create_app(
         check: BlobStoreCheck | None = getattr(app.state, "blob_check", None)  # made when the lifespan starts
         return "the service is starting" if check is None else await check.readiness()
 
-    readiness: list[ReadinessCheck] = [supervisor.readiness, blob_readiness]
+    async def database_readiness() -> str | None:
+        outbox: Outbox | None = getattr(app.state, "outbox", None)
+        return "the service is starting" if outbox is None else await outbox.db.readiness()
+
+    readiness: list[ReadinessCheck] = [supervisor.readiness, blob_readiness, database_readiness]
     app.include_router(ops_router(metrics.registry, readiness, before_scrape=refresh_gauges))
     app.include_router(api_router)
+    app.include_router(tus_api.router)
     protect(app, ACCESS, settings)
     document_problems(app)
-    bound_request_bodies(app, settings, streaming=[("POST", "/videos")])  # uploads stream, bounded by max_upload_bytes
+    # Uploads stream, bounded by max_upload_bytes (a tus PATCH by what is left of its upload).
+    bound_request_bodies(app, settings, streaming=[("POST", "/videos"), *tus_api.STREAMING_ROUTES])
     # Added last, so outermost: a browser's preflight is answered before authentication is asked for.
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
-        allow_methods=["GET", "POST"],
-        allow_headers=["Authorization", "Content-Type"],
-        expose_headers=["Location"],
+        allow_methods=["GET", "POST", "HEAD", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", *tus_api.REQUEST_HEADERS],
+        expose_headers=tus_api.RESPONSE_HEADERS,
     )
     return app
+
+
+async def _sweep_once_back(uploads: Uploads) -> None:
+    """Sweep as soon as the database answers again, trying with backoff (rows begun since start are left alone)."""
+    failures = 0
+    while True:
+        failures += 1
+        await asyncio.sleep(full_jitter(failures, 0.5, 30.0))
+        try:
+            await uploads.sweep()
+            return
+        except Unavailable as exc:
+            log.debug("cannot sweep interrupted uploads yet: %s", exc.detail)

@@ -8,23 +8,16 @@ Both raise `InvalidInput` naming the field and what would do.
 
 from __future__ import annotations
 
-import re
-import unicodedata
-
 from services.common.contract import RENDITION_NAMES
 from services.common.errors import InvalidInput
+from services.common.text import MAX_TITLE_CHARS, one_line
 
 __all__ = ["MAX_TITLE_CHARS", "UNTITLED", "clean_title", "parse_renditions", "title_from_filename"]
 
 _NAME = "(?:" + "|".join(name[:-1] for name in RENDITION_NAMES) + ")[pP]"
 RENDITIONS_PATTERN = rf"^\s*(?:{_NAME}\s*)?(?:,\s*(?:{_NAME}\s*)?)*$"
 """What `parse_renditions` takes, as a regular expression for the OpenAPI document."""
-MAX_TITLE_CHARS = 200
 UNTITLED = "Untitled"
-
-# Bidirectional embeddings, overrides and isolates: they reorder how the rest of a line is displayed.
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-_SPACES = re.compile(r"\s+")
 
 
 def clean_title(raw: str) -> str:
@@ -32,7 +25,7 @@ def clean_title(raw: str) -> str:
 
     An empty result is returned as is: the caller picks the default.
     """
-    title = _printable(raw)
+    title = one_line(raw)
     if len(title) > MAX_TITLE_CHARS:
         raise InvalidInput("title", f"at most {MAX_TITLE_CHARS} characters, got {len(title)}")
     return title
@@ -42,17 +35,7 @@ def title_from_filename(filename: str | None) -> str:
     """A default title from the client's file name (its stem, cleaned and shortened); never used for storage."""
     name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
     stem, dot, _ = name.rpartition(".")
-    return _printable((stem if dot and stem else name)[: MAX_TITLE_CHARS * 4])[:MAX_TITLE_CHARS].strip() or UNTITLED
-
-
-def _printable(raw: str) -> str:
-    kept = []
-    for char in raw:
-        if char.isspace():
-            kept.append(" ")
-        elif unicodedata.category(char) not in ("Cc", "Cs") and char not in _BIDI_CONTROLS:
-            kept.append(char)
-    return _SPACES.sub(" ", "".join(kept)).strip()
+    return one_line((stem if dot and stem else name)[: MAX_TITLE_CHARS * 4])[:MAX_TITLE_CHARS].strip() or UNTITLED
 
 
 def parse_renditions(raw: str, field: str = "renditions") -> tuple[str, ...]:

@@ -1,14 +1,14 @@
-"""The upload service's SQLite file: uploads and their events, on `services.common`'s database and outbox.
+"""The upload service's database: uploads and their events, on `services.common`'s database and outbox.
 
 An accepted upload's record and the event announcing it are committed in one transaction, before
-the 202 (synchronous=FULL: the event survives a power cut). The common `OutboxRelay` publishes
-pending events and deletes a row only after the router's 202; it notes here, in the same
+the 202 (synchronous=FULL on SQLite: the event survives a power cut). The common `OutboxRelay`
+publishes pending events and deletes a row only after the router's 202; it notes here, in the same
 transaction, where each event went or why the router refused it. So an upload succeeds while the
 router is down, its event goes out once the router is back (also after a restart of either), and a
 publish repeated after a crash is harmless: the event id is the video id, and the router answers a
 repeat with `duplicate: true`.
 
-    outbox = Outbox(path)
+    outbox = Outbox(db, owner="upload-1")          # owner: this replica's uploads, on a shared database
     await outbox.open()
     await outbox.begin(video_id)                   # arriving: swept at start-up if we crash before it ends
     await outbox.accept(video_id, record, event)   # the record and its event, one transaction
@@ -20,18 +20,20 @@ repeat with `duplicate: true`.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 from router.client import RouterClient
 from services.common import outbox
-from services.common.database import Database
+from services.common.db import Connection, Database, Migrations
 from services.common.outbox import OutboxRelay, Published
 from services.common.timestamps import iso_utc
 
-UPLOADS_SCHEMA = """
+POSTGRES_SCHEMA = "upload"
+UPLOADS = Migrations(
+    "uploads",
+    sqlite=(
+        """
 CREATE TABLE IF NOT EXISTS uploads (
     video_id     TEXT PRIMARY KEY,
     state        TEXT NOT NULL,          -- 'receiving' until the upload is accepted, then 'accepted'
@@ -42,16 +44,43 @@ CREATE TABLE IF NOT EXISTS uploads (
     sequence     INTEGER,                -- the event's sequence on the router's bus
     event_error  TEXT                    -- why the router refused the event, if it did
 );
-"""
+""",
+        # 2: the replica that receives an upload, so that only it sweeps the upload after a crash.
+        "ALTER TABLE uploads ADD COLUMN owner TEXT NOT NULL DEFAULT '';",
+    ),
+    postgres=(
+        """
+CREATE TABLE uploads (
+    video_id     TEXT PRIMARY KEY,
+    state        TEXT NOT NULL,
+    started_at   DOUBLE PRECISION NOT NULL,
+    accepted_at  DOUBLE PRECISION,
+    record       TEXT,
+    published_at DOUBLE PRECISION,
+    sequence     BIGINT,
+    event_error  TEXT
+);
+""",
+        "ALTER TABLE uploads ADD COLUMN owner TEXT NOT NULL DEFAULT '';",
+    ),
+)
+MIGRATIONS = (UPLOADS, outbox.OUTBOX)
 
 
 class Outbox:
-    """The uploads table and the outbox, one `Database`: each call is one committed transaction."""
+    """The uploads table and the outbox, one `Database` (made with `MIGRATIONS`): each call is one transaction.
 
-    def __init__(self, path: Path) -> None:
-        self.db = Database(path, UPLOADS_SCHEMA + outbox.OUTBOX_SCHEMA, name="upload outbox")
+    `owner` names this replica's uploads: on a database several replicas share, each sweeps only its own.
+    """
+
+    def __init__(self, db: Database, *, owner: str = "") -> None:
+        self.db = db
+        self.owner = owner
+        self.opened_at = time.time()
 
     async def open(self) -> None:
+        # Uploads begun from now on are this run's: the sweep, whenever it runs, leaves them alone.
+        self.opened_at = time.time()
         await self.db.open()
 
     async def close(self) -> None:
@@ -63,7 +92,7 @@ class Outbox:
 
     async def begin(self, video_id: str) -> None:
         """Note that an upload is arriving, so that a crash before it ends is cleaned up at the next start."""
-        await self.db.transact(_begin, video_id)
+        await self.db.transact(_begin, video_id, self.owner)
 
     async def abandon(self, video_id: str) -> None:
         """Forget an upload that was refused (its objects are already removed)."""
@@ -71,7 +100,7 @@ class Outbox:
 
     async def unfinished(self) -> list[str]:
         """Uploads that were arriving when the service last stopped: their objects are to be removed."""
-        return await self.db.transact(_unfinished)
+        return await self.db.transact(_unfinished, self.owner, self.opened_at)
 
     async def accept(self, video_id: str, record: dict[str, Any], event: dict[str, Any]) -> None:
         """Record the accepted upload and queue its event, in one transaction."""
@@ -79,7 +108,7 @@ class Outbox:
 
     async def pending_count(self) -> int:
         """Events waiting to be published (not those the router refused)."""
-        pending, _ = await self.db.transact(outbox.counts)
+        pending, _ = await self.db.transact(outbox.counts, "")
         return pending
 
     async def get(self, video_id: str) -> dict[str, Any] | None:
@@ -87,31 +116,39 @@ class Outbox:
         return await self.db.transact(_get, video_id)
 
 
-def _begin(conn: sqlite3.Connection, video_id: str) -> None:
+def _begin(conn: Connection, video_id: str, owner: str) -> None:
     conn.execute(
-        "INSERT INTO uploads (video_id, state, started_at) VALUES (?, 'receiving', ?)", (video_id, time.time())
+        "INSERT INTO uploads (video_id, state, started_at, owner) VALUES (?, 'receiving', ?, ?)",
+        video_id,
+        time.time(),
+        owner,
     )
 
 
-def _abandon(conn: sqlite3.Connection, video_id: str) -> None:
-    conn.execute("DELETE FROM uploads WHERE video_id = ? AND state = 'receiving'", (video_id,))
+def _abandon(conn: Connection, video_id: str) -> None:
+    conn.execute("DELETE FROM uploads WHERE video_id = ? AND state = 'receiving'", video_id)
 
 
-def _unfinished(conn: sqlite3.Connection) -> list[str]:
-    return [row["video_id"] for row in conn.execute("SELECT video_id FROM uploads WHERE state = 'receiving'")]
+def _unfinished(conn: Connection, owner: str, before: float) -> list[str]:
+    rows = conn.fetch(
+        "SELECT video_id FROM uploads WHERE state = 'receiving' AND owner = ? AND started_at < ?", owner, before
+    )
+    return [row["video_id"] for row in rows]
 
 
-def _accept(conn: sqlite3.Connection, video_id: str, record: dict[str, Any], event: dict[str, Any]) -> None:
+def _accept(conn: Connection, video_id: str, record: dict[str, Any], event: dict[str, Any]) -> None:
     changed = conn.execute(
         "UPDATE uploads SET state = 'accepted', accepted_at = ?, record = ? WHERE video_id = ? AND state = 'receiving'",
-        (time.time(), json.dumps(record), video_id),
-    ).rowcount
+        time.time(),
+        json.dumps(record),
+        video_id,
+    )
     if changed != 1:
         raise RuntimeError(f"upload {video_id} is not being received")
     outbox.enqueue(conn, event)
 
 
-def _published(conn: sqlite3.Connection, published: Published) -> None:
+def _published(conn: Connection, published: Published) -> None:
     """The router made these events durable (the event id is the video id): note where they went."""
     now = time.time()
     conn.executemany(
@@ -120,16 +157,16 @@ def _published(conn: sqlite3.Connection, published: Published) -> None:
     )
 
 
-def _refused(conn: sqlite3.Connection, event: dict[str, Any], reason: str) -> None:
-    conn.execute("UPDATE uploads SET event_error = ? WHERE video_id = ?", (reason, event["id"]))
+def _refused(conn: Connection, event: dict[str, Any], reason: str) -> None:
+    conn.execute("UPDATE uploads SET event_error = ? WHERE video_id = ?", reason, event["id"])
 
 
-def _get(conn: sqlite3.Connection, video_id: str) -> dict[str, Any] | None:
-    row = conn.execute(
+def _get(conn: Connection, video_id: str) -> dict[str, Any] | None:
+    row = conn.fetchrow(
         "SELECT record, accepted_at, published_at, sequence, event_error FROM uploads "
         "WHERE video_id = ? AND state = 'accepted'",
-        (video_id,),
-    ).fetchone()
+        video_id,
+    )
     if row is None:
         return None
     error, published_at = row["event_error"], row["published_at"]

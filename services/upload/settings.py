@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
 from services.common.errors import InvalidInput
-from services.common.settings import CommonSettings
+from services.common.settings import CommonSettings, check_database_url
 from services.upload.metadata import parse_renditions
 
 
@@ -24,6 +25,19 @@ class UploadSettings(CommonSettings):
     outbox_path: Path | None = Field(
         None, description="SQLite file of uploads and the outbox; default DATA_DIR/upload."
     )
+    upload_database_url: str | None = Field(
+        None,
+        description="Uploads and the outbox, overriding DATABASE_URL: postgresql://... (schema `upload`, shared by "
+        "every upload replica) or sqlite:///file.",
+    )
+    instance: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=253,
+        pattern=r"^\S+$",
+        description="This replica's name, stable across restarts: on a shared database it sweeps only the uploads "
+        "it was receiving when it stopped; default the hostname.",
+    )
     upload_public_url: str | None = Field(
         None, description="Base URL of this service in status_url; default the URL the request came to."
     )
@@ -34,6 +48,11 @@ class UploadSettings(CommonSettings):
     )
     cors_origins: list[str] | None = Field(
         None, description="Origins allowed to POST from a browser (JSON list); default the store's page."
+    )
+    resumable_expiry_s: float = Field(
+        24 * 3600,
+        gt=0,
+        description="How long an unfinished resumable (tus) upload is kept after its last write; then it is swept.",
     )
     relay_batch_size: int = Field(100, ge=1, le=1000, description="Outbox events published per request.")
     relay_backoff_initial_s: float = Field(0.5, gt=0, description="First retry delay when the router is down.")
@@ -50,6 +69,11 @@ class UploadSettings(CommonSettings):
             raise ValueError("name at least one rendition")
         return value
 
+    @field_validator("upload_database_url")
+    @classmethod
+    def _upload_database_url_valid(cls, value: str | None) -> str | None:
+        return check_database_url(value, "CATTUBE_UPLOAD_DATABASE_URL")
+
     @property
     def default_rendition_names(self) -> tuple[str, ...]:
         return parse_renditions(self.default_renditions, "default_renditions")
@@ -57,6 +81,21 @@ class UploadSettings(CommonSettings):
     @property
     def outbox_file(self) -> Path:
         return self.outbox_path or self.data_dir / "upload" / "outbox.db"
+
+    @property
+    def outbox_database_url(self) -> str | None:
+        """Where uploads and the outbox are, as a URL; None: the SQLite file `outbox_file`."""
+        return self.service_database_url(self.upload_database_url)
+
+    @property
+    def partials_dir(self) -> Path:
+        """Where unfinished resumable uploads wait for their next bytes (local scratch, never the bucket)."""
+        return self.data_dir / "upload" / "partials"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Local scratch for the probe's copy of uploads bound for a remote bucket (emptied at start-up)."""
+        return self.data_dir / "upload" / "spool"
 
     @property
     def allowed_origins(self) -> list[str]:

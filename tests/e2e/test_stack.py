@@ -9,8 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
+import av
 import httpx
+import m3u8
 import pytest
 
 from router.client import RouterClient
@@ -95,6 +98,20 @@ async def test_three_clips_become_ready_with_their_renditions(stack: Stack, tmp_
             assert ranged.headers["content-range"].startswith("bytes 0-99/")
             poster = await client.get(video["poster_url"])
             assert poster.status_code == 200 and poster.content[:2] == b"\xff\xd8"
+            # Adaptive streaming: the master playlist lists both rungs, and each plays whole over HTTP.
+            master = await client.get(video["hls_url"])
+            assert master.headers["content-type"] == "application/vnd.apple.mpegurl"
+            variants = {v.uri: v.stream_info.resolution for v in m3u8.M3U8(master.text, strict=True).playlists}
+            assert variants == {f"{rung}/index.m3u8": size for rung, size in sizes.items()}
+            for uri, size in variants.items():
+                frames = await asyncio.to_thread(decoded_frames, urljoin(video["hls_url"], uri))
+                assert frames == [size] * 50, uri  # 2 s at 25 fps
+
+
+def decoded_frames(url: str) -> list[tuple[int, int]]:
+    """Every video frame of an HLS media playlist, read over HTTP as a player would (PyAV's HLS demuxer)."""
+    with av.open(url) as container:
+        return [(frame.width, frame.height) for frame in container.decode(video=0)]
 
 
 async def test_delete_removes_every_blob(stack: Stack, tmp_path: Path) -> None:
@@ -102,7 +119,7 @@ async def test_delete_removes_every_blob(stack: Stack, tmp_path: Path) -> None:
         video_id = await upload(stack, make_clip(tmp_path / "gone.mp4", 320, 240, 1))
         await until(changes, {video_id}, FINAL)
     bucket = stack.data_dir / "bucket" / "videos" / video_id
-    assert any(bucket.iterdir())
+    assert any(bucket.iterdir()) and any((bucket / "hls").rglob("*.m4s"))
     async with RouterClient(stack.url("router"), token=stack.tokens["service"]) as router:
         async with httpx.AsyncClient() as client:
             processing = await client.get(f"{stack.url('processing')}/autoscaler", headers=stack.auth("service"))
@@ -169,3 +186,23 @@ async def test_tokens_and_page_link_survive_a_restart(stack: Stack) -> None:
             f"{stack.url('processing')}/autoscaler", json={"max_workers": 0}, headers=stack.auth("user")
         )
         assert page_token.status_code == 403
+
+
+async def test_a_clip_becomes_ready_with_the_services_on_postgresql(tmp_path: Path, database_url: str) -> None:
+    """Upload, processing and the store keep their tables in PostgreSQL (one database, a schema each)."""
+    services_on_postgres = {
+        f"CATTUBE_{name}_DATABASE_URL": database_url for name in ("UPLOAD", "PROCESSING", "STORE")
+    }  # the router keeps its SQLite file: its PostgreSQL store is not there yet
+    on_postgres = Stack(tmp_path / "data", CATTUBE_MAX_WORKERS="1", **services_on_postgres)
+    await on_postgres.start()
+    try:
+        async with watching(on_postgres) as changes:
+            video_id = await upload(on_postgres, make_clip(tmp_path / "cat.mp4", 640, 360, 1))
+            final = await until(changes, {video_id}, FINAL)
+        assert final[video_id]["status"] == "ready", final
+        async with httpx.AsyncClient(timeout=30) as client:
+            video = (await client.get(f"{on_postgres.url('store')}/videos/{video_id}")).json()
+            assert {r["name"] for r in video["renditions"]} == {"360p", "240p"}
+    finally:
+        await on_postgres.stop()
+    assert not (tmp_path / "data" / "store" / "catalog.db").exists()  # the catalog was never a SQLite file

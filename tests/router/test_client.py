@@ -12,7 +12,7 @@ import pytest
 from router.client import RouterClient, RouterError, RouterUnavailable, new_event
 from tests.process import ServiceProcess, free_port, service
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engines]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from router.client import RouterClient, RouterError, new_event
 from tests.process import ServiceProcess, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.engines]
 
 
 async def test_kill_9_under_concurrent_publishing_loses_nothing_acknowledged(tmp_path: Path) -> None:

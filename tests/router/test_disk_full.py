@@ -11,11 +11,14 @@ import json
 import sqlite3
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from router.stores.sqlite import SQLiteEventStore
 from router.stores.sqlite.core import storage_failure
 from tests.router.events import BATCH, event
+
+pytestmark = pytest.mark.sqlite
 
 
 async def set_max_pages(app: FastAPI, pages: int | None) -> None:

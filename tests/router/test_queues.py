@@ -16,6 +16,8 @@ from router.settings import RouterSettings
 from tests.conftest import running
 from tests.router.events import BATCH, STRUCTURED, event
 
+pytestmark = pytest.mark.engines  # CI runs these on PostgreSQL too (scripts/check)
+
 JSON_TYPE = {"Content-Type": "application/json"}
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from router.fanout import Fanout
 from router.notifier import InProcessNotifier
 from router.persistence import Delivery, SubscriptionSpec, spec_to_json
 from router.stores.sqlite import SQLiteEventStore
 from tests.router.test_store_contract import T0, ev, queue
+
+pytestmark = pytest.mark.sqlite
 
 BEFORE_THE_SEAM = """
 CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, id TEXT NOT NULL,

@@ -10,6 +10,8 @@ import pytest
 
 from tests.router.events import BATCH, event
 
+pytestmark = pytest.mark.engines  # CI runs these on PostgreSQL too (scripts/check)
+
 
 async def put(router: httpx.AsyncClient, name: str, **body: Any) -> httpx.Response:
     body.setdefault("pattern", None)

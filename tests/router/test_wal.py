@@ -17,7 +17,11 @@ from router.client import RouterClient, new_event
 from tests.process import service
 from tests.router.receiver import Receiver
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # ~35 s quiet; a loaded machine takes longer
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.sqlite,
+    pytest.mark.timeout(600),
+]  # ~35 s quiet; a loaded machine takes longer
 
 LIMIT_BYTES = 1024 * 1024
 EVENTS = 25_000

@@ -1,80 +1,41 @@
-// CatTube's page: upload straight to the upload service, follow the catalog live (server-sent
-// events from the store), play renditions, chart the autoscaler. No build step, no libraries.
+// CatTube's home page: upload straight to the upload service, follow the catalog live (server-sent
+// events from the store) as a grid of posters, chart the autoscaler. No player here: a card leads to
+// the video's watch page (watch.js). No build step, no libraries.
 "use strict";
 
-const config = JSON.parse(document.getElementById("cattube-config").textContent);
-const $ = (selector, root = document) => root.querySelector(selector);
-const TOKEN_KEY = "cattube.token";
-const PAGE_SIZE = 50;
-const CHART_WINDOW_MS = 15 * 60 * 1000;
+import { addScaling, drawScaling, loadScaling } from "./chart.js";
+import {
+  $,
+  STATUS_WORDS,
+  ago,
+  authHeaders,
+  canChange,
+  config,
+  duration,
+  follow,
+  forgetToken,
+  problemText,
+  size,
+  storeToken,
+  takeTokenFromAddress,
+  watchPath,
+} from "./shared.js";
 
+const PAGE_SIZE = 50;
 const versions = new Map(); // video_id -> highest version seen (a late copy never overwrites a newer one)
-let scaling = []; // autoscaler changes, oldest first
 let nextCursor = null;
 
-// -- the token (only when CATTUBE_TOKEN is set) ---------------------------------------------------
-
-// The browser may refuse storage (a private window, a policy): the page then keeps the token in memory.
-let memoryToken = null;
-function storedToken() {
-  try {
-    return localStorage.getItem(TOKEN_KEY) || memoryToken;
-  } catch {
-    return memoryToken;
-  }
-}
-function storeToken(token) {
-  memoryToken = token;
-  try {
-    localStorage.setItem(TOKEN_KEY, token);
-  } catch {}
-}
-
-// `cattube up` prints the page's address with the token after `#`: never sent to any server. A link
-// cut short or mangled on the way (`#token=%E0%A4%A`) must not stop the page: say so and go on.
-function takeTokenFromAddress() {
-  const match = location.hash.match(/(?:^#|&)token=([^&]*)/);
-  if (!match) return;
-  history.replaceState(null, "", location.pathname + location.search);
-  let token = null;
-  try {
-    token = decodeURIComponent(match[1]).trim();
-  } catch {}
-  if (token) {
-    storeToken(token);
-  } else {
-    $("#token-problem").hidden = false;
-    $("#token-problem").textContent =
-      "The token in this page's address could not be read (the link looks cut short or mangled). " +
-      "Open the link `cattube up` printed again, or paste the token below.";
-  }
-}
-
-// Without the token (when the stack has one), uploading, retrying and deleting would only fail: the page
-// shows what a visitor can do (watch) and how to get the rest.
-function canChange() {
-  return !config.token_required || Boolean(storedToken());
-}
-
-function authHeaders() {
-  const token = storedToken();
-  return token ? { Authorization: `Bearer ${token}` } : {};
-}
+// -- the token ------------------------------------------------------------------------------------
 
 function showControls() {
   const allowed = canChange();
   $("#upload-form").hidden = !allowed;
   $("#upload-locked").hidden = allowed;
   $("#token-panel").hidden = allowed;
-  for (const card of document.querySelectorAll(".video")) renderActions(card);
 }
 
 function askForToken() {
-  // A token that was refused: forget it, so the page stops offering what it cannot do.
-  memoryToken = null;
-  try {
-    localStorage.removeItem(TOKEN_KEY);
-  } catch {}
+  forgetToken();
   showControls();
   $("#token-input").focus();
 }
@@ -88,15 +49,6 @@ $("#token-form").addEventListener("submit", (event) => {
   $("#token-problem").hidden = true;
   showControls();
 });
-
-async function problemText(response) {
-  try {
-    const problem = await response.json();
-    return problem.detail || problem.title || response.statusText;
-  } catch {
-    return `${response.status} ${response.statusText}`;
-  }
-}
 
 // -- upload ---------------------------------------------------------------------------------------
 
@@ -114,13 +66,152 @@ function setupUploadForm() {
     label.append(box, ` ${name}`);
     choices.append(label);
   }
+  const summarize = () => {
+    const chosen = [...choices.querySelectorAll("input:checked")].map((box) => box.value);
+    $("#upload-renditions-summary").textContent = chosen.join(", ") || "none chosen";
+  };
+  choices.addEventListener("change", summarize);
+  form.addEventListener("reset", () => setTimeout(summarize));
+  summarize();
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     upload(form);
   });
 }
 
-function upload(form) {
+// Resumable (tus 1.0): the upload's URL is kept in localStorage under the file's name, size and date, so
+// choosing the same file again after a reload or a lost connection sends only what the server lacks.
+const TUS = { "Tus-Resumable": "1.0.0" };
+const CHUNK_BYTES = 8 * 1024 * 1024; // per PATCH: a connection lost mid-way costs at most this much again
+const RETRY_DELAYS_MS = [1000, 3000, 10000, 30000];
+
+class UploadRefused extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+function resumeKey(file) {
+  return `cattube.upload.${file.name}.${file.size}.${file.lastModified}`;
+}
+function rememberedUpload(file) {
+  try {
+    return localStorage.getItem(resumeKey(file));
+  } catch {
+    return null;
+  }
+}
+function rememberUpload(file, url) {
+  try {
+    localStorage.setItem(resumeKey(file), url);
+  } catch {}
+}
+function forgetUpload(file) {
+  try {
+    localStorage.removeItem(resumeKey(file));
+  } catch {}
+}
+
+function base64Text(text) {
+  let binary = "";
+  for (const byte of new TextEncoder().encode(text)) binary += String.fromCharCode(byte);
+  return btoa(binary);
+}
+
+async function refusedBy(response) {
+  return new UploadRefused(response.status, `Upload refused: ${await problemText(response)}`);
+}
+
+// How much of the upload at `url` the server has; null when it no longer knows it (expired, refused).
+async function tusOffset(url) {
+  const response = await fetch(url, { method: "HEAD", headers: { ...TUS, ...authHeaders() } });
+  if (response.status === 401) throw new UploadRefused(401, "Upload refused: the token was not accepted.");
+  const offset = response.headers.get("Upload-Offset");
+  return response.ok && offset !== null ? Number(offset) : null;
+}
+
+async function tusCreate(file, title, renditions) {
+  const metadata = { filename: file.name, title, renditions };
+  const response = await fetch(`${config.upload_url}/uploads`, {
+    method: "POST",
+    headers: {
+      ...TUS,
+      ...authHeaders(),
+      "Upload-Length": String(file.size),
+      "Upload-Metadata": Object.entries(metadata)
+        .map(([key, value]) => `${key} ${base64Text(value)}`)
+        .join(","),
+    },
+  });
+  if (response.status !== 201 || !response.headers.get("Location")) throw await refusedBy(response);
+  return response.headers.get("Location");
+}
+
+// One PATCH with XMLHttpRequest (fetch reports no upload progress); rejects only when the connection fails.
+function tusPatch(url, piece, offset, onProgress) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("PATCH", url);
+    const headers = { ...TUS, ...authHeaders(), "Upload-Offset": String(offset) };
+    headers["Content-Type"] = "application/offset+octet-stream";
+    for (const [name, value] of Object.entries(headers)) request.setRequestHeader(name, value);
+    request.upload.addEventListener("progress", (event) => onProgress(offset + event.loaded));
+    request.addEventListener("load", () => resolve(request));
+    request.addEventListener("error", () => reject(new Error("connection lost")));
+    request.send(piece);
+  });
+}
+
+function problemOf(request) {
+  try {
+    const problem = JSON.parse(request.responseText);
+    return problem.detail || problem.title || String(request.status);
+  } catch {
+    return String(request.status);
+  }
+}
+
+// Send `file` from wherever the server is; returns the video id (a tus upload's id is its video id).
+async function sendResumably(file, title, renditions, onProgress, onResume) {
+  let url = rememberedUpload(file);
+  let offset = url ? await tusOffset(url) : null;
+  if (offset === null) {
+    url = await tusCreate(file, title, renditions);
+    rememberUpload(file, url);
+    offset = 0;
+  } else if (offset > 0) {
+    onResume(offset);
+  }
+  let failures = 0;
+  while (offset < file.size) {
+    const end = Math.min(file.size, offset + CHUNK_BYTES);
+    let request = null;
+    try {
+      request = await tusPatch(url, file.slice(offset, end), offset, onProgress);
+    } catch {} // the connection was lost: ask where the server is, after a pause
+    if (request?.status === 204) {
+      offset = Number(request.getResponseHeader("Upload-Offset"));
+      failures = 0;
+      continue;
+    }
+    if (request && request.status < 500 && request.status !== 409) {
+      if (request.status !== 401) forgetUpload(file); // refused for good: the server kept nothing of it
+      throw new UploadRefused(request.status, `Upload refused: ${problemOf(request)}`);
+    }
+    if (failures === RETRY_DELAYS_MS.length) {
+      throw new Error(`The upload service at ${config.upload_url} cannot be reached; choose the file again to resume.`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, RETRY_DELAYS_MS[failures++]));
+    const known = await tusOffset(url).catch(() => undefined);
+    if (known === null) throw new Error("The upload was lost on the server (it expired): choose the file again.");
+    if (known !== undefined) offset = known;
+  }
+  forgetUpload(file);
+  return url.split("/").pop();
+}
+
+async function upload(form) {
   const status = $("#upload-status");
   const bar = $("#upload-progress");
   const button = $("#upload-submit");
@@ -130,46 +221,38 @@ function upload(form) {
     return;
   }
   const file = $("#upload-file").files[0];
-  const body = new FormData();
-  body.append("title", $("#upload-title").value.trim() || file.name);
-  body.append("renditions", renditions.join(","));
-  body.append("file", file);
-
-  // XMLHttpRequest, not fetch: it reports upload progress.
-  const request = new XMLHttpRequest();
-  request.open("POST", `${config.upload_url}/videos`);
-  for (const [name, value] of Object.entries(authHeaders())) request.setRequestHeader(name, value);
-  request.upload.addEventListener("progress", (event) => {
-    if (event.lengthComputable) bar.value = (100 * event.loaded) / event.total;
-  });
-  request.addEventListener("load", () => {
-    button.disabled = false;
-    bar.hidden = true;
-    let answer = {};
-    try {
-      answer = JSON.parse(request.responseText);
-    } catch {}
-    if (request.status === 202) {
-      showStatus(status, "done", `Uploaded: video ${answer.video_id} is on its way.`);
-      form.reset();
-      $("#upload-renditions").querySelectorAll("input").forEach((box) => {
-        box.checked = config.default_renditions.includes(box.value);
-      });
-    } else {
-      if (request.status === 401) askForToken();
-      showStatus(status, "error", `Upload refused: ${answer.detail || answer.title || request.status}`);
-    }
-  });
-  request.addEventListener("error", () => {
-    button.disabled = false;
-    bar.hidden = true;
-    showStatus(status, "error", `The upload service at ${config.upload_url} cannot be reached.`);
-  });
+  const title = $("#upload-title").value.trim() || file.name;
   button.disabled = true;
   bar.hidden = false;
   bar.value = 0;
   showStatus(status, "uploading", `Uploading ${file.name}…`);
-  request.send(body);
+  const progress = (sent) => {
+    bar.value = file.size ? (100 * sent) / file.size : 100;
+  };
+  const resumed = (offset) => {
+    progress(offset);
+    showStatus(status, "uploading", `Resuming ${file.name} at ${Math.floor((100 * offset) / file.size)}%…`);
+  };
+  try {
+    const videoId = await sendResumably(file, title, renditions.join(","), progress, resumed);
+    const link = document.createElement("a");
+    link.href = watchPath(videoId);
+    link.textContent = title;
+    showStatus(status, "done", "Uploaded: ");
+    status.append(link, " is on its way.");
+    form.reset();
+    $("#upload-renditions").querySelectorAll("input").forEach((box) => {
+      box.checked = config.default_renditions.includes(box.value);
+    });
+  } catch (error) {
+    if (error.status === 401) askForToken();
+    // fetch rejects with a TypeError when the service cannot be reached at all.
+    const unreachable = error instanceof TypeError;
+    showStatus(status, "error", unreachable ? `The upload service at ${config.upload_url} cannot be reached.` : error.message);
+  } finally {
+    button.disabled = false;
+    bar.hidden = true;
+  }
 }
 
 function showStatus(element, state, text) {
@@ -177,10 +260,10 @@ function showStatus(element, state, text) {
   element.textContent = text;
 }
 
-// -- the list of videos ---------------------------------------------------------------------------
+// -- the grid of videos ---------------------------------------------------------------------------
 
 function cardOf(videoId) {
-  return document.querySelector(`.video[data-video-id="${CSS.escape(videoId)}"]`);
+  return document.querySelector(`.card[data-video-id="${CSS.escape(videoId)}"]`);
 }
 
 function upsert(video, { append = false } = {}) {
@@ -203,160 +286,82 @@ function upsert(video, { append = false } = {}) {
   updateEmpty();
 }
 
+// One link per card (the title); the poster repeats it for the pointer, hidden from the keyboard and
+// screen readers so a card is one stop, not two.
 function newCard(video) {
   const card = document.createElement("li");
-  card.className = "video";
+  card.className = "card";
   card.dataset.videoId = video.video_id;
   const titleId = `title-${video.video_id}`;
+  const href = watchPath(video.video_id);
   card.innerHTML = `
-    <header><h3 id="${titleId}"></h3><span class="status" data-testid="status"></span></header>
-    <div class="progress-row" hidden><progress max="100" value="0" data-testid="progress"></progress><span class="percent"></span></div>
-    <p class="error" role="alert" hidden></p>
-    <p class="note" hidden></p>
-    <div class="player" hidden></div>
-    <div class="actions">
-      <button type="button" data-action="retry" hidden>Retry</button>
-      <button type="button" class="danger" data-action="delete">Delete</button>
-      <button type="button" class="danger" data-action="confirm-delete" hidden>Delete for good</button>
-      <button type="button" class="secondary" data-action="cancel-delete" hidden>Keep it</button>
-    </div>
-    <p class="meta"></p>`;
+    <a class="thumb" tabindex="-1" aria-hidden="true">
+      <img alt="" decoding="async" data-testid="poster" hidden>
+      <span class="placeholder" hidden><span class="placeholder-text"></span>
+        <progress max="100" value="0" data-testid="progress" hidden></progress></span>
+      <span class="duration" hidden></span>
+    </a>
+    <div class="card-body">
+      <h3 id="${titleId}" class="card-title"><a data-testid="title"></a></h3>
+      <p class="byline"><span class="status" data-testid="status"></span><span class="facts"></span></p>
+      <p class="error" hidden></p>
+      <details class="details"><summary>Details</summary><dl></dl></details>
+    </div>`;
+  for (const link of card.querySelectorAll("a")) link.href = href;
   card.setAttribute("aria-labelledby", titleId);
-  card.querySelector(".actions").addEventListener("click", (event) => act(card, event.target.closest("button")));
   return card;
 }
 
 function render(card, video) {
   card.dataset.status = video.status;
   card.dataset.version = video.version;
-  const title = video.title || video.video_id;
-  $("h3", card).textContent = title;
-  $(".status", card).textContent = video.status;
+  const title = video.title || "Untitled";
+  $(".card-title a", card).textContent = title;
 
+  const poster = $("img", card);
+  const showPoster = video.status === "ready" && Boolean(video.poster_url);
+  poster.hidden = !showPoster;
+  if (showPoster && poster.getAttribute("src") !== video.poster_url) poster.src = video.poster_url;
+  const placeholder = $(".placeholder", card);
+  placeholder.hidden = showPoster;
   const processing = video.status === "processing" || video.status === "uploaded";
-  const row = $(".progress-row", card);
-  row.hidden = !processing;
   const percent = Math.round(video.progress ?? 0);
-  $("progress", row).value = percent;
-  $("progress", row).setAttribute("aria-label", `Transcoding progress of ${title}`);
-  $(".percent", row).textContent =
-    video.status === "uploaded" ? "waiting for a worker" : `${percent}%${video.speed ? ` · ${video.speed}× real time` : ""}`;
+  $(".placeholder-text", card).textContent =
+    video.status === "processing" ? `Processing ${percent}%` : STATUS_WORDS[video.status] || video.status;
+  const bar = $("progress", placeholder);
+  bar.hidden = !processing;
+  bar.value = percent;
+  bar.setAttribute("aria-label", `Transcoding progress of ${title}`);
+  const length = $(".duration", card);
+  length.hidden = !video.duration_s;
+  length.textContent = duration(video.duration_s);
 
+  const status = $(".status", card);
+  status.hidden = video.status === "ready";
+  status.textContent = STATUS_WORDS[video.status] || video.status;
+  card.dataset.createdAt = video.created_at || "";
+  $(".facts", card).textContent = ago(video.created_at);
   const error = $(".error", card);
   error.hidden = video.status !== "failed";
   error.textContent = video.error || "";
-  const note = $(".note", card);
-  note.hidden = !(processing && video.last_error);
-  note.textContent = video.last_error ? `An attempt failed, trying again: ${video.last_error}` : "";
 
-  // Only what the store's retry accepts (its record says so): a button that can only get a 409 is a lie.
-  card.dataset.retryable = String(Boolean(video.retryable));
-  renderActions(card);
-  renderPlayer($(".player", card), video, title);
-
-  const facts = [video.video_id];
-  if (video.width && video.height) facts.push(`${video.width}×${video.height}`);
-  if (video.duration_s) facts.push(`${video.duration_s.toFixed(1)} s`);
-  if (video.skipped?.length) facts.push(`skipped ${video.skipped.join(", ")} (larger than the source)`);
-  if (video.created_at) facts.push(new Date(video.created_at).toLocaleString());
-  $(".meta", card).textContent = facts.join(" · ");
+  // What a person rarely needs, out of the way: ids, sizes, what was skipped.
+  const facts = [["Video id", video.video_id]];
+  if (video.width && video.height) facts.push(["Source", `${video.width}×${video.height}`]);
+  if (video.renditions.length) {
+    facts.push(["Renditions", video.renditions.map((r) => `${r.name} (${size(r.size_bytes)})`).join(", ")]);
+  }
+  if (video.skipped?.length) facts.push(["Skipped", `${video.skipped.join(", ")} (larger than the source)`]);
+  if (video.created_at) facts.push(["Uploaded", new Date(video.created_at).toLocaleString()]);
+  $(".details dl", card).replaceChildren(
+    ...facts.flatMap(([term, value]) => [element("dt", term), element("dd", value)]),
+  );
 }
 
-function renderActions(card) {
-  const allowed = canChange();
-  $(".actions", card).hidden = !allowed;
-  $('[data-action="retry"]', card).hidden = !(allowed && card.dataset.retryable === "true");
-}
-
-function renderPlayer(player, video, title) {
-  if (video.status !== "ready" || !video.renditions.length) {
-    player.hidden = true;
-    player.replaceChildren();
-    return;
-  }
-  player.hidden = false;
-  const signature = video.renditions.map((r) => `${r.name}:${r.size_bytes}`).join(",");
-  if (player.dataset.signature === signature) return; // keep playing: nothing to change
-  player.dataset.signature = signature;
-  const element = document.createElement("video");
-  element.controls = true;
-  element.preload = "metadata";
-  element.playsInline = true;
-  element.dataset.testid = "player";
-  element.setAttribute("aria-label", `${title}, video`);
-  if (video.poster_url) element.poster = video.poster_url;
-  const picker = document.createElement("div");
-  picker.className = "rendition-picker";
-  picker.setAttribute("role", "group");
-  picker.setAttribute("aria-label", `Renditions of ${title}`);
-  for (const rendition of video.renditions) {
-    const button = document.createElement("button");
-    button.type = "button";
-    button.dataset.rendition = rendition.name;
-    button.dataset.testid = `rendition-${rendition.name}`;
-    button.textContent = `${rendition.name} · ${rendition.width}×${rendition.height} · ${size(rendition.size_bytes)}`;
-    button.addEventListener("click", () => choose(element, picker, rendition));
-    picker.append(button);
-  }
-  player.replaceChildren(element, picker);
-  choose(element, picker, video.renditions[0]);
-}
-
-function choose(element, picker, rendition) {
-  const at = element.currentTime;
-  const playing = !element.paused;
-  element.src = rendition.url;
-  element.dataset.rendition = rendition.name;
-  if (at) element.currentTime = at;
-  if (playing) element.play().catch(() => {});
-  for (const button of picker.querySelectorAll("button")) {
-    button.setAttribute("aria-pressed", String(button.dataset.rendition === rendition.name));
-  }
-}
-
-async function act(card, button) {
-  if (!button) return;
-  const id = card.dataset.videoId;
-  const confirm = $('[data-action="confirm-delete"]', card);
-  const cancel = $('[data-action="cancel-delete"]', card);
-  const remove = $('[data-action="delete"]', card);
-  const asking = (on) => {
-    confirm.hidden = cancel.hidden = !on;
-    remove.hidden = on;
-    if (on) confirm.focus();
-  };
-  if (button.dataset.action === "delete") return asking(true);
-  if (button.dataset.action === "cancel-delete") return asking(false);
-  const [method, url] =
-    button.dataset.action === "retry"
-      ? ["POST", `/videos/${encodeURIComponent(id)}/retry`]
-      : ["DELETE", `/videos/${encodeURIComponent(id)}`];
-  button.disabled = true;
-  try {
-    const response = await fetch(url, { method, headers: authHeaders() });
-    if (response.status === 401) askForToken();
-    if (!response.ok) throw new Error(await problemText(response));
-    upsert(await response.json());
-  } catch (error) {
-    const note = $(".note", card);
-    note.hidden = false;
-    note.textContent = String(error.message || error);
-  } finally {
-    button.disabled = false;
-    if (cardOf(id)) asking(false);
-  }
-}
-
-function size(bytes) {
-  if (bytes == null) return "?";
-  const units = ["B", "KB", "MB", "GB"];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1000 && unit < units.length - 1) {
-    value /= 1000;
-    unit += 1;
-  }
-  return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
+function element(name, text) {
+  const node = document.createElement(name);
+  node.textContent = text;
+  return node;
 }
 
 function updateEmpty() {
@@ -387,118 +392,28 @@ async function loadVideos({ more = false } = {}) {
 
 $("#videos-more").addEventListener("click", () => loadVideos({ more: true }));
 
-// -- the autoscaler chart -------------------------------------------------------------------------
+// -- start ----------------------------------------------------------------------------------------
 
-const SVG = "http://www.w3.org/2000/svg";
-
-function svg(name, attributes, text) {
-  const element = document.createElementNS(SVG, name);
-  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
-  if (text !== undefined) element.textContent = text;
-  return element;
+if (takeTokenFromAddress()) {
+  $("#token-problem").hidden = false;
+  $("#token-problem").textContent =
+    "The token in this page's address could not be read (the link looks cut short or mangled). " +
+    "Open the link `cattube up` printed again, or paste the token below.";
 }
-
-function addScaling(point) {
-  const key = (p) => `${p.at}|${p.from}|${p.to}|${p.backlog}`;
-  if (scaling.some((p) => key(p) === key(point))) return;
-  scaling.push(point);
-  scaling.sort((a, b) => new Date(a.at) - new Date(b.at));
-  drawScaling();
-}
-
-function drawScaling() {
-  const chart = $("#scaling-chart");
-  for (const child of [...chart.children]) if (!["title", "desc"].includes(child.tagName)) child.remove();
-  const [width, height, left, right, top, bottom] = [640, 220, 34, 12, 10, 26];
-  const now = Date.now();
-  const points = scaling.map((p) => ({ ...p, t: new Date(p.at).getTime() }));
-
-  const counts = points.length ? [points[0].from, ...points.map((p) => p.to)] : [0];
-  const story = counts.filter((count, i) => i === 0 || count !== counts[i - 1]).slice(-12);
-  $("#scaling-story").textContent = story.join(" → ");
-
-  const start = points.length ? Math.max(points[0].t - 2000, now - CHART_WINDOW_MS) : now - 60000;
-  const end = Math.max(now, start + 10000);
-  const before = points.filter((p) => p.t <= start).at(-1);
-  let workers = before ? before.to : points.length ? points[0].from : 0;
-  let backlog = before ? before.backlog : 0;
-  const visible = points.filter((p) => p.t > start);
-  const max = Math.max(1, workers, backlog, ...visible.map((p) => Math.max(p.to, p.backlog)));
-  const x = (t) => left + ((t - start) / (end - start)) * (width - left - right);
-  const y = (v) => top + (1 - v / max) * (height - top - bottom);
-
-  const step = Math.max(1, Math.ceil(max / 5));
-  for (let value = 0; value <= max; value += step) {
-    chart.append(svg("line", { class: "axis", x1: left, x2: width - right, y1: y(value), y2: y(value) }));
-    chart.append(svg("text", { class: "label", x: left - 6, y: y(value) + 4, "text-anchor": "end" }, value));
-  }
-  const clock = (t) => new Date(t).toLocaleTimeString();
-  chart.append(svg("text", { class: "label", x: left, y: height - 6 }, clock(start)));
-  chart.append(svg("text", { class: "label", x: width - right, y: height - 6, "text-anchor": "end" }, clock(end)));
-
-  let workersPath = `M ${x(start)} ${y(workers)}`;
-  let backlogPath = `M ${x(start)} ${y(backlog)}`;
-  for (const p of visible) {
-    workersPath += ` H ${x(p.t)} V ${y(p.to)}`;
-    backlogPath += ` H ${x(p.t)} V ${y(p.backlog)}`;
-    workers = p.to;
-    backlog = p.backlog;
-  }
-  workersPath += ` H ${x(end)}`;
-  backlogPath += ` H ${x(end)}`;
-  // Backlog on top, dashed: with one job per worker the two lines often coincide.
-  chart.append(svg("path", { class: "workers", d: workersPath, "data-testid": "workers-line" }));
-  chart.append(svg("path", { class: "backlog", d: backlogPath, "data-testid": "backlog-line" }));
-  $("#scaling-desc").textContent = points.length
-    ? `Workers went ${story.join(", then ")}; now ${workers} running with a backlog of ${backlog}.`
-    : "No scaling yet: no workers are running.";
-
-  const rows = points.slice(-20).reverse().map((p) => {
-    const row = document.createElement("tr");
-    for (const text of [clock(p.t), `${p.from} → ${p.to}`, p.backlog, p.reason]) {
-      const cell = document.createElement("td");
-      cell.textContent = text;
-      row.append(cell);
-    }
-    return row;
-  });
-  $("#scaling-table tbody").replaceChildren(...rows);
-}
-
-async function loadScaling() {
-  const response = await fetch("/autoscaler/history?limit=1000");
-  if (!response.ok) return;
-  const live = scaling;
-  scaling = (await response.json()).items;
-  for (const point of live) addScaling(point);
-  drawScaling();
-}
-
-// -- live updates ---------------------------------------------------------------------------------
-
-function connect() {
-  const connection = $("#connection");
-  const events = new EventSource("/events");
-  // `ready` comes once the store listens for us: load the lists then, so no change falls in between.
-  events.addEventListener("ready", () => {
-    connection.dataset.state = "live";
-    connection.textContent = "Live";
-    loadVideos();
-    loadScaling();
-  });
-  events.addEventListener("video", (event) => upsert(JSON.parse(event.data)));
-  events.addEventListener("scaled", (event) => addScaling(JSON.parse(event.data)));
-  events.addEventListener("error", () => {
-    // EventSource reconnects by itself; `ready` reloads the lists when it is back.
-    connection.dataset.state = "reconnecting";
-    connection.textContent = "Reconnecting…";
-  });
-}
-
-takeTokenFromAddress();
 setupUploadForm();
 showControls();
 drawScaling();
-connect();
-// The chart's time axis moves on while nothing changes.
-setInterval(() => document.visibilityState === "visible" && drawScaling(), 5000);
+follow("/events", {
+  onReady: () => {
+    loadVideos();
+    loadScaling();
+  },
+  onVideo: upsert,
+  onScaled: addScaling,
+});
+// The chart's time axis and the cards' "3 minutes ago" move on while nothing changes.
+setInterval(() => {
+  if (document.visibilityState !== "visible") return;
+  drawScaling();
+  for (const card of document.querySelectorAll(".card")) $(".facts", card).textContent = ago(card.dataset.createdAt);
+}, 5000);

@@ -18,6 +18,7 @@ from tests.e2e.stack import Stack
 from tests.process import REPO, free_port
 
 pytestmark = pytest.mark.slow
+SERVICES_IN_STOP_ORDER = ("upload", "store", "processing", "router")
 
 
 async def test_a_taken_port_is_named_with_its_variable_and_nothing_starts(tmp_path: Path) -> None:
@@ -85,14 +86,14 @@ async def test_ctrl_c_stops_the_services_in_order_with_the_router_last(stack: St
     assert code == 0
     await stack.stop()
     assert [line for line in steps(stack) if line.startswith("CatTube: stopping ") or line.endswith(" stopped")] == [
-        line for name in STOP_ORDER for line in (f"CatTube: stopping {name}", f"CatTube: {name} stopped")
+        line for name in SERVICES_IN_STOP_ORDER for line in (f"CatTube: stopping {name}", f"CatTube: {name} stopped")
     ], stack.log[-40:]
-    assert list(STOP_ORDER) == ["upload", "store", "processing", "router"]
+    assert STOP_ORDER == (*SERVICES_IN_STOP_ORDER, "s3")  # a cluster's bucket goes last
 
 
 async def test_a_second_ctrl_c_kills_every_service_at_once(stack: Stack) -> None:
     assert stack.proc is not None
-    pids = {name: stack.pid_of(name) for name in STOP_ORDER}
+    pids = {name: stack.pid_of(name) for name in SERVICES_IN_STOP_ORDER}
     os.kill(pids["upload"], signal.SIGSTOP)  # a service that will not stop: the first Ctrl-C waits on it
     stack.proc.send_signal(signal.SIGINT)
     await stack.wait_line("CatTube: stopping upload")

@@ -230,6 +230,20 @@ async def test_delete_prefix_removes_one_video_only(store: BlobStore) -> None:
             await store.delete_prefix(bad)
 
 
+async def test_delete_removes_one_object_and_its_checksum(store: BlobStore) -> None:
+    await store.write(video_key("v1", "master.mp4"), chunks(b"streamed"))  # on S3 its checksum has a sidecar
+    await store.write(video_key("v1", "poster.jpg"), chunks(b"kept"))
+    await store.delete(video_key("v1", "master.mp4"))
+    assert await store.stat(video_key("v1", "master.mp4")) is None
+    assert await leftovers(store) == ["videos/v1/poster.jpg"]  # no sidecar, no temporary file left
+    await store.delete(video_key("v1", "master.mp4"))  # already gone: nothing to do
+    await store.delete("videos/v1")  # a prefix, not an object: nothing to do
+    await store.delete("videos/v1/poster.jpg/below")  # below an object: nothing there
+    assert await store.list("") == ["videos/v1/poster.jpg"]
+    with pytest.raises(InvalidInput):
+        await store.delete("../escape")
+
+
 def test_file_store_reads_in_place_and_writes_under_its_root(tmp_path: Path) -> None:
     store = open_blob_store((tmp_path / "bucket").as_uri())
     assert isinstance(store, FileBlobStore)

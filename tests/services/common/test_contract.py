@@ -4,7 +4,6 @@ one is refused naming its field, and every service uses the one ladder."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,15 @@ from router.client import new_event
 from services.cli import upload as cli_upload
 from services.common import contract
 from services.common.blobs import BlobInfo
-from services.common.database import Database
+from services.common.db import Connection, SQLiteDatabase
 from services.common.errors import InvalidInput
+from services.common.outbox import OUTBOX
 from services.processing import events
 from services.processing.job import parse_request
 from services.processing.ladder import RUNG_NAMES, plan_ladder
 from services.processing.worker import PermanentFailure
 from services.store.catalog import Catalog
-from services.store.tables import SCHEMA
+from services.store.tables import CATALOG
 from services.upload.metadata import parse_renditions
 from services.upload.probe import Probe
 from services.upload.uploads import Described, _uploaded
@@ -56,6 +56,7 @@ def processing_events(video_id: str = "v1") -> list[dict[str, Any]]:
             renditions=[rendition],
             skipped=["1080p"],
             poster_uri=f"{BUCKET}poster.jpg",
+            hls_uri=f"{BUCKET}hls/0123456789ab/master.m3u8",
             elapsed_s=3.14159,
             worker="worker-a-1",
             attempt=1,
@@ -64,8 +65,9 @@ def processing_events(video_id: str = "v1") -> list[dict[str, Any]]:
 
 
 async def store_events(tmp_path: Path) -> list[dict[str, Any]]:
-    """What the store publishes when fed the real producers' events: ready, failed, retry-requested, deleted."""
-    db = Database(tmp_path / "catalog.db", SCHEMA)
+    """What the store publishes when fed the real producers' events: ready, failed, retry-requested, updated,
+    deleted."""
+    db = SQLiteDatabase(tmp_path / "catalog.db", [CATALOG, OUTBOX])
     await db.open()
     try:
         catalog = Catalog(db, public_url="http://store")
@@ -73,14 +75,15 @@ async def store_events(tmp_path: Path) -> list[dict[str, Any]]:
             await catalog.apply(event)
         await catalog.apply(events.failed("v2", "1.1-cd", attempt=1, permanent=True, reason="Unreadable."))
         await catalog.request_retry("v2")
+        await catalog.edit("v2", title="Mittens", description="Asleep\nagain")
         await catalog.delete("v1")
+
+        def owed(conn: Connection) -> list[dict[str, Any]]:
+            return [json.loads(row["event"]) for row in conn.fetch("SELECT event FROM outbox ORDER BY seq")]
+
+        return await db.transact(owed)
     finally:
         await db.close()
-    conn = sqlite3.connect(tmp_path / "catalog.db")
-    try:
-        return [json.loads(row[0]) for row in conn.execute("SELECT event FROM outbox ORDER BY seq")]
-    finally:
-        conn.close()
 
 
 async def test_every_producer_s_event_reads_back_through_its_model_unchanged(tmp_path: Path) -> None:
@@ -118,6 +121,7 @@ async def test_the_store_s_retry_repeats_the_upload_s_master_and_probe(tmp_path:
         (contract.TRANSCODE_COMPLETED, {"video_id": "v1", "renditions": [{"name": "720p"}]}, "data.renditions[0].uri"),
         (contract.TRANSCODE_COMPLETED, {"video_id": "v1", "renditions": [{"name": "4k", "uri": "u"}]},
          "data.renditions[0].name"),
+        (contract.TRANSCODE_COMPLETED, {"video_id": "v1", "renditions": [], "hls": {"url": "u"}}, "data.hls.uri"),
         (contract.TRANSCODE_PROGRESS, {"video_id": "v1", "percent": "50"}, "data.percent"),
         (contract.TRANSCODE_STARTED, {"video_id": "v1", "attempt": True}, "data.attempt"),
         (contract.TRANSCODE_FAILED, {"video_id": "../etc"}, "data.video_id"),
@@ -126,6 +130,8 @@ async def test_the_store_s_retry_repeats_the_upload_s_master_and_probe(tmp_path:
         (contract.UPLOADED, {"video_id": "v1", "probe": {"width": 1.5}}, "data.probe.width"),
         (contract.DEAD_LETTERED, {"event_id": "e1"}, "data.subscription"),
         (contract.VIDEO_DELETED, [], "data"),
+        (contract.VIDEO_UPDATED, {"video_id": "v1", "title": "Mittens"}, "data.revision"),
+        (contract.VIDEO_UPDATED, {"video_id": "v1", "description": 5, "revision": 1}, "data.description"),
     ],
 )  # fmt: skip
 def test_malformed_data_is_refused_naming_the_field(kind: str, data: Any, field: str) -> None:
@@ -142,7 +148,7 @@ def test_an_event_type_outside_the_contract_is_refused_by_the_default_parse() ->
 
 
 async def test_the_store_refuses_a_completed_without_renditions(tmp_path: Path) -> None:
-    db = Database(tmp_path / "catalog.db", SCHEMA)
+    db = SQLiteDatabase(tmp_path / "catalog.db", [CATALOG, OUTBOX])
     await db.open()
     try:
         catalog = Catalog(db, public_url="http://store")
@@ -151,6 +157,19 @@ async def test_the_store_refuses_a_completed_without_renditions(tmp_path: Path) 
             await catalog.apply(bad)
     finally:
         await db.close()
+
+
+def test_a_completed_from_before_hls_still_reads() -> None:
+    old = processing_events()[2]
+    del old["data"]["hls"]
+    data = contract.parse(old, contract.TranscodeCompleted)
+    assert data.hls is None and data.renditions[0].name == "720p"
+
+
+async def test_the_ready_event_carries_the_playlist_s_url_and_uri(tmp_path: Path) -> None:
+    ready = next(e for e in await store_events(tmp_path) if e["type"] == contract.VIDEO_READY)
+    assert ready["data"]["hls_url"] == "http://store/videos/v1/hls/0123456789ab/master.m3u8"
+    assert ready["data"]["hls_uri"] == f"{BUCKET}hls/0123456789ab/master.m3u8"
 
 
 def test_processing_fails_a_malformed_job_permanently_naming_the_field() -> None:

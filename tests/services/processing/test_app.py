@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import m3u8
 import pytest
 from fastapi import FastAPI
 
@@ -17,12 +18,14 @@ from router.api import SUBSCRIPTION_NAME
 from router.client import RouterClient, new_event
 from services.common.blobs import FileBlobStore, video_key
 from services.common.errors import Unavailable
+from services.common.s3_blobs import S3BlobStore
 from services.processing.app import create_app
 from services.processing.deletions import deletions_queue_name
 from services.processing.settings import ProcessingSettings
 from tests.conftest import running
-from tests.media import make_clip
+from tests.media import make_clip, probe_of
 from tests.replicas import DOWN, Replicas
+from tests.s3 import CLIENT, S3Server, fresh_bucket
 from tests.services.processing.test_transcode import children_of_this_process
 
 PROBE = {"duration_s": 1.0, "width": 320, "height": 180, "fps": 10.0, "video_codec": "h264", "rotation": 0}
@@ -388,24 +391,25 @@ class StatsWatch(httpx.AsyncBaseTransport):
     """The router's transport, telling when the autoscaler has read the transcode queue's numbers of a version.
 
     `watch_stats` asks for the numbers after version V only once its reader (the autoscaler) has acted on V.
+    Versions are digests of the numbers (router.bus.stats_version), not a count: remember each one asked.
     """
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self.inner = inner
-        self.acted_on = -1
+        self.acted_on: set[int] = set()
         self.changed = asyncio.Condition()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         version = request.url.params.get("version")
         if request.url.path == "/subscriptions/transcode/stats" and version is not None:
             async with self.changed:
-                self.acted_on = max(self.acted_on, int(version))
+                self.acted_on.add(int(version))
                 self.changed.notify_all()
         return await self.inner.handle_async_request(request)
 
     async def until_acted_on(self, version: int) -> None:
         async with asyncio.timeout(10), self.changed:
-            await self.changed.wait_for(lambda: self.acted_on >= version)
+            await self.changed.wait_for(lambda: version in self.acted_on)
 
 
 async def test_jobs_another_instance_holds_ask_for_no_workers_here(
@@ -508,3 +512,49 @@ async def test_a_missing_bucket_is_named_by_readyz_and_the_service_stays_up(tmp_
         assert (await api.get("/healthz")).status_code == 200
         ready = await api.get("/readyz")
         assert ready.status_code == 503 and f"the bucket '{missing}' does not exist" in ready.json()["detail"]
+
+
+async def test_a_stopping_instance_announces_it_runs_no_workers_any_more(
+    make_stack: Callable[..., Any], router_app: FastAPI
+) -> None:
+    # Otherwise the store would count its last workers in the fleet for as long as it stays away.
+    async for stack in make_stack(instance="edge-3", min_workers=1):
+        await observe(stack.router)
+        await events_until(stack.router, lambda seen: any(e["data"]["to"] == 1 for e in seen))
+    async with RouterClient("http://router", transport=httpx.ASGITransport(app=router_app)) as router:
+        (last,) = await events_until(router, lambda seen: bool(seen))
+    assert last["type"] == "cattube.processing.scaled"
+    assert (last["data"]["instance"], last["data"]["from"], last["data"]["to"]) == ("edge-3", 1, 0)
+    assert last["data"]["reason"] == "the instance stopped"
+
+
+async def test_a_job_on_an_s3_bucket_stores_its_hls_package_and_a_deletion_takes_it(
+    make_stack: Callable[..., Any], s3: S3Server, s3_env: None, tmp_path: Path
+) -> None:
+    async with fresh_bucket(s3) as bucket:
+        url = f"s3://{bucket}/media"
+        store = S3BlobStore(url, config=s3.config(), client_options=CLIENT)  # type: ignore[arg-type]
+        clip = make_clip(tmp_path / "clip.mp4", 320, 180, 1)
+        async for stack in make_stack(blob_url=url):
+            await observe(stack.router)
+            master = await store.put_file(video_key("cloudy", "master.mp4"), clip)
+            await stack.router.publish(uploaded("cloudy", master.uri, probe=probe_of(clip)))
+            seen = await events_until(
+                stack.router, lambda seen: any(e["type"] == "cattube.transcode.completed" for e in seen), 30
+            )
+            (completed,) = [e["data"] for e in seen if e["type"] == "cattube.transcode.completed"]
+            hls_key = store.key_of(completed["hls"]["uri"])
+            folder = hls_key.rsplit("/", 1)[0]
+            assert sorted(await store.list(f"{folder}/")) == [
+                f"{folder}/144p/index.m3u8", f"{folder}/144p/init.mp4", f"{folder}/144p/seg-00000.m4s", hls_key,
+            ]  # fmt: skip
+            text = b"".join([chunk async for chunk in store.read(hls_key)]).decode()
+            assert [v.uri for v in m3u8.M3U8(text, strict=True).playlists] == ["144p/index.m3u8"]
+
+            await stack.router.publish(
+                new_event("cattube.video.deleted", "cattube/store", {"video_id": "cloudy"}, id="cloudy/deleted")
+            )
+            async for stats in stack.router.watch_stats(deletions_queue_name(socket.gethostname()), wait_s=5):
+                if stats.delivered_total == 1 and (stats.backlog, stats.in_flight) == (0, 0):
+                    break
+            assert await store.list("videos/cloudy/") == []

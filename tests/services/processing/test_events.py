@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from pathlib import Path
 
@@ -11,14 +12,14 @@ import pytest
 from fastapi import FastAPI
 
 from router.client import RouterClient
-from services.common.database import Database
-from services.common.outbox import OUTBOX_SCHEMA
+from services.common.db import PostgresDatabase, SQLiteDatabase
 from services.processing import events
-from services.processing.events import EventSink
+from services.processing.events import MIGRATIONS, EventSink, OutboxUnavailable
+from tests.stoppable_postgres import stoppable_postgres
 
 
 def sink_for(path: Path, client: RouterClient) -> EventSink:
-    return EventSink(Database(path, OUTBOX_SCHEMA, name="outbox"), client)
+    return EventSink(SQLiteDatabase(path, MIGRATIONS, name="outbox"), client)
 
 
 async def test_events_the_router_cannot_take_wait_in_the_outbox_and_go_out_after_a_restart(
@@ -60,3 +61,70 @@ async def test_events_the_router_cannot_take_wait_in_the_outbox_and_go_out_after
             await sink.close(timeout_s=1)
             await asyncio.gather(relay, return_exceptions=True)
     assert seen == [f"v1/progress/1.1-ab/{n + 1}" for n in range(12)] + ["scaled/i1/5eed/1"]
+
+
+class RecordingRouter:
+    """Takes every publish and remembers the event ids, in order."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.arrived = asyncio.Event()
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        batch = json.loads(request.content)
+        self.ids += [event["id"] for event in batch]
+        self.arrived.set()
+        results = [{"id": event["id"], "sequence": len(self.ids), "duplicate": False} for event in batch]
+        return httpx.Response(202, json={"results": results})
+
+    def client(self) -> RouterClient:
+        return RouterClient("http://router", transport=httpx.MockTransport(self.handle), retries=0)
+
+    async def until(self, count: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.ids) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+def sink_on(url: str, client: RouterClient, instance: str) -> EventSink:
+    return EventSink(PostgresDatabase(url, events.POSTGRES_SCHEMA, MIGRATIONS, name="outbox"), client, owner=instance)
+
+
+async def test_instances_sharing_a_database_each_relay_only_their_own_events(database_url: str) -> None:
+    router_1, router_2 = RecordingRouter(), RecordingRouter()
+    async with router_1.client() as client_1, router_2.client() as client_2:
+        one, two = sink_on(database_url, client_1, "i1"), sink_on(database_url, client_2, "i2")
+        await one.open()
+        await two.open()
+        writers = [asyncio.create_task(one.run()), asyncio.create_task(two.run())]
+        await two.publish(events.progress("v2", "1.1-cd", 1, percent=5, speed=1.0))  # i2's relay is not running yet
+        relays = [asyncio.create_task(one.run_relay())]
+        await one.publish(events.progress("v1", "1.1-ab", 1, percent=5, speed=1.0))
+        await router_1.until(1)
+        relays.append(asyncio.create_task(two.run_relay()))
+        await router_2.until(1)
+        await one.close(timeout_s=1)
+        await two.close(timeout_s=1)
+        await asyncio.gather(*writers, *relays, return_exceptions=True)
+    assert router_1.ids == ["v1/progress/1.1-ab/1"]
+    assert router_2.ids == ["v2/progress/1.1-cd/1"]
+
+
+async def test_events_are_refused_while_the_server_is_away_and_taken_once_it_is_back() -> None:
+    router = RecordingRouter()
+    async with stoppable_postgres() as server, router.client() as client:
+        await server.stop()
+        sink = sink_on(server.url, client, "i1")
+        await sink.open()  # the service starts: no crash
+        tasks = [asyncio.create_task(sink.run()), asyncio.create_task(sink.run_relay())]
+        with pytest.raises(OutboxUnavailable, match="outbox database"):
+            await sink.publish(events.progress("v1", "1.1-ab", 1, percent=5, speed=1.0))
+        assert "cannot be reached" in (await sink.db.readiness() or "")
+        await server.start()
+        await sink.publish(events.progress("v1", "1.1-ab", 2, percent=9, speed=1.0))
+        await router.until(1)
+        assert await sink.db.readiness() is None
+        await sink.close(timeout_s=1)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert router.ids == ["v1/progress/1.1-ab/2"]

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import av
 import httpx
+import m3u8
 import pytest
 
 from router.client import RouterClient, new_event
@@ -239,6 +241,22 @@ async def test_clips_are_transcoded_while_the_fleet_scales_from_zero_and_back(
                 assert rendition["size_bytes"] == path.stat().st_size and rendition["bitrate"] > 0
             poster = s.store.local_path(s.store.key_of(data["poster"]["uri"]))
             assert poster is not None and poster.read_bytes()[:3] == b"\xff\xd8\xff"
+            # The HLS package sits under the video's prefix, one folder per rung, and lists every rung.
+            master_key = s.store.key_of(data["hls"]["uri"])
+            assert re.fullmatch(rf"videos/{video_id}/hls/[0-9a-f]{{12}}/master\.m3u8", master_key)
+            master_path = s.store.local_path(master_key)
+            assert master_path is not None
+            playlist = m3u8.M3U8(master_path.read_text(), strict=True)
+            assert [v.uri for v in playlist.playlists] == [f"{r['name']}/index.m3u8" for r in data["renditions"]]
+            folder = master_key.rsplit("/", 1)[0]
+            for rendition in data["renditions"]:
+                stored = await s.store.list(f"{folder}/{rendition['name']}/")
+                names = sorted(key.rsplit("/", 1)[1] for key in stored)
+                assert (
+                    names[:2] == ["index.m3u8", "init.mp4"]
+                    and names[2:]
+                    and all(re.fullmatch(r"seg-\d{5}\.m4s", n) for n in names[2:])
+                ), names
             with av.open(str(poster)) as image:
                 assert image.streams.video[0].codec_context.name == "mjpeg"
 

@@ -97,7 +97,8 @@ async def test_landscape_clip_gets_each_rung_with_audio_and_no_upscale(clips: di
 
     assert result.skipped == ["720p"]
     assert [(r.name, r.width, r.height) for r in result.renditions] == [("360p", 640, 360), ("144p", 256, 144)]
-    assert sorted(os.listdir(tmp_path)) == ["144p.mp4", "360p.mp4", "poster.jpg"]
+    assert sorted(os.listdir(tmp_path)) == ["144p.mp4", "360p.mp4", "hls", "poster.jpg"]
+    assert sorted(os.listdir(result.hls_dir)) == ["144p", "360p", "master.m3u8"]
     master_duration = inspect(master)["duration_s"]
     for rendition in result.renditions:
         facts = inspect(rendition.path)

@@ -144,7 +144,10 @@ def uploaded(video_id: str, bucket: BlobStore, title: str = "Whiskers on the bea
     return event("cattube.video.uploaded", data, id=video_id, source="cattube/upload")
 
 
-def completed(video_id: str, bucket: BlobStore, names: tuple[str, ...] = ("720p", "360p")) -> dict[str, Any]:
+def completed(
+    video_id: str, bucket: BlobStore, names: tuple[str, ...] = ("720p", "360p"), *, hls_version: str | None = None
+) -> dict[str, Any]:
+    """`cattube.transcode.completed` as processing sends it; with `hls_version`, naming its HLS package."""
     renditions = [
         {"name": n, "uri": bucket.uri(video_key(video_id, f"{n}.mp4")), "width": 1280, "height": int(n[:-1]),
          "bitrate": 1_000_000, "size_bytes": 1000, "duration_s": 2.0}
@@ -152,6 +155,8 @@ def completed(video_id: str, bucket: BlobStore, names: tuple[str, ...] = ("720p"
     ]  # fmt: skip
     data = {"video_id": video_id, "renditions": renditions, "skipped": [], "elapsed_s": 1.5,
             "poster": {"uri": bucket.uri(video_key(video_id, "poster.jpg"))}}  # fmt: skip
+    if hls_version is not None:
+        data["hls"] = {"uri": bucket.uri(video_key(video_id, "hls", hls_version, "master.m3u8"))}
     return event("cattube.transcode.completed", data)
 
 

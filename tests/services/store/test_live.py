@@ -64,9 +64,12 @@ async def test_a_page_hears_changes_as_they_happen_and_the_stream_ends_at_shutdo
                     await deliver(event("cattube.transcode.progress", {"video_id": "v1", "percent": 42.0}))
                     kind, video = await anext(events)
                     assert (video["status"], video["progress"], video["version"]) == ("processing", 42.0, 2)
-                    data = {"from": 0, "to": 1, "backlog": 1, "in_flight": 0, "reason": "1 job"}
+                    data = {"from": 0, "to": 1, "backlog": 1, "in_flight": 0, "reason": "1 job", "instance": "m"}
                     await deliver(event("cattube.processing.scaled", data))
-                    assert (await anext(events))[0] == "scaled"
+                    await deliver(event("cattube.processing.scaled", {**data, "to": 2, "instance": "w"}))
+                    for instance, to, fleet in (("m", 1, 1), ("w", 2, 3)):
+                        kind, point = await anext(events)
+                        assert (kind, point["instance"], point["to"], point["fleet"]) == ("scaled", instance, to, fleet)
 
                     app.state.begin_shutdown()  # what SIGTERM does: open streams end, so shutdown is not held up
                     assert [item async for item in events] == []

@@ -20,6 +20,10 @@ from services.common.s3_blobs import S3BlobStore
 from services.store.settings import StoreSettings
 from tests.s3 import CLIENT, S3Server, fresh_bucket
 from tests.services.store.test_api import JPEG, MP4, ready_video
+from tests.services.store.test_hls import IMMUTABLE, SEGMENT, hls_video
+from tests.services.store.test_hls import MASTER as HLS_MASTER
+from tests.services.store.test_hls import MEDIA as HLS_MEDIA
+from tests.services.store.test_hls import VERSION as HLS_VERSION
 
 
 @pytest.fixture
@@ -106,3 +110,27 @@ def test_redirect_mode_with_a_file_bucket_is_refused_at_start(tmp_path: Path) ->
         StoreSettings(data_dir=tmp_path, playback="redirect")
     with pytest.raises(ValidationError, match="playback_url_expiry_s"):
         StoreSettings(data_dir=tmp_path, blob_url="s3://cattube/media", playback="redirect", playback_url_expiry_s=0)
+
+
+async def test_hls_plays_from_s3_and_in_redirect_mode_only_segments_leave_for_the_bucket(
+    make_store: Callable[..., Any], s3: S3Server, s3_url: str
+) -> None:
+    base = f"/videos/v1/hls/{HLS_VERSION}"
+    async with make_store(bucket=bucket_of(s3_url, s3), blob_url=s3_url) as store:
+        await hls_video(store)
+        master = await store.api.get(f"{base}/master.m3u8")
+        assert master.status_code == 200 and master.content == HLS_MASTER
+        assert master.headers["content-type"] == "application/vnd.apple.mpegurl"
+        part = await store.api.get(f"{base}/720p/seg-00000.m4s", headers={"Range": "bytes=10-19"})
+        assert part.status_code == 206 and part.content == SEGMENT[10:20]
+        assert part.headers["content-type"] == "video/iso.segment" and part.headers["cache-control"] == IMMUTABLE
+    async with make_store(bucket=bucket_of(s3_url, s3), blob_url=s3_url, playback="redirect") as store:
+        # Resolved against a presigned URL, a playlist's relative links would name unsigned objects: served here.
+        media = await store.api.get(f"{base}/720p/index.m3u8")
+        assert media.status_code == 200 and media.content == HLS_MEDIA
+        assert media.headers["content-type"] == "application/vnd.apple.mpegurl"
+        moved = await store.api.get(f"{base}/720p/seg-00000.m4s")
+        assert moved.status_code == 307
+        async with httpx.AsyncClient() as browser:
+            segment = await browser.get(moved.headers["location"], headers={"Range": "bytes=0-99"})
+            assert segment.status_code == 206 and segment.content == SEGMENT[:100]

@@ -15,14 +15,13 @@ from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 
 from router.client import RouterClient
-from services.common.blobs import open_blob_store
+from services.common.db import SQLiteDatabase
 from services.upload.app import create_app
-from services.upload.outbox import Outbox
+from services.upload.outbox import MIGRATIONS, Outbox
 from services.upload.settings import UploadSettings
 from tests.conftest import running
 from tests.media import make_clip
 from tests.replicas import DOWN, Replicas
-from tests.s3 import S3Server, fresh_bucket
 from tests.services.upload.uploading import bucket_files, chunks_of, multipart
 
 
@@ -131,7 +130,7 @@ async def test_the_event_reaches_the_router(
         "probe": found["probe"],
         "renditions": found["renditions"],
     }
-    outbox = Outbox(settings.outbox_file)
+    outbox = Outbox(SQLiteDatabase(settings.outbox_file, MIGRATIONS))
     await outbox.open()
     after = await outbox.get(video_id)
     await outbox.close()
@@ -324,7 +323,7 @@ async def test_uploads_cut_short_by_a_crash_are_swept_at_start(
     upload_settings: Callable[..., UploadSettings], bucket: Path
 ) -> None:
     settings = upload_settings()
-    outbox = Outbox(settings.outbox_file)
+    outbox = Outbox(SQLiteDatabase(settings.outbox_file, MIGRATIONS))
     await outbox.open()
     await outbox.begin("interrupted")
     await outbox.close()
@@ -334,7 +333,7 @@ async def test_uploads_cut_short_by_a_crash_are_swept_at_start(
     async with running(create_app(settings, exit_on_failure=False)) as upload:
         assert (await upload.get("/videos/interrupted")).status_code == 404
     assert bucket_files(bucket) == []
-    outbox = Outbox(settings.outbox_file)
+    outbox = Outbox(SQLiteDatabase(settings.outbox_file, MIGRATIONS))
     await outbox.open()
     assert await outbox.unfinished() == []
     await outbox.close()
@@ -376,17 +375,3 @@ async def test_a_missing_bucket_is_named_by_readyz_and_the_service_stays_up(
         assert (await api.get("/healthz")).status_code == 200
         ready = await api.get("/readyz")
         assert ready.status_code == 503 and f"the bucket '{missing}' does not exist" in ready.json()["detail"]
-
-
-async def test_an_s3_bucket_refuses_uploads_before_reading_them_and_says_why(
-    upload_settings: Callable[..., UploadSettings], s3: S3Server, s3_env: None
-) -> None:
-    # The probe reads the master from local disk; spooling a copy beside an S3 upload is not built yet.
-    async with fresh_bucket(s3) as bucket:
-        store = open_blob_store(f"s3://{bucket}/media")
-        app = create_app(upload_settings(blob_url=f"s3://{bucket}/media"), exit_on_failure=False)
-        async with running(app) as api:
-            response = await api.post("/videos", content=b"\x00" * 1024, headers={"Content-Type": "video/mp4"})
-        assert response.status_code == 503, response.text
-        assert "CATTUBE_BLOB_URL" in response.json()["detail"]
-        assert await store.list() == []

@@ -50,13 +50,13 @@ async def test_no_response_shows_a_bucket_uri_or_server_path(
         outbox = app.state.outbox
         await outbox.db.transact(
             lambda conn: conn.execute(
-                "UPDATE uploads SET event_error = ? WHERE video_id = ?", (f"no room for {local.as_uri()}", video_id)
+                "UPDATE uploads SET event_error = ? WHERE video_id = ?", f"no room for {local.as_uri()}", video_id
             )
         )
         record = await upload.get(f"/videos/{video_id}")
         for response in (accepted, record):
             assert "file://" not in response.text and str(tmp_path) not in response.text, response.text
-        (event,) = await outbox.db.transact(lambda conn: [row[0] for row in conn.execute("SELECT event FROM outbox")])
+        (event,) = await outbox.db.transact(lambda conn: [row[0] for row in conn.fetch("SELECT event FROM outbox")])
         assert local.as_uri() in event  # the event other services read keeps the URI
 
 

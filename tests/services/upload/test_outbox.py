@@ -1,4 +1,7 @@
-"""The outbox and its relay: publish in batches, delete only after the router's 202, back off, stay idle."""
+"""The outbox and its relay: publish in batches, delete only after the router's 202, back off, stay idle.
+
+Every test runs on SQLite and on PostgreSQL (`database_for`).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +9,19 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
 from router.client import RouterClient, new_event
-from services.upload.outbox import Outbox
+from services.upload.outbox import MIGRATIONS, POSTGRES_SCHEMA, Outbox
+from tests.services.conftest import DatabaseFactory
 
 
 @pytest.fixture
-async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
-    box = Outbox(tmp_path / "outbox.db")
+async def outbox(database_for: DatabaseFactory) -> AsyncIterator[Outbox]:
+    box = Outbox(database_for(POSTGRES_SCHEMA, MIGRATIONS, name="upload outbox"))
     await box.open()
     yield box
     await box.close()
@@ -148,3 +151,24 @@ async def test_a_wrong_token_is_retried_not_dropped(outbox: Outbox) -> None:
         await task
     assert await outbox.pending_count() == 1
     assert relay.failures >= 3 and relay.last_error is not None and "401" in relay.last_error
+
+
+async def test_the_sweep_takes_only_this_replica_s_uploads_from_before_it_started(
+    database_for: DatabaseFactory,
+) -> None:
+    """Replicas share the uploads table on PostgreSQL: one that restarts sweeps what it was receiving, nothing else."""
+    earlier = Outbox(database_for(POSTGRES_SCHEMA, MIGRATIONS), owner="upload-a")
+    await earlier.open()
+    await earlier.begin("cut-short")  # this replica crashed while receiving it
+    await earlier.close()
+    other = Outbox(database_for(POSTGRES_SCHEMA, MIGRATIONS), owner="upload-b")
+    await other.open()
+    await other.begin("theirs")
+    await other.close()
+    again = Outbox(database_for(POSTGRES_SCHEMA, MIGRATIONS), owner="upload-a")
+    await again.open()
+    try:
+        await again.begin("arriving-now")  # begun after this start: a live upload, whenever the sweep runs
+        assert await again.unfinished() == ["cut-short"]
+    finally:
+        await again.close()

@@ -20,7 +20,7 @@ import pytest
 from router.client import RouterClient
 from tests.media import make_clip
 from tests.process import ServiceProcess, free_port, service
-from tests.services.upload.uploading import bucket_files, multipart
+from tests.services.upload.uploading import TUS, bucket_files, multipart, padded
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +158,54 @@ async def test_memory_stays_flat_while_a_large_upload_streams(tmp_path: Path) ->
     assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB"
     for path in (tmp_path / "data" / "bucket").rglob("master.*"):
         path.unlink()  # 300 MB that pytest would otherwise keep with the last runs' temporary directories
+
+
+async def test_head_after_a_kill_reports_the_bytes_on_disk(tmp_path: Path) -> None:
+    """tus: what a PATCH acknowledged survives a kill -9, and so does what a cut-off PATCH had fsynced."""
+    video = padded(make_clip(tmp_path / "cat.mp4", 320, 240, 1.0).read_bytes(), 40 << 20)
+    env = {"CATTUBE_DATA_DIR": str(tmp_path / "data"), "CATTUBE_ROUTER_URL": f"http://127.0.0.1:{free_port()}"}
+    upload = ServiceProcess("services.upload", free_port(), {**env, "CATTUBE_LOG_LEVEL": "debug"})
+    await upload.start()
+    try:
+        async with httpx.AsyncClient(base_url=upload.url, timeout=30) as http:
+
+            async def offset() -> int:
+                response = await http.head(url, headers=TUS)
+                assert response.status_code == 200, response.headers
+                return int(response.headers["upload-offset"])
+
+            async def patch(start: int, body: bytes | AsyncIterator[bytes]) -> httpx.Response:
+                headers = {**TUS, "Upload-Offset": str(start), "Content-Type": "application/offset+octet-stream"}
+                return await http.patch(url, content=body, headers=headers)
+
+            created = await http.post("/uploads", headers={**TUS, "Upload-Length": str(len(video))})
+            url = created.headers["location"]
+            chunk = 5 << 20
+            for start in (0, chunk):
+                assert (await patch(start, video[start : start + chunk])).status_code == 204
+            await upload.kill()
+            await upload.start()
+            assert await offset() == 2 * chunk  # exactly what was acknowledged
+
+            # A PATCH cut off by the kill once the service has said it passed a checkpoint (every 8 MiB).
+            async def stalls() -> AsyncIterator[bytes]:
+                yield video[2 * chunk : 5 * chunk]
+                await asyncio.Event().wait()
+                yield b""
+
+            checkpoint = asyncio.create_task(upload.wait_for_log("checkpoint"))
+            cut_off = asyncio.create_task(patch(2 * chunk, stalls()))
+            await checkpoint
+            await upload.kill()
+            cut_off.cancel()  # its body waits for ever: the client would never notice the server is gone
+            with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                await cut_off
+            await upload.start()
+            kept = await offset()
+            assert 2 * chunk < kept <= 5 * chunk
+            # Whatever was kept is the right bytes: the rest from there makes the same file.
+            assert (await patch(kept, video[kept:])).status_code == 204
+            master = (await http.get(f"/videos/{url.rsplit('/', 1)[1]}")).json()["master"]
+        assert master["sha256"] == hashlib.sha256(video).hexdigest()
+    finally:
+        await upload.kill()

@@ -27,7 +27,7 @@ from tests.services.upload.test_probe import (
     hls_playlist,
     sdp_description,
 )
-from tests.services.upload.uploading import bucket_files, chunks_of, multipart
+from tests.services.upload.uploading import TUS, bucket_files, chunks_of, multipart, tus_metadata
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -45,6 +45,7 @@ class Stack:
     events: RouterClient
     listener: Listener
     stored: FifoSpy
+    partials: Path
     received: dict[str, ReceivedMessage] = field(default_factory=dict)
 
     async def event(self, video_id: str, timeout_s: float = 10) -> dict[str, Any]:
@@ -79,7 +80,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             await events.ensure_subscription(
                 "uploaded", pattern={"type": ["cattube.video.uploaded"]}, target={"queue": {}}, start="earliest"
             )
-            yield Stack(router, upload, bucket, root / "files", http, events, spy, stored)
+            partials = root / "data" / "upload" / "partials"
+            yield Stack(router, upload, bucket, root / "files", http, events, spy, stored, partials)
     finally:
         stored.stop()
 
@@ -188,7 +190,21 @@ REFUSED: dict[str, tuple[Callable[[Path, Stack], Path], int]] = {
 }
 
 
-@pytest.mark.parametrize("how", ["multipart", "raw"])
+async def send_with_tus(http: httpx.AsyncClient, data: bytes) -> httpx.Response:
+    """`data` as a resumable upload in two PATCHes; the answer to the last one, which submits it."""
+    created = await http.post(
+        "/uploads", headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": tus_metadata(filename="v.mp4")}
+    )
+    assert created.status_code == 201, created.text
+    half = len(data) // 2
+    for offset, part in ((0, data[:half]), (half, data[half:])):
+        headers = {**TUS, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"}
+        response = await http.patch(created.headers["location"], content=part, headers=headers)
+    assert (await http.head(created.headers["location"], headers=TUS)).status_code == 404  # nothing kept
+    return response
+
+
+@pytest.mark.parametrize("how", ["multipart", "raw", "tus"])
 @pytest.mark.parametrize("name", sorted(REFUSED))
 async def test_anything_else_is_refused_and_leaves_nothing(stack: Stack, name: str, how: str) -> None:
     make, status = REFUSED[name]
@@ -196,8 +212,11 @@ async def test_anything_else_is_refused_and_leaves_nothing(stack: Stack, name: s
     before = bucket_files(stack.bucket)
     if how == "multipart":
         response = await stack.http.post("/videos", files={"file": ("video.mp4", data, "video/mp4")})
-    else:
+    elif how == "raw":
         response = await stack.http.post("/videos", content=data, headers={"Content-Type": "video/mp4"})
+    else:
+        response = await send_with_tus(stack.http, data)
+        assert not list(stack.partials.glob("*.part"))
     assert response.status_code == status, response.text
     problem = response.json()
     assert response.headers["content-type"] == "application/problem+json"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
+import struct
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 
@@ -54,3 +56,18 @@ def multipart(
             yield f"--{boundary}--\r\n".encode()
 
     return f"multipart/form-data; boundary={boundary}", body()
+
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def tus_metadata(**fields: str) -> str:
+    """An `Upload-Metadata` header: each value base64-encoded, as tus says."""
+    return ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in fields.items())
+
+
+def padded(clip: bytes, size: int) -> bytes:
+    """`clip` (an MP4) grown to `size` bytes with an MP4 `free` box, which every demuxer skips: a real video
+    of any size at the cost of writing zeros."""
+    filler = size - len(clip) - 16
+    return clip + struct.pack(">I4sQ", 1, b"free", 16 + filler) + bytes(filler)
