@@ -243,13 +243,19 @@ async def test_an_earliest_subscription_made_while_both_publish_misses_nothing(p
 
     await asyncio.gather(publish(a, "a"), publish(b, "b"), subscribe())
     received: set[str] = set()
-    while True:
-        got = await a.queue("late").receive(max_messages=10, wait_s=1)
-        if not got:
-            break
+    quiet = 0
+    # Events that were in flight when the subscription was made are queued by a catch-up once the
+    # horizon passes them: on the next commit a replica hears, or its 2 s re-check. So an empty receive
+    # proves nothing until a few in a row have waited well past that.
+    while received != published and quiet < 3:
+        got = await a.queue("late").receive(max_messages=10, wait_s=5)
+        quiet = 0 if got else quiet + 1
         received.update(m.event["id"] for m in got)
-        await a.queue("late").ack([m.receipt for m in got])
-    assert received == published
+        if got:
+            await a.queue("late").ack([m.receipt for m in got])
+    assert received == published, (
+        f"missing {sorted(published - received)[:10]}, extra {sorted(received - published)[:10]}"
+    )
 
 
 async def test_both_replicas_start_at_once_on_an_empty_database(database_url: str, tmp_path: Path) -> None:
