@@ -364,7 +364,7 @@ async def get_hls_master(
     "/videos/{video_id}/hls/{version}/{name}/{file}",
     methods=["GET", "HEAD"],
     tags=["playback"],
-    responses={**REDIRECTED, **HLS_RESPONSES},
+    responses=HLS_RESPONSES,
 )
 async def get_hls_file(
     request: Request,
@@ -378,11 +378,13 @@ async def get_hls_file(
     metrics: MetricsDep,
 ) -> Response:
     """A rendition's HLS media playlist, init segment (video/mp4) or media segment (video/iso.segment, immutable:
-    cached for a year), with HTTP ranges; with CATTUBE_PLAYBACK=redirect, segments answer 307 to the bucket."""
+    cached for a year), with HTTP ranges; always served from here, also with CATTUBE_PLAYBACK=redirect."""
     key = await _hls_key(catalog, blobs, video_id, version, name, file)
     what = f"HLS {name}/{file} of video {video_id}"
     cache_control = PLAYLIST_CACHE if file.endswith(".m3u8") else IMMUTABLE
-    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control=cache_control)
+    # Chromium's native HLS refuses segments redirected to another origin ("no supported sources", seen in
+    # tests/e2e/test_s3_page.py), so the package never leaves for the bucket; MP4 rungs and posters may.
+    return await _serve_key(request, blobs, settings, metrics, key, what, cache_control=cache_control, redirect=False)
 
 
 async def _hls_key(catalog: Catalog, blobs: BlobStore, video_id: str, version: str, *names: str) -> str:
@@ -419,11 +421,11 @@ async def _serve_key(
     what: str,
     *,
     cache_control: str,
+    redirect: bool = True,
 ) -> Response:
-    playlist = key.endswith(".m3u8")
     # A playlist is always served from here: its links are relative, and resolved against a presigned URL they
-    # would name unsigned objects in the bucket. Segments may go to the bucket.
-    if settings.playback == "redirect" and not playlist:
+    # would name unsigned objects in the bucket.
+    if redirect and settings.playback == "redirect" and not key.endswith(".m3u8"):
         return await _redirect(request, blobs, settings, key)
     info = await blobs.stat(key)
     if info is None:

@@ -112,7 +112,7 @@ def test_redirect_mode_with_a_file_bucket_is_refused_at_start(tmp_path: Path) ->
         StoreSettings(data_dir=tmp_path, blob_url="s3://cattube/media", playback="redirect", playback_url_expiry_s=0)
 
 
-async def test_hls_plays_from_s3_and_in_redirect_mode_only_segments_leave_for_the_bucket(
+async def test_hls_plays_from_s3_and_is_served_by_the_store_in_redirect_mode_too(
     make_store: Callable[..., Any], s3: S3Server, s3_url: str
 ) -> None:
     base = f"/videos/v1/hls/{HLS_VERSION}"
@@ -129,8 +129,6 @@ async def test_hls_plays_from_s3_and_in_redirect_mode_only_segments_leave_for_th
         media = await store.api.get(f"{base}/720p/index.m3u8")
         assert media.status_code == 200 and media.content == HLS_MEDIA
         assert media.headers["content-type"] == "application/vnd.apple.mpegurl"
-        moved = await store.api.get(f"{base}/720p/seg-00000.m4s")
-        assert moved.status_code == 307
-        async with httpx.AsyncClient() as browser:
-            segment = await browser.get(moved.headers["location"], headers={"Range": "bytes=0-99"})
-            assert segment.status_code == 206 and segment.content == SEGMENT[:100]
+        # Segments too: Chromium's native HLS will not play segments redirected to another origin.
+        part = await store.api.get(f"{base}/720p/seg-00000.m4s", headers={"Range": "bytes=0-99"})
+        assert part.status_code == 206 and part.content == SEGMENT[:100]
