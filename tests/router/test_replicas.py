@@ -169,6 +169,8 @@ async def test_a_replica_killed_midway_loses_nothing_acknowledged(
                 if got:
                     await client.queue("jobs").ack([m.receipt for m in got])
             except Exception:
+                if client is both:
+                    raise  # A is the replica left: it must answer
                 client = both  # its replica died: go on through A
                 continue
             delivered.update(m.event["id"] for m in got)
@@ -177,12 +179,21 @@ async def test_a_replica_killed_midway_loses_nothing_acknowledged(
                 return
 
     consumers = [asyncio.create_task(consume(client)) for client in (a, b, a, b)]
-    publishers = asyncio.gather(publish(a, "a"), publish(b, "b"))
-    await midway.wait()
-    await pair.b.kill()
-    await publishers
-    publishing_done.set()
-    await asyncio.gather(*consumers)
+    try:
+        publishers = asyncio.gather(publish(a, "a"), publish(b, "b"))
+        await midway.wait()
+        await pair.b.kill()
+        await publishers
+        publishing_done.set()
+        # Bounded, so that an event never delivered fails with its name rather than the test's timeout.
+        await asyncio.wait(consumers, timeout=90)
+        for consumer in consumers:
+            if consumer.done() and consumer.exception() is not None:
+                raise AssertionError("a consumer on A failed") from consumer.exception()
+    finally:
+        for consumer in consumers:
+            consumer.cancel()
+        await asyncio.gather(*consumers, return_exceptions=True)
     assert len(acknowledged) == 2000
     missing = acknowledged - delivered
     assert not missing, f"{len(missing)} acknowledged events never delivered, e.g. {sorted(missing)[:5]}"
