@@ -140,6 +140,14 @@ async def test_the_grid_the_watch_page_playing_and_an_edit(stack: Stack, tmp_pat
             await page.wait_for_function("video => video.currentTime > 0 && video.readyState >= 2", arg=handle)
             started_at = await player.evaluate("video => video.currentTime")
             await page.wait_for_function("([video, t]) => video.currentTime !== t", arg=[handle, started_at])
+            # Told to, it leaves the adaptive playlist for one rung and plays on from there.
+            await page.click("[data-testid=rendition-360p]")
+            await page.wait_for_function(
+                "video => video.currentSrc.endsWith('/renditions/360p') && video.readyState >= 2", arg=handle
+            )
+            assert await player.get_attribute("data-rendition") == "360p"
+            switched_at = await player.evaluate("video => video.currentTime")
+            await page.wait_for_function("([video, t]) => video.currentTime !== t", arg=[handle, switched_at])
 
             # Another tab on the grid hears the edit as it happens.
             grid = await context.new_page()
