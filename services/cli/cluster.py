@@ -132,10 +132,9 @@ async def up(settings: CommonSettings, *, rotate_tokens: bool = False) -> int:
     kept = _secrets(home)
 
     print(f"CatTube: starting PostgreSQL on 127.0.0.1:{cluster.postgres_port}", flush=True)
-    database_url = await _ensure_database(
-        _start_postgres(home / "postgres", kept["postgres_password"], cluster.postgres_port)
-    )
+    server_url = _start_postgres(home / "postgres", kept["postgres_password"], cluster.postgres_port)
     try:
+        database_url = await _ensure_database(server_url)
         app = Identity(kept["s3_app_key"], kept["s3_app_secret"])
         admin = Identity(kept["s3_admin_key"], kept["s3_admin_secret"])
         s3_home = home / "s3"
