@@ -24,9 +24,9 @@ from starlette.requests import ClientDisconnect
 from services.common.errors import CatTubeError
 from services.common.openapi import problems
 from services.common.problems import problem_response
+from services.upload.api import SettingsDep
 from services.upload.partials import Partial
 from services.upload.resumable import Resumable
-from services.upload.settings import UploadSettings
 from services.upload.tus import (
     CHECKSUM_ALGORITHMS,
     EXTENSIONS,
@@ -64,13 +64,7 @@ def _resumable(request: Request) -> Resumable:
     return resumable
 
 
-def _settings(request: Request) -> UploadSettings:
-    settings: UploadSettings = request.app.state.settings
-    return settings
-
-
 ResumableDep = Annotated[Resumable, Depends(_resumable)]
-SettingsDep = Annotated[UploadSettings, Depends(_settings)]
 
 
 def _header(name: str, schema: dict[str, Any], description: str, *, required: bool = True) -> dict[str, Any]:
