@@ -32,6 +32,7 @@ from services.store.live import Change, Live
 from services.store.metrics import StoreMetrics
 from services.store.pages import Pages
 from services.store.peers import PeerChanges
+from services.store.playback_api import router as playback_router
 from services.store.settings import StoreSettings
 from services.store.tables import CATALOG, POSTGRES_SCHEMA
 
@@ -145,6 +146,7 @@ def create_app(
         )
     )
     app.include_router(api_router)
+    app.include_router(playback_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     protect(app, ACCESS, settings)
     document_problems(app)
