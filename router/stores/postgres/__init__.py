@@ -1,6 +1,6 @@
 """The networked store: PostgreSQL (asyncpg), for any number of router replicas over one database.
 
-Five modules, one class, as the SQLite store: `core` (connections, transactions, the log), `queues`
+Six modules, one class, as the SQLite store: `core` (connections, transactions), `log` (appends), `queues`
 (claims, leases, outcomes, stats, dead letters), `subscriptions` (subscriptions, start positions and
 their catch-up, replays), `retention` (dropping days of events); `schema` and `partitions` hold the
 tables, and `notifier` tells other replicas of each commit (LISTEN/NOTIFY).

@@ -22,7 +22,8 @@ from router import dead_letters
 from router.persistence import DeadLetter, Message, ReceiptResult, Settlement, Stats
 from router.receipts import STALE_RECEIPT, message_id_of, new_nonce, nonce_of, receipt_for
 from router.replays import mark_replay
-from router.stores.postgres.core import LEASE_LIMIT, Effects, PostgresCore, Tx, shard
+from router.stores.postgres.core import LEASE_LIMIT, Effects, Tx, shard
+from router.stores.postgres.log import PostgresLog
 from services.common.errors import NotFound
 
 COUNT_CHANGE = """
@@ -148,7 +149,7 @@ class Burial:
     """The receipt's nonce when a push outcome buries it (None: a queue message received too often)."""
 
 
-class PostgresQueues(PostgresCore):
+class PostgresQueues(PostgresLog):
     # -- queues and push leases --------------------------------------------------------------------
 
     async def receive(
