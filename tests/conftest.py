@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from router.app import create_app as create_router
 from router.settings import RouterSettings
 from tests.postgres import PostgresServer, PostgresUnavailable, fresh_database, postgres_server
-from tests.s3 import S3Server, S3Unavailable, s3_server
+from tests.s3 import S3Server, S3Unavailable, fresh_bucket, s3_server
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -92,8 +92,12 @@ def s3() -> Iterator[S3Server]:
 @pytest.fixture
 def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """The `AWS_*` variables services read (through obstore), set for the session's S3 server as the app's identity."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.app.access_key_id)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.app.secret_access_key)
-    monkeypatch.setenv("AWS_REGION", s3.config()["region"])
-    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    for variable, value in s3.environment().items():
+        monkeypatch.setenv(variable, value)
+
+
+@pytest.fixture
+async def s3_url(s3: S3Server, s3_env: None) -> AsyncIterator[str]:
+    """`s3://<fresh bucket>/media`, reachable by the app through the `AWS_*` variables."""
+    async with fresh_bucket(s3) as bucket:
+        yield f"s3://{bucket}/media"

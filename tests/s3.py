@@ -31,6 +31,7 @@ from obstore.store import S3Store
 
 from services.cli import local_seaweedfs
 from services.cli.local_seaweedfs import Identity
+from services.common.s3_blobs import S3BlobStore
 from tests.process import free_port
 
 EXTERNAL_ENDPOINT_VARIABLE = "CATTUBE_TEST_S3_ENDPOINT"
@@ -89,6 +90,14 @@ class S3Server:
                 return
             await asyncio.sleep(0.02)
         raise TimeoutError(f"{count} parts not stored in {bucket}'s unfinished uploads after {timeout_s} s")
+
+    def environment(self) -> dict[str, str]:
+        """The `AWS_*` variables a service reads (through obstore) to reach this server as the app."""
+        return local_seaweedfs.environment(self.endpoint, self.app)
+
+    def bucket(self, url: str) -> S3BlobStore:
+        """The blob store `url` names on this server, as the app sees it (what the test reads back)."""
+        return S3BlobStore(url, config=self.config(), client_options=CLIENT)  # type: ignore[arg-type]
 
     def config(self, identity: Identity | None = None) -> dict[str, str]:
         """obstore's S3 config reaching this server as `identity` (the app's by default)."""

@@ -35,11 +35,7 @@ async def stack(tmp_path: Path, s3: S3Server) -> AsyncIterator[Stack]:
             tmp_path / "data",
             CATTUBE_BLOB_URL=f"s3://{name}/cattube",
             CATTUBE_PLAYBACK="redirect",
-            AWS_ENDPOINT_URL=s3.endpoint,
-            AWS_ACCESS_KEY_ID=s3.app.access_key_id,
-            AWS_SECRET_ACCESS_KEY=s3.app.secret_access_key,
-            AWS_REGION=s3.config()["region"],
-            AWS_ALLOW_HTTP="true",
+            **s3.environment(),
             CATTUBE_SCALE_IN_COOLDOWN_S="1",
         )
         await running.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from services.processing.settings import ProcessingSettings
 from services.processing.worker import JobContext, RetryLater
 from tests.media import make_clip
 from tests.process import free_port
-from tests.s3 import CLIENT, S3Server, fresh_bucket, new_bucket, throwaway_seaweedfs
+from tests.s3 import CLIENT, S3Server, new_bucket, throwaway_seaweedfs
 
 PROBE = {"duration_s": 1.0, "width": 320, "height": 240, "fps": 25.0, "video_codec": "h264", "rotation": 0}
 
@@ -58,12 +58,6 @@ def scratch(settings: ProcessingSettings) -> list[Path]:
 @pytest.fixture(scope="module")
 def master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_clip(tmp_path_factory.mktemp("clips") / "cat.mp4", 320, 240, 1.0)
-
-
-@pytest.fixture
-async def s3_url(s3: S3Server, s3_env: None) -> AsyncIterator[str]:
-    async with fresh_bucket(s3) as bucket:
-        yield f"s3://{bucket}/media"
 
 
 async def test_a_job_downloads_the_master_uploads_its_outputs_and_leaves_no_scratch(
@@ -114,13 +108,7 @@ async def test_s3_killed_while_a_job_transcodes_hands_it_back_and_leaves_no_scra
     with throwaway_seaweedfs() as server:
         pid = server.pid
         assert pid is not None
-        for variable, value in {
-            "AWS_ENDPOINT_URL": server.endpoint,
-            "AWS_ACCESS_KEY_ID": server.app.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": server.app.secret_access_key,
-            "AWS_REGION": server.config()["region"],
-            "AWS_ALLOW_HTTP": "true",
-        }.items():
+        for variable, value in server.environment().items():
             monkeypatch.setenv(variable, value)
         blob_url = f"s3://{await new_bucket(server)}/media"  # not emptied afterwards: the server is killed
         settings = ProcessingSettings(data_dir=tmp_path / "data", blob_url=blob_url)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,8 @@ from obstore.store import S3Store
 from pydantic import ValidationError
 
 from services.common.blob_check import BlobStoreCheck
-from services.common.s3_blobs import S3BlobStore
 from services.store.settings import StoreSettings
-from tests.s3 import CLIENT, S3Server, fresh_bucket
+from tests.s3 import CLIENT, S3Server
 from tests.services.store.test_api import JPEG, MP4, ready_video
 from tests.services.store.test_hls import IMMUTABLE, SEGMENT, hls_video
 from tests.services.store.test_hls import MASTER as HLS_MASTER
@@ -26,21 +25,10 @@ from tests.services.store.test_hls import MEDIA as HLS_MEDIA
 from tests.services.store.test_hls import VERSION as HLS_VERSION
 
 
-@pytest.fixture
-async def s3_url(s3: S3Server, s3_env: None) -> AsyncIterator[str]:
-    """`s3://<fresh bucket>/media`, reachable by the app."""
-    async with fresh_bucket(s3) as bucket:
-        yield f"s3://{bucket}/media"
-
-
-def bucket_of(url: str, s3: S3Server) -> S3BlobStore:
-    return S3BlobStore(url, config=s3.config(), client_options=CLIENT)  # type: ignore[arg-type]
-
-
 async def test_renditions_and_posters_play_from_s3_with_ranges_and_validators(
     make_store: Callable[..., Any], s3: S3Server, s3_url: str
 ) -> None:
-    async with make_store(bucket=bucket_of(s3_url, s3), blob_url=s3_url) as store:
+    async with make_store(bucket=s3.bucket(s3_url), blob_url=s3_url) as store:
         await ready_video(store)
         url = "/videos/v1/renditions/720p"
         whole = await store.api.get(url)
@@ -81,7 +69,7 @@ async def test_a_missing_bucket_is_named_by_readyz_and_the_store_recovers_once_i
 async def test_redirect_mode_sends_players_to_a_presigned_url_that_serves_bytes_and_ranges(
     make_store: Callable[..., Any], s3: S3Server, s3_url: str
 ) -> None:
-    async with make_store(bucket=bucket_of(s3_url, s3), blob_url=s3_url, playback="redirect") as store:
+    async with make_store(bucket=s3.bucket(s3_url), blob_url=s3_url, playback="redirect") as store:
         await ready_video(store)
         moved = await store.api.get("/videos/v1/renditions/720p", headers={"Range": "bytes=0-9"})
         assert moved.status_code == 307 and moved.headers["cache-control"] == "no-store" and moved.content == b""
@@ -116,7 +104,7 @@ async def test_hls_plays_from_s3_and_is_served_by_the_store_in_redirect_mode_too
     make_store: Callable[..., Any], s3: S3Server, s3_url: str
 ) -> None:
     base = f"/videos/v1/hls/{HLS_VERSION}"
-    async with make_store(bucket=bucket_of(s3_url, s3), blob_url=s3_url) as store:
+    async with make_store(bucket=s3.bucket(s3_url), blob_url=s3_url) as store:
         await hls_video(store)
         master = await store.api.get(f"{base}/master.m3u8")
         assert master.status_code == 200 and master.content == HLS_MASTER
@@ -124,7 +112,7 @@ async def test_hls_plays_from_s3_and_is_served_by_the_store_in_redirect_mode_too
         part = await store.api.get(f"{base}/720p/seg-00000.m4s", headers={"Range": "bytes=10-19"})
         assert part.status_code == 206 and part.content == SEGMENT[10:20]
         assert part.headers["content-type"] == "video/iso.segment" and part.headers["cache-control"] == IMMUTABLE
-    async with make_store(bucket=bucket_of(s3_url, s3), blob_url=s3_url, playback="redirect") as store:
+    async with make_store(bucket=s3.bucket(s3_url), blob_url=s3_url, playback="redirect") as store:
         # Resolved against a presigned URL, a playlist's relative links would name unsigned objects: served here.
         media = await store.api.get(f"{base}/720p/index.m3u8")
         assert media.status_code == 200 and media.content == HLS_MEDIA

@@ -29,21 +29,10 @@ from services.upload.spool import Spool
 from tests.conftest import running
 from tests.media import make_clip
 from tests.process import free_port, service
-from tests.s3 import CLIENT, S3Server, fresh_bucket, new_bucket, throwaway_seaweedfs
+from tests.s3 import S3Server, new_bucket, throwaway_seaweedfs
 from tests.services.upload.test_api import assert_problem
 from tests.services.upload.test_resilience import free_box, peak_rss_kib
 from tests.services.upload.uploading import chunks_of, multipart
-
-
-@pytest.fixture
-async def s3_url(s3: S3Server, s3_env: None) -> AsyncIterator[str]:
-    """`s3://<fresh bucket>/media`, reachable by the app through the `AWS_*` variables."""
-    async with fresh_bucket(s3) as bucket:
-        yield f"s3://{bucket}/media"
-
-
-def bucket_of(url: str, s3: S3Server) -> S3BlobStore:
-    return S3BlobStore(url, config=s3.config(), client_options=CLIENT)  # type: ignore[arg-type]
 
 
 async def everything_in(bucket: S3BlobStore) -> list[str]:
@@ -67,7 +56,7 @@ async def nothing_kept(app: FastAPI) -> None:
 async def test_raw_and_multipart_uploads_stream_into_the_bucket_and_leave_no_spool(
     upload_settings: Callable[..., UploadSettings], s3: S3Server, s3_url: str, clip: bytes
 ) -> None:
-    bucket = bucket_of(s3_url, s3)
+    bucket = s3.bucket(s3_url)
     settings = upload_settings(blob_url=s3_url)
     app = create_app(settings, exit_on_failure=False)
     async with running(app) as upload:
@@ -140,7 +129,7 @@ async def nothing_kept_but_the_event(app: FastAPI) -> None:
 async def test_refusals_leave_no_object_no_spool_and_no_record(
     upload_settings: Callable[..., UploadSettings], s3: S3Server, s3_url: str, clip: bytes
 ) -> None:
-    bucket = bucket_of(s3_url, s3)
+    bucket = s3.bucket(s3_url)
     limit = 256 * 1024
     app = create_app(upload_settings(blob_url=s3_url, max_upload_bytes=limit), exit_on_failure=False)
 
@@ -183,7 +172,7 @@ async def test_a_master_too_large_for_one_copy_is_uploaded_again_from_the_spool(
 ) -> None:
     monkeypatch.setattr(uploads, "COPY_MAX_BYTES", len(clip) - 1)  # S3's limit is 5 GiB: this clip stands for more
     monkeypatch.setattr(uploads, "likely_extension", lambda first: None)  # no guess: the master has to move
-    bucket = bucket_of(s3_url, s3)
+    bucket = s3.bucket(s3_url)
     app = create_app(upload_settings(blob_url=s3_url), exit_on_failure=False)
     copies = 0
     async with running(app) as upload:
@@ -217,7 +206,7 @@ async def test_the_master_streams_under_its_likely_name_and_moves_only_when_the_
 ) -> None:
     if guess != "mp4":  # what the first bytes of an MP4 tell, else a wrong guess or none
         monkeypatch.setattr(uploads, "likely_extension", lambda first: guess)
-    bucket = bucket_of(s3_url, s3)
+    bucket = s3.bucket(s3_url)
     app = create_app(upload_settings(blob_url=s3_url), exit_on_failure=False)
     copies: list[tuple[str, str]] = []
     async with running(app) as upload:
@@ -243,7 +232,7 @@ async def test_the_master_streams_under_its_likely_name_and_moves_only_when_the_
 async def test_spools_and_objects_left_by_a_crash_are_swept_at_start(
     upload_settings: Callable[..., UploadSettings], s3: S3Server, s3_url: str
 ) -> None:
-    bucket = bucket_of(s3_url, s3)
+    bucket = s3.bucket(s3_url)
     settings = upload_settings(blob_url=s3_url)
     outbox = Outbox(SQLiteDatabase(settings.outbox_file, MIGRATIONS))
     await outbox.open()
@@ -282,7 +271,7 @@ async def test_a_full_scratch_disk_is_507_and_leaves_nothing(
         problem = assert_problem(response, 507)
         assert "nothing of it was kept" in problem["detail"]
         await nothing_kept(app)
-    assert await everything_in(bucket_of(s3_url, s3)) == []
+    assert await everything_in(s3.bucket(s3_url)) == []
 
 
 async def test_a_sweep_while_serving_leaves_live_uploads_alone(
@@ -346,7 +335,7 @@ async def test_a_bucket_that_cannot_be_used_is_503_naming_why_and_keeps_nothing(
             assert expected in problem["detail"], problem
         await nothing_kept(app)
         assert (await upload.get("/healthz")).status_code == 200  # up, not crashed
-    assert await bucket_of(s3_url, s3).list() == []
+    assert await s3.bucket(s3_url).list() == []
 
 
 async def test_s3_killed_mid_upload_is_503_and_keeps_nothing(
@@ -354,13 +343,7 @@ async def test_s3_killed_mid_upload_is_503_and_keeps_nothing(
 ) -> None:
     with throwaway_seaweedfs() as server:
         assert server.pid is not None
-        for variable, value in {
-            "AWS_ENDPOINT_URL": server.endpoint,
-            "AWS_ACCESS_KEY_ID": server.app.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": server.app.secret_access_key,
-            "AWS_REGION": server.config()["region"],
-            "AWS_ALLOW_HTTP": "true",
-        }.items():
+        for variable, value in server.environment().items():
             monkeypatch.setenv(variable, value)
         bucket = await new_bucket(server)  # not emptied afterwards: the server is killed, and thrown away
         app = create_app(upload_settings(blob_url=f"s3://{bucket}/media"), exit_on_failure=False)
@@ -425,7 +408,7 @@ async def test_memory_stays_flat_while_a_large_upload_streams_into_s3(
         response = await http.post("/videos", content=large(), headers={"Content-Type": "video/mp4"})
         assert response.status_code == 202, response.text
         peak_kib = peak_rss_kib(upload.proc.pid)
-    info = await bucket_of(s3_url, s3).stat(f"videos/{response.json()['video_id']}/master.mp4")
+    info = await s3.bucket(s3_url).stat(f"videos/{response.json()['video_id']}/master.mp4")
     assert info is not None and info.size_bytes == len(clip) + 16 + filler and info.sha256 == digest.hexdigest()
     assert not any((tmp_path / "data" / "upload" / "spool").iterdir())
     assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB"
