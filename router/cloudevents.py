@@ -16,13 +16,13 @@ An event that breaks these rules is not a CloudEvent: 400, naming the attribute.
 from __future__ import annotations
 
 import base64
-import json
 import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from services.common import jsoncodec
 from services.common.errors import BadRequest, InvalidInput, PayloadTooLarge
 
 STRUCTURED = "application/cloudevents+json"
@@ -55,8 +55,8 @@ class Encoded(NamedTuple):
     body: bytes
 
 
-def encoded(event: dict[str, Any]) -> Encoded:
-    return Encoded(event, encode(event))
+def encoded(event: dict[str, Any], *, plain: bool = False) -> Encoded:
+    return Encoded(event, encode(event, plain=plain))
 
 
 class EventError(BadRequest):
@@ -68,8 +68,11 @@ class EventError(BadRequest):
         self.index = index
 
 
-def validate(event: Any, max_bytes: int, index: int | None = None) -> Encoded:
-    """Check one structured-mode event; return it with its encoding. Raises EventError or PayloadTooLarge."""
+def validate(event: Any, max_bytes: int, index: int | None = None, *, plain: bool = False) -> Encoded:
+    """Check one structured-mode event; return it with its encoding. Raises EventError or PayloadTooLarge.
+
+    `plain`: the event was read by the standard library's parser (jsoncodec.loads), so it is written
+    back by its encoder too (it may hold NaN, which orjson would write as null)."""
     if not isinstance(event, dict):
         raise EventError("event", "a JSON object", index)
     if event.get("specversion") != "1.0":
@@ -96,7 +99,7 @@ def validate(event: Any, max_bytes: int, index: int | None = None) -> Encoded:
             raise EventError(name, "an extension attribute name of 1-20 lowercase letters or digits", index)
         _check_extension(name, value, index)
     try:
-        result = encoded(event)
+        result = encoded(event, plain=plain)
     except (UnicodeEncodeError, RecursionError):
         _check_data(event.get("data"), index)
         raise  # not a fault of the data: let it be the 500 it is
@@ -175,14 +178,14 @@ def parse(body: bytes, content_type: str, headers: Mapping[str, str], max_bytes:
     """Turn a POST body in any of the three modes into validated events (a batch is all-or-nothing)."""
     media = content_type.split(";", 1)[0].strip().lower()
     if media == BATCH:
-        entries = _json(body, "body")
+        entries, plain = _json(body, "body")
         if not isinstance(entries, list) or not entries:
             raise BadRequest("body", "a non-empty JSON array of CloudEvents")
         errors: list[dict[str, Any]] = []
         events: list[Encoded] = []
         for i, entry in enumerate(entries):
             try:
-                events.append(validate(entry, max_bytes, i))
+                events.append(validate(entry, max_bytes, i, plain=plain))
             except InvalidInput as exc:
                 errors.extend(exc.errors)
                 if isinstance(exc, PayloadTooLarge) and len(entries) == 1:
@@ -191,17 +194,21 @@ def parse(body: bytes, content_type: str, headers: Mapping[str, str], max_bytes:
             raise BadRequest("body", f"every entry a valid CloudEvent ({len(errors)} bad: see errors)", errors=errors)
         return events
     if media == STRUCTURED:
-        return [validate(_json(body, "body"), max_bytes)]
+        event, plain = _json(body, "body")
+        return [validate(event, max_bytes, plain=plain)]
     if "ce-specversion" in headers:
-        return [validate(_from_binary(body, media, headers), max_bytes)]
+        event, plain = _from_binary(body, media, headers)
+        return [validate(event, max_bytes, plain=plain)]
     raise InvalidInput(
         "header.content-type",
         f"{STRUCTURED}, {BATCH}, or binary mode (ce-specversion, ce-id, ce-source, ce-type headers)",
     )
 
 
-def _from_binary(body: bytes, media: str, headers: Mapping[str, str]) -> dict[str, Any]:
+def _from_binary(body: bytes, media: str, headers: Mapping[str, str]) -> tuple[dict[str, Any], bool]:
+    """The event, and whether its data was read by the standard library's parser (see `validate`)."""
     event: dict[str, Any] = {}
+    plain = False
     for name, value in headers.items():
         lower = name.lower()
         if lower.startswith("ce-"):
@@ -213,11 +220,12 @@ def _from_binary(body: bytes, media: str, headers: Mapping[str, str]) -> dict[st
             # No Content-Type (what the CloudEvents Python SDK sends for dict data): JSON if it parses,
             # as the SDK itself reads such a body, else bytes (RFC 9110 8.3: octet-stream). docs/decisions.md.
             try:
-                event["data"] = json.loads(body)
+                event["data"], fast = jsoncodec.loads(body)
+                plain = not fast
             except (ValueError, RecursionError):
                 event["data_base64"] = base64.b64encode(body).decode()
         elif media == "application/json" or media.endswith("+json"):
-            event["data"] = _json(body, "body")
+            event["data"], plain = _json(body, "body")
         elif media.startswith("text/"):
             try:
                 event["data"] = body.decode()
@@ -225,17 +233,20 @@ def _from_binary(body: bytes, media: str, headers: Mapping[str, str]) -> dict[st
                 raise BadRequest("body", "UTF-8 text for a text/* content type") from None
         else:
             event["data_base64"] = base64.b64encode(body).decode()
-    return event
+    return event, plain
 
 
-def encode(event: Mapping[str, Any]) -> bytes:
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+def encode(event: Mapping[str, Any], *, plain: bool = False) -> bytes:
+    """Compact UTF-8 JSON (orjson; the standard library's encoder with `plain`, see `validate`)."""
+    return jsoncodec.dumps(event, plain=plain)
 
 
-def _json(body: bytes, field: str) -> Any:
-    """Parse JSON; a syntax error is a 400 (RFC 9110: the request cannot be read), not a 422."""
+def _json(body: bytes, field: str) -> tuple[Any, bool]:
+    """Parse JSON exactly as `json.loads` reads it, and say whether the standard library's parser did
+    (`plain`, see `validate`); a syntax error is a 400 (RFC 9110: the request cannot be read), not a 422."""
     try:
-        return json.loads(body)
+        value, fast = jsoncodec.loads(body)
+        return value, not fast
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(field, f"valid JSON ({exc})") from None
     except RecursionError:

@@ -267,3 +267,26 @@ json_values = st.recursive(
 @given(value=json_values)
 def test_nesting_measured_on_the_text_is_the_nesting_of_the_value(value: object) -> None:
     assert cloudevents._nesting(cloudevents.encode({"data": value})) == 1 + json_depth(value)
+
+
+@pytest.mark.parametrize(
+    ("data", "stored"),
+    [
+        # Beyond 64 bits: kept to the last digit (orjson alone reads such a number as a float).
+        (b'{"big": 111111111111111111111111111111, "neg": -9223372036854775809}', None),
+        # NaN and Infinity are read as the standard library reads them, and written back as it writes them.
+        (b'{"x": NaN, "y": -Infinity}', b'"data":{"x":NaN,"y":-Infinity}'),
+        (b'{"u": "caf\\u00e9 \\ud83d\\ude00"}', '"data":{"u":"café 😀"}'.encode()),
+    ],
+)
+async def test_event_data_is_kept_exactly_as_the_json_text_says(
+    router: httpx.AsyncClient, data: bytes, stored: bytes | None
+) -> None:
+    await router.put("/subscriptions/exact", json={"pattern": None, "target": {"queue": {}}})
+    body = b'{"specversion":"1.0","id":"exact","source":"tests","type":"t","data":' + data + b"}"
+    assert (await router.post("/events", content=body, headers=STRUCTURED)).status_code == 202
+    response = await router.post("/subscriptions/exact/receive", json={"max_messages": 1})
+    (message,) = json.loads(response.content)["messages"]
+    assert repr(message["event"]["data"]) == repr(json.loads(data))
+    if stored is not None:
+        assert stored in response.content
