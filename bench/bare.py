@@ -8,12 +8,14 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 app = FastAPI()
+RESULT = b'{"results":[{"id":"x","sequence":1,"duplicate":false}]}'
 
 
 @app.post("/events")
 async def events(request: Request) -> Response:
     await request.body()
-    return Response(b'{"results":[]}', status_code=202, media_type="application/json")
+    # One result, as the router answers a single publish (the SDK's publish reads it).
+    return Response(RESULT, status_code=202, media_type="application/json")
 
 
 if __name__ == "__main__":
