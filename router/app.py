@@ -7,11 +7,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from starlette.routing import Route
 
-from router.api import ACCESS, publish
+from router.api import ACCESS, ensure_owner
 from router.api import router as api_router
 from router.bus import Bus
+from router.hot_routes import hot_routes
 from router.metrics import RouterMetrics
 from router.push_policy import PushPolicy
 from router.settings import RouterSettings
@@ -81,9 +81,9 @@ def create_app(
         )
     )
     app.include_router(api_router)
-    # The hot path skips FastAPI's per-request machinery (dependency solving, response models): the same
-    # handler as a plain Starlette route, matched first. The FastAPI route stays for /docs.
-    app.router.routes.insert(0, Route("/events", publish, methods=["POST"]))
+    # The hot paths skip FastAPI's per-request machinery (dependency solving, body and response models):
+    # plain ASGI routes matched first (router/hot_routes.py). FastAPI's routes stay for /docs.
+    app.router.routes[0:0] = hot_routes(api_router.routes, ensure_owner)
     protect(app, ACCESS, settings)
     document_problems(app)
     bound_request_bodies(app, settings, streaming=[("POST", "/events")])  # publish bounds its own (max_request_bytes)

@@ -101,6 +101,11 @@ async def test_a_service_token_cannot_reach_the_admins_subscriptions(router: htt
         router.delete("/subscriptions/audit", headers=bearer(SERVICE)),
         router.get("/subscriptions/audit", headers=bearer(SERVICE)),
         router.post("/subscriptions/audit/receive", json={"wait_s": 0}, headers=bearer(SERVICE)),
+        router.post("/subscriptions/audit/ack", json={"receipts": ["r"]}, headers=bearer(SERVICE)),
+        router.post("/subscriptions/audit/nack", json={"receipts": ["r"], "delay_s": 1}, headers=bearer(SERVICE)),
+        router.post(
+            "/subscriptions/audit/extend", json={"receipts": ["r"], "visibility_timeout_s": 5}, headers=bearer(SERVICE)
+        ),
     ]
     for attempt in refused:
         response = await attempt

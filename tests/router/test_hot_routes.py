@@ -1,0 +1,103 @@
+"""The hot routes (publish, ack, nack, extend) served as plain ASGI endpoints answer exactly as FastAPI's did."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from starlette.routing import Route
+
+from router.app import create_app
+from router.settings import RouterSettings
+from tests.conftest import running
+from tests.router.events import STRUCTURED, event
+
+BAD_BODIES: list[tuple[str, bytes]] = [
+    ("ack", b""),
+    ("ack", b"not json"),
+    ("ack", b"[1]"),
+    ("ack", b"null"),
+    ("ack", b"{}"),
+    ("ack", b'{"receipts": []}'),
+    ("ack", b'{"receipts": "r"}'),
+    ("ack", b'{"receipts": [1]}'),
+    ("ack", b'{"receipts": [null]}'),
+    ("ack", json.dumps({"receipts": ["r"] * 101}).encode()),
+    ("ack", b'{"receipts": ["r"], "extra": 1}'),
+    ("nack", b'{"receipts": ["r"], "delay_s": -1}'),
+    ("nack", b'{"receipts": ["r"], "delay_s": "5"}'),
+    ("nack", b'{"receipts": ["r"], "delay_s": 43201}'),
+    ("nack", b'{"receipts": ["r"], "delay_s": true}'),
+    ("nack", b'{"receipts": ["r"], "delay_s": null}'),
+    ("extend", b'{"receipts": ["r"]}'),
+    ("extend", b'{"receipts": ["r"], "visibility_timeout_s": -0.5}'),
+    ("extend", b'{"receipts": ["r"], "visibility_timeout_s": "5"}'),
+    ("extend", b'{"receipts": ["r"], "visibility_timeout_s": 1e9}'),
+]
+GOOD_BODIES: list[tuple[str, bytes]] = [
+    ("ack", b'{"receipts": ["nope"]}'),
+    ("nack", b'{"receipts": ["nope"]}'),
+    ("nack", b'{"receipts": ["nope"], "delay_s": 2.5}'),
+    ("extend", b'{"receipts": ["nope"], "visibility_timeout_s": 0}'),
+    ("extend", b'{"receipts": ["nope", "other"], "visibility_timeout_s": 43200}'),
+]
+
+
+def fastapi_only(app: FastAPI) -> FastAPI:
+    """The same app without the plain routes: FastAPI's own answer every path."""
+    app.router.routes[:] = [r for r in app.router.routes if not (type(r) is Route and r.path != "/docs")]
+    return app
+
+
+@pytest.fixture
+async def both(
+    router_settings: Callable[..., RouterSettings], tmp_path: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    hot = create_app(router_settings(), exit_on_failure=False)
+    plain = fastapi_only(create_app(RouterSettings(data_dir=tmp_path / "other"), exit_on_failure=False))
+    async with running(hot) as a, running(plain) as b:
+        for client in (a, b):
+            await client.put("/subscriptions/q", json={"pattern": None, "target": {"queue": {}}})
+        yield a, b
+
+
+def test_the_router_serves_the_hot_routes_as_plain_routes(router_settings: Callable[..., RouterSettings]) -> None:
+    app = create_app(router_settings(), exit_on_failure=False)
+    plain = {(r.path, *sorted(r.methods or ())) for r in app.router.routes if type(r) is Route}
+    for verb in ("ack", "nack", "extend"):
+        assert (f"/subscriptions/{{name}}/{verb}", "POST") in plain
+    assert ("/events", "POST") in plain
+
+
+@pytest.mark.parametrize(("verb", "body"), BAD_BODIES + GOOD_BODIES)
+async def test_receipt_routes_answer_as_fastapis(
+    both: tuple[httpx.AsyncClient, httpx.AsyncClient], verb: str, body: bytes
+) -> None:
+    hot, plain = both
+    headers = {"Content-Type": "application/json"}
+    ours = await hot.post(f"/subscriptions/q/{verb}", content=body, headers=headers)
+    theirs = await plain.post(f"/subscriptions/q/{verb}", content=body, headers=headers)
+    assert (ours.status_code, ours.headers["content-type"]) == (theirs.status_code, theirs.headers["content-type"])
+    assert ours.json() == theirs.json()
+
+
+async def test_receipt_routes_on_a_missing_subscription_answer_as_fastapis(
+    both: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> None:
+    for client in both:
+        await client.delete("/subscriptions/q")
+    answers = [await c.post("/subscriptions/q/ack", json={"receipts": ["r"]}) for c in both]
+    assert answers[0].status_code == answers[1].status_code == 404
+    assert answers[0].json() == answers[1].json()
+
+
+async def test_publish_answers_as_before(both: tuple[httpx.AsyncClient, httpx.AsyncClient]) -> None:
+    for body in (json.dumps(event(id="p1")).encode(), b"{", b'{"specversion": "0.3"}'):
+        answers = [await c.post("/events", content=body, headers=STRUCTURED) for c in both]
+        assert answers[0].status_code == answers[1].status_code
+        assert answers[0].headers["content-type"] == answers[1].headers["content-type"]
+        assert answers[0].json() == answers[1].json()
