@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from fastapi_offline import FastAPIOffline
 
 from router.api import ACCESS, ensure_owner
@@ -27,6 +28,10 @@ DESCRIPTION = """
 CatTube's event router: a durable event bus (CloudEvents 1.0) with content-based subscriptions
 (EventBridge event patterns) delivering to SQS-style queues or, by push, to HTTP consumers.
 """
+
+# FastAPI's native OpenTelemetry asks the global providers (reading os.environ) on every request whether
+# they are configured; CatTube configures none, so the router says so once.
+NO_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(
@@ -65,7 +70,9 @@ def create_app(
             await supervisor.drain(timeout_s=10)
             await bus.close()
 
-    app = FastAPIOffline(title="CatTube router", description=DESCRIPTION, version="0.1.0", lifespan=lifespan)
+    app = FastAPIOffline(
+        title="CatTube router", description=DESCRIPTION, version="0.1.0", lifespan=lifespan, telemetry=NO_TELEMETRY
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     install_problem_handlers(app)

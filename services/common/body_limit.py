@@ -24,13 +24,19 @@ class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, *, max_bytes: int, streaming: Iterable[tuple[str, str]] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.streaming = [(method, re.compile(path)) for method, path in streaming]
+        # A plain path (the router's POST /events) is a set lookup, not a regex, on every request.
+        routes = list(streaming)
+        self.literal = frozenset((method, path) for method, path in routes if re.escape(path) == path)
+        self.streaming = [(method, re.compile(path)) for method, path in routes if (method, path) not in self.literal]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _has_body(scope) or self._streams(scope):
+        if scope["type"] != "http" or self._streams(scope):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        declared = _declared_body(scope)
+        if declared is None:
+            await self.app(scope, receive, send)
+            return
         if declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send, f"at most {self.max_bytes} bytes, got {int(declared)}")
             return
@@ -53,7 +59,10 @@ class BodyLimitMiddleware:
         await self.app(scope, _replay([body], receive), send)
 
     def _streams(self, scope: Scope) -> bool:
-        return any(scope["method"] == method and path.fullmatch(scope["path"]) for method, path in self.streaming)
+        method, path = scope["method"], scope["path"]
+        if (method, path) in self.literal:
+            return True
+        return any(method == m and pattern.fullmatch(path) for m, pattern in self.streaming)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, expected: str) -> None:
         # `Connection: close`: the rest of the body is not worth reading to keep the connection.
@@ -67,11 +76,19 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-def _has_body(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            return True
-    return False
+def _declared_body(scope: Scope) -> bytes | None:
+    """None for a request without a body; else its Content-Length (b"" when chunked), in one pass."""
+    length: bytes | None = None
+    chunked = False
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
+        if name == b"content-length":
+            length = value
+        elif name == b"transfer-encoding":
+            chunked = True
+    if length is not None and length != b"0":
+        return length
+    return b"" if chunked else None
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

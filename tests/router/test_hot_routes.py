@@ -101,3 +101,20 @@ async def test_publish_answers_as_before(both: tuple[httpx.AsyncClient, httpx.As
         assert answers[0].status_code == answers[1].status_code
         assert answers[0].headers["content-type"] == answers[1].headers["content-type"]
         assert answers[0].json() == answers[1].json()
+
+
+async def test_requests_do_not_ask_opentelemetry_whether_it_is_configured(
+    router: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FastAPI's native telemetry looked up the global providers (reading os.environ) on every request;
+    # the router configures none, so it is off from the start.
+    from opentelemetry import metrics, trace
+
+    asked: list[str] = []
+    for module in (trace, metrics):
+        name = "get_tracer_provider" if module is trace else "get_meter_provider"
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda real=real, name=name: asked.append(name) or real())
+    assert (await router.post("/events", json=event(id="t1"), headers=STRUCTURED)).status_code == 202
+    assert (await router.get("/healthz")).status_code == 200
+    assert asked == []
