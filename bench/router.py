@@ -269,7 +269,9 @@ def push_bench(target: Routers, duration: str) -> dict[str, object]:
     return out
 
 
-def router_bench(database: str | None, replicas: int, synchronous: str, duration: str) -> dict[str, object]:
+def router_bench(
+    database: str | None, replicas: int, synchronous: str, duration: str, *, requests_only: bool = False
+) -> dict[str, object]:
     results: dict[str, object] = {"database": "postgresql" if database else "sqlite", "replicas": replicas}
     with routers(database, replicas, synchronous) as target:
         first = target.urls[0]
@@ -277,6 +279,11 @@ def router_bench(database: str | None, replicas: int, synchronous: str, duration
         httpx.put(f"{first}/subscriptions/other", json={"pattern": {"source": ["nope"]}, "target": {"queue": {}}})
         spread(target.urls, "/events", "publish", "--duration", "2", concurrency=16)  # warm-up
         results["single"] = measured(target, "/events", "publish", "--duration", duration, concurrency=16)
+        if requests_only:
+            results["receive_ack"] = measured(
+                target, "", "consume", "--subscription", "bench", concurrency=4, count=50_000
+            )
+            return results
         results["batched_100"] = measured(
             target, "/events", "publish", "--batch", "100", "--duration", duration, concurrency=4
         )
@@ -311,7 +318,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=10)
     parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
-    parser.add_argument("--only", choices=["push"], help="run one part alone")
+    parser.add_argument(
+        "--only", choices=["push", "requests"], help="run one part alone; requests: bare, single publish, receive + ack"
+    )
     parser.add_argument(
         "--database", default="sqlite", help="sqlite (default), postgres (start one), or postgresql://... (use it)"
     )
@@ -348,7 +357,9 @@ def main() -> None:
             runs = [(server, args.replicas)]
         for database, replicas in runs:
             name = f"{'postgresql' if database else 'sqlite'}_x{replicas}"
-            results[name] = router_bench(database, replicas, args.synchronous, duration)
+            results[name] = router_bench(
+                database, replicas, args.synchronous, duration, requests_only=args.only == "requests"
+            )
             results[name + "_load_average_after"] = os.getloadavg()
             print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
     print(json.dumps(results, indent=2))
