@@ -24,8 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from router.app import create_app  # noqa: E402
-from router.settings import RouterSettings  # noqa: E402
+from router.app import create_app
+from router.settings import RouterSettings
 
 CONCURRENCY = 16
 
