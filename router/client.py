@@ -284,13 +284,21 @@ class RouterClient:
         request = httpx.Request(
             method, _url(url), params=params, headers=fields, content=content, extensions=self._extensions
         )
-        response = await self._transport.handle_async_request(request)
-        response.request = request
+        streamed = await self._transport.handle_async_request(request)
+        # The transport's byte stream read directly: `Response.aread` stacks four async generators on it.
+        stream = streamed.stream
+        assert isinstance(stream, httpx.AsyncByteStream)
         try:
-            await response.aread()
+            body = b"".join([chunk async for chunk in stream])
         finally:
-            await response.aclose()
-        return response
+            await stream.aclose()
+        return httpx.Response(
+            streamed.status_code,
+            headers=streamed.headers,
+            content=body,
+            request=request,
+            extensions=streamed.extensions,
+        )
 
     # -- publishing -------------------------------------------------------------------------------
 
