@@ -411,4 +411,6 @@ async def test_memory_stays_flat_while_a_large_upload_streams_into_s3(
     info = await s3.bucket(s3_url).stat(f"videos/{response.json()['video_id']}/master.mp4")
     assert info is not None and info.size_bytes == len(clip) + 16 + filler and info.sha256 == digest.hexdigest()
     assert not any((tmp_path / "data" / "upload" / "spool").iterdir())
-    assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB"
+    # 110 MiB: the process itself (S3 client, the router SDK over aiohttp: ~9 MB of imports since the
+    # SDK's default transport) plus flat streaming buffers; a 300 MB body held whole would be far above.
+    assert peak_kib < 110 * 1024, f"peak RSS {peak_kib} KiB"
