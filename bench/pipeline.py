@@ -18,6 +18,10 @@ In one script, on one machine:
    (`min_workers` 1: an idle worker is already in its long poll).
    The CPU seconds of each side (this process and its ffmpeg children; the router and the processing
    service with theirs) are reported too: unlike wall time they barely move with the machine's load.
+   They are split (script or processing service, ffmpeg, router): ffmpeg runs the same commands on
+   both sides, so `cpu_ratio_same_ffmpeg` (direct ffmpeg + processing + router over direct ffmpeg +
+   script) is the service's own cost without the few % either way that ffmpeg's CPU drifts by.
+   `--latency-samples 0 --idle-s 0` skips parts 2 and 3.
 3. **Idle CPU.** User + system CPU seconds of the processing service over 30 s with nothing to do.
 """
 
@@ -319,6 +323,16 @@ async def main() -> None:
         "cpu_s_service_processing_ffmpeg_router_medians": [
             round(statistics.median(c), 3) for c in zip(*service_split, strict=True)
         ],
+        # ffmpeg runs the very same commands on both sides, so what its CPU differs by is the machine's noise (a few
+        # % either way under load): the service's own cost against the same ffmpeg work is the steadier figure.
+        "cpu_ratio_same_ffmpeg": round(
+            (
+                statistics.median(c[1] for c in direct_split)
+                + sum(statistics.median(c[i] for c in service_split) for i in (0, 2))
+            )
+            / (statistics.median(c[1] for c in direct_split) + statistics.median(c[0] for c in direct_split)),
+            3,
+        ),
         "ffmpeg_cpu_ratio": round(
             statistics.median(c[1] for c in service_split) / statistics.median(c[1] for c in direct_split), 3
         ),
