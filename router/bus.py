@@ -37,7 +37,7 @@ from router.persistence import (
     SubscriptionSpec,
 )
 from router.push_policy import PushPolicy
-from router.signals import Signals, wait_any, wait_for
+from router.signals import Signals, wait_for, wait_turn
 from services.common.errors import InsufficientStorage, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class Bus:
             self.dispatchers.mark_ready(self.dispatchers.names)
             self.signals.wake_all()
         self.dispatchers.mark_ready(changes.ready)
-        self.signals.on_change(changes.touched, changes.hidden_until)
+        self.signals.on_change(changes.touched, changes.ready, changes.hidden_until)
 
     def _sync_soon(self) -> None:
         """Sync the subscriptions in the background, once more if they change again meanwhile."""
@@ -263,19 +263,28 @@ class Bus:
         """
         sub = await self.queue(name)
         gone = gone or asyncio.Event()
+        signal = self.signals[name]
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
-            changed = self.signals[name].changed  # captured before the read: no lost wake-ups
-            messages = await self.store.receive(
-                name, max_messages, int(visibility_timeout_s * 1000), now_ms(), sub.spec.delivery.max_receive_count
-            )
-            if messages and gone.is_set():
-                await self.store.release(name, [m.receipt for m in messages], now_ms())
-                return []
-            remaining = deadline - asyncio.get_running_loop().time()
-            if messages or remaining <= 0 or self._stopping.is_set() or gone.is_set():
-                return messages
-            await wait_any([changed, gone], remaining)
+            turn = signal.join()  # in line before the read: no lost wake-ups (router.signals)
+            woken = False
+            try:
+                messages = await self.store.receive(
+                    name, max_messages, int(visibility_timeout_s * 1000), now_ms(), sub.spec.delivery.max_receive_count
+                )
+                if messages and gone.is_set():
+                    await self.store.release(name, [m.receipt for m in messages], now_ms())
+                    return []
+                remaining = deadline - asyncio.get_running_loop().time()
+                if messages or remaining <= 0 or self._stopping.is_set() or gone.is_set():
+                    if len(messages) == max_messages:  # it may have left some behind: the next may take them
+                        signal.ready(1)
+                    return messages
+                await wait_turn(turn, gone, remaining)
+                woken = turn.done()  # then it reads again: the wake-up is used
+            finally:
+                if not woken:
+                    signal.leave(turn)  # passes on a wake-up that came meanwhile
             sub = await self.queue(name)  # it may have been deleted or changed while we waited
 
     async def ack(self, name: str, receipts: Sequence[str]) -> list[ReceiptResult]:
@@ -288,7 +297,10 @@ class Bus:
 
     async def extend(self, name: str, receipts: Sequence[str], visibility_timeout_s: float) -> list[ReceiptResult]:
         await self.queue(name)
-        return await self.store.extend(name, receipts, int(visibility_timeout_s * 1000), now_ms())
+        results = await self.store.extend(name, receipts, int(visibility_timeout_s * 1000), now_ms())
+        if visibility_timeout_s == 0:  # visible again at once, and the store names no ready change for it
+            self.signals[name].ready(sum(r.ok for r in results))
+        return results
 
     async def stats(self, name: str, wait_s: float = 0, version: int | None = None) -> tuple[Stats, int]:
         """The subscription's numbers and their version; with `version` equal to the current one,
