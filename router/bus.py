@@ -38,6 +38,7 @@ from router.persistence import (
 )
 from router.push_policy import PushPolicy
 from router.signals import Signals, wait_for, wait_turn
+from router.streams import Streams
 from services.common.errors import InsufficientStorage, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Bus:
         purge_interval_s: float = 3600,
         push_policy: PushPolicy | None = None,
         notifier: Notifier | None = None,
+        max_streams: int = 100,
     ) -> None:
         self.store = store
         self.retention_s = retention_s
@@ -71,6 +73,7 @@ class Bus:
         self.notifier.listen(self._on_change)
         self._writer = GroupCommit("the bus", self._append, weight=len, max_weight=MAX_EVENTS_PER_COMMIT)
         self._stopping = asyncio.Event()
+        self.streams = Streams(self, max_streams)
         self._known: set[str] = set()
         """Subscriptions this replica has synced (router.delivery's dispatchers, the signals' timers)."""
         self._syncing: asyncio.Task[None] | None = None
@@ -162,6 +165,15 @@ class Bus:
             except Exception:
                 log.exception("retention purge failed; trying again next interval")
             await wait_for(self._stopping, self.purge_interval_s)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def stopped(self) -> asyncio.Event:
+        """Set by `stop()`: long polls and streams end."""
+        return self._stopping
 
     def stop(self) -> None:
         """Stop taking work: long polls return at once, the writer commits what is pending and ends."""
@@ -289,15 +301,20 @@ class Bus:
 
     async def ack(self, name: str, receipts: Sequence[str]) -> list[ReceiptResult]:
         await self.queue(name)
-        return await self.store.ack(name, receipts, now_ms())
+        results = await self.store.ack(name, receipts, now_ms())
+        self.streams.settled(results)  # acked or not held any more: the slots of streams holding them are free
+        return results
 
     async def nack(self, name: str, receipts: Sequence[str], delay_s: float) -> list[ReceiptResult]:
         await self.queue(name)
-        return await self.store.nack(name, receipts, int(delay_s * 1000), now_ms())
+        results = await self.store.nack(name, receipts, int(delay_s * 1000), now_ms())
+        self.streams.settled(results)
+        return results
 
     async def extend(self, name: str, receipts: Sequence[str], visibility_timeout_s: float) -> list[ReceiptResult]:
         await self.queue(name)
         results = await self.store.extend(name, receipts, int(visibility_timeout_s * 1000), now_ms())
+        self.streams.extended(results, int(visibility_timeout_s * 1000))
         if visibility_timeout_s == 0:  # visible again at once, and the store names no ready change for it
             self.signals[name].ready(sum(r.ok for r in results))
         return results
