@@ -12,6 +12,13 @@ Every CatTube service talks to the router through this module and nothing else:
             ...
             await queue.ack([message.receipt])
 
+A consumer of many messages keeps a window of them in flight instead, with acks batched:
+
+        async with queue.stream(prefetch=100) as messages:
+            async for message in messages:
+                ...
+                messages.ack(message)
+
 Publishing retries connection errors and 5xx answers with exponential backoff and full jitter.
 That is safe because an event's `source`+`id` are fixed before the first try: the router keeps
 the first copy and answers repeats with `duplicate: true`.
@@ -403,28 +410,34 @@ class Acker:
 
     def __init__(self, queue: QueueConsumer) -> None:
         self.queue = queue
-        self._pending: list[str] = []
+        self._pending: list[tuple[str, asyncio.Future[bool]]] = []
         self._sender: asyncio.Task[None] | None = None
         self.failed = 0
         """Receipts whose ack did not reach the router (their messages come back after their visibility timeout)."""
 
-    def ack(self, receipt: str | ReceivedMessage) -> None:
-        self._pending.append(receipt.receipt if isinstance(receipt, ReceivedMessage) else receipt)
+    def ack(self, receipt: str | ReceivedMessage) -> asyncio.Future[bool]:
+        """Queue an ack; the future (which may be ignored) says, once it is sent, whether the router took it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._pending.append((receipt.receipt if isinstance(receipt, ReceivedMessage) else receipt, done))
         if self._sender is None or self._sender.done():
-            self._sender = asyncio.get_running_loop().create_task(self._send_all())
+            self._sender = loop.create_task(self._send_all())
+        return done
 
     async def _send_all(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[: self.MAX_RECEIPTS], self._pending[self.MAX_RECEIPTS :]
             try:
-                results = await self.queue.ack(batch)
+                results = await self.queue.ack([receipt for receipt, _ in batch])
             except RouterError as exc:  # retried already; the messages come back after their visibility timeout
                 self.failed += len(batch)
                 log.warning("acks of %d messages of %r failed (%s)", len(batch), self.queue.name, exc)
-                continue
-            for result in results:
+                results = [{"ok": False, "receipt": receipt, "error": str(exc)} for receipt, _ in batch]
+            for (_, done), result in zip(batch, results, strict=True):
                 if not result["ok"]:
                     log.info("ack of %s on %r refused: %s", result["receipt"], self.queue.name, result["error"])
+                if not done.done():
+                    done.set_result(bool(result["ok"]))
 
     async def flush(self) -> None:
         """Return once every receipt queued so far has been sent."""
@@ -449,9 +462,9 @@ class MessageStream:
         self._response: httpx.Response | None = None
         self._failures = 0
 
-    def ack(self, message: ReceivedMessage | str) -> None:
+    def ack(self, message: ReceivedMessage | str) -> asyncio.Future[bool]:
         """Queue an ack (batched, see `Acker`); frees the message's slot in the window once it is sent."""
-        self.acker.ack(message)
+        return self.acker.ack(message)
 
     async def nack(self, message: ReceivedMessage | str, *, delay_s: float = 0) -> None:
         receipt = message.receipt if isinstance(message, ReceivedMessage) else message
