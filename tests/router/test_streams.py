@@ -140,6 +140,30 @@ async def test_the_stream_holds_at_most_prefetch_and_each_ack_frees_a_slot(serve
         assert (numbers["in_flight"], numbers["backlog"]) == (3, 5)
 
 
+async def test_the_window_holds_while_acks_and_messages_cross(served: Served) -> None:
+    """However acks and new messages cross (acks of one to three receipts, sent while others are out), the
+    leases the store holds never pass prefetch, and every message comes once."""
+    client = served.client
+    await make_queue(client)
+    await publish(client, *[event(id=f"e{i}") for i in range(120)])
+    seen: list[str] = []
+    held: list[str] = []
+    most = 0
+    acks: list[asyncio.Task[list[dict[str, Any]]]] = []
+    async with open_stream(client, prefetch=7) as lines:
+        while len(seen) < 120:
+            message = await lines.next()
+            seen.append(message["event"]["id"])
+            held.append(message["receipt"])
+            if len(held) >= 1 + len(seen) % 3 or len(seen) == 120:
+                acks.append(asyncio.create_task(ack(client, *held)))
+                held = []
+            most = max(most, (await stats(client))["in_flight"])
+        assert all(r["ok"] for results in await asyncio.gather(*acks) for r in results)
+    assert 1 < most <= 7
+    assert seen == [f"e{i}" for i in range(120)]
+
+
 async def test_a_message_not_acked_in_time_frees_its_slot_comes_again_and_is_dead_lettered(served: Served) -> None:
     client = served.client
     await make_queue(client, max_receive_count=2)
