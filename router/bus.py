@@ -275,9 +275,9 @@ class Bus:
         """
         sub = await self.queue(name)
         gone = gone or asyncio.Event()
-        signal = self.signals[name]
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
+            signal = self.signals[name]  # looked up again: a deleted subscription's line is forgotten
             turn = signal.join()  # in line before the read: no lost wake-ups (router.signals)
             woken = False
             try:

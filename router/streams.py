@@ -126,7 +126,6 @@ class Streams:
         visibility_ms = int(visibility_timeout_s * 1000)
         try:
             sub = await bus.queue(name)
-            signal = bus.signals[name]
             heartbeat_at = loop.time() + heartbeat_s
             while not (bus.stopping or gone.is_set()):
                 next_expiry_ms = window.expire(now_ms())
@@ -138,6 +137,7 @@ class Streams:
                     await _wait_any((window.freed, gone, bus.stopped), until - loop.time())
                 else:
                     max_receive_count = sub.spec.delivery.max_receive_count
+                    signal = bus.signals[name]  # looked up each time: a deleted subscription's line is forgotten
                     messages = await self._lease(name, max_receive_count, window, visibility_ms, gone, until, signal)
                     if messages:
                         heartbeat_at = loop.time() + heartbeat_s

@@ -247,6 +247,16 @@ async def test_shutdown_ends_every_stream_at_once(served: Served) -> None:
         assert await lines.rest() == []  # the response ended
 
 
+async def test_deleting_the_subscription_ends_its_streams(served: Served) -> None:
+    client = served.client
+    await make_queue(client)
+    async with open_stream(client, heartbeat_s=0.05) as lines:
+        await lines.next(heartbeats=True)  # streaming, waiting in line
+        assert (await client.delete("/subscriptions/q")).status_code == 204
+        rest = [json.loads(line) for line in await lines.rest()]
+        assert "no subscription named 'q'" in rest[-1]["error"]
+
+
 async def test_streams_past_the_cap_are_refused_and_bad_bodies_named(
     router_settings: Callable[..., RouterSettings],
 ) -> None:
