@@ -251,17 +251,18 @@ async def receive(name: str, body: ReceiveIn, bus: BusDep, request: Request) -> 
     return Response(b'{"messages":[' + b",".join(parts) + b"]}", media_type="application/json")
 
 
-router.add_api_route(
+@router.post(
     "/subscriptions/{name}/stream",
-    stream_api.stream,
-    methods=["POST"],
     tags=["queues"],
     responses=stream_api.STREAM_RESPONSES,
     openapi_extra={
         "requestBody": {"content": {"application/json": {"schema": StreamIn.model_json_schema()}}, "required": False}
     },
-    summary="Stream messages with a window of `prefetch` in flight",
 )
+async def stream(name: str, request: Request) -> Response:
+    """Stream messages (NDJSON), holding at most `prefetch` leased and not yet acked or nacked (acks go to `ack`)."""
+    # Served by the plain route ahead of this one (app.py); this one documents it, with its path parameter.
+    return await stream_api.stream(request)
 
 
 async def _disconnected(request: Request, gone: asyncio.Event) -> None:
