@@ -16,7 +16,7 @@ from router.metrics import RouterMetrics
 from router.push_policy import PushPolicy
 from router.settings import RouterSettings
 from router.stores import store_factory
-from router.stream_api import stream
+from router.stream_api import STREAM_ROUTE
 from services.common.auth import protect
 from services.common.body_limit import bound_request_bodies
 from services.common.openapi import document_problems
@@ -86,8 +86,8 @@ def create_app(
     # The hot path skips FastAPI's per-request machinery (dependency solving, response models): the same
     # handler as a plain Starlette route, matched first. The FastAPI route stays for /docs.
     app.router.routes.insert(0, Route("/events", publish, methods=["POST"]))
-    app.router.routes.insert(1, Route("/subscriptions/{name}/stream", stream, methods=["POST"]))
     protect(app, ACCESS, settings)
     document_problems(app)
+    app.router.routes.insert(0, STREAM_ROUTE)  # served as plain ASGI, as the hot paths are (router/stream_api.py)
     bound_request_bodies(app, settings, streaming=[("POST", "/events")])  # publish bounds its own (max_request_bytes)
     return app

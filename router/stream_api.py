@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from router.bus import Bus, now_ms
@@ -122,6 +123,10 @@ class NdjsonStream(Response):
             await batches.aclose()
             watcher.cancel()
             bus.streams.done()
+
+
+STREAM_ROUTE = Route("/subscriptions/{name}/stream", stream, methods=["POST"])
+"""The stream as a plain Starlette route, matched ahead of FastAPI's (which stays for /docs)."""
 
 
 async def _disconnected(receive: Receive, gone: asyncio.Event) -> None:

@@ -101,6 +101,8 @@ async def test_a_service_token_cannot_reach_the_admins_subscriptions(router: htt
         router.delete("/subscriptions/audit", headers=bearer(SERVICE)),
         router.get("/subscriptions/audit", headers=bearer(SERVICE)),
         router.post("/subscriptions/audit/receive", json={"wait_s": 0}, headers=bearer(SERVICE)),
+        router.post("/subscriptions/audit/stream", json={}, headers=bearer(SERVICE)),
+        router.post("/subscriptions/audit/stream", json={}, headers=bearer(USER)),
     ]
     for attempt in refused:
         response = await attempt
