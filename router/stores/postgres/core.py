@@ -61,12 +61,6 @@ BOOKKEEPING = {"synchronous_commit": "off"}
 reach the disk: losing the last few of those in a crash of the database server only means a delivery goes out
 again, which at-least-once allows (the SQLite store commits the same ones without an fsync). Published events,
 acks, nacks and subscription changes wait for the flush."""
-PLANNED_ONCE = {"plan_cache_mode": "force_generic_plan"}
-"""The bookkeeping sessions plan each statement once (a generic plan) instead of for every call's values: re-planning
-the claim and outcome CTEs cost more of the server's CPU than running them (bench/README.md, "PostgreSQL: profiles").
-Their statements are written so that no plan depends on the values (router.stores.postgres.queues), except the ordered
-claim's, which gets sessions of its own that plan each call (a generic plan would find a key's head by walking
-`messages_by_seq`)."""
 LEASE_LIMIT = 2**31 - 1
 """Stands for "no max_receive_count" in claims (push leases have none)."""
 
@@ -163,9 +157,7 @@ class PostgresCore:
         """Why the database cannot be used now (None when the last call reached it)."""
         self._pool: asyncpg.Pool | None = None
         self._bookkeeping: asyncpg.Pool | None = None
-        """Sessions for delivery bookkeeping (see BOOKKEEPING and PLANNED_ONCE)."""
-        self._bookkeeping_per_call: asyncpg.Pool | None = None
-        """Bookkeeping sessions that plan every call (see PLANNED_ONCE)."""
+        """Sessions for delivery bookkeeping (see BOOKKEEPING)."""
         self._notifier: Notifier | None = None
         self._fanout = Fanout()
         self.connected = asyncio.Event()
@@ -185,7 +177,7 @@ class PostgresCore:
         self._notifier, self._fanout = notifier, fanout
         notifier.listen(self._heard)
         c = self.connection
-        self._pool, self._bookkeeping, self._bookkeeping_per_call = [
+        self._pool, self._bookkeeping = [
             await asyncpg.create_pool(
                 c.url,
                 min_size=0,
@@ -196,7 +188,7 @@ class PostgresCore:
                 reset=_reset,
                 max_inactive_connection_lifetime=60,
             )
-            for extra in ({}, {**BOOKKEEPING, **PLANNED_ONCE}, BOOKKEEPING)
+            for extra in ({}, BOOKKEEPING)
         ]
         self._connector = asyncio.create_task(self._connect(), name="router-database-connect")
         with contextlib.suppress(TimeoutError):
@@ -255,13 +247,13 @@ class PostgresCore:
         await asyncio.gather(
             *[t for t in [self._connector, *self._background] if t is not None], return_exceptions=True
         )
-        for pool in (self._pool, self._bookkeeping, self._bookkeeping_per_call):
+        for pool in (self._pool, self._bookkeeping):
             if pool is not None:
                 try:
                     await asyncio.wait_for(pool.close(), 10)
                 except TimeoutError:
                     pool.terminate()
-        self._pool = self._bookkeeping = self._bookkeeping_per_call = None
+        self._pool = self._bookkeeping = None
 
     async def readiness(self) -> str | None:
         """None when the database answers; after a failed call, it is asked again here (a `SELECT 1`)."""
@@ -278,10 +270,10 @@ class PostgresCore:
     # -- plumbing ---------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _connection(self, *, bookkeeping: bool = False, planned_per_call: bool = False) -> AsyncIterator[Conn]:
-        """A pooled connection (from the bookkeeping sessions, see BOOKKEEPING, when asked: planning every call or not,
-        see PLANNED_ONCE); the database being away becomes `Unavailable` naming it."""
-        pool = (self._bookkeeping_per_call if planned_per_call else self._bookkeeping) if bookkeeping else self._pool
+    async def _connection(self, *, bookkeeping: bool = False) -> AsyncIterator[Conn]:
+        """A pooled connection (from the bookkeeping sessions, see BOOKKEEPING, when asked); the database being away
+        becomes `Unavailable` naming it."""
+        pool = self._bookkeeping if bookkeeping else self._pool
         if not self.connected.is_set() or pool is None:
             raise Unavailable(self.unavailable or "the router's database is not open")
         try:

@@ -60,14 +60,12 @@ SELECT * FROM (
 ) claimed WHERE body IS NOT NULL
 """
 """Lease the first visible messages; those received `max_receive_count` times already come back `spent`, unleased.
-A bookkeeping session plans it once (PLANNED_ONCE, router.stores.postgres.core), not knowing how many `LIMIT $3`
-takes, so the statement leaves the planner no choice that depends on it: the picked rows (locked, so their values are
-current) are updated by id through an array and their bodies read one by one, never by a join it could turn into a
-scan."""
+The picked rows (locked, so their values are current) are read once, updated by id through an array and their bodies
+read one by one: no join the planner could turn into a scan of `messages` or `events` when its statistics are off."""
 # Ordered push: only the oldest pending message of each partition key may go out, and not while it is itself in
 # flight or waiting to be retried (it still exists then, holding back the rest); events without a key are not held.
 # Two replicas leasing at once: a head one of them has locked is skipped by the other, and the key's next message is
-# not eligible while that head exists, so a key is never in flight twice. Planned for each call (PLANNED_ONCE says why).
+# not eligible while that head exists, so a key is never in flight twice.
 HELD_BACK = (
     "AND (m.pkey IS NULL OR NOT EXISTS (SELECT 1 FROM messages o"
     " WHERE o.sub = m.sub AND o.pkey = m.pkey AND o.seq < m.seq))"
@@ -183,7 +181,7 @@ class PostgresQueues(PostgresLog):
         messages: list[tuple[int, int, Message]] = []
         while len(messages) < max_messages:
             nonce = new_nonce()
-            async with self._connection(bookkeeping=True, planned_per_call=ordered) as conn:
+            async with self._connection(bookkeeping=True) as conn:
                 rows = await conn.fetch(
                     LEASE_ORDERED if ordered else LEASE_ANY,
                     name,
