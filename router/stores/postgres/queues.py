@@ -41,27 +41,25 @@ def _count(shard: str, when: str, messages: str = "0", delivered: str = "0", fai
 
 LEASE = """
 WITH picked AS MATERIALIZED (
-    SELECT m.msg_id, m.seq, m.replay, m.attempts, m.enqueued_at, m.visible_at AS was_visible_at, m.last_error
-    FROM messages m
+    SELECT m.msg_id, m.visible_at AS was_visible_at FROM messages m
     WHERE m.sub = $1 AND m.visible_at <= $2 {held_back}
     ORDER BY m.visible_at, m.msg_id LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), leased AS (
     UPDATE messages m SET nonce = $4, visible_at = $2 + $5, attempts = m.attempts + 1, holder = $6
-    WHERE m.msg_id = ANY(ARRAY(SELECT msg_id FROM picked WHERE attempts < $7))
-    RETURNING m.msg_id, m.attempts
+    FROM picked p WHERE m.msg_id = p.msg_id AND m.attempts < $7
+    RETURNING m.msg_id, m.seq, m.replay, m.attempts, m.enqueued_at, p.was_visible_at
+), spent AS (
+    SELECT m.msg_id, m.seq, m.replay, m.attempts, m.enqueued_at, p.was_visible_at, m.last_error
+    FROM messages m JOIN picked p ON p.msg_id = m.msg_id WHERE m.attempts >= $7
 ), counted AS ({count})
-SELECT * FROM (
-    SELECT p.msg_id, p.seq, p.replay, COALESCE(l.attempts, p.attempts) AS attempts, p.enqueued_at, p.was_visible_at,
-        CASE WHEN l.msg_id IS NULL THEN p.last_error END AS last_error,
-        (SELECT e.body FROM events e WHERE e.seq = p.seq) AS body, l.msg_id IS NULL AS spent
-    FROM picked p LEFT JOIN leased l ON l.msg_id = p.msg_id
-    OFFSET 0  -- each body read once (a flattened subquery would repeat the look-up in the filter)
-) claimed WHERE body IS NOT NULL
+SELECT l.msg_id, l.seq, l.replay, l.attempts, l.enqueued_at, l.was_visible_at, NULL::text AS last_error, e.body,
+    false AS spent
+FROM leased l JOIN events e ON e.seq = l.seq
+UNION ALL
+SELECT s.msg_id, s.seq, s.replay, s.attempts, s.enqueued_at, s.was_visible_at, s.last_error, e.body, true
+FROM spent s JOIN events e ON e.seq = s.seq
 """
-"""Lease the first visible messages; those received `max_receive_count` times already come back `spent`, unleased.
-The picked rows (locked, so their values are current) are read once, updated by id through an array and their bodies
-read one by one: no join the planner could turn into a scan of `messages` or `events` when its statistics are off."""
 # Ordered push: only the oldest pending message of each partition key may go out, and not while it is itself in
 # flight or waiting to be retried (it still exists then, holding back the rest); events without a key are not held.
 # Two replicas leasing at once: a head one of them has locked is skipped by the other, and the key's next message is
