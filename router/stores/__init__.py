@@ -59,6 +59,7 @@ def store_factory(settings: RouterSettings) -> Callable[[], tuple[EventStore, No
             pool_size=settings.database_pool_size,
             statement_timeout_s=settings.database_statement_timeout_s,
             idle_in_transaction_timeout_s=settings.database_idle_in_transaction_timeout_s,
+            durability=settings.durability,
         )
         return lambda: (
             PostgresEventStore(connection),

@@ -21,7 +21,10 @@ from pydantic import ValidationError
 
 from router.app import create_app
 from router.bus import Bus
+from router.fanout import Fanout
 from router.settings import RouterSettings
+from router.stores import store_factory
+from router.stores.postgres import PostgresEventStore
 from router.stores.sqlite import SQLiteEventStore, durability
 from tests.conftest import running
 from tests.router.events import BATCH, STRUCTURED, event
@@ -207,3 +210,20 @@ async def test_acks_of_concurrent_requests_share_one_transaction_and_a_failing_o
         assert set(statuses.values()) == {200}
         assert all(a.json()["results"][0]["ok"] for a in answers if a.status_code == 200)
         assert (await router.get("/subscriptions/q/stats")).json()["in_flight"] == 1
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("fsync", "on"), ("batched", "off")])
+async def test_postgresql_commits_wait_for_the_flush_only_in_fsync_mode(
+    database_url: str, tmp_path: Path, mode: str, expected: str
+) -> None:
+    settings = RouterSettings(data_dir=tmp_path, router_database_url=database_url, router_durability=mode)
+    store, notifier = store_factory(settings)()
+    assert isinstance(store, PostgresEventStore)
+    await store.open(notifier, Fanout())
+    try:
+        async with store._connection() as conn:  # the sessions of durable writes: events, acks, subscriptions
+            assert await conn.fetchval("SHOW synchronous_commit") == expected
+        async with store._connection(bookkeeping=True) as conn:  # leases and push outcomes never wait for it
+            assert await conn.fetchval("SHOW synchronous_commit") == "off"
+    finally:
+        await store.close()

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 2000
 """Commits between PASSIVE WAL checkpoints, which run on a thread of their own (never inline, see `_run`)."""
+INLINE_APPEND_EVENTS = 16
+"""Appends of at most this many events run inline on the event loop when the connection is free (see `_run`)."""
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 """Past this size the WAL is checkpointed and truncated between two commits (see `_truncate_wal`)."""
 
@@ -281,7 +283,9 @@ class SQLiteCore:
     # -- the log ----------------------------------------------------------------------------------
 
     async def append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
-        return await self._run(self._append, events, now_ms)
+        # A few events commit inline (their fsync is WalSync's, on its own thread); a large batch on the store's
+        # thread, so the loop keeps answering requests meanwhile.
+        return await self._run(self._append, events, now_ms, inline=len(events) <= INLINE_APPEND_EVENTS)
 
     def _append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         with self._transaction() as conn:
