@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 2000
 """Commits between PASSIVE WAL checkpoints, which run on a thread of their own (never inline, see `_run`)."""
-INLINE_APPEND_EVENTS = 16
-"""Appends of at most this many events run inline on the event loop when the connection is free (see `_run`)."""
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 """Past this size the WAL is checkpointed and truncated between two commits (see `_truncate_wal`)."""
 
@@ -93,8 +91,9 @@ class SQLiteCore:
 
         `inline` is for short transactions of bounded work (leases, delivery outcomes, acks): a hop to the
         thread and back costs ~95 us of CPU on this machine, as much as such a transaction itself. No
-        transaction syncs anything itself (synchronous=NORMAL): the WAL's fdatasync runs on a thread of
-        its own afterwards, shared by every commit waiting for it, so durable commits may run inline too.
+        transaction syncs anything itself (synchronous=NORMAL): the WAL's fdatasync comes after, off the
+        connection's lock and shared by every commit waiting for it (on the store's thread right after a
+        call that ran there, on a thread of its own for an inline one), so durable commits may run inline too.
 
         In `fsync` mode the call is answered (and its changes published, its leases handed off) only once
         every durable commit it could have read is on disk, its own included: nothing leaves the store
@@ -134,7 +133,13 @@ class SQLiteCore:
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, Changes, Handoffs, int]:
         with self._lock:
-            return self._call_locked(fn, args)
+            called = self._call_locked(fn, args)
+        if self._wal_sync.mode == "fsync":  # synced here, the lock released: inline calls commit meanwhile
+            try:
+                self._wal_sync.sync_through(called[3])
+            except OSError:
+                pass  # `_run` tries again on the loop, and answers the error if it persists
+        return called
 
     def _call_locked(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, Changes, Handoffs, int]:
         """Run `fn`; with its result, what it changed, and the durable commits it may have seen (its own included),
@@ -283,9 +288,9 @@ class SQLiteCore:
     # -- the log ----------------------------------------------------------------------------------
 
     async def append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
-        # A few events commit inline (their fsync is WalSync's, on its own thread); a large batch on the store's
-        # thread, so the loop keeps answering requests meanwhile.
-        return await self._run(self._append, events, now_ms, inline=len(events) <= INLINE_APPEND_EVENTS)
+        # On the store's thread, which also syncs the WAL right after (one hop); inline commits then syncing on
+        # another thread measured slower here (bench/README.md, Durability modes).
+        return await self._run(self._append, events, now_ms)
 
     def _append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         with self._transaction() as conn:

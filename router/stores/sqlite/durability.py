@@ -6,8 +6,9 @@ file (in the page cache: safe against a crash of the process at once) but not sy
 
 - `fsync` mode: a call that committed something durable (an event, an ack) is answered only after an
   fdatasync of the WAL that started after its COMMIT. One fdatasync answers every commit made before it
-  started (group fsync), and it runs on a thread of its own, off the connection's lock, so the next
-  transaction commits while the disk syncs.
+  started (group fsync), and it runs off the connection's lock, so other transactions commit while the
+  disk syncs: on the store's thread right after a transaction it ran (no second hop between threads), or
+  on a thread of its own for a call that ran inline on the event loop.
 - `batched` mode: the first durable commit after a sync arms a timer; SYNC_DELAY_S later one fdatasync covers
   everything committed meanwhile. Nothing runs while the router is idle.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,8 @@ class WalSync:
         self.synced = 0
         """Durable commits the last finished fdatasync covered."""
         self._fd: int | None = None
+        self._sync_lock = threading.Lock()
+        """One fdatasync at a time, on whichever thread: a caller that waited for it finds its commit covered."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-sqlite-fsync")
         self._syncing: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -87,17 +91,22 @@ class WalSync:
             await asyncio.shield(self._syncing)
 
     async def _sync(self) -> None:
-        target = self.committed  # read before the sync starts: every commit counted so far is in the page cache
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._fdatasync)
-            self.synced = max(self.synced, target)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.sync_through, self.committed)
         finally:
             self._syncing = None
 
-    def _fdatasync(self) -> None:
-        if self._fd is None:  # the WAL exists from the first write on; it is never replaced while the store is open
-            self._fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
-        sync_file(self._fd)
+    def sync_through(self, upto: int) -> None:
+        """Block until the durable commits up to number `upto` are on disk (any thread; not under the connection's
+        lock): an fdatasync, unless one that started after them has finished meanwhile."""
+        with self._sync_lock:
+            if upto <= self.synced:
+                return
+            target = self.committed  # read before the sync starts: every commit counted so far is in the page cache
+            if self._fd is None:  # the WAL exists from the first write on; it is not replaced while the store is open
+                self._fd = os.open(self.wal, os.O_RDONLY | os.O_CLOEXEC)
+            sync_file(self._fd)
+            self.synced = max(self.synced, target)
 
     def _due(self) -> None:
         self._timer = None
