@@ -55,6 +55,9 @@ class RouterSettings(CommonSettings):
         ge=64 * 1024,
         description="Past this size the bus's WAL is checkpointed and truncated between two commits.",
     )
+    max_streams: int = Field(
+        100, ge=1, description="Streaming receives served at once (POST /subscriptions/{name}/stream); 503 beyond."
+    )
     max_event_bytes: int = Field(256 * 1024, gt=0, description="Largest event accepted (413 above).")
     max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest publish request body.")
     push_allowed_networks: str = Field(

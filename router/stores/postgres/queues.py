@@ -315,7 +315,7 @@ class PostgresQueues(PostgresLog):
                 effects.hide(name, now_ms + s.delay_ms)
 
     async def release(self, name: str, receipts: Sequence[str], now_ms: int) -> None:
-        await self._by_receipts(RELEASE, name, receipts, now_ms, now_ms, bookkeeping=True)
+        await self._by_receipts(RELEASE, name, receipts, now_ms, bookkeeping=True)
         effects = Effects()
         effects.touched.add(name)
         effects.ready.add(name)
