@@ -18,6 +18,10 @@ In one script, on one machine:
    (`min_workers` 1: an idle worker is already in its long poll).
    The CPU seconds of each side (this process and its ffmpeg children; the router and the processing
    service with theirs) are reported too: unlike wall time they barely move with the machine's load.
+   They are split (script or processing service, ffmpeg, router): ffmpeg runs the same commands on
+   both sides, so `cpu_ratio_same_ffmpeg` (direct ffmpeg + processing + router over direct ffmpeg +
+   script) is the service's own cost without the few % either way that ffmpeg's CPU drifts by.
+   `--latency-samples 0 --idle-s 0` skips parts 2 and 3.
 3. **Idle CPU.** User + system CPU seconds of the processing service over 30 s with nothing to do.
 """
 
@@ -55,10 +59,17 @@ RENDITIONS = ["720p", "480p", "360p"]
 MAX_PIXELS = 7680 * 4320
 
 
-def own_cpu_s() -> float:
-    """This process's CPU seconds plus its reaped children's (the direct run's ffmpeg processes)."""
+def own_cpu_s() -> tuple[float, float]:
+    """This process's CPU seconds and its reaped children's (the direct run's ffmpeg processes)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def service_cpu_s(processing: Process, router: Process) -> tuple[float, float, float]:
+    """The processing service's own CPU seconds, its reaped children's (ffmpeg), and the router's."""
+    both = cpu_s(processing.pid, children=True)
+    own = cpu_s(processing.pid)
+    return own, both - own, cpu_s(router.pid)
 
 
 def children(pid: int) -> list[int]:
@@ -211,6 +222,24 @@ async def start_latency(
     return latency
 
 
+async def start_latencies(
+    client: RouterClient, store: FileBlobStore, processing: Process, clip: Path, probe: dict[str, Any], samples: int
+) -> tuple[list[float], list[float]]:
+    """Publish-to-ffmpeg latencies, `samples` of each: cold (from 0 workers) and warm (one idle worker waiting)."""
+    await wait_for_zero_workers(processing)
+    cold = []
+    for i in range(samples):
+        cold.append(await start_latency(client, store, processing, clip, probe, f"cold-{i}"))
+        await wait_for_zero_workers(processing)
+    async with httpx.AsyncClient(base_url=processing.url) as http:
+        (await http.put("/autoscaler", json={"min_workers": 1})).raise_for_status()
+    await asyncio.sleep(0.5)
+    warm = [await start_latency(client, store, processing, clip, probe, f"warm-{i}") for i in range(samples)]
+    async with httpx.AsyncClient(base_url=processing.url) as http:
+        (await http.put("/autoscaler", json={"min_workers": 0})).raise_for_status()
+    return cold, warm
+
+
 async def wait_for_zero_workers(processing: Process) -> None:
     async with httpx.AsyncClient(base_url=processing.url) as http:
         for _ in range(600):
@@ -241,42 +270,43 @@ async def main() -> None:
         async with stack(data, args.workers) as (router, processing, client):
             store = FileBlobStore(data / "bucket")
             direct, service, direct_cpu, service_cpu = [], [], [], []
+            # Per round, where the CPU went: direct (script, ffmpeg), service (processing, ffmpeg, router).
+            direct_split: list[tuple[float, ...]] = []
+            service_split: list[tuple[float, ...]] = []
             for r in range(args.rounds):
                 before = own_cpu_s()
                 direct.append(await round_direct(clip, probe, tmp / f"direct-{r}", args.clips, args.workers, threads))
-                direct_cpu.append(own_cpu_s() - before)
-                before = cpu_s(processing.pid, children=True) + cpu_s(router.pid)
+                direct_split.append(tuple(a - b for a, b in zip(own_cpu_s(), before, strict=True)))
+                direct_cpu.append(sum(direct_split[-1]))
+                before_service = service_cpu_s(processing, router)
                 service.append(await round_service(client, store, clip, probe, f"r{r}", args.clips))
-                service_cpu.append(cpu_s(processing.pid, children=True) + cpu_s(router.pid) - before)
+                service_split.append(
+                    tuple(a - b for a, b in zip(service_cpu_s(processing, router), before_service, strict=True))
+                )
+                service_cpu.append(sum(service_split[-1]))
+                d_own, d_ffmpeg = direct_split[-1]
+                s_own, s_ffmpeg, s_router = service_split[-1]
                 print(
-                    f"round {r + 1}: direct {direct[-1]:.2f} s ({direct_cpu[-1]:.1f} CPU s), "
-                    f"service {service[-1]:.2f} s ({service_cpu[-1]:.1f} CPU s)",
+                    f"round {r + 1}: direct {direct[-1]:.2f} s ({direct_cpu[-1]:.2f} CPU s: script {d_own:.2f}, "
+                    f"ffmpeg {d_ffmpeg:.2f}), service {service[-1]:.2f} s ({service_cpu[-1]:.2f} CPU s: "
+                    f"processing {s_own:.2f}, ffmpeg {s_ffmpeg:.2f}, router {s_router:.2f})",
                     file=sys.stderr,
                 )
 
-            await wait_for_zero_workers(processing)
-            cold = []
-            for i in range(args.latency_samples):
-                cold.append(await start_latency(client, store, processing, clip, probe, f"cold-{i}"))
+            cold: list[float] = []
+            warm: list[float] = []
+            idle_cpu: float | None = None
+            if args.latency_samples:
+                cold, warm = await start_latencies(client, store, processing, clip, probe, args.latency_samples)
+            if args.idle_s:
                 await wait_for_zero_workers(processing)
-            async with httpx.AsyncClient(base_url=processing.url) as http:
-                (await http.put("/autoscaler", json={"min_workers": 1})).raise_for_status()
-            await asyncio.sleep(0.5)
-            warm = [
-                await start_latency(client, store, processing, clip, probe, f"warm-{i}")
-                for i in range(args.latency_samples)
-            ]
-            async with httpx.AsyncClient(base_url=processing.url) as http:
-                (await http.put("/autoscaler", json={"min_workers": 0})).raise_for_status()
-            await wait_for_zero_workers(processing)
-
-            await asyncio.sleep(1)
-            before = cpu_s(processing.pid)
-            await asyncio.sleep(args.idle_s)
-            idle_cpu = cpu_s(processing.pid) - before
+                await asyncio.sleep(1)
+                idle_before = cpu_s(processing.pid)
+                await asyncio.sleep(args.idle_s)
+                idle_cpu = cpu_s(processing.pid) - idle_before
 
     direct_s, service_s = statistics.median(direct), statistics.median(service)
-    result = {
+    result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "clips": args.clips,
         "clip": f"{width}x{height} {args.duration_s:g} s 25 fps H.264+AAC -> {','.join(RENDITIONS)}",
@@ -289,13 +319,32 @@ async def main() -> None:
         "cpu_s_direct_median": round(statistics.median(direct_cpu), 2),
         "cpu_s_service_median": round(statistics.median(service_cpu), 2),
         "cpu_ratio": round(statistics.median(service_cpu) / statistics.median(direct_cpu), 3),
-        "start_latency_cold_ms_median": round(statistics.median(cold) * 1000, 1),
-        "start_latency_cold_ms_max": round(max(cold) * 1000, 1),
-        "start_latency_warm_ms_median": round(statistics.median(warm) * 1000, 1),
-        "start_latency_warm_ms_max": round(max(warm) * 1000, 1),
-        "idle_cpu_s": round(idle_cpu, 3),
-        "idle_window_s": args.idle_s,
+        "cpu_s_direct_script_ffmpeg_medians": [round(statistics.median(c), 3) for c in zip(*direct_split, strict=True)],
+        "cpu_s_service_processing_ffmpeg_router_medians": [
+            round(statistics.median(c), 3) for c in zip(*service_split, strict=True)
+        ],
+        # ffmpeg runs the very same commands on both sides, so what its CPU differs by is the machine's noise (a few
+        # % either way under load): the service's own cost against the same ffmpeg work is the steadier figure.
+        "cpu_ratio_same_ffmpeg": round(
+            (
+                statistics.median(c[1] for c in direct_split)
+                + sum(statistics.median(c[i] for c in service_split) for i in (0, 2))
+            )
+            / (statistics.median(c[1] for c in direct_split) + statistics.median(c[0] for c in direct_split)),
+            3,
+        ),
+        "ffmpeg_cpu_ratio": round(
+            statistics.median(c[1] for c in service_split) / statistics.median(c[1] for c in direct_split), 3
+        ),
     }
+    if cold and warm:
+        result["start_latency_cold_ms_median"] = round(statistics.median(cold) * 1000, 1)
+        result["start_latency_cold_ms_max"] = round(max(cold) * 1000, 1)
+        result["start_latency_warm_ms_median"] = round(statistics.median(warm) * 1000, 1)
+        result["start_latency_warm_ms_max"] = round(max(warm) * 1000, 1)
+    if idle_cpu is not None:
+        result["idle_cpu_s"] = round(idle_cpu, 3)
+        result["idle_window_s"] = args.idle_s
     print(json.dumps(result, indent=2))
 
 

@@ -122,11 +122,11 @@ class Routers:
 
 
 @contextmanager
-def routers(database: str | None, replicas: int, synchronous: str) -> Iterator[Routers]:
+def routers(database: str | None, replicas: int, durability: str) -> Iterator[Routers]:
     """`database` None: one router on SQLite in a temporary directory; else PostgreSQL's URL."""
     with ExitStack() as stack:
         data = stack.enter_context(tempfile.TemporaryDirectory())
-        env = {"CATTUBE_DATA_DIR": data, "CATTUBE_LOG_LEVEL": "warning", "CATTUBE_SQLITE_SYNCHRONOUS": synchronous}
+        env = {"CATTUBE_DATA_DIR": data, "CATTUBE_LOG_LEVEL": "warning", "CATTUBE_ROUTER_DURABILITY": durability}
         postgres = None
         if database is not None:
             postgres = stack.enter_context(postgres_database(database))
@@ -270,10 +270,10 @@ def push_bench(target: Routers, duration: str) -> dict[str, object]:
 
 
 def router_bench(
-    database: str | None, replicas: int, synchronous: str, duration: str, *, requests_only: bool = False
+    database: str | None, replicas: int, durability: str, duration: str, *, requests_only: bool = False
 ) -> dict[str, object]:
     results: dict[str, object] = {"database": "postgresql" if database else "sqlite", "replicas": replicas}
-    with routers(database, replicas, synchronous) as target:
+    with routers(database, replicas, durability) as target:
         first = target.urls[0]
         httpx.put(f"{first}/subscriptions/bench", json={"pattern": {"source": ["bench"]}, "target": {"queue": {}}})
         httpx.put(f"{first}/subscriptions/other", json={"pattern": {"source": ["nope"]}, "target": {"queue": {}}})
@@ -317,7 +317,7 @@ def postgres_server(database: str) -> Iterator[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=10)
-    parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"])
+    parser.add_argument("--durability", default="fsync", choices=["fsync", "batched"], help="CATTUBE_ROUTER_DURABILITY")
     parser.add_argument(
         "--only", choices=["push", "requests"], help="run one part alone; requests: bare, single publish, receive + ack"
     )
@@ -342,7 +342,7 @@ def main() -> None:
     if args.only == "push":
         with ExitStack() as stack:
             url = None if args.database == "sqlite" else stack.enter_context(postgres_server(args.database))
-            with routers(url, args.replicas, args.synchronous) as target:
+            with routers(url, args.replicas, args.durability) as target:
                 results["push"] = push_bench(target, duration)
         print(json.dumps(results, indent=2))
         return
@@ -358,7 +358,7 @@ def main() -> None:
         for database, replicas in runs:
             name = f"{'postgresql' if database else 'sqlite'}_x{replicas}"
             results[name] = router_bench(
-                database, replicas, args.synchronous, duration, requests_only=args.only == "requests"
+                database, replicas, args.durability, duration, requests_only=args.only == "requests"
             )
             results[name + "_load_average_after"] = os.getloadavg()
             print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ the bus) with the ASGI messages a server would hand it, 16 at a time. What is me
 of the event loop's thread (`time.thread_time`) per request: the store's commits run on threads of
 their own and are left out, so the number is the request machinery and the route, which is what
 differs between two versions of the code. Run it in each checkout (it imports the `router` beside it).
-SQLite with `synchronous=NORMAL`, so fsyncs do not stretch the rounds.
+SQLite in `batched` durability, so fsyncs do not stretch the rounds.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ async def measure(requests: list[tuple[str, str, bytes, bytes]], app: Any, expec
 
 async def one_round(count: int, first: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as data:
-        app = create_app(RouterSettings(data_dir=Path(data), sqlite_synchronous="NORMAL"), exit_on_failure=False)
+        app = create_app(RouterSettings(data_dir=Path(data), router_durability="batched"), exit_on_failure=False)
         async with app.router.lifespan_context(app):
             queue = json.dumps({"pattern": {"source": ["bench"]}, "target": {"queue": {}}}).encode()
             await call(app, "PUT", "/subscriptions/q", queue, b"application/json")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import Scope
 
-from router import cloudevents
+from router import cloudevents, stream_api
 from router.bus import Bus
 from router.metrics import RouterMetrics
 from router.models import (
@@ -31,6 +31,7 @@ from router.models import (
     ReplayIn,
     ReplayOut,
     StatsOut,
+    StreamIn,
     SubscriptionIn,
     SubscriptionList,
     SubscriptionOut,
@@ -64,6 +65,7 @@ ACCESS = AccessRules(
         ("GET", "/subscriptions", Access.ADMIN),
         ("GET PUT DELETE", "/subscriptions/{name}", Access.SERVICE),
         ("POST", "/subscriptions/{name}/receive", Access.SERVICE),
+        ("POST", "/subscriptions/{name}/stream", Access.SERVICE),
         ("POST", "/subscriptions/{name}/ack", Access.SERVICE),
         ("POST", "/subscriptions/{name}/nack", Access.SERVICE),
         ("POST", "/subscriptions/{name}/extend", Access.SERVICE),
@@ -254,6 +256,20 @@ async def receive(name: str, body: ReceiveIn, bus: BusDep, request: Request) -> 
         for m in messages
     ]
     return Response(b'{"messages":[' + b",".join(parts) + b"]}", media_type="application/json")
+
+
+@router.post(
+    "/subscriptions/{name}/stream",
+    tags=["queues"],
+    responses=stream_api.STREAM_RESPONSES,
+    openapi_extra={
+        "requestBody": {"content": {"application/json": {"schema": StreamIn.model_json_schema()}}, "required": False}
+    },
+)
+async def stream(name: str, request: Request) -> Response:
+    """Stream messages (NDJSON), holding at most `prefetch` leased and not yet acked or nacked (acks go to `ack`)."""
+    # Served by the plain route ahead of this one (app.py); this one documents it, with its path parameter.
+    return await stream_api.stream(request)
 
 
 async def _disconnected(request: Request, gone: asyncio.Event) -> None:

@@ -17,6 +17,7 @@ from router.metrics import RouterMetrics
 from router.push_policy import PushPolicy
 from router.settings import RouterSettings
 from router.stores import store_factory
+from router.stream_api import STREAM_ROUTE
 from services.common.auth import protect
 from services.common.body_limit import bound_request_bodies
 from services.common.openapi import document_problems
@@ -52,6 +53,7 @@ def create_app(
             purge_interval_s=settings.purge_interval_s,
             push_policy=policy,
             notifier=notifier,
+            max_streams=settings.max_streams,
         )
         await bus.start()
         app.state.bus = bus
@@ -93,5 +95,6 @@ def create_app(
     app.router.routes[0:0] = hot_routes(api_router.routes, ensure_owner)
     protect(app, ACCESS, settings)
     document_problems(app)
+    app.router.routes.insert(0, STREAM_ROUTE)  # served as plain ASGI, as the hot paths are (router/stream_api.py)
     bound_request_bodies(app, settings, streaming=[("POST", "/events")])  # publish bounds its own (max_request_bytes)
     return app

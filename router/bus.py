@@ -37,7 +37,8 @@ from router.persistence import (
     SubscriptionSpec,
 )
 from router.push_policy import PushPolicy
-from router.signals import Signals, wait_any, wait_for
+from router.signals import Signals, wait_for, wait_turn
+from router.streams import Streams
 from services.common.errors import InsufficientStorage, InvalidInput, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Bus:
         purge_interval_s: float = 3600,
         push_policy: PushPolicy | None = None,
         notifier: Notifier | None = None,
+        max_streams: int = 100,
     ) -> None:
         self.store = store
         self.retention_s = retention_s
@@ -71,6 +73,7 @@ class Bus:
         self.notifier.listen(self._on_change)
         self._writer = GroupCommit("the bus", self._append, weight=len, max_weight=MAX_EVENTS_PER_COMMIT)
         self._stopping = asyncio.Event()
+        self.streams = Streams(self, max_streams)
         self._known: set[str] = set()
         """Subscriptions this replica has synced (router.delivery's dispatchers, the signals' timers)."""
         self._syncing: asyncio.Task[None] | None = None
@@ -111,7 +114,7 @@ class Bus:
             self.dispatchers.mark_ready(self.dispatchers.names)
             self.signals.wake_all()
         self.dispatchers.mark_ready(changes.ready)
-        self.signals.on_change(changes.touched, changes.hidden_until)
+        self.signals.on_change(changes.touched, changes.ready, changes.hidden_until)
 
     def _sync_soon(self) -> None:
         """Sync the subscriptions in the background, once more if they change again meanwhile."""
@@ -162,6 +165,15 @@ class Bus:
             except Exception:
                 log.exception("retention purge failed; trying again next interval")
             await wait_for(self._stopping, self.purge_interval_s)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def stopped(self) -> asyncio.Event:
+        """Set by `stop()`: long polls and streams end."""
+        return self._stopping
 
     def stop(self) -> None:
         """Stop taking work: long polls return at once, the writer commits what is pending and ends."""
@@ -265,30 +277,47 @@ class Bus:
         gone = gone or asyncio.Event()
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
-            changed = self.signals[name].changed  # captured before the read: no lost wake-ups
-            messages = await self.store.receive(
-                name, max_messages, int(visibility_timeout_s * 1000), now_ms(), sub.spec.delivery.max_receive_count
-            )
-            if messages and gone.is_set():
-                await self.store.release(name, [m.receipt for m in messages], now_ms())
-                return []
-            remaining = deadline - asyncio.get_running_loop().time()
-            if messages or remaining <= 0 or self._stopping.is_set() or gone.is_set():
-                return messages
-            await wait_any([changed, gone], remaining)
+            signal = self.signals[name]  # looked up again: a deleted subscription's line is forgotten
+            turn = signal.join()  # in line before the read: no lost wake-ups (router.signals)
+            woken = False
+            try:
+                messages = await self.store.receive(
+                    name, max_messages, int(visibility_timeout_s * 1000), now_ms(), sub.spec.delivery.max_receive_count
+                )
+                if messages and gone.is_set():
+                    await self.store.release(name, [m.receipt for m in messages], now_ms())
+                    return []
+                remaining = deadline - asyncio.get_running_loop().time()
+                if messages or remaining <= 0 or self._stopping.is_set() or gone.is_set():
+                    if len(messages) == max_messages:  # it may have left some behind: the next may take them
+                        signal.ready(1)
+                    return messages
+                await wait_turn(turn, gone, remaining)
+                woken = turn.done()  # then it reads again: the wake-up is used
+            finally:
+                if not woken:
+                    signal.leave(turn)  # passes on a wake-up that came meanwhile
             sub = await self.queue(name)  # it may have been deleted or changed while we waited
 
     async def ack(self, name: str, receipts: Sequence[str]) -> list[ReceiptResult]:
         await self.queue(name)
-        return await self.store.ack(name, receipts, now_ms())
+        results = await self.store.ack(name, receipts, now_ms())
+        self.streams.settled(results)  # acked or not held any more: the slots of streams holding them are free
+        return results
 
     async def nack(self, name: str, receipts: Sequence[str], delay_s: float) -> list[ReceiptResult]:
         await self.queue(name)
-        return await self.store.nack(name, receipts, int(delay_s * 1000), now_ms())
+        results = await self.store.nack(name, receipts, int(delay_s * 1000), now_ms())
+        self.streams.settled(results)
+        return results
 
     async def extend(self, name: str, receipts: Sequence[str], visibility_timeout_s: float) -> list[ReceiptResult]:
         await self.queue(name)
-        return await self.store.extend(name, receipts, int(visibility_timeout_s * 1000), now_ms())
+        results = await self.store.extend(name, receipts, int(visibility_timeout_s * 1000), now_ms())
+        self.streams.extended(results, int(visibility_timeout_s * 1000))
+        if visibility_timeout_s == 0:  # visible again at once, and the store names no ready change for it
+            self.signals[name].ready(sum(r.ok for r in results))
+        return results
 
     async def stats(self, name: str, wait_s: float = 0, version: int | None = None) -> tuple[Stats, int]:
         """The subscription's numbers and their version; with `version` equal to the current one,

@@ -128,9 +128,19 @@ class SubscriptionList(BaseModel):
 
 
 class ReceiveIn(Strict):
-    max_messages: int = Field(1, ge=1, le=10)
+    max_messages: int = Field(1, ge=1, le=1000)
     wait_s: float = Field(0, ge=0, le=20)
     visibility_timeout_s: float = Field(30, ge=0, le=43_200)
+
+
+class StreamIn(Strict):
+    prefetch: int = Field(
+        100, ge=1, le=1000, description="At most this many messages leased to the stream and not yet acked or nacked."
+    )
+    visibility_timeout_s: float = Field(
+        30, gt=0, le=43_200, description="Each message is hidden this long from its lease, as receive's."
+    )
+    heartbeat_s: float = Field(15, ge=0.05, le=60, description="A heartbeat line after this long without a message.")
 
 
 class AckIn(Strict):

@@ -1,9 +1,19 @@
 """Wake-ups for long polls on this replica: one `Signal` per subscription, set off by the notifier
 (router.notifier) for every commit that touches it, whichever replica made it.
 
-Nothing here polls. A waiter captures the current `changed` event *before* it reads the store,
-then awaits it, so a commit that lands between the read and the wait still wakes it. Messages
-hidden by a visibility timeout or a nack delay become visible without any commit, so each signal
+Nothing here polls. Two kinds of waiter, woken differently:
+
+- stats long polls and push dispatchers want every change: they capture the current `changed` event
+  (or `watch`) *before* they read the store, so a commit between the read and the wait still wakes them;
+- receivers (receive long polls, streams) want messages, and a lease query that finds none is wasted
+  work: they queue in line (FIFO) with `join()` before they read, and a commit that makes messages
+  ready wakes only the first in line. The notifier says *that* a subscription got ready messages, not
+  how many, so the chain carries on from there: a receiver that got a full batch (it may have left some
+  behind) wakes the next, and so does one woken while it was reading (the wake may be for messages its
+  read did not see) or leaving without reading. A re-check, a deletion, shutdown and a hidden message
+  becoming visible wake every receiver in line. A woken receiver that finds nothing joins the line again.
+
+Messages hidden by a visibility timeout or a nack delay become visible without any commit, so each signal
 also keeps one timer for the earliest such moment.
 """
 
@@ -11,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from services.common.errors import Unavailable
@@ -20,14 +31,52 @@ class Signal:
     def __init__(self) -> None:
         self.changed = asyncio.Event()
         self._watchers: list[Callable[[], None]] = []
+        self._line: deque[asyncio.Future[None]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at_ms: int | None = None
 
     def bump(self) -> None:
+        """Something changed: wake the stats long polls and the watchers (not the receivers: see `ready`)."""
         self.changed.set()
         self.changed = asyncio.Event()
         for watcher in self._watchers:
             watcher()
+
+    # -- receivers --------------------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        """Receivers in line."""
+        return len(self._line)
+
+    def join(self) -> asyncio.Future[None]:
+        """Take a place in line *before* reading the store; the future is done once this receiver is woken."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._line.append(turn)
+        return turn
+
+    def leave(self, turn: asyncio.Future[None]) -> None:
+        """Step out of line without waiting for the turn (done reading, timed out, client gone). A wake-up
+        that came meanwhile may have been meant for messages this receiver will not take: pass it on."""
+        if turn.done():
+            if not turn.cancelled():
+                self.ready(1)
+            return
+        turn.cancel()
+        self._line.remove(turn)
+
+    def ready(self, count: int = 1) -> None:
+        """Messages became ready: wake the first `count` receivers in line."""
+        while count > 0 and self._line:
+            self._line.popleft().set_result(None)
+            count -= 1
+
+    def wake_receivers(self) -> None:
+        self.ready(len(self._line))
+
+    def wake_everyone(self) -> None:
+        self.bump()
+        self.wake_receivers()
 
     def watch(self, callback: Callable[[], None]) -> None:
         """Call `callback` on every bump (a long-lived waiter, such as a push dispatcher, uses this
@@ -50,14 +99,14 @@ class Signal:
 
     def _fire(self, on_fire: Callable[[], None]) -> None:
         self._timer = self._timer_at_ms = None
-        self.bump()
+        self.wake_everyone()
         on_fire()
 
     def cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._timer_at_ms = None
-        self.bump()  # wakes anyone still waiting on a deleted subscription
+        self.wake_everyone()  # anyone still waiting on a deleted subscription
 
 
 async def wait_for(event: asyncio.Event, timeout_s: float) -> bool:
@@ -70,14 +119,16 @@ async def wait_for(event: asyncio.Event, timeout_s: float) -> bool:
     return True
 
 
-async def wait_any(events: list[asyncio.Event], timeout_s: float) -> None:
-    """Wait until one of `events` is set, at most `timeout_s`."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+async def wait_turn(turn: asyncio.Future[None], gone: asyncio.Event, timeout_s: float) -> None:
+    """Wait until a receiver's `turn` comes or `gone` is set, at most `timeout_s` (the turn is left as it is:
+    the receiver leaves the line itself, passing on a wake-up that came too late for it)."""
+    if turn.done() or gone.is_set():
+        return
+    gone_waiter = asyncio.ensure_future(gone.wait())
     try:
-        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((turn, gone_waiter), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for waiter in waiters:
-            waiter.cancel()
+        gone_waiter.cancel()
 
 
 class Signals:
@@ -97,9 +148,11 @@ class Signals:
             signal = self._signals[name] = Signal()
         return signal
 
-    def on_change(self, touched: frozenset[str], hidden_until: dict[str, int]) -> None:
+    def on_change(self, touched: frozenset[str], ready: frozenset[str], hidden_until: dict[str, int]) -> None:
         for name in touched:
             self[name].bump()
+        for name in ready:
+            self[name].ready(1)
         for name, at_ms in hidden_until.items():
             self.schedule(name, at_ms)
 
@@ -128,7 +181,7 @@ class Signals:
 
     def wake_all(self) -> None:
         for signal in self._signals.values():
-            signal.bump()
+            signal.wake_everyone()
 
     def close(self) -> None:
         for task in self._tasks:

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.peers                         # everything: 20,000 events, 3 runs each
     .venv/bin/python -m bench.peers --events 2000 --runs 1  # a quick look
-    .venv/bin/python -m bench.peers --systems cattube-sdk,nats --modes one --durability fsync --durability normal
+    .venv/bin/python -m bench.peers --systems cattube-sdk,nats --modes one --durability fsync --durability batched
     .venv/bin/python -m bench.peers --database postgresql://...  # the router on another store
 
 Prints a Markdown table (and with --json, writes every run's numbers). Runs are interleaved (each

@@ -2,14 +2,21 @@
 
 Publishing is `POST /events` (one event, or a batch of them in one request); the router answers 202
 once the events are durable at its setting. The consumer keeps the same window in flight as the
-peers' consumers: receive takes at most `RECEIVE_MAX` messages, so it runs window ÷ `RECEIVE_MAX`
-receive → ack loops side by side (10 of them for the default window of 100).
+peers' consumers, with the router's streaming receive (`POST /subscriptions/{name}/stream`, prefetch =
+the window; NDJSON lines, which the aiohttp client reads itself) and acks batched as the SDK's `Acker`
+does (every receipt queued while one ack request is out goes in the next).
+
+`CATTUBE_BENCH_CONSUMER=receive` (in the environment of `python -m bench.peers`) runs the consumer of
+before the stream instead, for A/B runs: window ÷ `RECEIVE_MAX` receive → ack loops side by side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -17,7 +24,8 @@ import aiohttp
 from bench.peers.tally import Tally
 from router.client import RouterClient
 
-RECEIVE_MAX = 10  # the router's cap on max_messages per receive
+RECEIVE_MAX = 10  # what the receive loops take per receive (the router's cap was 10 before the stream)
+STREAMING = os.environ.get("CATTUBE_BENCH_CONSUMER", "stream") != "receive"
 WAIT_S = 5
 VISIBILITY_S = 60  # far longer than any message stays unacked here: no redelivery muddles the count
 
@@ -58,6 +66,12 @@ class SdkClient:
 
     async def consume(self, tally: Tally) -> None:
         queue = self.router.queue(self.name)
+        if STREAMING:
+            async with queue.stream(prefetch=self.window, visibility_timeout_s=VISIBILITY_S) as stream:
+                async for message in stream:
+                    number = tally.delivered(message.event)
+                    stream.ack(message).add_done_callback(functools.partial(_acked, tally, number))
+            return
 
         async def loop() -> None:
             while not tally.done.is_set():
@@ -73,6 +87,10 @@ class SdkClient:
 
     async def remove(self) -> None:
         await self.router.delete_subscription(self.name)
+
+
+def _acked(tally: Tally, number: int, _: asyncio.Future[bool]) -> None:
+    tally.acked([number])
 
 
 class AiohttpClient:
@@ -105,6 +123,9 @@ class AiohttpClient:
             await self._call("POST", f"{self.url}/events", data=json.dumps(events), headers=self.BATCH)
 
     async def consume(self, tally: Tally) -> None:
+        if STREAMING:
+            await self._stream(tally)
+            return
         receive = {"max_messages": RECEIVE_MAX, "wait_s": WAIT_S, "visibility_timeout_s": VISIBILITY_S}
 
         async def loop() -> None:
@@ -118,5 +139,37 @@ class AiohttpClient:
 
         await _run_loops(_loops(self.window), loop)
 
+    async def _stream(self, tally: Tally) -> None:
+        acks = BatchedAcks(lambda receipts: self._call("POST", f"{self.base}/ack", json={"receipts": receipts}))
+        body = {"prefetch": self.window, "visibility_timeout_s": VISIBILITY_S}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=60)  # heartbeats every 15 s
+        async with self.session.post(f"{self.base}/stream", json=body, timeout=timeout) as response:
+            if response.status != 200:
+                raise RuntimeError(f"stream: {response.status} {await response.text()}")
+            async for line in response.content:  # aiohttp's reader yields one line at a time
+                message = json.loads(line)
+                if "receipt" in message:
+                    acks.add(message["receipt"], tally.delivered(message["event"]), tally)
+
     async def remove(self) -> None:
         await self._call("DELETE", self.base)
+
+
+class BatchedAcks:
+    """Every receipt queued while one ack request is out goes in the next (at most 100 per request)."""
+
+    def __init__(self, send: Callable[[list[str]], Awaitable[Any]]) -> None:
+        self.send = send
+        self.pending: list[tuple[str, int]] = []
+        self.sender: asyncio.Task[None] | None = None
+
+    def add(self, receipt: str, number: int, tally: Tally) -> None:
+        self.pending.append((receipt, number))
+        if self.sender is None or self.sender.done():
+            self.sender = asyncio.get_running_loop().create_task(self._send_all(tally))
+
+    async def _send_all(self, tally: Tally) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:100], self.pending[100:]
+            await self.send([receipt for receipt, _ in batch])
+            tally.acked([number for _, number in batch])

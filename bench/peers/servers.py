@@ -112,12 +112,15 @@ class Durability:
 
 DURABILITIES = {
     "fsync": Durability("fsync", {}),  # the router's default: every 202 survives power loss
-    "normal": Durability("normal", {"CATTUBE_SQLITE_SYNCHRONOUS": "NORMAL"}),  # survives a crash, not power loss
+    # Survives a crash of the router at once, power loss within a second (like Redis's appendfsync everysec).
+    "batched": Durability("batched", {"CATTUBE_ROUTER_DURABILITY": "batched"}),
+    # What routers before the durability modes called it (CATTUBE_SQLITE_SYNCHRONOUS=NORMAL, batched's alias now).
+    "normal": Durability("normal", {"CATTUBE_SQLITE_SYNCHRONOUS": "NORMAL"}),
 }
 
 
 def durability(text: str) -> Durability:
-    """`fsync`, `normal`, or `KEY=VALUE[;KEY=VALUE...]` for a setting this script does not know by name."""
+    """`fsync`, `batched`, `normal`, or `KEY=VALUE[;KEY=VALUE...]` for a setting this script does not know by name."""
     if text in DURABILITIES:
         return DURABILITIES[text]
     pairs = [item.partition("=") for item in text.split(";") if item]

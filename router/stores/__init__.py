@@ -50,7 +50,7 @@ def store_factory(settings: RouterSettings) -> Callable[[], tuple[EventStore, No
     if scheme == "sqlite":
         path = sqlite_path(url)
         return lambda: (
-            SQLiteEventStore(path, synchronous=settings.sqlite_synchronous, wal_limit_bytes=settings.wal_limit_bytes),
+            SQLiteEventStore(path, durability=settings.durability, wal_limit_bytes=settings.wal_limit_bytes),
             InProcessNotifier(),
         )
     if scheme in ("postgresql", "postgres"):
@@ -59,6 +59,7 @@ def store_factory(settings: RouterSettings) -> Callable[[], tuple[EventStore, No
             pool_size=settings.database_pool_size,
             statement_timeout_s=settings.database_statement_timeout_s,
             idle_in_transaction_timeout_s=settings.database_idle_in_transaction_timeout_s,
+            durability=settings.durability,
         )
         return lambda: (
             PostgresEventStore(connection),

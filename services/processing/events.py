@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = "cattube/processing"
 BATCH_MAX = 50
+# Announced progress waits up to this long for company before it is written and relayed: every running
+# job reports once a second, so one write and one POST carry all of them instead of one each. Anything
+# else (started, completed, failed, an awaited publish) ends the wait at once, progress included.
+PROGRESS_LINGER_S = 1.0
+PROGRESS = "cattube.transcode.progress"
 
 
 def run_id(message: ReceivedMessage) -> str:
@@ -122,6 +127,11 @@ def _pending(conn: Connection, owner: str) -> int:
     return outbox.counts(conn, owner)[0]
 
 
+def _may_wait(event: Mapping[str, Any] | None, done: asyncio.Future[None] | None) -> bool:
+    """Announced progress may wait for company; nothing else may (nobody waits on it, and it is the least news)."""
+    return done is None and event is not None and event.get("type") == PROGRESS
+
+
 class EventSink:
     """One ordered way out for every event: `announce` (fire and forget) and `publish` (wait until durable).
 
@@ -136,11 +146,15 @@ class EventSink:
         await sink.close(timeout_s=2)    # writes what is queued; the router gets up to 2 s for the rest
     """
 
-    def __init__(self, db: Database, client: RouterClient, *, owner: str = "") -> None:
+    def __init__(
+        self, db: Database, client: RouterClient, *, owner: str = "", progress_linger_s: float = PROGRESS_LINGER_S
+    ) -> None:
         self.db = db
         self.owner = owner
+        self.progress_linger_s = progress_linger_s
         self.relay = OutboxRelay(db, client, on_published=self._on_published, owner=owner)
-        self._queue: asyncio.Queue[tuple[Mapping[str, Any], asyncio.Future[None] | None]] = asyncio.Queue()
+        # None instead of an event: write what is held now (close() wants no lingering).
+        self._queue: asyncio.Queue[tuple[Mapping[str, Any] | None, asyncio.Future[None] | None]] = asyncio.Queue()
         self._published = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._relaying: asyncio.Task[None] | None = None
@@ -170,13 +184,29 @@ class EventSink:
         self._writer = asyncio.current_task()
         while not self._closed:
             batch = [await self._queue.get()]
-            while len(batch) < BATCH_MAX and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
             try:
-                await self._write(batch)
+                await self._fill(batch)
+                await self._write([(event, done) for event, done in batch if event is not None])
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _fill(self, batch: list[tuple[Mapping[str, Any] | None, asyncio.Future[None] | None]]) -> None:
+        """Add what is queued to `batch`; while it holds only announced progress, wait a little for more."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.progress_linger_s
+        while len(batch) < BATCH_MAX:
+            if self._queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not all(_may_wait(event, done) for event, done in batch):
+                    return
+                try:
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._queue.get())
+                except TimeoutError:
+                    return
+            else:
+                batch.append(self._queue.get_nowait())
 
     async def run_relay(self) -> None:
         """Publish the outbox to the router (see `OutboxRelay`)."""
@@ -192,6 +222,7 @@ class EventSink:
         with contextlib.suppress(TimeoutError, sqlite3.Error, Unavailable):
             async with asyncio.timeout(timeout_s):
                 if self._writer is not None:
+                    self._queue.put_nowait((None, None))  # no lingering: write what is held now
                     await self._queue.join()
                 while True:
                     self._published.clear()  # before counting: a publish from here on sets it again
@@ -205,8 +236,12 @@ class EventSink:
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        if not self._queue.empty():  # the database would not take them: say so, loudly
-            log.error("%d event(s) could not be written to the outbox before shutdown", self._queue.qsize())
+        left = 0
+        while not self._queue.empty():
+            event, _ = self._queue.get_nowait()
+            left += event is not None
+        if left:  # the database would not take them: say so, loudly
+            log.error("%d event(s) could not be written to the outbox before shutdown", left)
         with contextlib.suppress(sqlite3.Error, Unavailable):
             if pending := await self.db.transact(_pending, self.owner):
                 log.warning(
@@ -221,6 +256,8 @@ class EventSink:
         self._published.set()
 
     async def _write(self, batch: list[tuple[Mapping[str, Any], asyncio.Future[None] | None]]) -> None:
+        if not batch:
+            return
         try:
             await self.db.transact(_enqueue_all, [event for event, _ in batch], self.owner)
         except (sqlite3.Error, Unavailable, OSError) as exc:

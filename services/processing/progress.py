@@ -5,8 +5,9 @@ ffmpeg prints blocks of `key=value` lines, each block ending in `progress=contin
 microseconds; `out_time_ms` holds the same number despite its name) measured against the
 probed duration gives the percentage, and `speed` (`1.5x`, or `N/A` at the start) the
 encoding speed relative to real time. ffmpeg writes a block about twice a second; progress
-events go onto the bus, so they are thinned to one a second, and the final 100% always goes
-through so that a listener sees the job reach its end.
+events go onto the bus, so they are thinned to one a second, counted from the parser's creation
+(the job's `started` event already says 0 %: a report in its first second would add nothing but
+an event), and the final 100% always goes through so that a listener sees the job reach its end.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ProgressParser:
         self._on_progress = on_progress
         self._min_interval_s = min_interval_s
         self._clock = clock
-        self._last_report = -math.inf
+        self._last_report = clock()
         self._out_time_us = 0
         self._speed = 0.0
         self._percent = 0.0

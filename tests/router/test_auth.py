@@ -118,6 +118,14 @@ async def test_a_service_token_cannot_reach_the_admins_subscriptions(router: htt
     assert (await router.put("/subscriptions/jobs", json=QUEUE, headers=bearer(ADMIN))).json()["owner"] == "service"
 
 
+async def test_only_its_owners_scope_may_stream_a_subscription(router: httpx.AsyncClient) -> None:
+    await router.put("/subscriptions/audit", json=QUEUE, headers=bearer(ADMIN))
+    for token in (SERVICE, USER):  # refused before the stream starts: a problem, not a 200 that never ends
+        response = await router.post("/subscriptions/audit/stream", json={}, headers=bearer(token))
+        assert response.status_code == 403, token
+        assert response.headers["content-type"] == "application/problem+json"
+
+
 async def test_the_admin_token_may_do_everything(router: httpx.AsyncClient) -> None:
     await router.put("/subscriptions/jobs", json=QUEUE, headers=bearer(SERVICE))
     assert (await router.post("/events", json=event(), headers={**STRUCTURED, **bearer(ADMIN)})).status_code == 202

@@ -191,9 +191,16 @@ async def test_stats_long_poll_sees_a_visibility_timeout_expire(router: httpx.As
     assert (back["backlog"], back["in_flight"]) == (1, 0)
 
 
+async def test_one_receive_takes_up_to_a_thousand_messages(router: httpx.AsyncClient) -> None:
+    await make_queue(router)
+    await publish(router, *[event(id=f"e{i}") for i in range(250)])
+    messages = await receive(router, max_messages=1000)
+    assert [m["event"]["id"] for m in messages] == [f"e{i}" for i in range(250)]
+
+
 async def test_queue_operations_validate_their_bodies(router: httpx.AsyncClient) -> None:
     await make_queue(router)
-    too_many = await router.post("/subscriptions/q/receive", json={"max_messages": 11})
+    too_many = await router.post("/subscriptions/q/receive", json={"max_messages": 1001})
     assert too_many.status_code == 422 and too_many.json()["errors"][0]["field"] == "body.max_messages"
     too_long = await router.post("/subscriptions/q/receive", json={"wait_s": 21})
     assert too_long.status_code == 422

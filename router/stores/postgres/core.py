@@ -31,6 +31,7 @@ import asyncpg
 from router.fanout import Fanout, Handoffs
 from router.notifier import Changes, Notifier
 from router.persistence import Subscription, spec_from_json
+from router.settings import Durability
 from router.stores.postgres.partitions import day_of, ensure_partitions, is_missing_partition
 from router.stores.postgres.schema import SCHEMA, SHARDS, migrate
 from services.common.errors import Unavailable
@@ -60,7 +61,9 @@ BOOKKEEPING = {"synchronous_commit": "off"}
 """The sessions that record delivery state (leases, push outcomes, releases) commit without waiting for the WAL to
 reach the disk: losing the last few of those in a crash of the database server only means a delivery goes out
 again, which at-least-once allows (the SQLite store commits the same ones without an fsync). Published events,
-acks, nacks and subscription changes wait for the flush."""
+acks, nacks and subscription changes wait for the flush in `fsync` mode; in `batched` mode they do not either
+(`Connection.durability`): a commit is then safe against a crash of the router at once, and reaches the disk
+when PostgreSQL's WAL writer flushes it, within 3 x wal_writer_delay (600 ms by default)."""
 LEASE_LIMIT = 2**31 - 1
 """Stands for "no max_receive_count" in claims (push leases have none)."""
 
@@ -74,6 +77,8 @@ class Connection:
     statement_timeout_s: float = 30.0
     idle_in_transaction_timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
+    durability: Durability = "fsync"
+    """`fsync`: durable writes wait for the WAL's flush (synchronous_commit on); `batched`: they do not."""
 
     def where(self) -> str:
         """The host, port and database, for messages (never the password)."""
@@ -89,6 +94,8 @@ class Connection:
             "statement_timeout": str(int(self.statement_timeout_s * 1000)),
             "idle_in_transaction_session_timeout": str(int(self.idle_in_transaction_timeout_s * 1000)),
             "jit": "off",  # the router's statements are small; JIT compilation would only add latency
+            # `fsync` keeps the server's own setting (on by default, or stricter for a replicated server).
+            **(BOOKKEEPING if self.durability == "batched" else {}),
         }
 
 

@@ -1,10 +1,13 @@
 """The embedded `EventStore`, part 1: plumbing, lifecycle and the log.
 
-Every call runs as one transaction on a dedicated thread, so calls are serialized and each
-commits before its coroutine returns. The bus batches concurrent publishes into one `append`
-call (group commit), so one fsync covers many publishers. After each commit the call's changes
-go to the notifier (router.notifier); `SQLiteEventStore` (router.stores.sqlite) puts the parts
-together.
+Every call runs as one transaction with the one connection (on a dedicated thread, or inline on the
+event loop), so calls are serialized and each commits before its coroutine returns. The connection
+is at `synchronous=NORMAL` throughout; what a call committed durably reaches the disk through an
+explicit fdatasync of the WAL shared by every commit waiting for it (`router.stores.sqlite.durability`,
+which says why that is as durable as FULL). The bus batches concurrent publishes into one `append`
+call (group commit), and the store batches concurrent acks, nacks and extends the same way
+(router.stores.sqlite.queues). After each commit the call's changes go to the notifier
+(router.notifier); `SQLiteEventStore` (router.stores.sqlite) puts the parts together.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from router.fanout import Fanout, Handoffs
 from router.notifier import Changes, Notifier
 from router.persistence import Appended, Message, Subscription, spec_from_json
 from router.receipts import new_nonce, receipt_for
+from router.settings import Durability
+from router.stores.sqlite.durability import WalSync
 from router.stores.sqlite.schema import SCHEMA, migrate
 
 T = TypeVar("T")
@@ -45,15 +50,15 @@ class SQLiteCore:
         self,
         path: Path,
         *,
-        synchronous: str = "FULL",
+        durability: Durability = "fsync",
         wal_limit_bytes: int = WAL_LIMIT_BYTES,
         replica_id: str | None = None,
     ) -> None:
         self.path = path
         self.replica_id = replica_id or uuid.uuid4().hex[:16]
-        self.synchronous = synchronous
         self.wal_limit_bytes = wal_limit_bytes
         self._wal = path.with_name(path.name + "-wal")
+        self._wal_sync = WalSync(self._wal, durability)
         self._wal_over_limit = False
         self._truncating = False
         self.write_failure: str | None = None
@@ -71,7 +76,6 @@ class SQLiteCore:
         self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-sqlite-checkpoint")
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._conn: sqlite3.Connection | None = None
-        self._level = synchronous
         # Filled on the store's thread during a call, published on the loop after its commit.
         self._touched: set[str] = set()
         self._ready: set[str] = set()
@@ -85,18 +89,24 @@ class SQLiteCore:
         """Run `fn` with the connection: on the store's thread, or with `inline` right here on the event
         loop when the thread is not using the connection at that moment.
 
-        `inline` is for short bookkeeping transactions (leases, delivery outcomes; no fsync, bounded
-        work): a hop to the thread and back costs ~95 us of CPU on this machine, as much as such a
-        transaction itself. Durable commits always go to the thread: an fsync must not stall the loop.
+        `inline` is for short transactions of bounded work (leases, delivery outcomes, acks): a hop to the
+        thread and back costs ~95 us of CPU on this machine, as much as such a transaction itself. No
+        transaction syncs anything itself (synchronous=NORMAL): the WAL's fdatasync comes after, off the
+        connection's lock and shared by every commit waiting for it (on the store's thread right after a
+        call that ran there, on a thread of its own for an inline one), so durable commits may run inline too.
+
+        In `fsync` mode the call is answered (and its changes published, its leases handed off) only once
+        every durable commit it could have read is on disk, its own included: nothing leaves the store
+        that a power loss could take back (router.stores.sqlite.durability).
         """
         loop = asyncio.get_running_loop()
         if inline and self._conn is not None and self._lock.acquire(blocking=False):
             try:
-                result, changes, handoffs = self._call_locked(fn, args)
+                result, changes, handoffs, seen = self._call_locked(fn, args)
             finally:
                 self._lock.release()
         else:
-            result, changes, handoffs = await loop.run_in_executor(self._executor, self._call, fn, args)
+            result, changes, handoffs, seen = await loop.run_in_executor(self._executor, self._call, fn, args)
         if self._checkpoint_due:
             self._checkpoint_due = False
             self._in_background(loop.run_in_executor(self._checkpointer, self._checkpoint))
@@ -105,6 +115,13 @@ class SQLiteCore:
             truncation = loop.run_in_executor(self._executor, self._call, self._truncate_wal, ())
             truncation.add_done_callback(lambda _: setattr(self, "_truncating", False))
             self._in_background(truncation)
+        try:
+            await self._wal_sync.durable(seen)
+        except OSError as exc:
+            self._fanout.rolled_back(handoffs)  # committed, but not known to be on disk: nothing is handed out
+            self.write_failure = storage_failure(exc) or f"cannot sync the WAL: {exc}"
+            log.error("the bus's WAL could not be synced: %s", exc)
+            raise
         if changes and self._notifier is not None:
             self._notifier.publish(changes)
         self._fanout.hand_off(handoffs)
@@ -114,15 +131,23 @@ class SQLiteCore:
         self._background.add(future)
         future.add_done_callback(self._background.discard)
 
-    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, Changes, Handoffs]:
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, Changes, Handoffs, int]:
         with self._lock:
-            return self._call_locked(fn, args)
+            called = self._call_locked(fn, args)
+        if self._wal_sync.mode == "fsync":  # synced here, the lock released: inline calls commit meanwhile
+            try:
+                self._wal_sync.sync_through(called[3])
+            except OSError:
+                pass  # `_run` tries again on the loop, and answers the error if it persists
+        return called
 
-    def _call_locked(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, Changes, Handoffs]:
+    def _call_locked(self, fn: Callable[..., T], args: tuple[Any, ...]) -> tuple[T, Changes, Handoffs, int]:
+        """Run `fn`; with its result, what it changed, and the durable commits it may have seen (its own included),
+        which must be on disk before it is answered."""
         self._forget_changes()
         result = fn(*args)
         changes = Changes(frozenset(self._touched), frozenset(self._ready), self._hidden_until, self._catalog)
-        return result, changes, self._handoffs
+        return result, changes, self._handoffs, self._wal_sync.committed
 
     def _forget_changes(self) -> None:
         self._touched, self._ready, self._hidden_until, self._catalog, self._handoffs = set(), set(), {}, False, {}
@@ -173,14 +198,11 @@ class SQLiteCore:
     @contextmanager
     def _transaction(self, *, bookkeeping: bool = False) -> Iterator[sqlite3.Connection]:
         """One write transaction. `bookkeeping` marks the delivery state (leases, push outcomes) whose loss
-        in a power failure only means an event is delivered again, which at-least-once allows: it commits
-        without an fsync (still safe against a process crash, as WAL with synchronous=NORMAL is); the
-        next durable commit's fsync covers it. Published events and queue acks keep the configured level."""
+        in a power failure only means an event is delivered again, which at-least-once allows: it is not
+        counted as durable, so nobody waits for its sync (it is safe against a process crash at COMMIT, as
+        every commit here is); the next durable commit's fdatasync covers it. Published events, acks and
+        subscription changes are durable commits (router.stores.sqlite.durability)."""
         conn = self.conn
-        level = "NORMAL" if bookkeeping else self.synchronous
-        if level != self._level:
-            conn.execute(f"PRAGMA synchronous={level}")
-            self._level = level
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -201,6 +223,8 @@ class SQLiteCore:
             raise
         self.write_failure = None
         self._commits += 1
+        if not bookkeeping:
+            self._wal_sync.commit()
         if self._commits % CHECKPOINT_EVERY == 0:
             self._checkpoint_due = True
         if self._wal_bytes() > self.wal_limit_bytes:
@@ -220,7 +244,8 @@ class SQLiteCore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        # One level for every transaction: durable commits are synced by `WalSync`, off the connection's lock.
+        conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run off the loop: `_checkpoint`, `_truncate_wal`
         # Once a checkpoint has let the WAL start over, its file is cut back to this size.
@@ -244,7 +269,12 @@ class SQLiteCore:
         (version,) = conn.execute("SELECT version FROM catalog").fetchone()
         return int(version)
 
+    def sync_due_at(self) -> float | None:
+        """`batched` mode: when the WAL's next sync is due (the event loop's clock); None when nothing waits for one."""
+        return self._wal_sync.due_at()
+
     async def close(self) -> None:
+        await self._wal_sync.close()
         await asyncio.get_running_loop().run_in_executor(self._checkpointer, self._close_checkpointer)
         self._checkpointer.shutdown(wait=True)
         if self._conn is not None:
@@ -258,6 +288,8 @@ class SQLiteCore:
     # -- the log ----------------------------------------------------------------------------------
 
     async def append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
+        # On the store's thread, which also syncs the WAL right after (one hop); inline commits then syncing on
+        # another thread measured slower here (bench/README.md, Durability modes).
         return await self._run(self._append, events, now_ms)
 
     def _append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:

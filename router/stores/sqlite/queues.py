@@ -1,21 +1,84 @@
-"""The embedded `EventStore`, part 2: queue receives, push leases, outcomes and dead letters."""
+"""The embedded `EventStore`, part 2: queue receives, push leases, outcomes and dead letters.
+
+Acks, nacks and extends are group-committed across requests, as publishes are (router.batching): whatever
+queued up while the previous one committed and synced goes into one transaction and one fdatasync, and an
+item that fails alone is answered alone.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from router import dead_letters
+from router.batching import GroupCommit
+from router.fanout import Fanout
+from router.notifier import Notifier
 from router.persistence import DeadLetter, Message, ReceiptResult, Settlement, Stats
 from router.receipts import STALE_RECEIPT, message_id_of, new_nonce, receipt_for
 from router.replays import mark_replay
 from router.stores.sqlite.core import SQLiteCore
 from services.common.errors import NotFound
 
+MAX_RECEIPTS_PER_COMMIT = 1000
+"""Receipts settled in one shared transaction at most (ten requests of the largest kind)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueChange:
+    """One ack, nack or extend request, waiting for the next shared commit."""
+
+    kind: Literal["ack", "nack", "extend"]
+    name: str
+    receipts: Sequence[str]
+    now_ms: int
+    hide_ms: int = 0
+    error: str | None = None
+
 
 class SQLiteQueues(SQLiteCore):
+    _queue_writer: GroupCommit[QueueChange, list[ReceiptResult]] | None = None
+    _queue_writing: asyncio.Task[None] | None = None
+
+    async def open(self, notifier: Notifier, fanout: Fanout) -> None:
+        await super().open(notifier, fanout)
+        self._queue_writer = GroupCommit(
+            "the queues' acks",
+            self._commit_changes,
+            weight=lambda c: len(c.receipts),
+            max_weight=MAX_RECEIPTS_PER_COMMIT,
+        )
+        self._queue_writing = asyncio.create_task(self._queue_writer.run(), name="router-sqlite-acks")
+
+    async def close(self) -> None:
+        if self._queue_writer is not None and self._queue_writing is not None:
+            self._queue_writer.stop()  # what is queued still commits
+            await self._queue_writing
+        await super().close()
+
+    async def _settle_queue(self, change: QueueChange) -> list[ReceiptResult]:
+        if self._queue_writer is None:
+            return (await self._commit_changes([change]))[0]
+        return await self._queue_writer.submit(change)
+
+    async def _commit_changes(self, changes: list[QueueChange]) -> list[list[ReceiptResult]]:
+        return await self._run(self._apply_changes, changes, inline=True)
+
+    def _apply_changes(self, changes: list[QueueChange]) -> list[list[ReceiptResult]]:
+        with self._transaction() as conn:
+            return [
+                self._ack_in(conn, c.name, c.receipts)
+                if c.kind == "ack"
+                else self._change_visibility_in(
+                    conn, c.name, c.receipts, c.hide_ms, c.now_ms, c.kind == "nack", c.error
+                )
+                for c in changes
+            ]
+
     # -- queues and push leases --------------------------------------------------------------------
 
     async def receive(
@@ -170,37 +233,41 @@ class SQLiteQueues(SQLiteCore):
         return count
 
     async def ack(self, name: str, receipts: Sequence[str], now_ms: int) -> list[ReceiptResult]:
-        return await self._run(self._ack, name, receipts)
+        return await self._settle_queue(QueueChange("ack", name, receipts, now_ms))
 
-    def _ack(self, name: str, receipts: Sequence[str]) -> list[ReceiptResult]:
+    def _ack_in(self, conn: sqlite3.Connection, name: str, receipts: Sequence[str]) -> list[ReceiptResult]:
         results: list[ReceiptResult] = []
-        with self._transaction() as conn:
-            for receipt in receipts:
-                deleted = conn.execute(
-                    "DELETE FROM messages WHERE msg_id = ? AND sub = ? AND receipt = ?",
-                    (message_id_of(receipt), name, receipt),
-                ).rowcount
-                results.append(ReceiptResult(receipt, bool(deleted), None if deleted else STALE_RECEIPT))
-            acked = sum(r.ok for r in results)
-            if acked:
-                conn.execute(
-                    "UPDATE subscriptions SET delivered_total = delivered_total + ? WHERE name = ?", (acked, name)
-                )
-                self._touched.add(name)
+        for receipt in receipts:
+            deleted = conn.execute(
+                "DELETE FROM messages WHERE msg_id = ? AND sub = ? AND receipt = ?",
+                (message_id_of(receipt), name, receipt),
+            ).rowcount
+            results.append(ReceiptResult(receipt, bool(deleted), None if deleted else STALE_RECEIPT))
+        acked = sum(r.ok for r in results)
+        if acked:
+            conn.execute("UPDATE subscriptions SET delivered_total = delivered_total + ? WHERE name = ?", (acked, name))
+            self._touched.add(name)
         return results
 
     async def nack(
         self, name: str, receipts: Sequence[str], delay_ms: int, now_ms: int, error: str | None = None
     ) -> list[ReceiptResult]:
-        return await self._run(self._change_visibility, name, receipts, delay_ms, now_ms, True, error)
+        return await self._settle_queue(QueueChange("nack", name, receipts, now_ms, delay_ms, error))
 
     async def extend(
         self, name: str, receipts: Sequence[str], visibility_timeout_ms: int, now_ms: int
     ) -> list[ReceiptResult]:
-        return await self._run(self._change_visibility, name, receipts, visibility_timeout_ms, now_ms, False, None)
+        return await self._settle_queue(QueueChange("extend", name, receipts, now_ms, visibility_timeout_ms))
 
-    def _change_visibility(
-        self, name: str, receipts: Sequence[str], hide_ms: int, now_ms: int, release: bool, error: str | None
+    def _change_visibility_in(
+        self,
+        conn: sqlite3.Connection,
+        name: str,
+        receipts: Sequence[str],
+        hide_ms: int,
+        now_ms: int,
+        release: bool,
+        error: str | None,
     ) -> list[ReceiptResult]:
         # A nack releases the lease (the receipt dies, the message waits `hide_ms` as delayed);
         # an extend keeps the lease and pushes its visibility timeout out from now, as SQS does.
@@ -211,21 +278,20 @@ class SQLiteQueues(SQLiteCore):
             else "UPDATE messages SET visible_at = ? WHERE ? IS NULL AND msg_id = ? AND sub = ? AND receipt = ?"
         )
         results: list[ReceiptResult] = []
-        with self._transaction() as conn:
-            for receipt in receipts:
-                changed = conn.execute(sql, (now_ms + hide_ms, error, message_id_of(receipt), name, receipt)).rowcount
-                results.append(ReceiptResult(receipt, bool(changed), None if changed else STALE_RECEIPT))
-            changed_count = sum(r.ok for r in results)
-            if release and changed_count:
-                conn.execute(
-                    "UPDATE subscriptions SET failed_total = failed_total + ? WHERE name = ?", (changed_count, name)
-                )
-            if changed_count:
-                self._touched.add(name)
-                if hide_ms > 0:
-                    self._hide(name, now_ms + hide_ms)
-                elif release:
-                    self._ready.add(name)
+        for receipt in receipts:
+            changed = conn.execute(sql, (now_ms + hide_ms, error, message_id_of(receipt), name, receipt)).rowcount
+            results.append(ReceiptResult(receipt, bool(changed), None if changed else STALE_RECEIPT))
+        changed_count = sum(r.ok for r in results)
+        if release and changed_count:
+            conn.execute(
+                "UPDATE subscriptions SET failed_total = failed_total + ? WHERE name = ?", (changed_count, name)
+            )
+        if changed_count:
+            self._touched.add(name)
+            if hide_ms > 0:
+                self._hide(name, now_ms + hide_ms)
+            elif release:
+                self._ready.add(name)
         return results
 
     async def next_visible_ms(self, name: str, now_ms: int) -> int | None:

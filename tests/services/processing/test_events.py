@@ -68,11 +68,13 @@ class RecordingRouter:
 
     def __init__(self) -> None:
         self.ids: list[str] = []
+        self.batches: list[list[str]] = []
         self.arrived = asyncio.Event()
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         batch = json.loads(request.content)
         self.ids += [event["id"] for event in batch]
+        self.batches.append([event["id"] for event in batch])
         self.arrived.set()
         results = [{"id": event["id"], "sequence": len(self.ids), "duplicate": False} for event in batch]
         return httpx.Response(202, json={"results": results})
@@ -85,6 +87,31 @@ class RecordingRouter:
             while len(self.ids) < count:
                 self.arrived.clear()
                 await self.arrived.wait()
+
+
+async def test_progress_waits_for_company_and_anything_else_takes_it_along(tmp_path: Path) -> None:
+    """Each running job reports once a second: one write and one publish carry every job's progress."""
+    router = RecordingRouter()
+    async with router.client() as client:
+        # A linger far longer than the test: only another event, never the clock, can end it here.
+        sink = EventSink(
+            SQLiteDatabase(tmp_path / "outbox.db", MIGRATIONS, name="outbox"), client, progress_linger_s=600
+        )
+        await sink.open()
+        tasks = [asyncio.create_task(sink.run()), asyncio.create_task(sink.run_relay())]
+        sink.announce(events.progress("v1", "1.1-ab", 1, percent=25, speed=1.0))
+        for _ in range(10):  # the writer takes it and waits for more
+            await asyncio.sleep(0)
+        sink.announce(events.progress("v2", "1.1-cd", 1, percent=50, speed=1.0))
+        await sink.publish(events.failed("v2", "1.1-cd", attempt=1, permanent=True, reason="no picture"))
+        await router.until(3)
+        sink.announce(events.progress("v1", "1.1-ab", 2, percent=75, speed=1.0))
+        await sink.close(timeout_s=30)  # writes the waiting progress at once, without waiting for company
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert router.batches == [
+        ["v1/progress/1.1-ab/1", "v2/progress/1.1-cd/1", "v2/failed/1.1-cd"],
+        ["v1/progress/1.1-ab/2"],
+    ]
 
 
 def sink_on(url: str, client: RouterClient, instance: str) -> EventSink:

@@ -350,7 +350,21 @@ def test_progress_is_reported_at_most_once_a_second_and_ends_at_100() -> None:
     feed_block(parser, "9900000", "3x", progress="end")
     feed_block(parser, "9900000", "3x", progress="end")
 
-    assert reports == [(0.0, 0.0), (50.0, 2.0), (100.0, 3.0)]
+    assert reports == [(50.0, 2.0), (100.0, 3.0)]
+
+
+def test_progress_waits_a_second_after_the_start() -> None:
+    """The `started` event already says 0 %: a report in the job's first second would say nothing new."""
+    clock = FakeClock()
+    reports: list[float] = []
+    parser = ProgressParser(4.0, lambda p, s: reports.append(p), clock=clock)
+
+    clock.now = 0.5
+    feed_block(parser, "500000", "1x")
+    assert reports == []
+    clock.now = 1.0
+    feed_block(parser, "1000000", "1x")
+    assert reports == [25.0]
 
 
 def test_progress_without_a_duration_still_ends_at_100() -> None:
@@ -358,12 +372,12 @@ def test_progress_without_a_duration_still_ends_at_100() -> None:
     parser = ProgressParser(0.0, lambda p, s: reports.append(p))
     feed_block(parser, "1000000", "1x")
     feed_block(parser, "2000000", "1x", progress="end")
-    assert reports == [0.0, 100.0]
+    assert reports == [100.0]
 
 
 def test_progress_ignores_garbage_lines() -> None:
     reports: list[float] = []
-    parser = ProgressParser(4.0, lambda p, s: reports.append(p))
+    parser = ProgressParser(4.0, lambda p, s: reports.append(p), min_interval_s=0)
     for line in ("", "nonsense", "out_time_us=-5", "speed=inf", "progress=continue"):
         parser.feed(line)
     assert reports == [0.0]

@@ -70,7 +70,7 @@ async def test_events_in_a_playable_video_out_across_a_store_restart(tmp_path: P
         "CATTUBE_TOKEN": TOKEN,
         "CATTUBE_ROUTER_URL": f"http://127.0.0.1:{router_port}",
         "CATTUBE_STORE_PORT": str(store_port),  # the address the store gives the router to push to
-        "CATTUBE_SQLITE_SYNCHRONOUS": "NORMAL",
+        "CATTUBE_ROUTER_DURABILITY": "batched",
     }
     bucket = FileBlobStore(tmp_path / "data" / "bucket")
     store_url = f"http://127.0.0.1:{store_port}"
