@@ -182,6 +182,7 @@ class RouterClient:
         retries: int = 8,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
+        max_connections: int = 100,
     ) -> None:
         urls = [base_url] if isinstance(base_url, str) else list(base_url)
         if not urls:
@@ -192,7 +193,9 @@ class RouterClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # Long polls wait up to 20 s on the server: the read timeout leaves room for that. One pool for
         # every replica: connections are kept per origin.
-        self._transport = transport or AiohttpTransport()
+        # `max_connections` bounds the default pool; requests beyond it wait their turn for a connection.
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._transport = transport or AiohttpTransport(limits=limits)
         timeout = httpx.Timeout(timeout_s)
         self._http = httpx.AsyncClient(headers=headers, timeout=timeout, transport=self._transport, trust_env=False)
         # What the client would add to every request, worked out once: its default headers with the token.

@@ -139,10 +139,9 @@ class ProcessingService:
         self._control = RouterClient(settings.router_urls, token=token, transport=self._router_transport)
         # Bounded: two long polls (the pool's one receive loop, deletions) and the busy workers' acks,
         # nacks and heartbeats, which wait their turn for a connection rather than open one each.
-        queue_transport = self._router_transport or httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=QUEUE_CONNECTIONS, max_keepalive_connections=QUEUE_CONNECTIONS)
+        self._queues = RouterClient(
+            settings.router_urls, token=token, transport=self._router_transport, max_connections=QUEUE_CONNECTIONS
         )
-        self._queues = RouterClient(settings.router_urls, token=token, transport=queue_transport)
         # The relay owns retries and their timing (backing off while the router is away): one try per call.
         self._events = RouterClient(
             settings.router_urls,

@@ -86,3 +86,53 @@ async def test_a_router_that_does_not_answer_in_time_is_unavailable() -> None:
         with pytest.raises(RouterUnavailable) as failed:
             await client._request("POST", "/silent", json={})
     assert failed.value.status == 503 and "Timeout" in failed.value.problem["detail"]
+
+
+class Held:
+    """An ASGI app answering a publish only once `release` is set, noting each connection a request came on."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.two_in = asyncio.Event()
+        self.active = 0
+        self.connections: set[tuple[str, int]] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        while (await receive()).get("more_body"):
+            pass
+        self.connections.add(tuple(scope["client"]))
+        self.active += 1
+        if self.active >= 2:
+            self.two_in.set()
+        await self.release.wait()
+        self.active -= 1
+        body = b'{"results":[{"id":"e1","sequence":7,"duplicate":false}]}'
+        await send({"type": "http.response.start", "status": 202, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_max_connections_bounds_the_default_pool() -> None:
+    """Requests beyond `max_connections` wait their turn for a connection rather than open one each (the
+    processing service bounds its queue client this way)."""
+    app = Held()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+    serve = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with RouterClient(f"http://127.0.0.1:{sock.getsockname()[1]}", max_connections=2) as client:
+            publishes = [asyncio.create_task(client.publish(new_event("t", "s", {}))) for _ in range(5)]
+            await asyncio.wait_for(app.two_in.wait(), WAIT_S)
+            await asyncio.sleep(0.3)  # room for a third connection to show up if the pool were unbounded
+            assert app.active == 2
+            app.release.set()
+            await asyncio.wait_for(asyncio.gather(*publishes), WAIT_S)
+        assert len(app.connections) == 2
+    finally:
+        app.release.set()  # a failed check leaves no request held
+        server.should_exit = True
+        server.force_exit = True
+        await serve
+        sock.close()
