@@ -246,8 +246,7 @@ class RouterClient:
             try:
                 response = await self._exchange(method, self.base_urls[index] + path, **kwargs)
             except httpx.TransportError as exc:
-                problem: dict[str, Any] = {"title": "Router unreachable", "detail": f"{type(exc).__name__}: {exc}"}
-                status = 503
+                problem, status = _unreachable(exc), 503
             else:
                 if response.status_code < 400:
                     self._current = index
@@ -259,9 +258,7 @@ class RouterClient:
                 if status != 503:  # this router is there but failed the request: retry it there
                     break
             if count > 1:
-                # Concurrent requests may all see this router fail: only the first moves everyone on.
-                if self._current == index:
-                    self._current = (index + 1) % count
+                self._move_on(index)
                 log.warning(
                     "router %s failed %s %s (%s); moving on to %s",
                     self.base_urls[index],
@@ -271,6 +268,12 @@ class RouterClient:
                     self.base_urls[(index + 1) % count],
                 )
         raise RouterUnavailable(status, problem)
+
+    def _move_on(self, index: int) -> None:
+        """Send requests to the next replica after the one at `index` failed. Concurrent requests may all
+        see it fail: only the first moves everyone on."""
+        if len(self.base_urls) > 1 and self._current == index:
+            self._current = (index + 1) % len(self.base_urls)
 
     async def _exchange(
         self,
@@ -561,8 +564,7 @@ class MessageStream:
             try:
                 response = await client._http.send(request, stream=True)
             except httpx.TransportError as exc:
-                problem: dict[str, Any] = {"title": "Router unreachable", "detail": f"{type(exc).__name__}: {exc}"}
-                status = 503
+                problem, status = _unreachable(exc), 503
             else:
                 if response.status_code < 400:
                     self._response = response
@@ -574,8 +576,8 @@ class MessageStream:
                 if status not in RETRYABLE_STATUS:
                     raise RouterError(status, problem)
             self._failures += 1
-            if status == 503 and len(client.base_urls) > 1 and client._current == index:
-                client._current = (index + 1) % len(client.base_urls)
+            if status == 503:
+                client._move_on(index)
             log.warning("stream of %r: %s; connecting again", self.queue.name, problem.get("detail"))
 
     async def _disconnect(self, why: str) -> None:
@@ -612,6 +614,10 @@ def _url(text: str) -> httpx.URL:
 def _body(response: httpx.Response) -> Any:
     """A JSON answer, read as `json.loads` reads it, at orjson's speed (services/common/jsoncodec.py)."""
     return jsoncodec.loads(response.content)[0]
+
+
+def _unreachable(exc: httpx.TransportError) -> dict[str, Any]:
+    return {"title": "Router unreachable", "detail": f"{type(exc).__name__}: {exc}"}
 
 
 def _problem(response: httpx.Response) -> dict[str, Any]:
