@@ -334,8 +334,11 @@ def outbox_ids(data_dir: Path) -> list[str]:
 async def test_sigterm_after_the_router_went_first_drops_nothing(tmp_path: Path, clips: dict[str, Path]) -> None:
     """What Ctrl-C on `cattube up` used to do: the router stops first, then processing, mid-transcode."""
     data = tmp_path / "data"
+    # Twice `slow`'s length: on a quiet machine `slow` (2.9 s to transcode) can finish before a progress event
+    # meets the stopped router (progress waits a second for company, services/processing/events.py).
+    longer = make_clip(tmp_path / "longer.mp4", 1280, 720, 16, fps=25)
     async with stack(tmp_path, visibility_timeout_s="3") as s:
-        await s.upload("slow", clips["slow"], ["720p", "360p"])
+        await s.upload("slow", longer, ["720p", "360p"])
         await s.observer.until(lambda seen: bool(s.observer.of("cattube.transcode.progress", "slow")))
         await s.router.stop()
         # The job keeps reporting progress with nobody to take it: those events wait in the outbox.
