@@ -83,6 +83,9 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "portrait": make_clip(folder / "portrait.mp4", 640, 360, 2, rotate=90, fps=10),
         "silent": make_clip(folder / "silent.mp4", 320, 240, 2, audio=False, fps=10),
         "slow": make_clip(folder / "slow.mp4", 1280, 720, 8, fps=25),
+        # For stopping mid-transcode: `slow` transcodes in ~3 s on a quiet machine, and the first progress
+        # event is seen ~2 s in (it waits a second for company, services/processing/events.py).
+        "longer": make_clip(folder / "longer.mp4", 1280, 720, 16, fps=25),
     }
 
 
@@ -278,7 +281,7 @@ async def test_clips_are_transcoded_while_the_fleet_scales_from_zero_and_back(
 
 async def test_a_job_survives_kill_9_of_the_service(tmp_path: Path, clips: dict[str, Path]) -> None:
     async with stack(tmp_path, visibility_timeout_s="3") as s:
-        await s.upload("slow", clips["slow"], ["720p", "360p"])
+        await s.upload("slow", clips["longer"], ["720p", "360p"])
         await s.observer.until(lambda seen: bool(s.observer.of("cattube.transcode.progress", "slow")))
         running = ffmpeg_processes(str(tmp_path))
         assert len(running) == 1
@@ -308,7 +311,7 @@ async def test_a_job_survives_kill_9_of_the_service(tmp_path: Path, clips: dict[
 
 async def test_sigterm_hands_a_running_job_back_at_once(tmp_path: Path, clips: dict[str, Path]) -> None:
     async with stack(tmp_path, shutdown_grace_s="0.5") as s:
-        await s.upload("slow", clips["slow"], ["720p", "360p"])
+        await s.upload("slow", clips["longer"], ["720p", "360p"])
         await s.observer.until(lambda seen: bool(s.observer.of("cattube.transcode.progress", "slow")))
         started = time.monotonic()
         # uvicorn re-raises the signal after a graceful shutdown, so the exit status is -SIGTERM.
@@ -334,11 +337,8 @@ def outbox_ids(data_dir: Path) -> list[str]:
 async def test_sigterm_after_the_router_went_first_drops_nothing(tmp_path: Path, clips: dict[str, Path]) -> None:
     """What Ctrl-C on `cattube up` used to do: the router stops first, then processing, mid-transcode."""
     data = tmp_path / "data"
-    # Twice `slow`'s length: on a quiet machine `slow` (2.9 s to transcode) can finish before a progress event
-    # meets the stopped router (progress waits a second for company, services/processing/events.py).
-    longer = make_clip(tmp_path / "longer.mp4", 1280, 720, 16, fps=25)
     async with stack(tmp_path, visibility_timeout_s="3") as s:
-        await s.upload("slow", longer, ["720p", "360p"])
+        await s.upload("slow", clips["longer"], ["720p", "360p"])
         await s.observer.until(lambda seen: bool(s.observer.of("cattube.transcode.progress", "slow")))
         await s.router.stop()
         # The job keeps reporting progress with nobody to take it: those events wait in the outbox.
@@ -365,7 +365,7 @@ async def test_sigterm_after_the_router_went_first_drops_nothing(tmp_path: Path,
 
 async def test_deleting_a_video_stops_its_job_and_removes_its_blobs(tmp_path: Path, clips: dict[str, Path]) -> None:
     async with stack(tmp_path) as s:
-        await s.upload("doomed", clips["slow"], ["720p", "360p"])
+        await s.upload("doomed", clips["longer"], ["720p", "360p"])
         await s.observer.until(lambda seen: bool(s.observer.of("cattube.transcode.progress", "doomed")))
         assert len(ffmpeg_processes(str(tmp_path))) == 1
         await s.client.publish(

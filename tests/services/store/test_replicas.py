@@ -94,7 +94,9 @@ async def test_a_lost_listening_connection_comes_back_and_open_pages_reload(tmp_
             async with asyncio.timeout(10):
                 change = await before.get()
             assert isinstance(change, Change) and change.video is not None and change.video.video_id == "v1"
-            # Cut b's listening connection, as a restarted server or a broken link would.
+            # Cut b's listening connection, as a restarted server or a broken link would. Cleared first: b may
+            # be listening again before the admin connection below has even closed.
+            b.state.peers.listening.clear()
             admin = await asyncpg.connect(database_url)
             try:
                 cut = await admin.fetchval(
@@ -104,7 +106,6 @@ async def test_a_lost_listening_connection_comes_back_and_open_pages_reload(tmp_
             finally:
                 await admin.close()
             assert cut == 1
-            b.state.peers.listening.clear()
             async with asyncio.timeout(30):
                 assert await before.get() is None  # the stream ends: what was said meanwhile may be lost
                 await b.state.peers.listening.wait()
