@@ -20,7 +20,6 @@ from typing import Any
 
 import orjson
 from starlette.datastructures import Headers
-from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,35 +28,13 @@ from router.bus import Bus
 from router.metrics import RouterMetrics
 from router.persistence import ReceiptResult
 from router.settings import RouterSettings
-from services.common.errors import PayloadTooLarge
+from services.common.body import read_asgi_body
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 MAX_RECEIPTS = 100  # router.models.AckIn
 MAX_DELAY_S = 43_200  # router.models.NackIn, ExtendIn
 
 OwnerCheck = Callable[[Bus, Scope, str], Awaitable[None]]
-
-
-async def read_body(scope: Scope, receive: Receive, limit_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it is over `limit_bytes` (services.common.body's rule)."""
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            if value.isdigit() and int(value) > limit_bytes:
-                raise PayloadTooLarge("body", f"at most {limit_bytes} bytes, got {value.decode()}")
-            break
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit_bytes:
-            raise PayloadTooLarge("body", f"at most {limit_bytes} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def answer(send: Send, status: int, body: bytes) -> None:
@@ -72,7 +49,7 @@ async def _publish(scope: Scope, receive: Receive, send: Send) -> None:
     settings: RouterSettings = state.settings
     metrics: RouterMetrics = state.metrics
     started = time.perf_counter()
-    body = await read_body(scope, receive, settings.max_request_bytes)
+    body = await read_asgi_body(scope, receive, settings.max_request_bytes)
     headers = Headers(scope=scope)
     events = cloudevents.parse(body, headers.get("content-type", ""), headers, settings.max_event_bytes)
     results = await state.bus.publish(events)
@@ -134,7 +111,7 @@ class ReceiptsRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = scope["app"]
         settings: RouterSettings = app.state.settings
-        body = await read_body(scope, receive, settings.max_body_bytes)
+        body = await read_asgi_body(scope, receive, settings.max_body_bytes)
         fast = self._fast(body)
         if fast is None:
             await self.fallback.handle(scope, _replay(body, receive), send)
