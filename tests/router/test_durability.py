@@ -25,7 +25,7 @@ from router.fanout import Fanout
 from router.settings import RouterSettings
 from router.stores import store_factory
 from router.stores.postgres import PostgresEventStore
-from router.stores.sqlite import SQLiteEventStore, durability
+from router.stores.sqlite import SQLiteEventStore, core, durability
 from tests.conftest import running
 from tests.router.events import BATCH, STRUCTURED, event
 
@@ -227,3 +227,66 @@ async def test_postgresql_commits_wait_for_the_flush_only_in_fsync_mode(
             assert await conn.fetchval("SHOW synchronous_commit") == "off"
     finally:
         await store.close()
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("mode", ["fsync", "batched"])
+async def test_small_appends_commit_on_the_loop_and_big_ones_on_the_stores_thread(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteEventStore(tmp_path / "bus.db", durability=mode)  # type: ignore[arg-type]
+    bus = Bus(store, retention_s=3600)
+    await bus.start()
+    writer = asyncio.create_task(bus.run_writer())
+    threads: list[str] = []
+    append = store._append
+
+    def watched(events: Any, now_ms: int) -> Any:
+        threads.append(threading.current_thread().name)
+        return append(events, now_ms)
+
+    monkeypatch.setattr(store, "_append", watched)
+    try:
+        one = [(event(id="one"), json.dumps(event(id="one")).encode())]
+        await bus.publish(one)
+        many = [(e, json.dumps(e).encode()) for e in (event(id=f"m{n}") for n in range(core.INLINE_APPEND_EVENTS + 1))]
+        await bus.publish(many)
+        big = event(id="big", data="x" * core.INLINE_APPEND_BYTES)
+        await bus.publish([(big, json.dumps(big).encode())])
+        assert threads[0] == threading.current_thread().name, "one event did not commit inline on the loop"
+        assert all(name.startswith("router-sqlite_") for name in threads[1:]), threads
+        assert store._wal_sync.synced == store._wal_sync.committed or mode == "batched"
+    finally:
+        bus.stop()
+        await writer
+        await bus.close()
+
+
+@pytest.mark.sqlite
+async def test_a_failed_fdatasync_fails_what_waited_for_it_and_the_next_sync_answers_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteEventStore(tmp_path / "bus.db")
+    bus = Bus(store, retention_s=3600)
+    await bus.start()
+    writer = asyncio.create_task(bus.run_writer())
+    failing = True
+
+    def sync(fd: int) -> None:
+        if failing:
+            raise OSError(5, "Input/output error")
+        os.fdatasync(fd)
+
+    monkeypatch.setattr(durability, "sync_file", sync)
+    try:
+        with pytest.raises(Exception, match="Input/output error"):
+            await bus.publish([(event(id="a"), json.dumps(event(id="a")).encode())])
+        assert store.write_failure == "cannot write: Input/output error"
+        failing = False
+        (appended,) = await bus.publish([(event(id="b"), json.dumps(event(id="b")).encode())])
+        assert not appended.duplicate
+        assert store._wal_sync.synced == store._wal_sync.committed
+    finally:
+        bus.stop()
+        await writer
+        await bus.close()

@@ -43,6 +43,10 @@ CHECKPOINT_EVERY = 2000
 """Commits between PASSIVE WAL checkpoints, which run on a thread of their own (never inline, see `_run`)."""
 WAL_LIMIT_BYTES = 64 * 1024 * 1024
 """Past this size the WAL is checkpointed and truncated between two commits (see `_truncate_wal`)."""
+INLINE_APPEND_EVENTS = 32
+INLINE_APPEND_BYTES = 64 * 1024
+"""An append of at most this many events and bytes commits inline on the event loop when the connection is free:
+bounded work, which blocks the loop for less than a hop to the store's thread costs (bench/inline_append.py)."""
 
 
 class SQLiteCore:
@@ -89,11 +93,11 @@ class SQLiteCore:
         """Run `fn` with the connection: on the store's thread, or with `inline` right here on the event
         loop when the thread is not using the connection at that moment.
 
-        `inline` is for short transactions of bounded work (leases, delivery outcomes, acks): a hop to the
-        thread and back costs ~95 us of CPU on this machine, as much as such a transaction itself. No
-        transaction syncs anything itself (synchronous=NORMAL): the WAL's fdatasync comes after, off the
-        connection's lock and shared by every commit waiting for it (on the store's thread right after a
-        call that ran there, on a thread of its own for an inline one), so durable commits may run inline too.
+        `inline` is for short transactions of bounded work (leases, delivery outcomes, acks, small appends): a
+        hop to the thread and back costs ~100-150 us of CPU on this machine, as much as such a transaction
+        itself. No transaction syncs anything itself (synchronous=NORMAL): the WAL's fdatasync comes after, off
+        the connection's lock and shared by every commit waiting for it (on the store's thread right after a
+        call that ran there, on the sync thread for an inline one), so durable commits may run inline too.
 
         In `fsync` mode the call is answered (and its changes published, its leases handed off) only once
         every durable commit it could have read is on disk, its own included: nothing leaves the store
@@ -288,9 +292,10 @@ class SQLiteCore:
     # -- the log ----------------------------------------------------------------------------------
 
     async def append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
-        # On the store's thread, which also syncs the WAL right after (one hop); inline commits then syncing on
-        # another thread measured slower here (bench/README.md, Durability modes).
-        return await self._run(self._append, events, now_ms)
+        # Small appends commit inline (in `fsync` mode the sync thread then syncs them, as for acks); big ones
+        # on the store's thread, which syncs the WAL right after (bench/README.md, "Appends inline").
+        small = len(events) <= INLINE_APPEND_EVENTS and sum(len(body) for _, body in events) <= INLINE_APPEND_BYTES
+        return await self._run(self._append, events, now_ms, inline=small)
 
     def _append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         with self._transaction() as conn:

@@ -8,7 +8,9 @@ file (in the page cache: safe against a crash of the process at once) but not sy
   fdatasync of the WAL that started after its COMMIT. One fdatasync answers every commit made before it
   started (group fsync), and it runs off the connection's lock, so other transactions commit while the
   disk syncs: on the store's thread right after a transaction it ran (no second hop between threads), or
-  on a thread of its own for a call that ran inline on the event loop.
+  on a long-lived thread of its own for a call that ran inline on the event loop. That thread sleeps on a
+  condition variable until a waiter asks, and wakes the loop once per fdatasync for every waiter it covered
+  (one `call_soon_threadsafe`), instead of an executor round, a task and a shielded future per sync.
 - `batched` mode: the first durable commit after a sync arms a timer; SYNC_DELAY_S later one fdatasync covers
   everything committed meanwhile. Nothing runs while the router is idle.
 
@@ -33,9 +35,7 @@ import asyncio
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from router.settings import Durability
 
@@ -62,10 +62,17 @@ class WalSync:
         self._fd: int | None = None
         self._sync_lock = threading.Lock()
         """One fdatasync at a time, on whichever thread: a caller that waited for it finds its commit covered."""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-sqlite-fsync")
-        self._syncing: asyncio.Future[None] | None = None
+        # The sync thread's inbox: the highest commit number asked for, and the highest it has answered (synced
+        # or failed). It sleeps while they are equal; each answer wakes the loop once, for every waiter.
+        self._wanted = 0
+        self._answered = 0
+        self._closing = False
+        self._asked = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        """Calls on the loop waiting for a commit number to be on disk (the loop's own list: only it touches it)."""
         self._timer: asyncio.TimerHandle | None = None
-        self._background: set[asyncio.Future[Any]] = set()
 
     def commit(self) -> int:
         """Count a durable commit (on whichever thread holds the connection); returns its number."""
@@ -84,17 +91,60 @@ class WalSync:
         await self._wait(upto)
 
     async def _wait(self, upto: int) -> None:
-        while self.synced < upto:
-            if self._syncing is None:
-                self._syncing = asyncio.ensure_future(self._sync())
-            # One sync for every waiter; a waiter that goes away does not cancel it for the others.
-            await asyncio.shield(self._syncing)
+        done = asyncio.get_running_loop().create_future()
+        self._waiters.append((upto, done))
+        self._ask(upto)
+        # A waiter that goes away leaves the sync to the others: `_answer` skips a cancelled future.
+        await done
 
-    async def _sync(self) -> None:
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.sync_through, self.committed)
-        finally:
-            self._syncing = None
+    def _ask(self, upto: int) -> None:
+        """Ask the sync thread for an fdatasync covering commit `upto` (from the loop; it answers on the loop)."""
+        self._loop = asyncio.get_running_loop()  # the thread answers on the loop that asked last
+        with self._asked:
+            if upto > self._wanted:
+                self._wanted = upto
+                self._asked.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._syncing, name="router-sqlite-fsync", daemon=True)
+                self._thread.start()
+
+    def _syncing(self) -> None:
+        """The sync thread: one fdatasync per wake-up for whatever was asked meanwhile, one wake-up of the loop."""
+        while True:
+            with self._asked:
+                while self._wanted <= self._answered and not self._closing:
+                    self._asked.wait()
+                if self._wanted <= self._answered:  # closing, nothing left to sync
+                    return
+                upto = self._wanted
+            failure: OSError | None = None
+            try:
+                self.sync_through(upto)
+            except OSError as exc:
+                failure = exc
+            with self._asked:
+                self._answered = max(self._answered, upto)
+            try:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._answer, failure)
+            except RuntimeError:  # the loop is closed: nobody is left to answer
+                return
+
+    def _answer(self, failure: OSError | None) -> None:
+        """On the loop: answer every waiter the last sync covered, or, when it failed, every waiter it was for."""
+        waiting: list[tuple[int, asyncio.Future[None]]] = []
+        for upto, done in self._waiters:
+            if done.done():
+                continue
+            if upto <= self.synced:
+                done.set_result(None)
+            elif failure is not None and upto <= self._answered:
+                done.set_exception(failure)
+            else:
+                waiting.append((upto, done))
+        self._waiters = waiting
+        if failure is not None and not self._waiters:
+            log.error("the bus's WAL could not be synced: %s", failure)
 
     def sync_through(self, upto: int) -> None:
         """Block until the durable commits up to number `upto` are on disk (any thread; not under the connection's
@@ -110,14 +160,7 @@ class WalSync:
 
     def _due(self) -> None:
         self._timer = None
-        task = asyncio.ensure_future(self._wait(self.committed))
-        self._background.add(task)
-        task.add_done_callback(self._synced_in_background)
-
-    def _synced_in_background(self, task: asyncio.Future[Any]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("the bus's WAL could not be synced: %s", exc)
+        self._ask(self.committed)  # nobody waits: a failure is logged by `_answer`
 
     def due_at(self) -> float | None:
         """When the next `batched` sync is due (the loop's clock), None when none is scheduled."""
@@ -132,8 +175,12 @@ class WalSync:
             if self.committed > self.synced and self.wal.exists():
                 await self._wait(self.committed)
         finally:
-            await asyncio.gather(*self._background, return_exceptions=True)
-            self._executor.shutdown(wait=True)
+            with self._asked:
+                self._closing = True
+                self._asked.notify()
+            if self._thread is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+                self._thread = None
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
