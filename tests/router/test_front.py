@@ -26,7 +26,7 @@ from router.app import create_app
 from router.bus import Bus
 from router.front import RouterApp
 from router.settings import RouterSettings
-from services.common.server import server_options
+from services.common.server import uvicorn_config
 from tests.router.events import STRUCTURED, event
 
 ADMIN, SERVICE, USER = "admin-secret", "service-secret", "user-secret"
@@ -232,34 +232,63 @@ async def test_an_unexpected_error_is_answered_logged_and_raised_as_by_the_stack
     assert logged[0] == logged[1] == [f"unhandled error on POST {path}"]
 
 
-async def test_the_connection_cap_holds_for_hot_requests(tmp_path: Path) -> None:
-    """The cap lives in the server's protocol (services/common/connections.py), ahead of the front door."""
-    app = create_app(RouterSettings(data_dir=tmp_path / "data"), exit_on_failure=False)
+@asynccontextmanager
+async def served(tmp_path: Path, **settings: Any) -> AsyncIterator[int]:
+    """The router under uvicorn as `python -m router` runs it (services/common/server.py) on a loopback port."""
+    router_settings = RouterSettings(data_dir=tmp_path / "data", log_level="warning", **settings)
+    app = create_app(router_settings, exit_on_failure=False)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
     port = sock.getsockname()[1]
-    settings = RouterSettings(data_dir=tmp_path / "data", max_connections=1, log_level="warning")
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", **server_options(settings, port=port)))
-    body = json.dumps(event(id="capped")).encode()
-    request = b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/cloudevents+json\r\n"
-    request += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    config = uvicorn_config(app, router_settings, port, lifespan="off")
+    assert config.proxy_headers is False  # the app applies them itself, to the requests that reach the stack
+    server = uvicorn.Server(config)
     async with app.router.lifespan_context(app):
         task = asyncio.create_task(server.serve(sockets=[sock]))
         try:
-            first_reader, first = await asyncio.open_connection("127.0.0.1", port)
-            first.write(request)
-            assert (await asyncio.wait_for(first_reader.readuntil(b"\r\n"), 20)).startswith(b"HTTP/1.1 202")
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
-            assert head.startswith(b"HTTP/1.1 503") and b"content-type: application/problem+json" in head
-            writer.close()
-            first.close()
+            yield port
         finally:
             server.should_exit = True
             await task
             sock.close()
+
+
+async def exchange(port: int, request: bytes) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20), reader, writer
+
+
+def publish_request(event_id: str) -> bytes:
+    body = json.dumps(event(id=event_id)).encode()
+    head = b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/cloudevents+json\r\n"
+    return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+async def test_the_connection_cap_holds_for_hot_requests(tmp_path: Path) -> None:
+    """The cap lives in the server's protocol (services/common/connections.py), ahead of the front door."""
+    async with served(tmp_path, max_connections=1) as port:
+        head, _, first = await exchange(port, publish_request("capped-1"))
+        assert head.startswith(b"HTTP/1.1 202")
+        head, _, second = await exchange(port, publish_request("capped-2"))
+        assert head.startswith(b"HTTP/1.1 503") and b"content-type: application/problem+json" in head
+        second.close()
+        first.close()
+
+
+async def test_forwarded_headers_still_reach_the_stack_and_no_server_header_is_sent(tmp_path: Path) -> None:
+    async with served(tmp_path) as port:
+        # Starlette's redirect to the path without its slash is built from the scope's scheme.
+        forwarded = b"GET /subscriptions/ HTTP/1.1\r\nHost: cattube.example\r\nX-Forwarded-Proto: https\r\n\r\n"
+        head, _, writer = await exchange(port, forwarded)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 307")
+        assert b"\r\nlocation: https://cattube.example/subscriptions\r\n" in head
+        head, _, writer = await exchange(port, publish_request("forwarded"))
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 202")
+        assert b"\r\nserver:" not in head.lower() and b"\r\ndate:" in head.lower()
 
 
 def test_the_front_claims_only_the_hot_routes(router_settings: Callable[..., RouterSettings]) -> None:
