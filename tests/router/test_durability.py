@@ -11,6 +11,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 from router.app import create_app
 from router.bus import Bus
 from router.fanout import Fanout
+from router.persistence import Delivery, SubscriptionSpec
 from router.settings import RouterSettings
 from router.stores import store_factory
 from router.stores.postgres import PostgresEventStore
@@ -270,7 +272,7 @@ async def test_a_failed_fdatasync_fails_what_waited_for_it_and_the_next_sync_ans
     bus = Bus(store, retention_s=3600)
     await bus.start()
     writer = asyncio.create_task(bus.run_writer())
-    failing = True
+    failing = False
 
     def sync(fd: int) -> None:
         if failing:
@@ -279,10 +281,15 @@ async def test_a_failed_fdatasync_fails_what_waited_for_it_and_the_next_sync_ans
 
     monkeypatch.setattr(durability, "sync_file", sync)
     try:
+        await store.put_subscription(SubscriptionSpec("q", None, None, {"queue": {}}, Delivery()), 0)
+        failing = True
         with pytest.raises(Exception, match="Input/output error"):
             await bus.publish([(event(id="a"), json.dumps(event(id="a")).encode())])
         assert store.write_failure == "cannot write: Input/output error"
         failing = False
+        # A receive commits nothing durable of its own but may read "a": it waits for a sync that covers it.
+        (message,) = await asyncio.wait_for(store.receive("q", 10, 30_000, int(time.time() * 1000) + 1000, 5), 30)
+        assert json.loads(message.event)["id"] == "a"
         (appended,) = await bus.publish([(event(id="b"), json.dumps(event(id="b")).encode())])
         assert not appended.duplicate
         assert store._wal_sync.synced == store._wal_sync.committed

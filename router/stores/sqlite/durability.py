@@ -62,12 +62,12 @@ class WalSync:
         self._fd: int | None = None
         self._sync_lock = threading.Lock()
         """One fdatasync at a time, on whichever thread: a caller that waited for it finds its commit covered."""
-        # The sync thread's inbox: the highest commit number asked for, and the highest it has answered (synced
-        # or failed). It sleeps while they are equal; each answer wakes the loop once, for every waiter.
+        # The sync thread's inbox: the highest commit number asked for, and a lock it sleeps on, held until a
+        # caller releases it (a C-level wake-up: a Condition costs a lock and Python frames per wait).
         self._wanted = 0
-        self._answered = 0
+        self._kick = threading.Lock()
+        self._kick.acquire()
         self._closing = False
-        self._asked = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -100,45 +100,46 @@ class WalSync:
     def _ask(self, upto: int) -> None:
         """Ask the sync thread for an fdatasync covering commit `upto` (from the loop; it answers on the loop)."""
         self._loop = asyncio.get_running_loop()  # the thread answers on the loop that asked last
-        with self._asked:
-            if upto > self._wanted:
-                self._wanted = upto
-                self._asked.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._syncing, name="router-sqlite-fsync", daemon=True)
-                self._thread.start()
+        self._wanted = max(self._wanted, upto)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._syncing, name="router-sqlite-fsync", daemon=True)
+            self._thread.start()
+        self._wake_thread()
+
+    def _wake_thread(self) -> None:
+        try:
+            self._kick.release()
+        except RuntimeError:  # a wake-up is pending: the thread reads `_wanted` after taking it
+            pass
 
     def _syncing(self) -> None:
         """The sync thread: one fdatasync per wake-up for whatever was asked meanwhile, one wake-up of the loop."""
         while True:
-            with self._asked:
-                while self._wanted <= self._answered and not self._closing:
-                    self._asked.wait()
-                if self._wanted <= self._answered:  # closing, nothing left to sync
-                    return
-                upto = self._wanted
+            self._kick.acquire()
+            if self._closing:
+                return
+            upto = self._wanted
             failure: OSError | None = None
             try:
                 self.sync_through(upto)
             except OSError as exc:
                 failure = exc
-            with self._asked:
-                self._answered = max(self._answered, upto)
             try:
                 assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._answer, failure)
+                self._loop.call_soon_threadsafe(self._answer, upto, failure)
             except RuntimeError:  # the loop is closed: nobody is left to answer
                 return
 
-    def _answer(self, failure: OSError | None) -> None:
-        """On the loop: answer every waiter the last sync covered, or, when it failed, every waiter it was for."""
+    def _answer(self, tried: int, failure: OSError | None) -> None:
+        """On the loop: answer every waiter the last sync covered, or, when it failed, every waiter it was for
+        (up to commit `tried`); the others asked after it started, and the thread has their wake-up."""
         waiting: list[tuple[int, asyncio.Future[None]]] = []
         for upto, done in self._waiters:
             if done.done():
                 continue
             if upto <= self.synced:
                 done.set_result(None)
-            elif failure is not None and upto <= self._answered:
+            elif failure is not None and upto <= tried:
                 done.set_exception(failure)
             else:
                 waiting.append((upto, done))
@@ -175,9 +176,8 @@ class WalSync:
             if self.committed > self.synced and self.wal.exists():
                 await self._wait(self.committed)
         finally:
-            with self._asked:
-                self._closing = True
-                self._asked.notify()
+            self._closing = True
+            self._wake_thread()
             if self._thread is not None:
                 await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
                 self._thread = None
