@@ -9,7 +9,7 @@ file (in the page cache: safe against a crash of the process at once) but not sy
   started (group fsync), and it runs off the connection's lock, so other transactions commit while the
   disk syncs: on the store's thread right after a transaction it ran (no second hop between threads), or
   on a long-lived thread of its own for a call that ran inline on the event loop. That thread sleeps on a
-  condition variable until a waiter asks, and wakes the loop once per fdatasync for every waiter it covered
+  lock every ask releases, and wakes the loop once per fdatasync for every waiter it covered
   (one `call_soon_threadsafe`), instead of an executor round, a task and a shielded future per sync.
 - `batched` mode: the first durable commit after a sync arms a timer; SYNC_DELAY_S later one fdatasync covers
   everything committed meanwhile. Nothing runs while the router is idle.
