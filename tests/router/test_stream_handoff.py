@@ -122,6 +122,9 @@ async def test_messages_handed_to_a_stream_whose_client_hung_up_go_back_at_once(
     original = bus.fanout.hand_off
 
     def hang_up_as_handed(handoffs: Handoffs) -> None:
+        if not handoffs:  # another transaction's (a store may call it after every commit)
+            original(handoffs)
+            return
         handed.append(handoffs)
         if when == "before":
             gone.set()
