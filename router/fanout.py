@@ -154,6 +154,15 @@ class Fanout:
                     del self._grants[grant.name]
         return slots
 
+    def grow(self, grant: Grant, slots: int) -> bool:
+        """Add `slots` to a grant still offered (True), or do nothing (False: its taker looks again itself)."""
+        with self._grant_lock:
+            line = self._grants.get(grant.name)
+            if line is None or grant not in line:
+                return False
+            grant.slots += slots
+            return True
+
     def offered(self, name: str) -> int:
         """Slots offered for `name` now (for tests and stats)."""
         with self._grant_lock:

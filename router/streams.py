@@ -23,7 +23,7 @@ import contextlib
 import heapq
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from router.fanout import Grant
@@ -49,6 +49,8 @@ class Window:
         self.held: dict[str, int] = {}
         self._expiries: list[tuple[int, str]] = []  # a heap; entries whose receipt moved on are skipped
         self.freed = asyncio.Event()
+        self.on_settled: Callable[[], bool] = lambda: False
+        """Called when an ack or nack frees a slot; True if it took the slot itself (the stream need not wake)."""
 
     @property
     def free(self) -> int:
@@ -63,7 +65,7 @@ class Window:
             self.hold(receipt, until_ms)
 
     def settle(self, receipt: str) -> None:
-        if self.held.pop(receipt, None) is not None:
+        if self.held.pop(receipt, None) is not None and not self.on_settled():
             self.freed.set()
 
     def expire(self, at_ms: int) -> int | None:
@@ -92,6 +94,13 @@ class Stream:
         self.grant = Grant(name, self.take)
         self.handed: list[Message] = []
         self.ended = False
+        self.offering = False
+        """Waiting with its free slots offered for hand-off: a slot freed meanwhile is simply offered too."""
+        self.window.on_settled = self._settled
+
+    def _settled(self) -> bool:
+        # One slot more for appends to take, without a round of the stream's loop (one per ack, else).
+        return self.offering and self.streams.bus.fanout.grow(self.grant, 1)
 
     def take(self, messages: list[Message]) -> None:
         """Messages an append leased to this stream, after their commit (on the loop): held, sent next."""
@@ -191,6 +200,7 @@ class Streams:
             sub = await bus.queue(name)
             heartbeat_at = loop.time() + heartbeat_s
             while not (bus.stopping or gone.is_set()):
+                stream.offering = False
                 bus.fanout.withdraw(grant)  # offered again below with what is free now
                 wake.clear()  # every reason to wake is looked at again from here on: none is lost
                 if stream.handed:
@@ -223,13 +233,15 @@ class Streams:
                         heartbeat_at = loop.time() + heartbeat_s
                         yield messages
                         continue
-                elif free <= 0 and turn is not None and signal is not None:
-                    # A full window takes nothing: out of line (passing on a turn that came), read again once freed.
+                elif free <= 0 and turn is not None and signal is not None and turn.done():
+                    # A full window takes nothing: a turn that came is passed on, and a freed slot reads first. (While
+                    # no turn comes it stays in line: a freed slot is then offered at once, no read needed.)
                     signal.leave(turn)
                     turn, read = None, True
                 if free > 0 and not sub.spec.delivery.ordered:
                     # Waiting in line with slots free: new messages appended here are leased to us in their commit.
                     bus.fanout.offer(grant, free, stream.visibility_ms)
+                    stream.offering = True
                 if not (stream.handed or (turn is not None and turn.done()) or gone.is_set() or bus.stopping):
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(max(0.0, until - loop.time())):
@@ -241,7 +253,7 @@ class Streams:
                     yield []
                 sub = await bus.queue(name)  # deleted meanwhile: NotFound ends the stream
         finally:
-            stream.ended = True
+            stream.ended, stream.offering = True, False
             bus.fanout.withdraw(grant)  # what appends take from here on is released as it is handed over
             ending.cancel()
             if turn is not None and signal is not None:

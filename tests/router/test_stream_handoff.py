@@ -144,3 +144,28 @@ async def test_messages_handed_to_a_stream_whose_client_hung_up_go_back_at_once(
     ]
     assert [(m["event"]["id"], m["attempt"]) for m in got] == [("e0", 1), ("e1", 1), ("e2", 1)]
     assert leases.calls == 2
+
+
+async def test_hand_offs_never_fill_the_window_past_prefetch(served: Served) -> None:
+    client = served.client
+    await make_queue(client)
+    bus = served.bus
+    leases = Leases(bus)
+    async with open_stream(client, prefetch=1) as lines:
+        await leases.reached(1)
+        await publish(client, event(id="e0"))
+        e0 = await lines.next()
+        await publish(client, event(id="e1"))  # no slot free: queued, and waits for one
+        numbers = await stats(client)
+        assert (numbers["in_flight"], numbers["backlog"], bus.fanout.offered("q")) == (1, 1, 0)
+        await ack(client, e0["receipt"])
+        e1 = await lines.next()  # the freed slot reads it (a lease query: it was not handed off)
+        assert (e1["event"]["id"], e1["attempt"], leases.calls) == ("e1", 1, 2)
+        await ack(client, e1["receipt"])
+        await leases.reached(3)  # a full window's read may have left some behind: it reads once more, finds none
+        await publish(client, event(id="e2"))  # and offers the slot: handed off
+        e2 = await lines.next()
+        assert (e2["event"]["id"], leases.calls) == ("e2", 3)
+        await ack(client, e2["receipt"])  # frees the slot while it is offered: offered again at once
+        await publish(client, event(id="e3"))
+        assert ((await lines.next())["event"]["id"], leases.calls) == ("e3", 3)
