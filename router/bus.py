@@ -200,8 +200,13 @@ class Bus:
             return await self._writer.submit(events)
         except Unavailable:
             # The group commit answers every failed commit as unavailable; a full disk is not a moment's trouble.
+            # Not "nothing was written": when the WAL's sync fails after COMMIT the rows are in the file but not
+            # known to be on disk. Either way publishing again is safe (source + id are stored once).
             if (failure := self.store.write_failure) is not None:
-                raise InsufficientStorage(f"the bus cannot store events: {failure}; nothing was written") from None
+                raise InsufficientStorage(
+                    f"the bus cannot store events: {failure}; they are not stored durably: publish them again"
+                    " once storage is back (an event whose source and id are stored already is not stored twice)"
+                ) from None
             raise
 
     async def readiness(self) -> str | None:

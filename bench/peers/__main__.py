@@ -246,7 +246,7 @@ async def main(args: argparse.Namespace) -> str:
 
 if __name__ == "__main__":
     arguments = parse_args()
-    needed = {SYSTEMS[s].server for s in arguments.systems} - {"cattube"}
+    needed = {SYSTEMS[s].server for s in arguments.systems} - {"cattube", "floor"}
     ensure_servers({SERVER_PACKAGES[kind] for kind in needed})
     ensure_clients({m for s in arguments.systems for m in SYSTEMS[s].client_modules})
     try:

@@ -5,6 +5,7 @@
 - RabbitMQ: a node of its own (name, Mnesia directory, Erlang cookie, epmd port), no plugins; it needs
   Erlang and takes seconds to boot, so it is waited on until it logs that start-up is complete.
 - CatTube: `python -m router` with a temporary DATA_DIR and the environment of a durability setting.
+- The floor: the router's API in memory (bench/peers/floor.py), under the same uvicorn.
 """
 
 from __future__ import annotations
@@ -141,12 +142,20 @@ def cattube_router(workdir: Path, setting: Durability, database_url: str | None)
     return running(process, f"cattube-{setting.label}", f"http://127.0.0.1:{port}", "Application startup complete", 60)
 
 
+def floor_server(workdir: Path) -> AbstractAsyncContextManager[Server]:
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.peers.floor", str(port)]
+    process = ServerProcess("floor", argv, workdir / "floor.log", env=dict(os.environ), cwd=REPO)
+    return running(process, "floor", f"http://127.0.0.1:{port}", "Application startup complete", 60)
+
+
 def peer_server(kind: str, workdir: Path) -> AbstractAsyncContextManager[Server]:
-    """Start the server of `kind` (nats, redis or rabbitmq) in `workdir`, a directory of its own."""
+    """Start the server of `kind` (nats, redis, rabbitmq or floor) in `workdir`, a directory of its own."""
     starts: dict[str, Callable[[Path], AbstractAsyncContextManager[Server]]] = {
         "nats": nats_server,
         "redis": redis_server,
         "rabbitmq": rabbitmq_server,
+        "floor": floor_server,
     }
     workdir.mkdir()
     return starts[kind](workdir)

@@ -39,7 +39,7 @@ class Client(Protocol):
 class System:
     name: str
     title: str  # the table's column
-    server: str  # nats, redis, rabbitmq or cattube
+    server: str  # nats, redis, rabbitmq, cattube or floor
     client_modules: tuple[str, ...]  # what must be importable (installed from the `bench` extra when missing)
 
 
@@ -48,6 +48,9 @@ SYSTEMS = {
     for s in [
         System("cattube-sdk", "CatTube SDK", "cattube", ()),
         System("cattube-aiohttp", "CatTube aiohttp", "cattube", ()),
+        # The router's API in memory with nothing else (bench/peers/floor.py): the ceiling of the protocol.
+        System("floor-sdk", "HTTP floor, SDK", "floor", ()),
+        System("floor-aiohttp", "HTTP floor, aiohttp", "floor", ()),
         System("nats", "NATS JetStream", "nats", ("nats",)),
         System("redis", "Redis Streams", "redis", ("redis",)),
         System("rabbitmq-classic", "RabbitMQ classic", "rabbitmq", ("aio_pika",)),
@@ -71,11 +74,11 @@ def client(system: str, url: str, name: str, window: int) -> Client:
         from bench.peers.peer_clients import RabbitClient
 
         return RabbitClient(url, name, window, queue_type=system.removeprefix("rabbitmq-"))
-    if system == "cattube-sdk":
+    if system in ("cattube-sdk", "floor-sdk"):
         from bench.peers.cattube_clients import SdkClient
 
         return SdkClient(url, name, window)
-    if system == "cattube-aiohttp":
+    if system in ("cattube-aiohttp", "floor-aiohttp"):
         from bench.peers.cattube_clients import AiohttpClient
 
         return AiohttpClient(url, name, window)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from router.stores.sqlite import SQLiteEventStore
+from router.stores.sqlite import SQLiteEventStore, durability
 from router.stores.sqlite.core import storage_failure
 from tests.router.events import BATCH, event
 
@@ -57,6 +57,26 @@ async def test_publishing_on_a_full_disk_gets_507_and_readyz_fails_until_a_commi
     await router.put("/subscriptions/all", json={"pattern": None, "target": {"queue": {}}, "start": "earliest"})
     messages = (await router.post("/subscriptions/all/receive", json={"max_messages": 10})).json()["messages"]
     assert sorted(m["event"]["id"] for m in messages) == [f"b{i}" for i in range(5)]
+
+
+async def test_a_failed_sync_after_commit_gets_507_saying_to_publish_again_not_that_nothing_was_written(
+    router_app: FastAPI, router: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_sync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(durability, "sync_file", failing_sync)
+    refused = await router.post("/events", content=big_batch("a"), headers=BATCH)
+    assert refused.status_code == 507
+    detail = refused.json()["detail"]
+    # The rows were committed before the sync failed: "nothing was written" would be false.
+    assert "nothing was written" not in detail
+    assert "publish them again" in detail and "Input/output error" in detail
+
+    monkeypatch.setattr(durability, "sync_file", durability.os.fdatasync)
+    again = await router.post("/events", content=big_batch("a"), headers=BATCH)
+    assert again.status_code == 202
+    assert all(r["duplicate"] for r in again.json()["results"]), "committed once, recognised the second time"
 
 
 def test_what_counts_as_running_out_of_storage() -> None:
