@@ -12,6 +12,7 @@ from fastapi_offline import FastAPIOffline
 from router.api import ACCESS, ensure_owner
 from router.api import router as api_router
 from router.bus import Bus
+from router.front import open_front_door
 from router.hot_routes import hot_routes
 from router.metrics import RouterMetrics
 from router.push_policy import PushPolicy
@@ -97,4 +98,5 @@ def create_app(
     document_problems(app)
     app.router.routes.insert(0, STREAM_ROUTE)  # served as plain ASGI, as the hot paths are (router/stream_api.py)
     bound_request_bodies(app, settings, streaming=[("POST", "/events")])  # publish bounds its own (max_request_bytes)
-    return app
+    # The hot routes again, ahead of the whole stack: their checks done inline (router/front.py).
+    return open_front_door(app, settings)

@@ -79,11 +79,12 @@ def _receipts(body: dict[str, Any]) -> list[str] | None:
 
 
 class ReceiptsRoute:
-    """POST /subscriptions/{name}/ack|nack|extend; `fallback` is FastAPI's route for the same path."""
+    """POST /subscriptions/{name}/ack|nack|extend; `fallback` serves the bodies this route does not take: FastAPI's
+    route for the same path (its `handle`), or, behind the front door (router/front.py), the whole app."""
 
     FIELDS = {"ack": ("receipts",), "nack": ("receipts", "delay_s"), "extend": ("receipts", "visibility_timeout_s")}
 
-    def __init__(self, verb: str, check_owner: OwnerCheck, fallback: BaseRoute) -> None:
+    def __init__(self, verb: str, check_owner: OwnerCheck, fallback: ASGIApp) -> None:
         self.verb = verb
         self.fields = frozenset(self.FIELDS[verb])
         self.check_owner = check_owner
@@ -114,7 +115,7 @@ class ReceiptsRoute:
         body = await read_asgi_body(scope, receive, settings.max_body_bytes)
         fast = self._fast(body)
         if fast is None:
-            await self.fallback.handle(scope, _replay(body, receive), send)
+            await self.fallback(scope, _replay(body, receive), send)
             return
         receipts, seconds = fast
         bus: Bus = app.state.bus
@@ -151,6 +152,6 @@ def hot_routes(routes: list[BaseRoute], check_owner: OwnerCheck) -> list[Route]:
     for verb in ("ack", "nack", "extend"):
         path = f"/subscriptions/{{name}}/{verb}"
         fallback = next(r for r in routes if getattr(r, "path", None) == path)
-        endpoint: ASGIApp = ReceiptsRoute(verb, check_owner, fallback)
+        endpoint: ASGIApp = ReceiptsRoute(verb, check_owner, fallback.handle)
         hot.append(Route(path, endpoint, methods=["POST"]))
     return hot

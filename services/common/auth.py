@@ -140,23 +140,30 @@ class ScopedAuthMiddleware:
         if scope["type"] != "http" or not self.tokens.enabled:
             await self.app(scope, receive, send)
             return
-        needed = self.rules.needed(scope["method"], scope["path"])
-        given = _bearer(scope)
-        granted = None if given is None else self.tokens.scope_of(given)
-        if needed is Access.PUBLIC:
-            # Open to anyone; a valid token still counts (the store shows its holder more).
-            if granted is not None:
-                scope[GRANTED] = granted
+        if await admit(self.tokens, self.rules.needed(scope["method"], scope["path"]), scope, send):
             await self.app(scope, receive, send)
-            return
-        if granted is None:
-            await _refuse(send, 401, needed, "missing or unknown bearer token", b"Bearer")
-        elif granted < needed:
-            challenge = f'Bearer error="insufficient_scope", scope="{needed.label}"'.encode()
-            await _refuse(send, 403, needed, f"the token given has the {granted.label} scope", challenge)
-        else:
+
+
+async def admit(tokens: Tokens, needed: Access, scope: Scope, send: Send) -> bool:
+    """True when the request's token covers `needed` (its scope is then left in `scope`), else answer 401
+    or 403 and return False: the middleware's check, also called by the router's front door for its hot
+    routes (router/front.py), so both answer alike. With no token set (`tokens.enabled` false) call neither."""
+    given = _bearer(scope)
+    granted = None if given is None else tokens.scope_of(given)
+    if needed is Access.PUBLIC:
+        # Open to anyone; a valid token still counts (the store shows its holder more).
+        if granted is not None:
             scope[GRANTED] = granted
-            await self.app(scope, receive, send)
+        return True
+    if granted is None:
+        await _refuse(send, 401, needed, "missing or unknown bearer token", b"Bearer")
+        return False
+    if granted < needed:
+        challenge = f'Bearer error="insufficient_scope", scope="{needed.label}"'.encode()
+        await _refuse(send, 403, needed, f"the token given has the {granted.label} scope", challenge)
+        return False
+    scope[GRANTED] = granted
+    return True
 
 
 def granted_access(scope: Scope) -> Access | None:

@@ -33,30 +33,9 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or self._streams(scope):
             await self.app(scope, receive, send)
             return
-        declared = _declared_body(scope)
-        if declared is None:
-            await self.app(scope, receive, send)
-            return
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send, f"at most {self.max_bytes} bytes, got {int(declared)}")
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left: let the app see it as it would have
-                await self.app(scope, _replay([message], receive), send)
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send, f"at most {self.max_bytes} bytes")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, _replay([body], receive), send)
+        bounded = await read_within(self.max_bytes, scope, receive, send)
+        if bounded is not None:
+            await self.app(scope, bounded, send)
 
     def _streams(self, scope: Scope) -> bool:
         method, path = scope["method"], scope["path"]
@@ -64,16 +43,44 @@ class BodyLimitMiddleware:
             return True
         return any(method == m and pattern.fullmatch(path) for m, pattern in self.streaming)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, expected: str) -> None:
-        # `Connection: close`: the rest of the body is not worth reading to keep the connection.
-        response = problem_response(
-            413,
-            "Payload too large",
-            f"body: expected {expected}",
-            errors=[{"field": "body", "expected": expected}],
-            headers={"connection": "close"},
-        )
-        await response(scope, receive, send)
+
+async def read_within(max_bytes: int, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+    """The middleware's work on one request: read its body, up to `max_bytes`, and return a `receive` that
+    hands it to the app (`receive` itself for a request without a body); past the bound, answer 413 and
+    return None. The router's front door (router/front.py) calls it for its hot routes, so both answer alike."""
+    declared = _declared_body(scope)
+    if declared is None:
+        return receive
+    if declared.isdigit() and int(declared) > max_bytes:
+        await _refuse(scope, receive, send, f"at most {max_bytes} bytes, got {int(declared)}")
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: let the app see it as it would have
+            return _replay([message], receive)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            await _refuse(scope, receive, send, f"at most {max_bytes} bytes")
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, expected: str) -> None:
+    # `Connection: close`: the rest of the body is not worth reading to keep the connection.
+    response = problem_response(
+        413,
+        "Payload too large",
+        f"body: expected {expected}",
+        errors=[{"field": "body", "expected": expected}],
+        headers={"connection": "close"},
+    )
+    await response(scope, receive, send)
 
 
 def _declared_body(scope: Scope) -> bytes | None:

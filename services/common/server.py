@@ -65,8 +65,18 @@ def serve(name: str, settings_type: type[S], create_app: Callable[[S], FastAPI],
     # Services hold long polls on the router: httpx would log every one of them at INFO.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     app = create_app(settings)
-    config = uvicorn.Config(app, **server_options(settings, port=getattr(settings, port_field)))
-    _Server(config, app).run()
+    _Server(uvicorn_config(app, settings, port=getattr(settings, port_field)), app).run()
+
+
+def uvicorn_config(app: FastAPI, settings: CommonSettings, port: int, **extra: Any) -> uvicorn.Config:
+    """uvicorn's configuration of a service: `server_options`, and `extra` (tests: `lifespan="off"`)."""
+    config = uvicorn.Config(app, **server_options(settings, port=port), **extra)
+    # An app that applies the proxy headers itself, to the requests that read them (the router: not its hot
+    # routes), takes uvicorn's setting (FORWARDED_ALLOW_IPS, else 127.0.0.1), and uvicorn leaves its own out.
+    take_proxy_headers = getattr(app, "serve_proxy_headers", None)
+    if config.proxy_headers and take_proxy_headers is not None and take_proxy_headers(config.forwarded_allow_ips):
+        config.proxy_headers = False
+    return config
 
 
 def server_options(settings: CommonSettings, port: int) -> dict[str, Any]:
@@ -82,6 +92,7 @@ def server_options(settings: CommonSettings, port: int) -> dict[str, Any]:
         "http": protocol_with(limits),
         "log_level": settings.log_level,
         "access_log": False,
+        "server_header": False,  # `Server: uvicorn` on every answer told clients nothing they need
         "timeout_graceful_shutdown": 30,
     }
 

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.routing import Route
 
 from router.app import create_app
+from router.front import RouterApp
 from router.settings import RouterSettings
 from tests.conftest import running
 from tests.router.events import STRUCTURED, event
@@ -50,8 +51,11 @@ GOOD_BODIES: list[tuple[str, bytes]] = [
 
 
 def fastapi_only(app: FastAPI) -> FastAPI:
-    """The same app without the plain routes: FastAPI's own answer every path."""
+    """The same app without the plain routes, and its front door shut (router/front.py): FastAPI's own
+    routes answer every path."""
     app.router.routes[:] = [r for r in app.router.routes if not (type(r) is Route and r.path != "/docs")]
+    assert isinstance(app, RouterApp)
+    app.front = None
     return app
 
 
