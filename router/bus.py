@@ -69,7 +69,6 @@ class Bus:
         self.push_policy = push_policy or PushPolicy.default()
         self.signals = Signals(lambda name: store.next_visible_ms(name, now_ms()), on_timer=self._visible_again)
         self.dispatchers = Dispatchers(store, self.signals, self.push_policy, self.fanout)
-        self.fanout.on_handoff = self.dispatchers.hand_off
         self.notifier.listen(self._on_change)
         self._writer = GroupCommit("the bus", self._append, weight=len, max_weight=MAX_EVENTS_PER_COMMIT)
         self._stopping = asyncio.Event()
@@ -188,6 +187,7 @@ class Bus:
             self._syncing.cancel()
             await asyncio.gather(self._syncing, return_exceptions=True)
         await self.dispatchers.close()
+        await self.streams.close()
         self.signals.close()
         await self.store.close()
         await self.notifier.close()
@@ -281,6 +281,21 @@ class Bus:
         sub = await self.queue(name)
         gone = gone or asyncio.Event()
         deadline = asyncio.get_running_loop().time() + wait_s
+        self.fanout.receiving(name, +1)  # streams' grants are passed over meanwhile: the line decides (router.fanout)
+        try:
+            return await self._receive(name, sub, max_messages, deadline, visibility_timeout_s, gone)
+        finally:
+            self.fanout.receiving(name, -1)
+
+    async def _receive(
+        self,
+        name: str,
+        sub: Subscription,
+        max_messages: int,
+        deadline: float,
+        visibility_timeout_s: float,
+        gone: asyncio.Event,
+    ) -> list[Message]:
         while True:
             signal = self.signals[name]  # looked up again: a deleted subscription's line is forgotten
             turn = signal.join()  # in line before the read: no lost wake-ups (router.signals)

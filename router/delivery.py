@@ -32,7 +32,7 @@ import aiohttp
 from standardwebhooks.webhooks import Webhook
 
 from router.batching import GroupCommit
-from router.fanout import Fanout
+from router.fanout import Fanout, Grant
 from router.persistence import EventStore, Message, Settlement, Subscription
 from router.push_policy import REFUSED, PushPolicy, TargetRefused
 from router.signals import Signals
@@ -140,8 +140,8 @@ class Dispatcher:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         """Set when a slot frees up, the subscription's queue changes, or the dispatcher stops."""
-        self._reserved = 0
-        """Slots offered to the fan-out for hand-off and not yet handed over or withdrawn."""
+        self._grant = Grant(self.name, self.take)
+        """Slots offered to the fan-out for hand-off (`slots`), or taken and not yet handed over (`pending`)."""
         self._maybe_ready = True
         """False only when the last lease found nothing more and nothing was made visible since."""
         self._ready_marks = 0
@@ -154,7 +154,7 @@ class Dispatcher:
         """A re-PUT changed the URL or the delivery policy: the next leases use them."""
         self.sub = sub
         # An outstanding offer was made under the old policy (say, unordered): take it back.
-        self._reserved -= self.fanout.withdraw(self.name)
+        self.fanout.withdraw(self._grant)
         self.signals[self.name].bump()
 
     def mark_ready(self) -> None:
@@ -164,7 +164,7 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stopping.set()
-        self.fanout.withdraw(self.name)
+        self.fanout.withdraw(self._grant)
         self._wake.set()
 
     async def run(self) -> None:
@@ -197,8 +197,8 @@ class Dispatcher:
             while not self._stopping.is_set():
                 self._wake.clear()  # before any read: a change from here on sets it again
                 delivery = self.sub.spec.delivery
-                self._reserved -= self.fanout.withdraw(self.name)
-                free = delivery.max_in_flight - len(self._in_flight) - self._reserved
+                self.fanout.withdraw(self._grant)
+                free = delivery.max_in_flight - len(self._in_flight) - self._grant.pending
                 if free <= 0:
                     await self._wake.wait()
                     continue
@@ -220,9 +220,7 @@ class Dispatcher:
                         self._maybe_ready = False
                 if not delivery.ordered:
                     # Idle: new matching events are leased to us in the commit that appends them.
-                    slots = free - len(messages)
-                    self.fanout.offer(self.name, slots, lease_ms)
-                    self._reserved += slots
+                    self.fanout.offer(self._grant, free - len(messages), lease_ms)
                 await self._wake.wait()
         finally:
             signal.unwatch(self._wake.set)
@@ -239,7 +237,6 @@ class Dispatcher:
 
     def take(self, messages: list[Message]) -> None:
         """Messages the store leased to us in an append's commit."""
-        self._reserved -= len(messages)
         if self._session is None or self._stopping.is_set():
             return  # their leases lapse and they are delivered again
         self._start(messages)
@@ -373,12 +370,6 @@ class Dispatchers:
             entry = self._running.get(name)
             if entry is not None:
                 entry[0].mark_ready()
-
-    def hand_off(self, handoffs: dict[str, list[Message]]) -> None:
-        for name, messages in handoffs.items():
-            entry = self._running.get(name)
-            if entry is not None:
-                entry[0].take(messages)
 
     async def readiness(self) -> str | None:
         return "; ".join(self.failures.values()) or None

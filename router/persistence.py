@@ -180,8 +180,9 @@ class EventStore(Protocol):
 
     async def append(self, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         """Store events in one transaction, skipping repeats of `source`+`id`, and queue each new one
-        for every subscription `fanout.targets` names, in the same transaction (leased at once to an
-        idle dispatcher when it names a lease length; those messages go to `fanout.hand_off`)."""
+        for every subscription `fanout.targets` names, in the same transaction (leased at once, attempt 1, for
+        the grant's lease and held by this replica, when it names a grant of an idle dispatcher or a waiting
+        stream; those messages go to `fanout.hand_off` after the commit, or to `fanout.rolled_back`)."""
         ...
 
     async def put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:

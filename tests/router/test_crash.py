@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -88,3 +90,44 @@ async def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
         assert code in (0, -signal.SIGTERM)
         assert any("Application shutdown complete" in line for line in router.log)
         assert await long_poll == []
+
+
+async def test_kill_9_with_messages_handed_to_a_stream_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """Messages leased to a waiting stream in their append's transaction (router.fanout) survive a kill -9 as leases:
+    the acked ones stay gone, the others come again once their visibility timeout passes, as the next attempt."""
+    env = {"CATTUBE_DATA_DIR": str(tmp_path), "CATTUBE_TOKEN": "t"}
+    router = ServiceProcess("router", free_port(), env)
+    await router.start()
+    headers = {"Authorization": "Bearer t"}
+    try:
+        async with httpx.AsyncClient(base_url=router.url, headers=headers, timeout=30) as http:
+            async with RouterClient(router.url, token="t", retries=0) as client:
+                await client.ensure_subscription("work", pattern={"source": ["crash-test"]}, target={"queue": {}})
+                body = {"prefetch": 100, "visibility_timeout_s": 2, "heartbeat_s": 0.05}
+                async with http.stream("POST", "/subscriptions/work/stream", json=body) as response:
+                    lines = response.aiter_lines()
+                    assert json.loads(await anext(lines)) == {"heartbeat": True}  # it waits, its slots offered
+                    streamed: list[dict[str, Any]] = []
+                    for i in range(20):
+                        await client.publish(new_event("t", "crash-test", {"i": i}, id=f"e{i}"))
+                        while len(streamed) <= i:
+                            item = json.loads(await anext(lines))
+                            if "heartbeat" not in item:
+                                streamed.append(item)
+                    assert [(m["event"]["id"], m["attempt"]) for m in streamed] == [(f"e{i}", 1) for i in range(20)]
+                    acked = await client.queue("work").ack([m["receipt"] for m in streamed[:10]])
+                    assert all(r["ok"] for r in acked)
+                    await router.kill()
+        await router.start()
+        async with RouterClient(router.url, token="t") as client:
+            queue = client.queue("work")
+            again: list[tuple[str, int]] = []
+            async with asyncio.timeout(30):
+                while len(again) < 10:
+                    batch = await queue.receive(max_messages=10, wait_s=5, visibility_timeout_s=60)
+                    again.extend((m.event["id"], m.attempt) for m in batch)
+                    await queue.ack([m.receipt for m in batch])
+            assert sorted(again) == sorted((f"e{i}", 2) for i in range(10, 20))
+            assert await queue.receive(max_messages=10, wait_s=0.5) == []
+    finally:
+        await router.kill()

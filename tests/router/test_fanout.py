@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.fanout import Fanout
+from router.fanout import Fanout, Grant
 from router.patterns import compile_pattern
 from router.persistence import Delivery, Subscription, SubscriptionSpec
 
@@ -34,14 +34,42 @@ def test_reads_are_trusted_only_when_no_invalidation_came_in_between() -> None:
     assert fanout.fresh and fanout.version == 3
 
 
-def test_targets_match_and_take_offered_slots_for_push_only() -> None:
+def test_targets_match_and_take_offered_slots() -> None:
     fanout = Fanout()
     catalog = fanout.at(1, lambda: [sub("q", "x"), sub("hook", "x", push=True), sub("other", "y")])
-    fanout.offer("hook", 1, 500)
-    fanout.offer("q", 1, 500)  # queues are never handed off
+    hook, stream = Grant("hook", lambda messages: None), Grant("q", lambda messages: None)
+    fanout.offer(hook, 1, 500)
+    fanout.offer(stream, 1, 700)  # a stream waiting on a queue
     event = {"source": "x", "id": "1", "type": "t", "specversion": "1.0"}
-    first = {s.spec.name: lease for s, lease in fanout.targets(catalog, event)}
-    second = {s.spec.name: lease for s, lease in fanout.targets(catalog, event)}
-    assert first == {"q": None, "hook": 500} and second == {"q": None, "hook": None}
-    fanout.rolled_back({"hook": [object()]})  # type: ignore[list-item]
-    assert fanout.withdraw("hook") == 1
+    first = {s.spec.name: grant for s, grant in fanout.targets(catalog, event)}
+    second = {s.spec.name: grant for s, grant in fanout.targets(catalog, event)}
+    assert first == {"q": stream, "hook": hook} and second == {"q": None, "hook": None}
+    assert (hook.lease_ms, stream.lease_ms, hook.pending) == (500, 700, 1)
+    fanout.rolled_back({hook: [object()]})  # type: ignore[list-item]
+    assert fanout.withdraw(hook) == 1 and hook.pending == 0
+
+
+def test_grants_of_one_subscription_take_turns() -> None:
+    fanout = Fanout()
+    catalog = fanout.at(1, lambda: [sub("q", "x")])
+    a, b, c = (Grant("q", lambda messages: None) for _ in range(3))
+    fanout.offer(a, 2, 100)
+    fanout.offer(b, 1, 100)
+    fanout.offer(c, 2, 100)
+    event = {"source": "x", "id": "1", "type": "t", "specversion": "1.0"}
+    taken = [grant for _ in range(6) for _, grant in fanout.targets(catalog, event)]
+    assert taken == [a, b, c, a, c, None]
+
+
+def test_a_waiting_receive_or_an_ordered_subscription_passes_grants_over() -> None:
+    fanout = Fanout()
+    ordered = Subscription(SubscriptionSpec("o", None, None, {"queue": {}}, Delivery(ordered=True)), "s", 0, 0)
+    catalog = fanout.at(1, lambda: [sub("q", "x"), ordered])
+    q, o = Grant("q", lambda messages: None), Grant("o", lambda messages: None)
+    fanout.offer(q, 5, 100)
+    fanout.offer(o, 5, 100)
+    event = {"source": "x", "id": "1", "type": "t", "specversion": "1.0"}
+    fanout.receiving("q", +1)
+    assert {s.spec.name: grant for s, grant in fanout.targets(catalog, event)} == {"q": None, "o": None}
+    fanout.receiving("q", -1)
+    assert {s.spec.name: grant for s, grant in fanout.targets(catalog, event)} == {"q": q, "o": None}

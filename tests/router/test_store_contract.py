@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from router.cloudevents import encoded
-from router.fanout import Fanout, Handoffs
+from router.fanout import Fanout, Grant
 from router.notifier import Changes, InProcessNotifier
 from router.patterns import compile_pattern
 from router.persistence import Delivery, EventStore, Message, Settlement, SubscriptionSpec
@@ -42,7 +42,7 @@ class Opened:
     store: EventStore
     fanout: Fanout
     changes: list[Changes] = field(default_factory=list)
-    handoffs: list[Handoffs] = field(default_factory=list)
+    handoffs: list[list[Message]] = field(default_factory=list)
 
 
 @asynccontextmanager
@@ -50,7 +50,6 @@ async def opened(make: StoreFactory, db: Database, replica: str = "replica-a") -
     notifier, fanout = InProcessNotifier(), Fanout()
     made = Opened(make(db, replica), fanout)
     notifier.listen(made.changes.append)
-    fanout.on_handoff = made.handoffs.append
     await made.store.open(notifier, fanout)
     try:
         yield made
@@ -249,18 +248,48 @@ async def test_the_change_counter_moves_with_every_change_and_survives_reopening
 async def test_an_offer_leases_new_events_in_the_append_itself(bus_store: Opened) -> None:
     store, fanout = bus_store.store, bus_store.fanout
     await store.put_subscription(push("hook"), T0)
-    fanout.offer("hook", 2, 1000)
+    grant = Grant("hook", bus_store.handoffs.append)
+    fanout.offer(grant, 2, 1000)
     await store.append([ev("a"), ev("b"), ev("c")], T0)
-    (handoffs,) = bus_store.handoffs
-    assert [(m.sequence, m.attempt) for m in handoffs["hook"]] == [(1, 1), (2, 1)]
-    assert fanout.withdraw("hook") == 0  # both slots were used
+    (handed,) = bus_store.handoffs
+    assert [(m.sequence, m.attempt) for m in handed] == [(1, 1), (2, 1)]
+    assert fanout.withdraw(grant) == 0 and grant.pending == 0  # both slots were used, and handed over
     assert "hook" in bus_store.changes[-1].ready  # the third is queued the ordinary way
     (third,) = await store.lease("hook", 10, 1000, T0, False)
     assert third.sequence == 3
     # The handed-off ones are leased: settled like any other.
-    results = await store.settle("hook", [Settlement(m.receipt, "ack") for m in handoffs["hook"]], T0)
+    results = await store.settle("hook", [Settlement(m.receipt, "ack") for m in handed], T0)
     assert all(r.ok for r in results)
     assert not await store.lease("hook", 10, 1000, T0, False)
+
+
+async def test_queue_messages_handed_to_streams_are_receives_first_attempt(bus_store: Opened) -> None:
+    """Two streams of one queue share new events, each leased for its own visibility timeout with attempt 1: acked,
+    nacked or expired as if received."""
+    store, fanout = bus_store.store, bus_store.fanout
+    await store.put_subscription(queue("q"), T0)
+    one: list[Message] = []
+    two: list[Message] = []
+    first, second = Grant("q", one.extend), Grant("q", two.extend)
+    fanout.offer(first, 5, 1000)
+    fanout.offer(second, 5, 3000)
+    await store.append([ev("a"), ev("b"), ev("c"), ev("d")], T0)
+    assert [(m.sequence, m.attempt) for m in one] == [(1, 1), (3, 1)]
+    assert [(m.sequence, m.attempt) for m in two] == [(2, 1), (4, 1)]
+    assert "q" not in bus_store.changes[-1].ready  # nothing for the line: every one was handed off
+    assert bus_store.changes[-1].hidden_until["q"] == T0 + 1000
+    stats = await store.stats("q", T0)
+    assert (stats.backlog, stats.in_flight) == (0, 4)
+    assert [r.ok for r in await store.ack("q", [one[0].receipt], T0)] == [True]
+    assert [r.ok for r in await store.nack("q", [two[0].receipt], 0, T0)] == [True]
+    (again,) = await receive(store, "q", 10, 1000, T0)
+    assert (again.sequence, again.attempt) == (2, 2)
+    await store.ack("q", [again.receipt], T0)
+    expired = await receive(store, "q", 10, 5000, T0 + 1000)  # the first stream's lease ran out; not the second's
+    assert [(m.sequence, m.attempt) for m in expired] == [(3, 2)]
+    assert [(m.sequence, m.attempt) for m in await receive(store, "q", 10, 1000, T0 + 3000)] == [(4, 2)]
+    await store.release("q", [m.receipt for m in expired], T0 + 3000)  # a stream that hung up gives it back
+    assert [(m.sequence, m.attempt) for m in await receive(store, "q", 10, 1000, T0 + 3000)] == [(3, 2)]
 
 
 async def test_a_subscription_made_on_one_replica_is_fanned_out_to_by_another(make: StoreFactory, db: Database) -> None:

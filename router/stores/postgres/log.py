@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from router.cloudevents import Encoded
-from router.fanout import Catalog
+from router.fanout import Catalog, Grant
 from router.persistence import Appended, Message, Subscription, spec_from_json
 from router.receipts import new_nonce, receipt_for
 from router.stores.postgres.core import PostgresCore, Tx
@@ -88,26 +88,27 @@ class PostgresLog(PostgresCore):
         attempts: list[int] = []
         nonces: list[str | None] = []
         holders: list[str | None] = []
-        lease_of: dict[str, int] = {}
+        grant_of: dict[tuple[str, int], Grant] = {}
         bodies: dict[int, bytes] = {}
         effects = tx.effects
         nonce = new_nonce()
         for (event, body), seq in fresh:
-            for sub, lease_ms in self._fanout.targets(catalog, event):
+            for sub, grant in self._fanout.targets(catalog, event):
                 name = sub.spec.name
                 subs.append(name)
                 seqs.append(seq)
                 keys.append(_key(event))
-                leased = lease_ms is not None
-                # An idle dispatcher granted a slot: the message is leased in this very transaction and handed
-                # to it after the commit (router.fanout). Counted in `handoffs` now, so a rollback frees the slot.
-                visible.append(now_ms + lease_ms if lease_ms is not None else now_ms)
+                # An idle dispatcher or a waiting stream granted a slot: the message is leased in this very
+                # transaction (attempt 1, hidden for the grant's lease, held by this replica) and handed to it after
+                # the commit (router.fanout). Counted in `handoffs` now, so a rollback frees the slot.
+                leased = grant is not None
+                visible.append(now_ms + grant.lease_ms if grant is not None else now_ms)
                 attempts.append(1 if leased else 0)
                 nonces.append(nonce if leased else None)
                 holders.append(self.replica_id if leased else None)
-                if lease_ms is not None:
-                    lease_of[name] = lease_ms
-                    effects.handoffs.setdefault(name, []).append(Message("", 1, seq, body, now_ms))
+                if grant is not None:
+                    grant_of[(name, seq)] = grant
+                    effects.handoffs.setdefault(grant, []).append(Message("", 1, seq, body, now_ms))
                     bodies[seq] = body
         if not subs:
             return
@@ -118,14 +119,16 @@ class PostgresLog(PostgresCore):
             effects.count(name, messages=row["queued"])
             if row["queued"] > len(row["leased"]):
                 effects.ready.add(name)
-            if row["leased"]:
-                effects.handoffs[name] = [
+            for msg_id, seq in zip(row["leased"], row["leased_seqs"], strict=True):
+                grant = grant_of[(name, seq)]
+                effects.handoffs.setdefault(grant, []).append(
                     Message(receipt_for(msg_id, nonce), 1, seq, bodies[seq], now_ms)
-                    for msg_id, seq in zip(row["leased"], row["leased_seqs"], strict=True)
-                ]
-                effects.hide(name, now_ms + lease_of[name])
+                )
+                effects.hide(name, now_ms + grant.lease_ms)
         # Slots granted for a subscription deleted meanwhile (nothing was queued for it) are free again.
-        self._fanout.rolled_back({name: msgs[len(effects.handoffs.get(name, ())) :] for name, msgs in granted.items()})
+        self._fanout.rolled_back(
+            {grant: msgs[len(effects.handoffs.get(grant, ())) :] for grant, msgs in granted.items()}
+        )
 
 
 class SeenThenForgotten(Exception):

@@ -321,15 +321,17 @@ class SQLiteCore:
                 continue
             seq = row[0]
             results.append(Appended(event["id"], seq, duplicate=False))
-            for sub, lease_ms in self._fanout.targets(catalog, event):
+            for sub, grant in self._fanout.targets(catalog, event):
                 name = sub.spec.name
                 self._touched.add(name)
-                if lease_ms is None:
+                if grant is None:
                     queued.append((name, seq, event.get("partitionkey"), now_ms, now_ms))
                     self._ready.add(name)
                     continue
-                # An idle dispatcher granted a slot: the message is leased in this very transaction and
-                # handed to it after the commit (router.fanout).
+                # An idle dispatcher or a waiting stream granted a slot: the message is leased in this very
+                # transaction (attempt 1, hidden for the grant's lease, held by this replica) and handed to it
+                # after the commit (router.fanout).
+                lease_ms = grant.lease_ms
                 (msg_id,) = conn.execute(
                     "INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at, attempts, holder)"
                     " VALUES (?, ?, ?, ?, ?, 1, ?) RETURNING msg_id",
@@ -337,7 +339,7 @@ class SQLiteCore:
                 ).fetchone()
                 receipt = receipt_for(msg_id, nonce)
                 conn.execute("UPDATE messages SET receipt = ? WHERE msg_id = ?", (receipt, msg_id))
-                self._handoffs.setdefault(name, []).append(Message(receipt, 1, seq, body, now_ms))
+                self._handoffs.setdefault(grant, []).append(Message(receipt, 1, seq, body, now_ms))
                 self._hide(name, now_ms + lease_ms)
         if queued:
             conn.executemany(
