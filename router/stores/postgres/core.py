@@ -112,6 +112,9 @@ class Effects:
     """Per subscription: messages, dead letters, delivered, failed (added to `counters` at commit)."""
     deleted: set[str] = field(default_factory=set)
     """Subscriptions deleted: waiters hear of it, and no counters are added for them."""
+    counted: set[str] = field(default_factory=set)
+    """Subscriptions whose counters a statement of the transaction moved already (an append's, which queues its
+    fan-out and counts it at once): none are added for them at commit unless `deltas` has more."""
 
     def count(self, sub: str, *, messages: int = 0, dead: int = 0, delivered: int = 0, failed: int = 0) -> None:
         self.touched.add(sub)
@@ -334,7 +337,8 @@ class PostgresCore:
             return await fn(tx, *args)
 
     async def _add_counters(self, conn: Conn, effects: Effects) -> None:
-        names = sorted(effects.touched - effects.deleted)  # one order for every writer: no deadlock between two
+        # One order for every writer: no deadlock between two.
+        names = sorted(effects.touched - effects.deleted - (effects.counted - effects.deltas.keys()))
         if not names:
             return
         deltas = [effects.deltas.get(name, [0, 0, 0, 0]) for name in names]

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from router.cloudevents import Encoded
 from router.fanout import Catalog, Grant
 from router.persistence import Appended, Message, Subscription, spec_from_json
 from router.receipts import new_nonce, receipt_for
-from router.stores.postgres.core import PostgresCore, Tx
+from router.stores.postgres.core import PostgresCore, Tx, shard
 from router.stores.postgres.partitions import day_of
 
 
@@ -29,10 +30,15 @@ class PostgresLog(PostgresCore):
     async def _append_in(self, tx: Tx, events: Sequence[Encoded], now_ms: int) -> list[Appended]:
         """Append `events` and fan them out, inside `tx` (which must have its transaction id already: see
         `_transaction`). One statement stores the new events, stamped with the catalog version they are fanned
-        out against, and reads that version (and the subscriptions, when this replica's copy is older); a
-        second queues the messages."""
+        out against, and reads that version (and the subscriptions, when this replica's copy is older). The
+        fan-out against this replica's copy goes with it: when the statement reads that very version (nearly
+        always), it queues the messages and moves their counters too, and a publish is that one statement
+        between BEGIN and COMMIT. Otherwise a second statement queues them against the catalog it read."""
         conn = tx.conn
         cached = self._fanout.catalog
+        # Counters the transaction moved already are added at its commit, all in one statement and one order (two
+        # writers never wait on each other's rows in opposite orders): this append's then go with them.
+        plan = self._plan(tx, cached, events, now_ms) if not tx.effects.deltas else _Plan()
         rows = await conn.fetch(
             APPEND,
             [e["source"] for e, _ in events],
@@ -42,6 +48,13 @@ class PostgresLog(PostgresCore):
             [body for _, body in events],
             now_ms,
             cached.version,
+            plan.subs,
+            plan.ords,
+            plan.visible,
+            plan.attempts,
+            plan.nonces,
+            plan.holders,
+            shard(),
         )
         new = {(r["source"], r["id"]): r["seq"] for r in rows}
         known: dict[tuple[str, str], int] = {}
@@ -73,12 +86,58 @@ class PostgresLog(PostgresCore):
                 results.append(Appended(event["id"], known[key], duplicate=True))
             else:  # its key went with a retention purge between the two reads: it is new again, next time
                 raise SeenThenForgotten(key)
-        if fresh:
-            version, subs = rows[0]["version"], rows[0]["subs"]
-            # The subscriptions as of this statement's snapshot: this replica's copy, or the ones read with it.
-            catalog = cached if subs is None else self._fanout.at(version, lambda: _subscriptions_from_json(subs))
-            await self._enqueue_new(tx, catalog, fresh, now_ms)
+        if fresh and plan.made and rows[0]["fanned_out"]:
+            self._planned_done(tx, plan, events, rows[0], now_ms)
+        else:
+            self._fanout.rolled_back(tx.effects.handoffs)  # nothing was queued: the slots granted are free again
+            tx.effects.handoffs = {}
+            if fresh:
+                version, subs = rows[0]["version"], rows[0]["subs"]
+                # The subscriptions as of this statement's snapshot: this replica's copy, or the ones read with it.
+                catalog = cached if subs is None else self._fanout.at(version, lambda: _subscriptions_from_json(subs))
+                await self._enqueue_new(tx, catalog, fresh, now_ms)
         return results
+
+    def _plan(self, tx: Tx, catalog: Catalog, events: Sequence[Encoded], now_ms: int) -> _Plan:
+        """The fan-out of `events` against `catalog`, by position. Slots granted for hand-offs are counted in the
+        transaction's `handoffs` at once (as in `_enqueue_new`), so a rollback frees them."""
+        plan = _Plan(made=True)
+        for ord, (event, body) in enumerate(events, start=1):
+            for sub, grant in self._fanout.targets(catalog, event):
+                name = sub.spec.name
+                plan.subs.append(name)
+                plan.ords.append(ord)
+                plan.visible.append(now_ms if grant is None else now_ms + grant.lease_ms)
+                plan.attempts.append(0 if grant is None else 1)
+                plan.nonces.append(None if grant is None else plan.nonce)
+                plan.holders.append(None if grant is None else self.replica_id)
+                if grant is not None:
+                    plan.grant_of[(name, ord)] = grant
+                    tx.effects.handoffs.setdefault(grant, []).append(Message("", 1, 0, body, now_ms))
+        return plan
+
+    def _planned_done(self, tx: Tx, plan: _Plan, events: Sequence[Encoded], row: Any, now_ms: int) -> None:
+        """The append's statement queued the planned fan-out and moved its counters: what the transaction tells
+        and hands off after its commit."""
+        effects = tx.effects
+        for name, queued, leased in zip(row["queued_subs"], row["queued"], row["leased"], strict=True):
+            effects.touched.add(name)
+            effects.counted.add(name)
+            if queued > leased:
+                effects.ready.add(name)
+        granted, effects.handoffs = effects.handoffs, {}
+        for name, msg_id, ord, seq in zip(
+            row["leased_subs"], row["leased_ids"], row["leased_ords"], row["leased_seqs"], strict=True
+        ):
+            grant = plan.grant_of[(name, ord)]
+            effects.handoffs.setdefault(grant, []).append(
+                Message(receipt_for(msg_id, plan.nonce), 1, seq, events[ord - 1].body, now_ms)
+            )
+            effects.hide(name, now_ms + grant.lease_ms)
+        # Slots granted for a subscription deleted meanwhile or for a repeat (nothing was queued) are free again.
+        self._fanout.rolled_back(
+            {grant: msgs[len(effects.handoffs.get(grant, ())) :] for grant, msgs in granted.items()}
+        )
 
     async def _enqueue_new(self, tx: Tx, catalog: Catalog, fresh: list[tuple[Encoded, int]], now_ms: int) -> None:
         subs: list[str] = []
@@ -131,6 +190,24 @@ class PostgresLog(PostgresCore):
         )
 
 
+@dataclass
+class _Plan:
+    """An append's fan-out against this replica's copy of the catalog, sent with its statement (which queues it if
+    that copy is the one it reads): one row per event and subscription, the event named by its position."""
+
+    subs: list[str] = field(default_factory=list)
+    ords: list[int] = field(default_factory=list)
+    visible: list[int] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    nonces: list[str | None] = field(default_factory=list)
+    holders: list[str | None] = field(default_factory=list)
+    grant_of: dict[tuple[str, int], Grant] = field(default_factory=dict)
+    """The grant of each message leased for a hand-off, by subscription and position."""
+    nonce: str = field(default_factory=new_nonce)
+    made: bool = False
+    """False: no fan-out was sent along (the append's messages are queued by a statement of their own)."""
+
+
 class SeenThenForgotten(Exception):
     """An event's key was there when the append looked for repeats and gone when it read their sequences."""
 
@@ -155,15 +232,53 @@ WITH input AS (
     INSERT INTO events (seq, catalog_version, source, id, type, partitionkey, appended_at, body)
     SELECT k.seq, (SELECT version FROM cat), f.source, f.id, f.type, f.pkey, $6, f.body
     FROM keys k JOIN firsts f ON f.source = k.source AND f.id = k.id
+), live AS MATERIALIZED (
+    -- The fan-out sent along ($8-$13) holds if the catalog read is the one it was planned against. A subscription
+    -- being deleted meanwhile waits for this transaction (or this one skips it): no message outlives it.
+    SELECT name FROM subscriptions
+    WHERE name = ANY($8::text[]) AND (SELECT version FROM cat) IS NOT DISTINCT FROM $7::bigint
+    ORDER BY name FOR KEY SHARE
+), queued AS (
+    INSERT INTO messages (sub, seq, pkey, enqueued_at, visible_at, attempts, nonce, holder)
+    SELECT m.sub, k.seq, f.pkey, $6, m.visible_at, m.attempts, m.nonce, m.holder
+    FROM unnest($8::text[], $9::bigint[], $10::bigint[], $11::int[], $12::text[], $13::text[])
+        WITH ORDINALITY AS m(sub, ord, visible_at, attempts, nonce, holder, n)
+    JOIN firsts f ON f.ord = m.ord JOIN keys k ON k.source = f.source AND k.id = f.id
+    WHERE m.sub IN (SELECT name FROM live)
+    ORDER BY m.n
+    RETURNING msg_id, sub, seq, nonce
+), per_sub AS (
+    SELECT sub, count(*) AS queued, count(nonce) AS leased FROM queued GROUP BY sub
+), counted AS (
+    -- In one order for every writer (see `PostgresCore._add_counters`).
+    INSERT INTO counters AS c (sub, shard, messages, changes)
+    SELECT sub, $14, queued, 1 FROM per_sub ORDER BY sub
+    ON CONFLICT (sub, shard) DO UPDATE SET messages = c.messages + EXCLUDED.messages, changes = c.changes + 1
 )
 SELECT k.source, k.id, k.seq, c.version,
     CASE WHEN c.version IS DISTINCT FROM $7::bigint THEN (
         SELECT COALESCE(json_agg(json_build_array(s.name, s.spec, s.secret, s.created_at, s.start_seq)), '[]')::text
         FROM subscriptions s
-    ) END AS subs
+    ) END AS subs,
+    c.version IS NOT DISTINCT FROM $7::bigint AS fanned_out,
+    q.queued_subs, q.queued, q.leased, l.leased_subs, l.leased_ids, l.leased_ords, l.leased_seqs
 FROM keys k CROSS JOIN cat c
+CROSS JOIN (
+    SELECT COALESCE(array_agg(sub), '{}') AS queued_subs, COALESCE(array_agg(queued), '{}') AS queued,
+        COALESCE(array_agg(leased), '{}') AS leased
+    FROM per_sub
+) q
+CROSS JOIN (
+    SELECT COALESCE(array_agg(q.sub ORDER BY q.msg_id), '{}') AS leased_subs,
+        COALESCE(array_agg(q.msg_id ORDER BY q.msg_id), '{}') AS leased_ids,
+        COALESCE(array_agg(f.ord ORDER BY q.msg_id), '{}') AS leased_ords,
+        COALESCE(array_agg(q.seq ORDER BY q.msg_id), '{}') AS leased_seqs
+    FROM queued q JOIN keys k ON k.seq = q.seq JOIN firsts f ON f.source = k.source AND f.id = k.id
+    WHERE q.nonce IS NOT NULL
+) l
 """
-"""Store new events (skipping repeats of source+id) and read the catalog they are fanned out against."""
+"""Store new events (skipping repeats of source+id), read the catalog they are fanned out against, and queue the
+fan-out planned against this replica's copy of it, with its counters, if that is the one read."""
 
 ENQUEUE = """
 WITH live AS MATERIALIZED (
