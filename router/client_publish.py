@@ -23,6 +23,9 @@ from router.client_values import RouterError
 
 log = logging.getLogger(__name__)
 
+EVENT_REFUSALS = frozenset({400, 413, 422})
+"""Refusals that may be one event's doing (malformed, too large, invalid); others (a bad token) fail them all."""
+
 Send = Callable[[bytes], Awaitable[list[dict[str, Any]]]]
 """Send a JSON array of encoded events as one batch; the router's results, in order."""
 
@@ -69,7 +72,7 @@ class PublishCoalescer:
         try:
             results = await self._send(b"[" + b",".join(encoded for encoded, _ in batch) + b"]")
         except RouterError as exc:
-            if len(batch) > 1 and 400 <= exc.status < 500:  # one bad event: each goes again, alone
+            if len(batch) > 1 and exc.status in EVENT_REFUSALS:  # one bad event: each goes again, alone
                 log.debug("a batch of %d publishes was refused (%s); sending each alone", len(batch), exc)
                 for one in batch:
                     await self._send_batch([one])

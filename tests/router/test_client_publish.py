@@ -108,3 +108,16 @@ async def test_closing_the_client_fails_the_publishes_still_queued(router_app: F
     for task in (out, queued):
         with pytest.raises(RuntimeError, match="interrupted|closed"):
             await task
+
+
+async def test_a_refusal_of_the_request_itself_fails_every_publish_once() -> None:
+    sent: list[bytes] = []
+
+    async def refused(batch: bytes) -> list[dict[str, Any]]:
+        sent.append(batch)
+        raise RouterError(401, {"title": "Unauthorized", "detail": "Authorization: expected a valid token"})
+
+    coalescer = PublishCoalescer(refused)
+    outcomes = await asyncio.gather(*(coalescer.publish(b"{}") for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(o, RouterError) and o.status == 401 for o in outcomes)
+    assert len(sent) == 1, "a bad token is not one event's fault: nothing is sent again"
