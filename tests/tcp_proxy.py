@@ -45,7 +45,7 @@ class TcpProxy:
         self._writers |= {writer, upstream_writer}
         pipes = [
             asyncio.create_task(self._pipe(reader, upstream_writer)),
-            asyncio.create_task(self._pipe(upstream_reader, writer)),
+            asyncio.create_task(self._from_server(upstream_reader, writer)),
         ]
         self._pipes.update(pipes)
         try:
@@ -55,6 +55,10 @@ class TcpProxy:
             for w in (writer, upstream_writer):
                 self._writers.discard(w)
                 w.transport.abort()
+
+    async def _from_server(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """What the server sends back (a subclass may read it on the way)."""
+        await self._pipe(reader, writer)
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):

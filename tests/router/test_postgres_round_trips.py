@@ -16,56 +16,27 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tests.router.test_postgres_store import opened
 from tests.router.test_store_contract import T0, ev, queue, receive
+from tests.tcp_proxy import TcpProxy
 
 
-class WireCounter:
+class WireCounter(TcpProxy):
     """A TCP proxy in front of a PostgreSQL server, counting the exchanges that went through it."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.target = (parts.hostname or "localhost", parts.port or 5432)
+        self._url = urlsplit(url)
+        super().__init__(self._url.hostname or "localhost", self._url.port or 5432)
         self.exchanges = 0
-        self._server: asyncio.Server | None = None
-        self._url = parts
-        self._pipes: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> str:
+    def url(self) -> str:
         """The URL to reach the server through this proxy (without TLS, so the messages can be read)."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        netloc = self._url.netloc.rsplit("@", 1)
-        host = f"127.0.0.1:{port}"
+        credentials, _, _ = self._url.netloc.rpartition("@")
+        host = f"127.0.0.1:{self.port}"
         query = "&".join(q for q in [self._url.query, "sslmode=disable"] if q)
-        return urlunsplit(self._url._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host, query=query))
+        return urlunsplit(self._url._replace(netloc=f"{credentials}@{host}" if credentials else host, query=query))
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for pipe in self._pipes:
-            pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    async def _serve(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
-        server_in, server_out = await asyncio.open_connection(*self.target)
-        pipes = [
-            asyncio.ensure_future(self._copy(client_in, server_out)),
-            asyncio.ensure_future(self._count(server_in, client_out)),
-        ]
-        self._pipes.update(pipes)
-        await asyncio.gather(*pipes, return_exceptions=True)
-        for writer in (client_out, server_out):
-            writer.close()
-
-    async def _copy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def _count(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _from_server(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The server's messages are a type byte and a length; each 'Z' ends an exchange."""
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while True:
                 header = await reader.readexactly(5)
                 (length,) = struct.unpack("!I", header[1:])
@@ -74,16 +45,17 @@ class WireCounter:
                     self.exchanges += 1
                 writer.write(header + body)
                 await writer.drain()
-        writer.close()
+        writer.transport.abort()
 
 
 @asynccontextmanager
 async def proxied(url: str) -> AsyncIterator[tuple[WireCounter, str]]:
     counter = WireCounter(url)
+    await counter.start()
     try:
-        yield counter, await counter.start()
+        yield counter, counter.url()
     finally:
-        await counter.close()
+        await counter.stop()
 
 
 async def test_a_publish_is_three_round_trips_and_an_ack_one(database_url: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.cloudevents import Encoded
-from router.fanout import Catalog, Grant
+from router.fanout import Catalog, Grant, Handoffs
 from router.persistence import Appended, Message, Subscription, spec_from_json
 from router.receipts import new_nonce, receipt_for
 from router.stores.postgres.core import PostgresCore, Tx, shard
@@ -89,8 +89,8 @@ class PostgresLog(PostgresCore):
         if fresh and plan.made and rows[0]["fanned_out"]:
             self._planned_done(tx, plan, events, rows[0], now_ms)
         else:
-            self._fanout.rolled_back(tx.effects.handoffs)  # nothing was queued: the slots granted are free again
-            tx.effects.handoffs = {}
+            # Nothing planned was queued: the slots granted for it are free again.
+            self._fanout.rolled_back(_withdrawn(tx, plan.placeholders))
             if fresh:
                 version, subs = rows[0]["version"], rows[0]["subs"]
                 # The subscriptions as of this statement's snapshot: this replica's copy, or the ones read with it.
@@ -113,31 +113,34 @@ class PostgresLog(PostgresCore):
                 plan.holders.append(None if grant is None else self.replica_id)
                 if grant is not None:
                     plan.grant_of[(name, ord)] = grant
-                    tx.effects.handoffs.setdefault(grant, []).append(Message("", 1, 0, body, now_ms))
+                    plan.placeholders.setdefault(grant, []).append(Message("", 1, 0, body, now_ms))
+        for grant, placeholders in plan.placeholders.items():
+            tx.effects.handoffs.setdefault(grant, []).extend(placeholders)
         return plan
 
     def _planned_done(self, tx: Tx, plan: _Plan, events: Sequence[Encoded], row: Any, now_ms: int) -> None:
         """The append's statement queued the planned fan-out and moved its counters: what the transaction tells
         and hands off after its commit."""
         effects = tx.effects
-        for name, queued, leased in zip(row["queued_subs"], row["queued"], row["leased"], strict=True):
+        for name, queued, held in zip(row["queued_subs"], row["queued"], row["leased"], strict=True):
             effects.touched.add(name)
             effects.counted.add(name)
-            if queued > leased:
+            if queued > held:
                 effects.ready.add(name)
-        granted, effects.handoffs = effects.handoffs, {}
+        granted = _withdrawn(tx, plan.placeholders)
+        handed: Handoffs = {}
         for name, msg_id, ord, seq in zip(
             row["leased_subs"], row["leased_ids"], row["leased_ords"], row["leased_seqs"], strict=True
         ):
             grant = plan.grant_of[(name, ord)]
-            effects.handoffs.setdefault(grant, []).append(
+            handed.setdefault(grant, []).append(
                 Message(receipt_for(msg_id, plan.nonce), 1, seq, events[ord - 1].body, now_ms)
             )
             effects.hide(name, now_ms + grant.lease_ms)
+        for grant, messages in handed.items():
+            effects.handoffs.setdefault(grant, []).extend(messages)
         # Slots granted for a subscription deleted meanwhile or for a repeat (nothing was queued) are free again.
-        self._fanout.rolled_back(
-            {grant: msgs[len(effects.handoffs.get(grant, ())) :] for grant, msgs in granted.items()}
-        )
+        self._fanout.rolled_back({grant: msgs[len(handed.get(grant, ())) :] for grant, msgs in granted.items()})
 
     async def _enqueue_new(self, tx: Tx, catalog: Catalog, fresh: list[tuple[Encoded, int]], now_ms: int) -> None:
         subs: list[str] = []
@@ -203,9 +206,23 @@ class _Plan:
     holders: list[str | None] = field(default_factory=list)
     grant_of: dict[tuple[str, int], Grant] = field(default_factory=dict)
     """The grant of each message leased for a hand-off, by subscription and position."""
+    placeholders: Handoffs = field(default_factory=dict)
+    """A stand-in per slot granted, in the transaction's `handoffs` until the statement says what was leased."""
     nonce: str = field(default_factory=new_nonce)
     made: bool = False
     """False: no fan-out was sent along (the append's messages are queued by a statement of their own)."""
+
+
+def _withdrawn(tx: Tx, placeholders: Handoffs) -> Handoffs:
+    """Take `placeholders` (these very messages) out of the transaction's hand-offs, and return them."""
+    for grant, messages in placeholders.items():
+        taken = {id(m) for m in messages}
+        held = [m for m in tx.effects.handoffs.get(grant, ()) if id(m) not in taken]
+        if held:
+            tx.effects.handoffs[grant] = held
+        else:
+            tx.effects.handoffs.pop(grant, None)
+    return placeholders
 
 
 class SeenThenForgotten(Exception):
