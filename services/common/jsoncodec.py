@@ -17,20 +17,28 @@ with one difference of spelling: orjson writes `1.5e-7` where `json` writes `1.5
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
 # 19 digits in a row may be an integer orjson cannot hold exactly (beyond -2**63 .. 2**64-1); such a
 # document (rare: ids are strings) goes to `json`. A digit run inside a string sends it there too,
-# which costs time, never correctness.
-_LONG_DIGITS = re.compile(rb"\d{19}")
+# which costs time, never correctness. Found by mapping every ASCII digit to "0" and every other byte
+# to " " (`bytes.translate`, C speed) and searching for 19 zeros: the same answer as the regex
+# `rb"\d{19}"` (a bytes pattern's \d is [0-9]), ~10x faster (the regex cost 14x orjson's own parse
+# of a 100 KiB batch: bench/README.md).
+_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def has_long_digit_run(body: bytes) -> bool:
+    """Whether `body` holds 19 or more ASCII digits in a row."""
+    return _LONG_RUN in body.translate(_DIGITS_AS_ZEROS)
 
 
 def loads(body: bytes) -> tuple[Any, bool]:
     """`json.loads(body)` and whether orjson read it (False: `json` did, the value may hold NaN)."""
-    if _LONG_DIGITS.search(body) is None:
+    if not has_long_digit_run(body):
         try:
             return orjson.loads(body), True
         except orjson.JSONDecodeError:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.common.jsoncodec import dumps, loads
+from services.common.jsoncodec import dumps, has_long_digit_run, loads
 
 # Documents orjson alone would read differently (a float for a big integer) or refuse.
 ONLY_JSON_READS = [
@@ -75,3 +76,18 @@ def test_any_json_document_reads_as_json_reads_it(value: object) -> None:
     got, fast = loads(body)
     assert repr(got) == repr(json.loads(body))
     assert repr(json.loads(dumps(got, plain=not fast))) == repr(got)  # written back, it reads the same
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=80) | st.text(alphabet="0123456789x ٣\u0660", max_size=80).map(str.encode))
+def test_the_long_digit_check_answers_as_the_regex_it_replaced(body: bytes) -> None:
+    # A bytes pattern's \d is ASCII [0-9] only: Arabic-Indic digits (UTF-8 encoded) are no digits here.
+    assert has_long_digit_run(body) == (re.search(rb"\d{19}", body) is not None)
+
+
+@pytest.mark.parametrize(
+    ("body", "long"),
+    [(b"1" * 19, True), (b"1" * 18, False), (b"x" + b"9" * 19 + b"x", True), (b"123456789 1234567890", False)],
+)
+def test_nineteen_ascii_digits_in_a_row_is_a_long_run(body: bytes, long: bool) -> None:
+    assert has_long_digit_run(body) is long
