@@ -86,6 +86,11 @@ class PublishCoalescer:
             if not isinstance(exc, Exception):
                 raise
             return
+        if len(results) != len(batch):  # never from a router; a caller must not wait forever for it either
+            mismatch = RuntimeError(f"the router answered {len(results)} results for {len(batch)} events")
+            for _, result in batch:
+                _settle(result, mismatch)
+            return
         for (_, result), answer in zip(batch, results, strict=True):
             _settle(result, answer)
 

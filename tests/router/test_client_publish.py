@@ -121,3 +121,14 @@ async def test_a_refusal_of_the_request_itself_fails_every_publish_once() -> Non
     outcomes = await asyncio.gather(*(coalescer.publish(b"{}") for _ in range(3)), return_exceptions=True)
     assert all(isinstance(o, RouterError) and o.status == 401 for o in outcomes)
     assert len(sent) == 1, "a bad token is not one event's fault: nothing is sent again"
+
+
+async def test_an_answer_with_the_wrong_number_of_results_fails_the_publishes_instead_of_hanging() -> None:
+    async def short(batch: bytes) -> list[dict[str, Any]]:
+        return [{"id": "x", "sequence": 1, "duplicate": False}]  # one result for every batch
+
+    coalescer = PublishCoalescer(short)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(coalescer.publish(b"{}") for _ in range(3)), return_exceptions=True), 10
+    )
+    assert all(isinstance(o, RuntimeError) and "1 results for 3 events" in str(o) for o in outcomes)
