@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import uvicorn
 from httpx_aiohttp import AiohttpTransport
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.client import RouterClient, RouterUnavailable, new_event
+from tests.loopback_server import uvicorn_on_loopback
 
 WAIT_S = 10  # bounds a hung test, never a measure of speed
 
@@ -44,19 +44,16 @@ class Stepped:
 
 @asynccontextmanager
 async def serving(app: Stepped) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        app.go_on.set()
-        server.should_exit = True
-        server.force_exit = True  # the /silent request never ends by itself
-        await task
-        sock.close()
+    # Forced out: the /silent request never ends by itself.
+    async with uvicorn_on_loopback(lambda _: plain_config(app), force_exit=True) as port:
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            app.go_on.set()
+
+
+def plain_config(app: ASGIApp) -> uvicorn.Config:
+    return uvicorn.Config(app, lifespan="off", log_level="warning")
 
 
 async def test_the_default_transport_is_aiohttps() -> None:
@@ -116,25 +113,17 @@ async def test_max_connections_bounds_the_default_pool() -> None:
     """Requests beyond `max_connections` wait their turn for a connection rather than open one each (the
     processing service bounds its queue client this way)."""
     app = Held()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
-    serve = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        # Publishes that do not share requests (concurrent ones would go in one batch otherwise).
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        async with RouterClient(url, max_connections=2, coalesce_publishes=False) as client:
-            publishes = [asyncio.create_task(client.publish(new_event("t", "s", {}))) for _ in range(5)]
-            await asyncio.wait_for(app.two_in.wait(), WAIT_S)
-            await asyncio.sleep(0.3)  # room for a third connection to show up if the pool were unbounded
-            assert app.active == 2
-            app.release.set()
-            await asyncio.wait_for(asyncio.gather(*publishes), WAIT_S)
-        assert len(app.connections) == 2
-    finally:
-        app.release.set()  # a failed check leaves no request held
-        server.should_exit = True
-        server.force_exit = True
-        await serve
-        sock.close()
+    async with uvicorn_on_loopback(lambda _: plain_config(app), force_exit=True) as port:
+        try:
+            # Publishes that do not share requests (concurrent ones would go in one batch otherwise).
+            url = f"http://127.0.0.1:{port}"
+            async with RouterClient(url, max_connections=2, coalesce_publishes=False) as client:
+                publishes = [asyncio.create_task(client.publish(new_event("t", "s", {}))) for _ in range(5)]
+                await asyncio.wait_for(app.two_in.wait(), WAIT_S)
+                await asyncio.sleep(0.3)  # room for a third connection to show up if the pool were unbounded
+                assert app.active == 2
+                app.release.set()
+                await asyncio.wait_for(asyncio.gather(*publishes), WAIT_S)
+            assert len(app.connections) == 2
+        finally:
+            app.release.set()  # a failed check leaves no request held

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ from router.bus import Bus
 from router.front import RouterApp
 from router.settings import RouterSettings
 from services.common.server import uvicorn_config
+from tests.loopback_server import uvicorn_on_loopback
 from tests.router.events import STRUCTURED, event
 
 pytestmark = pytest.mark.engines  # CI runs these on PostgreSQL too (scripts/check)
@@ -240,21 +240,14 @@ async def served(tmp_path: Path, **settings: Any) -> AsyncIterator[int]:
     """The router under uvicorn as `python -m router` runs it (services/common/server.py) on a loopback port."""
     router_settings = RouterSettings(data_dir=tmp_path / "data", log_level="warning", **settings)
     app = create_app(router_settings, exit_on_failure=False)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    port = sock.getsockname()[1]
-    config = uvicorn_config(app, router_settings, port, lifespan="off")
-    assert config.proxy_headers is False  # the app applies them itself, to the requests that reach the stack
-    server = uvicorn.Server(config)
-    async with app.router.lifespan_context(app):
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            yield port
-        finally:
-            server.should_exit = True
-            await task
-            sock.close()
+
+    def config(port: int) -> uvicorn.Config:
+        config = uvicorn_config(app, router_settings, port, lifespan="off")
+        assert config.proxy_headers is False  # the app applies them itself, to the requests that reach the stack
+        return config
+
+    async with app.router.lifespan_context(app), uvicorn_on_loopback(config) as port:
+        yield port
 
 
 async def exchange(port: int, request: bytes) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:

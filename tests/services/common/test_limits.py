@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +20,7 @@ from fastapi import FastAPI
 from router.settings import RouterSettings
 from services.common.server import server_options
 from services.common.settings import CommonSettings
+from tests.loopback_server import uvicorn_on_loopback
 
 READ_TIMEOUT_S = 20  # a server without the limit never answers: the test fails instead of hanging
 
@@ -39,19 +39,13 @@ def tiny_app() -> FastAPI:
 async def serving(app: FastAPI, **limits: Any) -> AsyncIterator[int]:
     """A real uvicorn server with the services' options on a socket bound (and listening) before it starts,
     so clients can connect at once: the backlog holds them until the server accepts."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    options = server_options(CommonSettings(log_level="warning", **limits), port=port)
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", **options))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
+
+    def config(port: int) -> uvicorn.Config:
+        options = server_options(CommonSettings(log_level="warning", **limits), port)
+        return uvicorn.Config(app, lifespan="off", **options)
+
+    async with uvicorn_on_loopback(config, backlog=128) as port:
         yield port
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
