@@ -12,7 +12,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from pydantic import ValidationError
 
 from router.app import create_app
 from router.bus import Bus
+from router.cloudevents import Encoded
 from router.fanout import Fanout
-from router.persistence import Delivery, SubscriptionSpec
+from router.persistence import Delivery, EventStore, SubscriptionSpec
 from router.settings import RouterSettings
 from router.stores import store_factory
 from router.stores.postgres import PostgresEventStore
@@ -52,6 +54,25 @@ def test_a_bad_durability_is_refused_at_start_naming_the_variable(monkeypatch: p
     monkeypatch.setenv("CATTUBE_ROUTER_DURABILITY", value)
     with pytest.raises(ValidationError, match="CATTUBE_ROUTER_DURABILITY: expected fsync .* or batched"):
         RouterSettings()
+
+
+@asynccontextmanager
+async def running_bus(store: EventStore) -> AsyncIterator[Bus]:
+    """A bus over `store` with its group-commit writer running, stopped and closed on the way out."""
+    bus = Bus(store, retention_s=3600)
+    await bus.start()
+    writer = asyncio.create_task(bus.run_writer())
+    try:
+        yield bus
+    finally:
+        bus.stop()
+        await writer
+        await bus.close()
+
+
+def encoded(event: dict[str, Any]) -> Encoded:
+    """An event as the bus takes it: the event and its JSON."""
+    return Encoded(event, json.dumps(event).encode())
 
 
 class HeldSync:
@@ -117,40 +138,27 @@ async def test_fsync_mode_answers_a_publish_and_an_ack_only_after_the_wal_is_syn
 @pytest.mark.sqlite
 async def test_one_fdatasync_answers_every_commit_made_before_it_started(held_sync: HeldSync, tmp_path: Path) -> None:
     store = SQLiteEventStore(tmp_path / "bus.db")
-    bus = Bus(store, retention_s=3600)
-    await bus.start()
-    writer = asyncio.create_task(bus.run_writer())
-    try:
-        await bus.publish([(event(id="first"), json.dumps(event(id="first")).encode())])
+    async with running_bus(store) as bus:
+        await bus.publish([encoded(event(id="first"))])
         before = len(held_sync.files)
         held_sync.release.clear()
-        first = asyncio.create_task(bus.publish([(event(id="a"), json.dumps(event(id="a")).encode())]))
+        first = asyncio.create_task(bus.publish([encoded(event(id="a"))]))
         await held_sync.next_call()  # the first commit's sync is under way (held): the others commit meanwhile
-        others = [
-            asyncio.create_task(bus.publish([(event(id=f"b{n}"), json.dumps(event(id=f"b{n}")).encode())]))
-            for n in range(8)
-        ]
+        others = [asyncio.create_task(bus.publish([encoded(event(id=f"b{n}"))])) for n in range(8)]
         await asyncio.sleep(0.1)
         assert not any(task.done() for task in [first, *others])
         held_sync.release.set()
         await asyncio.gather(first, *others)
         assert len(held_sync.files) - before == 2, "one fdatasync for the first commit, one for all that followed"
-    finally:
-        bus.stop()
-        await writer
-        await bus.close()
 
 
 @pytest.mark.sqlite
 async def test_batched_mode_syncs_within_the_bound_and_not_while_idle(held_sync: HeldSync, tmp_path: Path) -> None:
     store = SQLiteEventStore(tmp_path / "bus.db", durability="batched")
-    bus = Bus(store, retention_s=3600)
-    await bus.start()
-    writer = asyncio.create_task(bus.run_writer())
-    try:
+    async with running_bus(store) as bus:
         loop = asyncio.get_running_loop()
         calls = len(held_sync.files)
-        await bus.publish([(event(id="a"), json.dumps(event(id="a")).encode())])
+        await bus.publish([encoded(event(id="a"))])
         assert len(held_sync.files) == calls, "batched mode answered after an fsync of its own"
         due = store.sync_due_at()
         assert due is not None and due - loop.time() <= 1.0, "no sync scheduled within a second of the commit"
@@ -160,10 +168,6 @@ async def test_batched_mode_syncs_within_the_bound_and_not_while_idle(held_sync:
         assert store.sync_due_at() is None, "a sync scheduled with nothing to sync"
         await asyncio.sleep(durability.SYNC_DELAY_S * 2)
         assert len(held_sync.files) == calls + 1, "a sync ran while idle"
-    finally:
-        bus.stop()
-        await writer
-        await bus.close()
 
 
 @pytest.mark.sqlite
@@ -237,31 +241,24 @@ async def test_small_appends_commit_on_the_loop_and_big_ones_on_the_stores_threa
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = SQLiteEventStore(tmp_path / "bus.db", durability=mode)  # type: ignore[arg-type]
-    bus = Bus(store, retention_s=3600)
-    await bus.start()
-    writer = asyncio.create_task(bus.run_writer())
-    threads: list[str] = []
-    append = store._append
+    async with running_bus(store) as bus:
+        threads: list[str] = []
+        append = store._append
 
-    def watched(events: Any, now_ms: int) -> Any:
-        threads.append(threading.current_thread().name)
-        return append(events, now_ms)
+        def watched(events: Any, now_ms: int) -> Any:
+            threads.append(threading.current_thread().name)
+            return append(events, now_ms)
 
-    monkeypatch.setattr(store, "_append", watched)
-    try:
-        one = [(event(id="one"), json.dumps(event(id="one")).encode())]
+        monkeypatch.setattr(store, "_append", watched)
+        one = [encoded(event(id="one"))]
         await bus.publish(one)
-        many = [(e, json.dumps(e).encode()) for e in (event(id=f"m{n}") for n in range(core.INLINE_APPEND_EVENTS + 1))]
+        many = [encoded(event(id=f"m{n}")) for n in range(core.INLINE_APPEND_EVENTS + 1)]
         await bus.publish(many)
         big = event(id="big", data="x" * core.INLINE_APPEND_BYTES)
-        await bus.publish([(big, json.dumps(big).encode())])
+        await bus.publish([encoded(big)])
         assert threads[0] == threading.current_thread().name, "one event did not commit inline on the loop"
         assert all(name.startswith("router-sqlite_") for name in threads[1:]), threads
         assert store._wal_sync.synced == store._wal_sync.committed or mode == "batched"
-    finally:
-        bus.stop()
-        await writer
-        await bus.close()
 
 
 @pytest.mark.sqlite
@@ -269,31 +266,24 @@ async def test_a_failed_fdatasync_fails_what_waited_for_it_and_the_next_sync_ans
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = SQLiteEventStore(tmp_path / "bus.db")
-    bus = Bus(store, retention_s=3600)
-    await bus.start()
-    writer = asyncio.create_task(bus.run_writer())
-    failing = False
+    async with running_bus(store) as bus:
+        failing = False
 
-    def sync(fd: int) -> None:
-        if failing:
-            raise OSError(5, "Input/output error")
-        os.fdatasync(fd)
+        def sync(fd: int) -> None:
+            if failing:
+                raise OSError(5, "Input/output error")
+            os.fdatasync(fd)
 
-    monkeypatch.setattr(durability, "sync_file", sync)
-    try:
+        monkeypatch.setattr(durability, "sync_file", sync)
         await store.put_subscription(SubscriptionSpec("q", None, None, {"queue": {}}, Delivery()), 0)
         failing = True
         with pytest.raises(Exception, match="Input/output error"):
-            await bus.publish([(event(id="a"), json.dumps(event(id="a")).encode())])
+            await bus.publish([encoded(event(id="a"))])
         assert store.write_failure == "cannot write: Input/output error"
         failing = False
         # A receive commits nothing durable of its own but may read "a": it waits for a sync that covers it.
         (message,) = await asyncio.wait_for(store.receive("q", 10, 30_000, int(time.time() * 1000) + 1000, 5), 30)
         assert json.loads(message.event)["id"] == "a"
-        (appended,) = await bus.publish([(event(id="b"), json.dumps(event(id="b")).encode())])
+        (appended,) = await bus.publish([encoded(event(id="b"))])
         assert not appended.duplicate
         assert store._wal_sync.synced == store._wal_sync.committed
-    finally:
-        bus.stop()
-        await writer
-        await bus.close()
