@@ -21,14 +21,14 @@ from typing import Any
 import orjson
 from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router import cloudevents
 from router.bus import Bus
 from router.metrics import RouterMetrics
 from router.persistence import ReceiptResult
 from router.settings import RouterSettings
-from services.common.body import read_asgi_body
+from services.common.body import read_asgi_body, replay
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 MAX_RECEIPTS = 100  # router.models.AckIn
@@ -115,7 +115,9 @@ class ReceiptsRoute:
         body = await read_asgi_body(scope, receive, settings.max_body_bytes)
         fast = self._fast(body)
         if fast is None:
-            await self.fallback(scope, _replay(body, receive), send)
+            await self.fallback(
+                scope, replay([{"type": "http.request", "body": body, "more_body": False}], receive), send
+            )
             return
         receipts, seconds = fast
         bus: Bus = app.state.bus
@@ -130,20 +132,6 @@ class ReceiptsRoute:
             results = await bus.extend(name, receipts, seconds)
         payload = {"results": [{"receipt": r.receipt, "ok": r.ok, "error": r.error} for r in results]}
         await answer(send, 200, orjson.dumps(payload))
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """`receive` handing out the body already read, then deferring to the server (to hear of a disconnect)."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replayed
 
 
 def hot_routes(routes: list[BaseRoute], check_owner: OwnerCheck) -> list[Route]:

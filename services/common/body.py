@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.types import Receive, Scope
+from starlette.types import Message, Receive, Scope
 
 from services.common.errors import PayloadTooLarge
 
@@ -34,3 +34,14 @@ async def read_asgi_body(scope: Scope, receive: Receive, limit_bytes: int) -> by
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def replay(messages: list[Message], receive: Receive) -> Receive:
+    """`receive` that hands out `messages` (a body read already) first, then defers to the server (to hear
+    of a disconnect): how a body read ahead of an app is handed to it."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed

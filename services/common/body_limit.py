@@ -14,8 +14,9 @@ import re
 from collections.abc import Iterable
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.common.body import replay
 from services.common.problems import problem_response
 from services.common.settings import CommonSettings
 
@@ -59,7 +60,7 @@ async def read_within(max_bytes: int, scope: Scope, receive: Receive, send: Send
     while True:
         message = await receive()
         if message["type"] != "http.request":  # the client left: let the app see it as it would have
-            return _replay([message], receive)
+            return replay([message], receive)
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
@@ -68,7 +69,7 @@ async def read_within(max_bytes: int, scope: Scope, receive: Receive, send: Send
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+    return replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, expected: str) -> None:
@@ -96,16 +97,6 @@ def _declared_body(scope: Scope) -> bytes | None:
     if length is not None and length != b"0":
         return length
     return b"" if chunked else None
-
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """`receive` that hands out `messages` first, then defers to the server (to hear of a disconnect)."""
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replayed
 
 
 def bound_request_bodies(app: FastAPI, settings: CommonSettings, *, streaming: Iterable[tuple[str, str]] = ()) -> None:
