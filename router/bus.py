@@ -226,10 +226,17 @@ class Bus:
         return sub, created
 
     async def find_subscription(self, name: str) -> Subscription | None:
-        """From the cache, read again from the store after any change to the subscriptions (router.fanout)."""
+        """From the cache, read again from the store after any change to the subscriptions (router.fanout).
+        A miss is asked of the store: a subscription another replica just made may not be notified here yet,
+        and answering 404 for it would break read-your-writes for a client that moved between replicas."""
         if not self.fanout.fresh:
             await self._load_subscriptions()
-        return self.fanout.get(name)
+        if (sub := self.fanout.get(name)) is not None:
+            return sub
+        sub = await self.store.get_subscription(name)
+        if sub is not None:  # the cache is behind the store: read it all again on the next look
+            self.fanout.invalidate()
+        return sub
 
     async def _load_subscriptions(self) -> None:
         generation = self.fanout.generation

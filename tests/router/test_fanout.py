@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from router.bus import Bus
 from router.fanout import Fanout, Grant
 from router.patterns import compile_pattern
 from router.persistence import Delivery, Subscription, SubscriptionSpec
+from router.stores.sqlite import SQLiteEventStore
 
 
 def sub(name: str, source: str, push: bool = False) -> Subscription:
@@ -73,3 +77,24 @@ def test_a_waiting_receive_or_an_ordered_subscription_passes_grants_over() -> No
     assert {s.spec.name: grant for s, grant in fanout.targets(catalog, event)} == {"q": None, "o": None}
     fanout.receiving("q", -1)
     assert {s.spec.name: grant for s, grant in fanout.targets(catalog, event)} == {"q": q, "o": None}
+
+
+async def test_a_subscription_the_cache_has_not_heard_of_yet_is_found_in_the_store(tmp_path: Path) -> None:
+    """Another replica's PUT reaches this one's cache with its notification; until then a miss asks the store,
+    so a client that moves between replicas never gets 404 for what it just made."""
+    store = SQLiteEventStore(tmp_path / "bus.db")
+    bus = Bus(store, retention_s=3600)
+    await bus.start()
+    try:
+        assert await bus.find_subscription("late") is None
+        version, before = bus.fanout.version, bus.fanout.all()
+        assert version is not None
+        await store.put_subscription(SubscriptionSpec("late", None, None, {"queue": {}}, Delivery()), 0)
+        bus.fanout.load(version, before, bus.fanout.generation)  # as if its notification were still on the way
+        assert bus.fanout.fresh and bus.fanout.get("late") is None
+        found = await bus.find_subscription("late")
+        assert found is not None and found.spec.name == "late"
+        assert not bus.fanout.fresh, "the cache is read again on the next look"
+    finally:
+        bus.stop()
+        await bus.close()
