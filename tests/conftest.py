@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from router.app import create_app as create_router
 from router.settings import RouterSettings
 from tests.postgres import PostgresServer, PostgresUnavailable, fresh_database, postgres_server
+from tests.process import STARTED
 from tests.s3 import S3Server, S3Unavailable, fresh_bucket, s3_server
 
 
@@ -24,6 +25,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="sqlite",
         help="The store the router tests run the router on (tests/router/conftest.py).",
     )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test shows the logs of the service processes it started (a CI failure is read from its output)."""
+    report = yield
+    if report.failed:
+        for proc in STARTED:
+            report.sections.append((f"log of {proc.module} on port {proc.port}", proc.log_tail()))
+    if call.when == "teardown":  # a process a wider fixture keeps running stays on the list
+        STARTED[:] = [proc for proc in STARTED if proc.proc is not None]
+    return report
 
 
 @asynccontextmanager

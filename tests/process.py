@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+LOG_LINES_SHOWN = 200
+
+STARTED: list[ServiceProcess] = []
+"""Processes started during the current test: a failing test shows their logs (tests/conftest.py)."""
 
 
 def free_port() -> int:
@@ -46,6 +50,8 @@ class ServiceProcess:
             cwd=REPO, env={**os.environ, **self.env}, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
+        if self not in STARTED:
+            STARTED.append(self)
         started = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read_log(started))
         try:
@@ -53,6 +59,9 @@ class ServiceProcess:
         except BaseException:
             await self.kill()
             raise RuntimeError(f"{self.module} did not start:\n" + "\n".join(self.log[-40:])) from None
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log[-LOG_LINES_SHOWN:])
 
     async def _read_log(self, started: asyncio.Future[None]) -> None:
         assert self.proc is not None and self.proc.stderr is not None
