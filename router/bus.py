@@ -67,7 +67,7 @@ class Bus:
         self.notifier = notifier or InProcessNotifier()
         self.fanout = Fanout()
         self.push_policy = push_policy or PushPolicy.default()
-        self.signals = Signals(lambda name: store.next_visible_ms(name, now_ms()), on_timer=self._visible_again)
+        self.signals = Signals(store.next_visible_ms, on_timer=self._visible_again)
         self.dispatchers = Dispatchers(store, self.signals, self.push_policy, self.fanout)
         self.notifier.listen(self._on_change)
         self._writer = GroupCommit("the bus", self._append, weight=len, max_weight=MAX_EVENTS_PER_COMMIT)

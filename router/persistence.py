@@ -251,7 +251,8 @@ class EventStore(Protocol):
     ) -> list[ReceiptResult]: ...
 
     async def next_visible_ms(self, name: str, now_ms: int) -> int | None:
-        """When the earliest hidden (in flight or delayed) message becomes visible; None if none is hidden."""
+        """When the earliest message hidden (in flight or delayed) beyond `now_ms` becomes visible; None if none is.
+        (The bus asks beyond a moment past, too: router.signals.)"""
         ...
 
     async def stats(self, name: str, now_ms: int) -> Stats: ...

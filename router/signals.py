@@ -14,7 +14,15 @@ Nothing here polls. Two kinds of waiter, woken differently:
   becoming visible wake every receiver in line. A woken receiver that finds nothing joins the line again.
 
 Messages hidden by a visibility timeout or a nack delay become visible without any commit, so each signal
-also keeps one timer for the earliest such moment.
+also keeps one timer for the earliest such moment. Two rules keep that timer from losing a message:
+
+- it wakes nobody before the wall clock (which the store's `visible_at` is written in) reaches the moment: uvloop
+  fires timers up to about a millisecond early (libuv truncates its clock to whole milliseconds), and a lease
+  made then would miss the message by that millisecond; an early firing sets the timer again for the rest;
+- the next moment is looked up among the messages hidden beyond the moment the timer fired, not beyond the
+  time of the look-up: the leases it wakes see every message visible by then, and a message that became
+  visible after it (after the woken lease, before the look-up, which runs later under load) gets a wake-up of
+  its own instead of none.
 """
 
 from __future__ import annotations
@@ -25,6 +33,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 from services.common.errors import Unavailable
+
+
+def wall_ms() -> float:
+    """The wall clock in ms, as the store's `visible_at` is written (tests replace it)."""
+    return time.time() * 1000
 
 
 class Signal:
@@ -87,20 +100,28 @@ class Signal:
         if callback in self._watchers:
             self._watchers.remove(callback)
 
-    def wake_at(self, at_ms: int, on_fire: Callable[[], None]) -> None:
-        """Fire once at `at_ms` (wall clock, ms), unless an earlier wake-up is already set."""
+    def wake_at(self, at_ms: int, on_fire: Callable[[int], None]) -> None:
+        """Fire once the wall clock reaches `at_ms` (ms), unless an earlier wake-up is already set; `on_fire` gets
+        the wall clock's ms when it fired."""
         if self._timer_at_ms is not None and self._timer_at_ms <= at_ms:
             return
         if self._timer is not None:
             self._timer.cancel()
-        delay_s = max(0.0, at_ms / 1000 - time.time()) + 0.001
         self._timer_at_ms = at_ms
-        self._timer = asyncio.get_running_loop().call_later(delay_s, self._fire, on_fire)
+        self._arm(at_ms, on_fire)
 
-    def _fire(self, on_fire: Callable[[], None]) -> None:
+    def _arm(self, at_ms: int, on_fire: Callable[[int], None]) -> None:
+        delay_s = max(0.0, at_ms - wall_ms()) / 1000 + 0.001
+        self._timer = asyncio.get_running_loop().call_later(delay_s, self._fire, at_ms, on_fire)
+
+    def _fire(self, at_ms: int, on_fire: Callable[[int], None]) -> None:
+        now = wall_ms()
+        if now < at_ms:  # fired early (see the module's docstring): a lease now would not see the message
+            self._arm(at_ms, on_fire)
+            return
         self._timer = self._timer_at_ms = None
         self.wake_everyone()
-        on_fire()
+        on_fire(int(now))
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -135,8 +156,12 @@ class Signals:
     """The signals of every subscription; `on_change` is fed from the notifier."""
 
     def __init__(
-        self, next_visible: Callable[[str], Awaitable[int | None]], on_timer: Callable[[str], None] = lambda name: None
+        self,
+        next_visible: Callable[[str, int], Awaitable[int | None]],
+        on_timer: Callable[[str], None] = lambda name: None,
     ) -> None:
+        """`next_visible(name, after_ms)`: when the earliest message of `name` hidden beyond `after_ms` becomes
+        visible (None if none is); `on_timer(name)`: a hidden message's time came."""
         self._signals: dict[str, Signal] = {}
         self._next_visible = next_visible
         self._on_timer = on_timer
@@ -157,23 +182,24 @@ class Signals:
             self.schedule(name, at_ms)
 
     def schedule(self, name: str, at_ms: int) -> None:
-        self[name].wake_at(at_ms, lambda: self._reschedule(name))
+        self[name].wake_at(at_ms, lambda fired_ms: self._reschedule(name, fired_ms))
 
     def forget(self, name: str) -> None:
         signal = self._signals.pop(name, None)
         if signal is not None:
             signal.cancel()
 
-    def _reschedule(self, name: str) -> None:
+    def _reschedule(self, name: str, fired_ms: int) -> None:
         # After a timer fires, look up the next hidden message of that subscription and wait for it.
         self._on_timer(name)
-        task = asyncio.get_running_loop().create_task(self._schedule_next(name))
+        task = asyncio.get_running_loop().create_task(self._schedule_next(name, fired_ms))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _schedule_next(self, name: str) -> None:
+    async def _schedule_next(self, name: str, fired_ms: int) -> None:
         try:
-            at_ms = await self._next_visible(name) if name in self._signals else None
+            # Beyond the moment the timer fired, not beyond now (see the module's docstring).
+            at_ms = await self._next_visible(name, fired_ms) if name in self._signals else None
         except Unavailable:  # the store's database is away; its re-checks wake waiters meanwhile
             return
         if at_ms is not None:
