@@ -61,7 +61,7 @@ class Outcome:
 def backoff_s(attempt: int, initial_s: float, max_s: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with full jitter, between `initial_s` and `max_s`: attempt n waits
     uniform(initial, min(max, initial * 2**(n-1)))."""
-    ceiling = min(max_s, initial_s * 2 ** max(0, attempt - 1))
+    ceiling = min(max_s, initial_s * 2 ** min(max(0, attempt - 1), 64))  # no float overflow past attempt 1,025
     return (rng or random).uniform(min(initial_s, ceiling), ceiling)
 
 

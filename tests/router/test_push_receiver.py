@@ -92,6 +92,7 @@ def test_backoff_is_exponential_with_full_jitter_between_the_bounds() -> None:
         for _ in range(50):
             delay = backoff_s(attempt, 1.0, 300.0)
             assert 1.0 <= delay <= min(300.0, 2 ** (attempt - 1))
+    assert 1.0 <= backoff_s(5_000, 1.0, 300.0) <= 300.0  # 2 ** 4,999 as a float would overflow
 
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:
