@@ -91,13 +91,20 @@ class Bus:
     async def _sync_subscriptions(self) -> None:
         """Match this replica to the subscriptions, wherever they were made: a push dispatcher for each push
         subscription (shared with other replicas through leases), none for the others, and a wake-up at the
-        next hidden message of each subscription seen for the first time."""
+        next hidden message of each subscription seen for the first time.
+
+        That look-up counts as hidden what is visible only after the `now` it was given, so it may answer with a
+        message published while it ran (this sync runs in the background, maybe after a publish). A moment that
+        has passed by the answer is left alone: the commit that made its message visible woke a waiter for it
+        (a publish, a release), or a timer set for that moment from the commit that hid it did, which every
+        replica hears of; a timer set now would wake every waiter at once."""
         subs = await self.list_subscriptions()
         for sub in subs:
             name = sub.spec.name
             if name not in self._known:
                 self._known.add(name)
-                if (at := await self.store.next_visible_ms(name, now_ms())) is not None:
+                at = await self.store.next_visible_ms(name, now_ms())
+                if at is not None and at > now_ms():
                     self.signals.schedule(name, at)
             await self.dispatchers.sync(sub)
         for name in self._known - {sub.spec.name for sub in subs}:  # deleted, here or on another replica
