@@ -7,6 +7,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from services.cli import cluster, demo, up, upload
 from services.cli.failure import Failure
 from services.cli.tokens import tokens_help
@@ -42,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         "and follow the autoscaler from zero to N and back while they are transcoded.",
     )
     args = parser.parse_args(argv)
-    settings = CommonSettings()
+    try:
+        settings = CommonSettings()
+    except ValidationError as exc:
+        print(f"cattube: {settings_problem(exc)}", file=sys.stderr)
+        return 1
     if args.data_dir is not None:
         settings = settings.model_copy(update={"data_dir": args.data_dir})
     try:
@@ -55,8 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     except Failure as failure:
         print(f"cattube: {failure}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the file system refused (a data dir that cannot be made, a full disk): say what and where
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cattube: {where}{exc.strerror or exc or type(exc).__name__}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """The first bad setting as its variable, what it holds and what was expected."""
+    error = exc.errors()[0]
+    said = error["msg"].removeprefix("Value error, ")
+    if not error["loc"] or said.startswith("CATTUBE_"):  # the settings' own checks name their variable
+        return said
+    return f"CATTUBE_{str(error['loc'][0]).upper()}: {said} (got {error['input']!r})"
 
 
 if __name__ == "__main__":

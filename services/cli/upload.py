@@ -116,7 +116,7 @@ async def upload_file(
         except httpx.TransportError as exc:
             bar.abandon()
             failure = unreachable("upload service", upload_url, exc)
-            raise Failure(f"{failure}; run the same command again to resume the upload") from None
+            raise Failure(f"{str(failure).rstrip('.')}; run the same command again to resume the upload") from None
         except Failure:
             bar.abandon()
             raise

@@ -239,6 +239,33 @@ async def test_a_visitor_without_the_token_can_watch_and_a_mangled_link_still_re
             await browser.close()
 
 
+async def test_retry_is_offered_only_for_a_failure_the_store_can_run_again(stack: Stack, tmp_path: Path) -> None:
+    # Two failed videos: one the store knows the master of (retry accepted), one it heard of only by its
+    # failure (retry answers 409), as processing announces them (no worker runs: max_workers is 0).
+    known = await upload(stack, make_clip(tmp_path / "known.mp4", 320, 180, 1), "A cat to try again")
+    orphan = "heard-of-only-by-its-failure"
+    failure = {"attempt": 1, "permanent": True, "reason": "The bucket was away."}
+    failed = [
+        new_event("cattube.transcode.failed", "cattube/processing", {"video_id": video_id, **failure}, id=video_id)
+        for video_id in (known, orphan)
+    ]
+    async with RouterClient(stack.url("router"), token=stack.tokens["admin"]) as router, async_playwright() as pw:
+        await router.publish_batch(failed)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            for video_id, retry_shown in ((known, True), (orphan, False)):
+                await live(page, f"{stack.url('store')}/watch/{video_id}#token={stack.tokens['user']}")
+                await page.wait_for_selector("#status[data-status=failed]", timeout=30_000)
+                assert await page.locator("#actions").is_visible(), video_id  # the token holder's controls
+                assert await page.locator("[data-action=retry]").is_visible() is retry_shown, video_id
+            assert errors == []
+        finally:
+            await browser.close()
+
+
 async def test_an_upload_through_the_page_survives_a_reload(stack: Stack, tmp_path: Path) -> None:
     """The page sends 8 MiB per PATCH; the second is held back and the page reloaded under it. Choosing the same
     file again asks the server where it is and goes on from there: one upload, created once."""

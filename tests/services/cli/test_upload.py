@@ -57,6 +57,7 @@ def test_upload_with_the_stack_stopped_says_what_to_run(
     assert code != 0
     assert len(err.strip().splitlines()) <= 2, err
     assert f"127.0.0.1:{port}" in err and "not reachable" in err and "cattube up" in err
+    assert ".;" not in err and ";;" not in err, err  # the resume hint joins the sentence, not a period
 
 
 def test_unknown_renditions_are_refused_before_connecting(
