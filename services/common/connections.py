@@ -9,6 +9,7 @@ plain-text 503. So each service runs this subclass of uvicorn's httptools protoc
 
 - counts the bytes of a request until its headers are complete, and past `max_header_bytes`
   answers 431 and closes the connection (the bytes held are bounded by the limit plus one read);
+  headers that arrive complete within one read are measured once parsed, and get the same 431;
 - arms a timer when a connection opens and when a request starts, disarmed once its headers are
   complete: a client that takes longer than `header_timeout_s` gets 408 and the connection closes;
 - serves at most `max_connections` connections at once: a request on a connection beyond gets
@@ -57,6 +58,24 @@ async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _headers_too_large(max_header_bytes: int) -> Any:
+    """The ASGI app that answers a request whose headers, complete, are over the limit (in place of the service)."""
+    body = _problem(
+        431, "Request header fields too large", f"the request line and headers exceed {max_header_bytes} bytes"
+    )
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 431, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return answer
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with `limits` enforced; build one with `protocol_with`."""
 
@@ -66,6 +85,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.limit_concurrency = None  # uvicorn's own cap answers in plain text: ours replaces it
         self._header_bytes = 0
+        self._read_bytes = 0  # the size of the read being parsed
         self._reading_headers = True  # a connection opens waiting for its first request's headers
         self._header_timer: asyncio.TimerHandle | None = None
         self._lingering = False
@@ -103,6 +123,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_header_timer()  # an idle keep-alive connection was under uvicorn's keep-alive timer
 
     def on_headers_complete(self) -> None:
+        # The read that completes the headers is not counted in `data_received` (it may carry body bytes), so
+        # headers that arrive whole in one read were never counted: 100 KB of them were served. That read's
+        # size, with the reads of the request before it, bounds them; only past the limit are they measured.
+        limit = self.limits.max_header_bytes
+        too_large = self._header_bytes + self._read_bytes > limit and self._head_bytes() > limit
         self._reading_headers = False
         self._header_bytes = 0
         self._disarm_header_timer()
@@ -111,11 +136,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.app = _over_capacity if over else self.config.loaded_app
         if over:
             log.warning("over %d open connections: answering 503", self.limits.max_connections)
+        elif too_large:
+            self.app = _headers_too_large(limit)
         super().on_headers_complete()
+
+    def _head_bytes(self) -> int:
+        """The request line's target and the headers, as sent (`name: value` and CRLF each)."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return
+        self._read_bytes = len(data)
         super().data_received(data)
         # Counted after parsing: a read that completes the headers may carry body bytes, which do not count.
         # A read that ends still inside the headers is all header bytes (bar a pipelined predecessor's tail).

@@ -78,6 +78,23 @@ async def test_oversized_headers_get_431_and_the_connection_closes() -> None:
         writer.close()
 
 
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["first-request", "after-a-request"])
+async def test_oversized_headers_that_arrive_whole_in_one_read_get_431(keep_alive: bool) -> None:
+    """Headers complete within one read are parsed before a count after the read could see them: 9 KiB of
+    headers against an 8 KiB limit, in one write, were answered 200."""
+    async with serving(tiny_app(), max_header_bytes=8 * 1024) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if keep_alive:
+            writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_response(reader))[0] == 200
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9 * 1024 + b"\r\n\r\n")
+        status, headers, body = await read_response(reader)
+        assert status == 431 and headers["content-type"] == "application/problem+json"
+        assert json.loads(body)["detail"] == "the request line and headers exceed 8192 bytes"
+        assert await closed(reader)
+        writer.close()
+
+
 async def test_headers_within_the_limit_are_served() -> None:
     async with serving(tiny_app(), max_header_bytes=8 * 1024) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
