@@ -12,6 +12,9 @@ plain-text 503. So each service runs this subclass of uvicorn's httptools protoc
   headers that arrive complete within one read are measured once parsed, and get the same 431;
 - arms a timer when a connection opens and when a request starts, disarmed once its headers are
   complete: a client that takes longer than `header_timeout_s` gets 408 and the connection closes;
+- likewise, once the headers are in, a body that pauses longer than `body_timeout_s` gets 408 and the
+  connection closes (only closes, when the service has begun to answer): bodies are bounded before tokens
+  are checked, so without it anyone could hold connections up to the cap, and every other client got 503;
 - serves at most `max_connections` connections at once: a request on a connection beyond gets
   503 problem+json with `Connection: close`.
 """
@@ -38,6 +41,7 @@ LINGER_S = 2.0
 class ConnectionLimits:
     max_header_bytes: int = 64 * 1024
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     max_connections: int = 1000
 
 
@@ -88,6 +92,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._read_bytes = 0  # the size of the read being parsed
         self._reading_headers = True  # a connection opens waiting for its first request's headers
         self._header_timer: asyncio.TimerHandle | None = None
+        self._reading_body = False  # from a request's headers to the end of its body
+        self._body_read_at = 0.0  # when the last read of a body that is still coming ended
+        self._body_timer: asyncio.TimerHandle | None = None
         self._lingering = False
 
     # -- the header-read timer ------------------------------------------------------------------------
@@ -98,6 +105,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        self._disarm_body_timer()
         super().connection_lost(exc)
 
     def _arm_header_timer(self) -> None:
@@ -113,6 +121,41 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer = None
         detail = f"the request's headers did not arrive within {self.limits.header_timeout_s:g} s"
         self._refuse(408, "Request timeout", detail)
+
+    # -- the body-read timer: one timer per pause, not one per read ---------------------------------------
+
+    def _disarm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        if not self._reading_body or self._lingering or self.transport.is_closing():
+            return
+        timeout = self.limits.body_timeout_s
+        idle = self.loop.time() - self._body_read_at
+        if self.flow.read_paused or idle < timeout:  # paused: the service is not taking the body yet, not the client
+            self._body_timer = self.loop.call_later(
+                timeout if self.flow.read_paused else timeout - idle, self._body_timeout
+            )
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self.transport.close()  # the service has answered, or is answering: no second answer
+            return
+        if cycle is not None:
+            # The service hears a disconnect (what it would answer is dropped); the client hears why.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self.cycle = None  # type: ignore[assignment]  # as uvicorn starts a connection
+        self._refuse(408, "Request timeout", f"the request's body paused for more than {timeout:g} s")
+
+    def on_message_complete(self) -> None:
+        self._reading_body = False
+        if self._body_timer is not None:
+            self._disarm_body_timer()
+        super().on_message_complete()
 
     # -- counting header bytes ------------------------------------------------------------------------
 
@@ -138,6 +181,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             log.warning("over %d open connections: answering 503", self.limits.max_connections)
         elif too_large:
             self.app = _headers_too_large(limit)
+        self._reading_body = True  # until on_message_complete, in this very read for a request without a body
         super().on_headers_complete()
 
     def _head_bytes(self) -> int:
@@ -149,6 +193,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._read_bytes = len(data)
         super().data_received(data)
+        if self._reading_body:  # a body still to come: the pause starts now
+            self._body_read_at = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timeout)
         # Counted after parsing: a read that completes the headers may carry body bytes, which do not count.
         # A read that ends still inside the headers is all header bytes (bar a pipelined predecessor's tail).
         if self._reading_headers and not self.transport.is_closing():
