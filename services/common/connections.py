@@ -9,8 +9,12 @@ plain-text 503. So each service runs this subclass of uvicorn's httptools protoc
 
 - counts the bytes of a request until its headers are complete, and past `max_header_bytes`
   answers 431 and closes the connection (the bytes held are bounded by the limit plus one read);
+  headers that arrive complete within one read are measured once parsed, and get the same 431;
 - arms a timer when a connection opens and when a request starts, disarmed once its headers are
   complete: a client that takes longer than `header_timeout_s` gets 408 and the connection closes;
+- likewise, once the headers are in, a body that pauses longer than `body_timeout_s` gets 408 and the
+  connection closes (only closes, when the service has begun to answer): bodies are bounded before tokens
+  are checked, so without it anyone could hold connections up to the cap, and every other client got 503;
 - serves at most `max_connections` connections at once: a request on a connection beyond gets
   503 problem+json with `Connection: close`.
 """
@@ -37,6 +41,7 @@ LINGER_S = 2.0
 class ConnectionLimits:
     max_header_bytes: int = 64 * 1024
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     max_connections: int = 1000
 
 
@@ -57,6 +62,24 @@ async def _over_capacity(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _headers_too_large(max_header_bytes: int) -> Any:
+    """The ASGI app that answers a request whose headers, complete, are over the limit (in place of the service)."""
+    body = _problem(
+        431, "Request header fields too large", f"the request line and headers exceed {max_header_bytes} bytes"
+    )
+    headers = [
+        (b"content-type", PROBLEM_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 431, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return answer
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with `limits` enforced; build one with `protocol_with`."""
 
@@ -66,8 +89,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.limit_concurrency = None  # uvicorn's own cap answers in plain text: ours replaces it
         self._header_bytes = 0
+        self._read_bytes = 0  # the size of the read being parsed
         self._reading_headers = True  # a connection opens waiting for its first request's headers
         self._header_timer: asyncio.TimerHandle | None = None
+        self._reading_body = False  # from a request's headers to the end of its body
+        self._body_read_at = 0.0  # when the last read of a body that is still coming ended
+        self._body_timer: asyncio.TimerHandle | None = None
         self._lingering = False
 
     # -- the header-read timer ------------------------------------------------------------------------
@@ -78,6 +105,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        self._disarm_body_timer()
         super().connection_lost(exc)
 
     def _arm_header_timer(self) -> None:
@@ -94,6 +122,41 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         detail = f"the request's headers did not arrive within {self.limits.header_timeout_s:g} s"
         self._refuse(408, "Request timeout", detail)
 
+    # -- the body-read timer: one timer per pause, not one per read ---------------------------------------
+
+    def _disarm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        if not self._reading_body or self._lingering or self.transport.is_closing():
+            return
+        timeout = self.limits.body_timeout_s
+        idle = self.loop.time() - self._body_read_at
+        if self.flow.read_paused or idle < timeout:  # paused: the service is not taking the body yet, not the client
+            self._body_timer = self.loop.call_later(
+                timeout if self.flow.read_paused else timeout - idle, self._body_timeout
+            )
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self.transport.close()  # the service has answered, or is answering: no second answer
+            return
+        if cycle is not None:
+            # The service hears a disconnect (what it would answer is dropped); the client hears why.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self.cycle = None  # type: ignore[assignment]  # as uvicorn starts a connection
+        self._refuse(408, "Request timeout", f"the request's body paused for more than {timeout:g} s")
+
+    def on_message_complete(self) -> None:
+        self._reading_body = False
+        if self._body_timer is not None:
+            self._disarm_body_timer()
+        super().on_message_complete()
+
     # -- counting header bytes ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
@@ -103,6 +166,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._arm_header_timer()  # an idle keep-alive connection was under uvicorn's keep-alive timer
 
     def on_headers_complete(self) -> None:
+        # The read that completes the headers is not counted in `data_received` (it may carry body bytes), so
+        # headers that arrive whole in one read were never counted: 100 KB of them were served. That read's
+        # size, with the reads of the request before it, bounds them; only past the limit are they measured.
+        limit = self.limits.max_header_bytes
+        too_large = self._header_bytes + self._read_bytes > limit and self._head_bytes() > limit
         self._reading_headers = False
         self._header_bytes = 0
         self._disarm_header_timer()
@@ -111,12 +179,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.app = _over_capacity if over else self.config.loaded_app
         if over:
             log.warning("over %d open connections: answering 503", self.limits.max_connections)
+        elif too_large:
+            self.app = _headers_too_large(limit)
+        self._reading_body = True  # until on_message_complete, in this very read for a request without a body
         super().on_headers_complete()
+
+    def _head_bytes(self) -> int:
+        """The request line's target and the headers, as sent (`name: value` and CRLF each)."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return
+        self._read_bytes = len(data)
         super().data_received(data)
+        if self._reading_body:  # a body still to come: the pause starts now
+            self._body_read_at = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timeout)
         # Counted after parsing: a read that completes the headers may carry body bytes, which do not count.
         # A read that ends still inside the headers is all header bytes (bar a pipelined predecessor's tail).
         if self._reading_headers and not self.transport.is_closing():

@@ -84,6 +84,7 @@ def server_options(settings: CommonSettings, port: int) -> dict[str, Any]:
     limits = ConnectionLimits(
         max_header_bytes=settings.max_header_bytes,
         header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
         max_connections=connection_cap(settings.max_connections),
     )
     return {

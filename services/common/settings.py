@@ -59,6 +59,11 @@ class CommonSettings(BaseSettings):
     header_timeout_s: float = Field(
         10.0, gt=0, description="Time a client has to send a request's headers once it starts one (408 after)."
     )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest pause in a request's body once its headers are in (408 after, the connection closed).",
+    )
     max_connections: int = Field(
         1000, ge=1, description="Open connections served at once; requests on connections beyond get 503."
     )

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from router.settings import RouterSettings
 from services.common.server import server_options
@@ -31,6 +31,10 @@ def tiny_app() -> FastAPI:
     @app.get("/ok")
     async def ok() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
 
     return app
 
@@ -78,6 +82,23 @@ async def test_oversized_headers_get_431_and_the_connection_closes() -> None:
         writer.close()
 
 
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["first-request", "after-a-request"])
+async def test_oversized_headers_that_arrive_whole_in_one_read_get_431(keep_alive: bool) -> None:
+    """Headers complete within one read are parsed before a count after the read could see them: 9 KiB of
+    headers against an 8 KiB limit, in one write, were answered 200."""
+    async with serving(tiny_app(), max_header_bytes=8 * 1024) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        if keep_alive:
+            writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_response(reader))[0] == 200
+        writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9 * 1024 + b"\r\n\r\n")
+        status, headers, body = await read_response(reader)
+        assert status == 431 and headers["content-type"] == "application/problem+json"
+        assert json.loads(body)["detail"] == "the request line and headers exceed 8192 bytes"
+        assert await closed(reader)
+        writer.close()
+
+
 async def test_headers_within_the_limit_are_served() -> None:
     async with serving(tiny_app(), max_header_bytes=8 * 1024) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -111,6 +132,32 @@ async def test_the_header_timer_starts_again_for_each_request_on_a_kept_alive_co
         writer.write(b"GET /ok HTTP/1.1\r\n")  # the second request stalls
         assert (await read_response(reader))[0] == 408
         assert await closed(reader)
+        writer.close()
+
+
+@pytest.mark.parametrize("sent", [b"", b"{"], ids=["no-body-byte", "one-body-byte"])
+async def test_a_request_whose_body_stalls_gets_408_and_is_closed(sent: bytes) -> None:
+    """Headers in time and then a body that never comes held the connection for good: without a token (bodies are
+    bounded before tokens are checked), enough of them made every other client get 503 from the connection cap."""
+    async with serving(tiny_app(), body_timeout_s=0.5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + sent)
+        await writer.drain()
+        status, headers, body = await read_response(reader)
+        assert status == 408 and headers["content-type"] == "application/problem+json"
+        assert "body" in json.loads(body)["detail"]
+        assert await closed(reader)
+        writer.close()
+
+
+async def test_a_body_that_arrives_is_served() -> None:
+    async with serving(tiny_app(), body_timeout_s=0.5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n{")
+        await writer.drain()
+        writer.write(b"}}")
+        status, _, body = await read_response(reader)
+        assert status == 200 and json.loads(body) == {"bytes": 3}
         writer.close()
 
 
