@@ -76,11 +76,15 @@ async def test_received_messages_are_hidden_until_acked(router: httpx.AsyncClien
 async def test_a_message_comes_back_after_its_visibility_timeout(router: httpx.AsyncClient) -> None:
     await make_queue(router)
     await publish(router, event(id="v"))
+    await make_queue(router, "idle", pattern={"source": ["nobody"]})
     (first,) = await receive(router, visibility_timeout_s=0.2)
-    started = time.monotonic()
-    (second,) = await receive(router, wait_s=5)  # woken by the visibility timer, not by a poll
-    assert time.monotonic() - started < 4
+    returned = asyncio.create_task(receive(router, wait_s=20))
+    yardstick = asyncio.create_task(receive(router, "idle", wait_s=3))  # can only end at its wait's end
+    done, _ = await asyncio.wait({returned, yardstick}, return_when=asyncio.FIRST_COMPLETED)
+    assert returned in done  # woken by the visibility timer, not at its long poll's end (nor by a poll)
+    (second,) = returned.result()
     assert second["event"]["id"] == "v" and second["attempt"] == 2
+    assert await yardstick == []
     stale = (await router.post("/subscriptions/q/ack", json={"receipts": [first["receipt"]]})).json()
     assert stale["results"][0]["ok"] is False
     assert (await router.post("/subscriptions/q/ack", json={"receipts": [second["receipt"]]})).json()["results"][0][
@@ -175,10 +179,15 @@ async def test_stats_long_poll_answers_when_the_numbers_change(router: httpx.Asy
     await publish(router, event())
     changed = (await asyncio.wait_for(waiting, 5)).json()
     assert changed["backlog"] == 1 and changed["version"] != first["version"]
-    # An old version answers at once.
-    started = time.monotonic()
-    await router.get("/subscriptions/q/stats", params={"wait_s": 10, "version": first["version"]})
-    assert time.monotonic() - started < 2
+    # An old version answers at once: before a long poll on the current one, which nothing changes, ends.
+    current = changed["version"]
+    answered = asyncio.create_task(
+        router.get("/subscriptions/q/stats", params={"wait_s": 30, "version": first["version"]})
+    )
+    yardstick = asyncio.create_task(router.get("/subscriptions/q/stats", params={"wait_s": 3, "version": current}))
+    done, _ = await asyncio.wait({answered, yardstick}, return_when=asyncio.FIRST_COMPLETED)
+    assert answered in done
+    assert (await yardstick).json()["version"] == current
 
 
 async def test_stats_long_poll_sees_a_visibility_timeout_expire(router: httpx.AsyncClient) -> None:

