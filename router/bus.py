@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -35,6 +34,7 @@ from router.persistence import (
     Stats,
     Subscription,
     SubscriptionSpec,
+    now_ms,
 )
 from router.push_policy import PushPolicy
 from router.signals import Signals, wait_for, wait_turn
@@ -44,10 +44,6 @@ from services.common.errors import InsufficientStorage, InvalidInput, NotFound, 
 log = logging.getLogger(__name__)
 
 MAX_EVENTS_PER_COMMIT = 10_000
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Bus:

@@ -33,7 +33,7 @@ from standardwebhooks.webhooks import Webhook
 
 from router.batching import GroupCommit
 from router.fanout import Fanout, Grant
-from router.persistence import EventStore, Message, Settlement, Subscription
+from router.persistence import EventStore, Message, Settlement, Subscription, now_ms
 from router.push_policy import REFUSED, PushPolicy, TargetRefused
 from router.signals import Signals
 from services.common.errors import Unavailable
@@ -173,7 +173,7 @@ class Dispatcher:
         async with aiohttp.ClientSession(connector=connector) as session:
             while not self._stopping.is_set():
                 try:
-                    await self.store.release_leases(self.name, _now_ms())
+                    await self.store.release_leases(self.name, now_ms())
                     break
                 except Unavailable as exc:
                     await self._pause(exc)
@@ -208,7 +208,7 @@ class Dispatcher:
                 if delivery.ordered or self._maybe_ready:
                     marks = self._ready_marks
                     try:
-                        messages = await self.store.lease(self.name, free, lease_ms, _now_ms(), delivery.ordered)
+                        messages = await self.store.lease(self.name, free, lease_ms, now_ms(), delivery.ordered)
                     except Unavailable as exc:  # the database is away: look again later, do not die
                         await self._pause(exc)
                         continue
@@ -271,7 +271,7 @@ class Dispatcher:
             limit = "permanent"
         elif message.attempt >= delivery.max_attempts:
             limit = "max_attempts"
-        elif _now_ms() - message.enqueued_at_ms >= delivery.max_age_s * 1000:
+        elif now_ms() - message.enqueued_at_ms >= delivery.max_age_s * 1000:
             limit = "max_age_s"
         if limit is not None:
             reason = f"{outcome.error} ({'a permanent failure' if limit == 'permanent' else limit + ' exhausted'})"
@@ -289,7 +289,7 @@ class Dispatcher:
         return Settlement(message.receipt, "retry", delay_ms=int(delay_s * 1000), error=outcome.error)
 
     async def _settle(self, settlements: list[Settlement]) -> list[None]:
-        await self.store.settle(self.name, settlements, _now_ms())
+        await self.store.settle(self.name, settlements, now_ms())
         return [None] * len(settlements)
 
     async def _attempt(self, session: aiohttp.ClientSession, message: Message) -> Outcome:
@@ -321,10 +321,6 @@ class Dispatcher:
             return Outcome(False, retry=True, status=status, error=error, retry_after_s=retry_after)
         retry = status in RETRYABLE or status >= 500
         return Outcome(False, retry=retry, status=status, error=f"HTTP {status}", retry_after_s=retry_after)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Dispatchers:

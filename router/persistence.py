@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -22,6 +23,11 @@ if TYPE_CHECKING:
     from router.notifier import Notifier
 
 log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    """The wall clock in ms: the `now_ms` every store method takes, and what `visible_at` is written in."""
+    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,16 +28,11 @@ also keeps one timer for the earliest such moment. Two rules keep that timer fro
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from router.persistence import now_ms
 from services.common.errors import Unavailable
-
-
-def wall_ms() -> float:
-    """The wall clock in ms, as the store's `visible_at` is written (tests replace it)."""
-    return time.time() * 1000
 
 
 class Signal:
@@ -111,17 +106,17 @@ class Signal:
         self._arm(at_ms, on_fire)
 
     def _arm(self, at_ms: int, on_fire: Callable[[int], None]) -> None:
-        delay_s = max(0.0, at_ms - wall_ms()) / 1000 + 0.001
+        delay_s = max(0, at_ms - now_ms()) / 1000 + 0.001
         self._timer = asyncio.get_running_loop().call_later(delay_s, self._fire, at_ms, on_fire)
 
     def _fire(self, at_ms: int, on_fire: Callable[[int], None]) -> None:
-        now = wall_ms()
+        now = now_ms()
         if now < at_ms:  # fired early (see the module's docstring): a lease now would not see the message
             self._arm(at_ms, on_fire)
             return
         self._timer = self._timer_at_ms = None
         self.wake_everyone()
-        on_fire(int(now))
+        on_fire(now)
 
     def cancel(self) -> None:
         if self._timer is not None:

@@ -20,9 +20,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from router.bus import Bus, now_ms
+from router.bus import Bus
 from router.models import StreamIn
-from router.persistence import Message
+from router.persistence import Message, now_ms
 from services.common.body import read_body
 
 HEARTBEAT = b'{"heartbeat":true}\n'

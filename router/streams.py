@@ -22,12 +22,11 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from router.fanout import Grant
-from router.persistence import Message, ReceiptResult
+from router.persistence import Message, ReceiptResult, now_ms
 from router.signals import Signal
 from services.common.errors import Unavailable
 
@@ -35,10 +34,6 @@ if TYPE_CHECKING:
     from router.bus import Bus
 
 log = logging.getLogger(__name__)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Window:

@@ -21,11 +21,11 @@ from router.signals import Signal, Signals
 class Clock:
     """The wall clock `router.signals` reads: the given readings in turn, then the real one."""
 
-    def __init__(self, *readings: float) -> None:
-        self.readings: Iterator[float] = iter(readings)
+    def __init__(self, *readings: int) -> None:
+        self.readings: Iterator[int] = iter(readings)
 
-    def __call__(self) -> float:
-        return next(self.readings, time.time() * 1000)
+    def __call__(self) -> int:
+        return next(self.readings, int(time.time() * 1000))
 
 
 async def test_a_timer_the_loop_fires_early_wakes_nobody_until_the_moment_comes(
@@ -34,7 +34,7 @@ async def test_a_timer_the_loop_fires_early_wakes_nobody_until_the_moment_comes(
     at_ms = int(time.time() * 1000) + 10
     # Armed 10 ms ahead; the loop fires it while the wall clock still says 20 ms before the moment (an early
     # firing, made large enough to see); armed again for the rest; then fired on time.
-    monkeypatch.setattr(signals, "wall_ms", Clock(at_ms - 10, at_ms - 20, at_ms - 20, at_ms + 1))
+    monkeypatch.setattr(signals, "now_ms", Clock(at_ms - 10, at_ms - 20, at_ms - 20, at_ms + 1))
     signal = Signal()
     woken: list[str] = []
     fired = asyncio.get_running_loop().create_future()
@@ -50,7 +50,7 @@ async def test_the_next_hidden_message_is_looked_up_beyond_the_moment_the_timer_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     at_ms = int(time.time() * 1000) + 5
-    monkeypatch.setattr(signals, "wall_ms", Clock(at_ms - 5, at_ms + 2))
+    monkeypatch.setattr(signals, "now_ms", Clock(at_ms - 5, at_ms + 2))
     asked: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
 
     async def next_visible(name: str, after_ms: int) -> int | None:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,7 +29,7 @@ import asyncpg
 
 from router.fanout import Fanout, Handoffs
 from router.notifier import Changes, Notifier
-from router.persistence import Subscription, spec_from_json
+from router.persistence import Subscription, now_ms, spec_from_json
 from router.settings import Durability
 from router.stores.postgres.partitions import day_of, ensure_partitions, is_missing_partition
 from router.stores.postgres.schema import SCHEMA, SHARDS, migrate
@@ -239,7 +238,7 @@ class PostgresCore:
 
     async def _prepare(self, conn: Conn) -> None:
         """After the schema: what the store needs before its first call (the other parts add to it)."""
-        await self._ensure_days(conn, {day_of(_wall_ms()), day_of(_wall_ms()) + 1})
+        await self._ensure_days(conn, {day_of(now_ms()), day_of(now_ms()) + 1})
 
     async def _ensure_days(self, conn: Conn, days: set[int]) -> None:
         made = await ensure_partitions(conn, days - self._days)
@@ -394,7 +393,3 @@ def shard() -> int:
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _wall_ms() -> int:
-    return int(time.time() * 1000)
