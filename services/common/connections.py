@@ -153,8 +153,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._reading_body = False
-        if self._body_timer is not None:
-            self._disarm_body_timer()
+        self._disarm_body_timer()
         super().on_message_complete()
 
     # -- counting header bytes ------------------------------------------------------------------------
