@@ -31,11 +31,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failing test shows the logs of the service processes it started (a CI failure is read from its output)."""
+    """A failing test shows the logs of the service processes it started, and of the session's S3 server if it
+    used it (a CI failure is read from its output)."""
     report = yield
     if report.failed:
         for proc in STARTED:
             report.sections.append((f"log of {proc.module} on port {proc.port}", proc.log_tail()))
+        server = getattr(item, "funcargs", {}).get("s3")
+        if isinstance(server, S3Server) and server.log is not None:
+            report.sections.append((f"log of the S3 server at {server.endpoint} (last lines)", server.log_tail()))
     if call.when == "teardown":  # a process a wider fixture keeps running stays on the list
         STARTED[:] = [proc for proc in STARTED if proc.proc is not None]
     return report

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from tests.process import free_port
 EXTERNAL_ENDPOINT_VARIABLE = "CATTUBE_TEST_S3_ENDPOINT"
 CLIENT = {"allow_http": True}  # the test server speaks plain HTTP on loopback
 START_TIMEOUT_S = 60
+LOG_LINES_KEPT = 200  # of weed's own log, shown when a test that used the server fails (tests/conftest.py)
 
 
 class S3Unavailable(RuntimeError):
@@ -52,6 +54,10 @@ class S3Server:
     admin: Identity
     pid: int | None  # the process we started, None for an external server
     filer: str | None = None  # SeaweedFS's filer (no auth, loopback), to look behind S3: unfinished uploads
+    log: deque[str] | None = None  # the last lines weed wrote, for a failing test's report
+
+    def log_tail(self) -> str:
+        return "".join(self.log or ())
 
     async def unfinished_uploads(self, bucket: str) -> list[str]:
         """Multipart uploads begun and neither completed nor aborted (SeaweedFS keeps them under `.uploads`)."""
@@ -137,13 +143,14 @@ def throwaway_seaweedfs() -> Iterator[S3Server]:
         attempts = 3
         for attempt in range(1, attempts + 1):
             try:
-                with _running(directory, config) as (pid, ports):
+                with _running(directory, config) as (pid, ports, log):
                     yield S3Server(
                         f"http://127.0.0.1:{ports['s3.port']}",
                         app,
                         admin,
                         pid,
                         f"http://127.0.0.1:{ports['filer.port']}",
+                        log,
                     )
                 return
             except _PortTaken:
@@ -158,22 +165,28 @@ class _PortTaken(Exception):
 
 
 @contextmanager
-def _running(directory: Path, config: Path) -> Iterator[tuple[int, dict[str, int]]]:
+def _running(directory: Path, config: Path) -> Iterator[tuple[int, dict[str, int], deque[str]]]:
     data = directory / f"data-{secrets.token_hex(3)}"
     data.mkdir()
     ports = {flag: free_port() for flag in local_seaweedfs.PORT_FLAGS}
     command = local_seaweedfs.command(data, config, ports)
     process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=directory
-    )
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=directory,
+        env={**os.environ, "TMPDIR": str(directory)},  # weed leaves a socket file in its temporary directory
+    )  # fmt: skip
     lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
+    log: deque[str] = deque(maxlen=LOG_LINES_KEPT)
+    ready = threading.Event()
 
     def drain() -> None:
-        # Reads the log to its end so the pipe never fills; hands each line to the starter until it is ready.
+        # Reads the log to its end so the pipe never fills, keeping its last lines for a failing test's
+        # report, and hands each line to the starter until the server is ready.
         assert process.stdout is not None
         for raw in process.stdout:
-            lines.put(raw.decode(errors="replace"))
+            line = raw.decode(errors="replace")
+            log.append(line)
+            if not ready.is_set():
+                lines.put(line)
         lines.put(None)
 
     reader = threading.Thread(target=drain, daemon=True, name="weed-log")
@@ -183,16 +196,16 @@ def _running(directory: Path, config: Path) -> Iterator[tuple[int, dict[str, int
             try:
                 line = lines.get(timeout=START_TIMEOUT_S)
             except queue.Empty:
-                raise S3Unavailable("weed mini did not start in time:\n" + "".join(log[-40:])) from None
+                raise S3Unavailable("weed mini did not start in time:\n" + "".join(list(log)[-40:])) from None
             if line is None:
-                text = "".join(log[-40:])
+                text = "".join(list(log)[-40:])
                 if "Port allocation failed" in text:
                     raise _PortTaken()
                 raise S3Unavailable(f"weed mini exited ({process.wait()}):\n{text}")
-            log.append(line)
             if local_seaweedfs.READY_LINE in line:
                 break
-        yield process.pid, ports
+        ready.set()
+        yield process.pid, ports, log
     finally:
         process.terminate()
         try:
@@ -214,7 +227,13 @@ async def new_bucket(server: S3Server) -> str:
 
 @asynccontextmanager
 async def fresh_bucket(server: S3Server) -> AsyncIterator[str]:
-    """A new empty bucket (created by the admin's first upload), emptied and left behind afterwards."""
+    """A new empty bucket (created by the admin's first upload), emptied afterwards, and dropped on our SeaweedFS.
+
+    Dropped, not just emptied: SeaweedFS keeps each bucket's objects in a collection of its own, which holds
+    at least one volume until the bucket goes, and `weed mini` has only as many volumes as free disk space
+    over 1 GiB. Left behind, the session's buckets used them all up on a fuller disk, and the next upload got
+    500 "No writable volumes and no free volumes left".
+    """
     name = await new_bucket(server)
     admin = S3Store(name, config=server.config(server.admin), client_options=CLIENT)  # type: ignore[arg-type]
     try:
@@ -222,3 +241,7 @@ async def fresh_bucket(server: S3Server) -> AsyncIterator[str]:
     finally:
         async for batch in obstore.list(admin, None, chunk_size=1000):
             await obstore.delete_async(admin, [meta["path"] for meta in batch])
+        if server.filer is not None:  # obstore cannot delete a bucket; SeaweedFS's filer can, with its collection
+            async with httpx.AsyncClient() as client:
+                answer = await client.delete(f"{server.filer}/buckets/{name}", params={"recursive": "true"})
+            answer.raise_for_status()
