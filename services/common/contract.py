@@ -176,6 +176,9 @@ class TranscodeFailed(EventData):
     attempt: int | None = None
     permanent: bool = False
     reason: str | None = None
+    input_rejected: bool = False
+    """The master itself cannot become what was asked (undecodable, smaller than every rendition asked for,
+    larger than the deployment takes): a retry of the same request cannot succeed, only a new upload."""
 
 
 class ProcessingScaled(EventData):

@@ -96,8 +96,12 @@ def completed(
     return _video_event("completed", data, run)
 
 
-def failed(video_id: str, run: str, *, attempt: int, permanent: bool, reason: str) -> dict[str, Any]:
-    data = contract.TranscodeFailed(video_id=video_id, attempt=attempt, permanent=permanent, reason=reason)
+def failed(
+    video_id: str, run: str, *, attempt: int, permanent: bool, reason: str, input_rejected: bool = False
+) -> dict[str, Any]:
+    data = contract.TranscodeFailed(
+        video_id=video_id, attempt=attempt, permanent=permanent, reason=reason, input_rejected=input_rejected
+    )
     return _video_event("failed", data, run)
 
 

@@ -162,13 +162,20 @@ class TranscodeJobs:
             raise RetryLater(f"The renditions are stored but the news could not be recorded ({exc}).") from exc
 
     async def report_failure(
-        self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str
+        self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str, input_rejected: bool
     ) -> None:
         video_id = contract.video_id_of(message.event)
         if video_id is None:
             log.error("not announcing the failure of a job without a valid video id: %s", reason)
             return
-        event = events.failed(video_id, run_id(message), attempt=message.attempt, permanent=permanent, reason=reason)
+        event = events.failed(
+            video_id,
+            run_id(message),
+            attempt=message.attempt,
+            permanent=permanent,
+            reason=reason,
+            input_rejected=input_rejected,
+        )
         await self.sink.publish(event)
 
     async def _master(self, request: TranscodeRequest, work: Path) -> Path:
@@ -227,8 +234,8 @@ class TranscodeJobs:
                 memory_limit_bytes=self.settings.ffmpeg_memory_limit_bytes,
             )
         except TranscodeError as exc:
-            if exc.permanent:
-                raise PermanentFailure(exc.reason) from exc
+            if exc.permanent:  # undecodable or unsuitable: the master itself is at fault
+                raise PermanentFailure(exc.reason, input_rejected=True) from exc
             raise RetryLater(exc.reason) from exc
         except ProcessTimeout as exc:
             raise RetryLater(

@@ -14,7 +14,7 @@ of its own, extends the message's visibility every third of the timeout while th
 settles the message from the job's verdict, as arq's `Retry` does:
 
     the job returns          ack
-    PermanentFailure(reason) `failed` event (permanent), then ack
+    PermanentFailure(reason) `failed` event (permanent; `input_rejected` if the master is at fault), then ack
     RetryLater(reason, delay) `failed` event (not permanent), then nack with the delay
     JobCancelled / the job task cancelled (the video was deleted)   ack, no event
     any other exception      treated as RetryLater (a bug or an outage, not the video's fault)
@@ -65,11 +65,18 @@ class RetryLater(Exception):
 
 
 class PermanentFailure(Exception):
-    """The job can never succeed as asked (the input is at fault): report it and drop the message."""
+    """Running the job again will not help: report it and drop the message.
 
-    def __init__(self, reason: str) -> None:
+    `input_rejected` when the master itself is at fault (undecodable, smaller than every rendition asked
+    for, larger than this deployment takes): a person's retry of the same request cannot succeed either,
+    so the store does not offer one. Without it (the master was gone, the event malformed) a person may
+    put things right and retry.
+    """
+
+    def __init__(self, reason: str, *, input_rejected: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.input_rejected = input_rejected
 
 
 class JobCancelled(Exception):
@@ -88,7 +95,7 @@ class JobHandler(Protocol):
         ...
 
     async def report_failure(
-        self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str
+        self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str, input_rejected: bool
     ) -> None:
         """Announce a failed attempt (the `cattube.transcode.failed` event)."""
         ...
@@ -367,7 +374,9 @@ class WorkerPool:
             self._outcome("completed", started)
         elif isinstance(exc, PermanentFailure):
             log.warning("%s: video %s failed for good: %s", worker.name, worker.video_id, exc.reason)
-            if await self._report(message, context, permanent=True, reason=exc.reason):
+            if await self._report(
+                message, context, permanent=True, reason=exc.reason, input_rejected=exc.input_rejected
+            ):
                 await self._settle("ack", message)
             else:  # the store must hear of it: keep the message, try again later
                 await self._settle("nack", message, delay_s=self.retry_delay_s)
@@ -383,13 +392,17 @@ class WorkerPool:
                 )
             delay_s = self.retry_delay_s if delay_s is None else delay_s
             log.warning("%s: video %s will be retried in %g s: %s", worker.name, worker.video_id, delay_s, reason)
-            await self._report(message, context, permanent=False, reason=reason)
+            await self._report(message, context, permanent=False, reason=reason, input_rejected=False)
             await self._settle("nack", message, delay_s=delay_s)
             self._outcome("retried", started)
 
-    async def _report(self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str) -> bool:
+    async def _report(
+        self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str, input_rejected: bool
+    ) -> bool:
         try:
-            await self.handler.report_failure(message, context, permanent=permanent, reason=reason)
+            await self.handler.report_failure(
+                message, context, permanent=permanent, reason=reason, input_rejected=input_rejected
+            )
         except Exception:
             log.exception("could not announce the failure of video %s", video_id_of(message))
             return False

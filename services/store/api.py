@@ -123,7 +123,10 @@ class VideoOut(BaseModel):
     height: int | None = None
     attempt: int | None = Field(None, description="The transcoding attempt of the current round.")
     retries: int = Field(0, description="How many times a person asked to run the video again.")
-    retryable: bool = Field(False, description="POST /videos/{id}/retry would accept it (failed, master known).")
+    retryable: bool = Field(
+        False,
+        description="POST /videos/{id}/retry would accept it (failed, master known and not rejected as unusable).",
+    )
     last_error: str | None = Field(None, description="The latest failure of an attempt, while it is retried.")
     created_at: str | None = Field(json_schema_extra=DATE_TIME)
     updated_at: str | None = Field(json_schema_extra=DATE_TIME)

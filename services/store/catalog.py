@@ -25,9 +25,11 @@ the rest without moving the status back. `deleted` is final: the row stays as a 
 every later event about the video is ignored.
 
 The one step back is a person's: `request_retry` moves a failed video to processing and starts a
-new *round*. A dead letter from an earlier round (its job was the upload, or an older retry) no
-longer fails the video. When a video becomes ready or failed, the `cattube.video.ready` /
-`.failed` event is recorded in the outbox in the same transaction.
+new *round*; not a video whose failure says `input_rejected` (its master cannot become what was
+asked, so the same request would fail the same way). A dead letter from an earlier round (its job
+was the upload, or an older retry) no longer fails the video. When a video becomes ready or
+failed, the `cattube.video.ready` / `.failed` event is recorded in the outbox in the same
+transaction.
 
 A person's edit of the title or description (`edit`) is the other command: it counts the video's
 `edits` and owes `cattube.video.updated` with the whole of the new text and that count as its
@@ -219,6 +221,7 @@ class Catalog:
         if not data.permanent:
             video.status = "processing"  # the queue gives the job to a worker again
             return self._save(conn, video, before, now)
+        video.input_rejected = data.input_rejected
         return self._fail(conn, video, before, reason, now)
 
     def _on_dead_lettered(self, conn: Connection, event: Mapping[str, Any], now: float) -> Outcome:
@@ -291,6 +294,11 @@ class Catalog:
         video = self._existing(conn, video_id)
         if video.status != "failed":
             raise Conflict(f"video {video_id} is {video.status}: only a failed video can be retried")
+        if video.input_rejected:
+            raise Conflict(
+                f"video {video_id} cannot be retried: its master cannot become what was asked ({video.error}); "
+                "running it again would fail the same way, so upload it again, as another file or with other renditions"
+            )
         if not (video.master and isinstance(video.master.get("uri"), str) and video.probe and video.requested):
             raise Conflict(
                 f"video {video_id} cannot be retried: the catalog never learned its master and probe "
@@ -300,6 +308,7 @@ class Catalog:
         video.round += 1
         video.status = "processing"
         video.error = video.last_error = video.speed = video.attempt = video.worker = None
+        video.input_rejected = False
         video.progress = 0.0
         outcome = self._save(conn, video, before, now)
         data = contract.RetryRequested(

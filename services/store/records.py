@@ -50,6 +50,8 @@ class Video:
     """The HLS master playlist in the bucket (`.../videos/{id}/hls/{version}/master.m3u8`); None before HLS."""
     error: str | None = None
     last_error: str | None = None
+    input_rejected: bool = False
+    """It failed because its master cannot become what was asked (`transcode.failed`'s `input_rejected`)."""
     progress: float | None = None
     speed: float | None = None
     attempt: int | None = None
@@ -73,9 +75,11 @@ class Video:
 
     @property
     def retryable(self) -> bool:
-        """What `POST /videos/{id}/retry` accepts: a failed video whose master and probe the catalog knows."""
+        """What `POST /videos/{id}/retry` accepts: a failed video whose master and probe the catalog knows, and
+        whose master was not rejected (running the same request again cannot change that verdict)."""
         master_uri = self.master.get("uri") if self.master else None
-        return self.status == "failed" and isinstance(master_uri, str) and bool(self.probe) and bool(self.requested)
+        known = isinstance(master_uri, str) and bool(self.probe) and bool(self.requested)
+        return self.status == "failed" and known and not self.input_rejected
 
     def public_record(
         self, base_url: str, *, hidden_roots: tuple[str, ...] = (), tombstone: bool = False

@@ -184,6 +184,8 @@ CATALOG = Migrations(
         _add_missing_columns,
         # 4: the HLS master playlist of a ready video (null for one made before HLS packaging).
         "ALTER TABLE videos ADD COLUMN hls_uri TEXT;",
+        # 5: a failure whose master was rejected, which no retry can change.
+        "ALTER TABLE videos ADD COLUMN input_rejected INTEGER NOT NULL DEFAULT 0;",
     ),
     postgres=(
         POSTGRES_TABLES,
@@ -206,13 +208,15 @@ CREATE TRIGGER scaling_changed AFTER INSERT ON scaling
 """,
         # 3: the HLS master playlist of a ready video (null for one made before HLS packaging).
         "ALTER TABLE videos ADD COLUMN hls_uri TEXT;",
+        # 4: a failure whose master was rejected, which no retry can change.
+        "ALTER TABLE videos ADD COLUMN input_rejected BOOLEAN NOT NULL DEFAULT false;",
     ),
 )
 
 _VIDEO_COLUMNS = (
     "video_id", "status", "title", "description", "master", "probe", "requested", "skipped", "poster_uri", "hls_uri",
-    "error", "last_error", "progress", "speed", "attempt", "worker", "elapsed_s", "round", "edits", "created_at",
-    "updated_at", "version",
+    "error", "last_error", "input_rejected", "progress", "speed", "attempt", "worker", "elapsed_s", "round", "edits",
+    "created_at", "updated_at", "version",
 )  # fmt: skip
 _JSON_COLUMNS = frozenset({"master", "probe", "requested", "skipped"})
 
@@ -304,6 +308,7 @@ def _video(row: Row, renditions: list[Rendition]) -> Video:
     }
     values["requested"] = values["requested"] or []
     values["skipped"] = values["skipped"] or []
+    values["input_rejected"] = bool(values["input_rejected"])  # SQLite keeps a boolean as 0 or 1
     return Video(**values, renditions=renditions)
 
 

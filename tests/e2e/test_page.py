@@ -240,14 +240,17 @@ async def test_a_visitor_without_the_token_can_watch_and_a_mangled_link_still_re
 
 
 async def test_retry_is_offered_only_for_a_failure_the_store_can_run_again(stack: Stack, tmp_path: Path) -> None:
-    # Two failed videos: one the store knows the master of (retry accepted), one it heard of only by its
-    # failure (retry answers 409), as processing announces them (no worker runs: max_workers is 0).
+    # Three failed videos, as processing announces them (no worker runs: max_workers is 0): one the store
+    # knows the master of (retry accepted), one it heard of only by its failure, and one whose master was
+    # rejected (retry answers 409 for both).
     known = await upload(stack, make_clip(tmp_path / "known.mp4", 320, 180, 1), "A cat to try again")
+    rejected = await upload(stack, make_clip(tmp_path / "tiny.mp4", 320, 180, 1), "A cat too small for 1080p")
     orphan = "heard-of-only-by-its-failure"
     failure = {"attempt": 1, "permanent": True, "reason": "The bucket was away."}
+    rejection = {"attempt": 1, "permanent": True, "input_rejected": True, "reason": "Smaller than every rendition."}
     failed = [
-        new_event("cattube.transcode.failed", "cattube/processing", {"video_id": video_id, **failure}, id=video_id)
-        for video_id in (known, orphan)
+        new_event("cattube.transcode.failed", "cattube/processing", {"video_id": video_id, **data}, id=video_id)
+        for video_id, data in ((known, failure), (orphan, failure), (rejected, rejection))
     ]
     async with RouterClient(stack.url("router"), token=stack.tokens["admin"]) as router, async_playwright() as pw:
         await router.publish_batch(failed)
@@ -256,7 +259,7 @@ async def test_retry_is_offered_only_for_a_failure_the_store_can_run_again(stack
             page = await browser.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            for video_id, retry_shown in ((known, True), (orphan, False)):
+            for video_id, retry_shown in ((known, True), (orphan, False), (rejected, False)):
                 await live(page, f"{stack.url('store')}/watch/{video_id}#token={stack.tokens['user']}")
                 await page.wait_for_selector("#status[data-status=failed]", timeout=30_000)
                 assert await page.locator("#actions").is_visible(), video_id  # the token holder's controls

@@ -200,6 +200,8 @@ async def test_jobs_that_cannot_run_fail_permanently_and_are_acked(make_stack: C
         )
         failed = {e["data"]["video_id"]: e["data"] for e in seen if e["type"] == "cattube.transcode.failed"}
         assert all(f["permanent"] is True and f["attempt"] == 1 for f in failed.values())
+        # None of them blames the master itself: a person may put things right and retry.
+        assert all(f["input_rejected"] is False for f in failed.values())
         assert "retry request carries no master and probe" in failed["retry"]["reason"]
         assert "not in this service's bucket" in failed["outside"]["reason"]
         assert "no longer in the bucket" in failed["gone"]["reason"]

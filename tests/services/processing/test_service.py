@@ -214,6 +214,7 @@ async def test_clips_are_transcoded_while_the_fleet_scales_from_zero_and_back(
         # The corrupt master failed for good, with a reason a person can read.
         (failed,) = s.observer.of("cattube.transcode.failed")
         assert failed["data"]["video_id"] == "corrupt" and failed["data"]["permanent"] is True
+        assert failed["data"]["input_rejected"] is True  # the master is at fault: the store offers no retry
         assert "could not be decoded" in failed["data"]["reason"]
         assert await s.store.stat(video_key("corrupt", "poster.jpg")) is None
 

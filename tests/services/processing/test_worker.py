@@ -98,7 +98,7 @@ class FakeJobs:
         await self.release.wait()
 
     async def report_failure(
-        self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str
+        self, message: ReceivedMessage, context: JobContext, *, permanent: bool, reason: str, input_rejected: bool
     ) -> None:
         pass
 

@@ -197,6 +197,19 @@ async def test_retry_starts_a_new_round_with_the_original_master_and_probe(
     assert (await owed(catalog))[-1]["id"] == "v1/ready/2"
 
 
+async def test_a_video_whose_master_was_rejected_cannot_be_retried(catalog: Catalog, bucket: FileBlobStore) -> None:
+    await catalog.apply(uploaded("v1", bucket))
+    reason = "The video is 320x180, smaller than every rendition asked for (720p); ask for a smaller one."
+    rejected = failed("v1", permanent=True, reason=reason)
+    rejected["data"]["input_rejected"] = True
+    await catalog.apply(rejected)
+    video = await catalog.get("v1")  # read back from the database: the verdict is kept
+    assert video.status == "failed" and video.input_rejected and not video.retryable
+    with pytest.raises(Conflict, match="smaller than every rendition.*upload it again"):
+        await catalog.request_retry("v1")
+    assert (await owed(catalog))[-1]["type"] == "cattube.video.failed"  # no retry owed
+
+
 async def test_a_video_whose_upload_never_arrived_cannot_be_retried(catalog: Catalog) -> None:
     await catalog.apply(failed("v1", permanent=True))
     with pytest.raises(Conflict, match="upload it again"):

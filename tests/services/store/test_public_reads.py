@@ -106,9 +106,18 @@ async def test_retryable_says_what_retry_accepts(make_store: Callable[..., Any])
         await store.deliver(event("cattube.transcode.failed", {"video_id": "known", **failure}))
         # A failure heard of before (or without) the upload: the store cannot rerun it.
         await store.deliver(event("cattube.transcode.failed", {"video_id": "orphan", **failure}))
+        # A master that can never become what was asked: the same request would fail the same way.
+        await store.deliver(uploaded("rejected", store.bucket))
+        rejected = {"video_id": "rejected", **failure, "input_rejected": True}
+        await store.deliver(event("cattube.transcode.failed", rejected))
         await ready_video(store, "fine")
         records = {v["video_id"]: v for v in (await store.api.get("/videos")).json()["items"]}
-        assert {k: v["retryable"] for k, v in records.items()} == {"known": True, "orphan": False, "fine": False}
+        assert {k: v["retryable"] for k, v in records.items()} == {
+            "known": True, "orphan": False, "rejected": False, "fine": False,
+        }  # fmt: skip
         problem(await store.api.post("/videos/orphan/retry"), 409)
+        refusal = problem(await store.api.post("/videos/rejected/retry"), 409)["detail"]
+        assert "No video frame could be decoded" in refusal and "upload it again" in refusal
+        assert (await store.api.get("/videos/rejected")).json()["status"] == "failed"
         retried = await store.api.post("/videos/known/retry")
         assert retried.status_code == 202 and retried.json()["retryable"] is False
