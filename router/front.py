@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -121,6 +121,8 @@ class Front:
 
         try:
             await hot.endpoint(scope, receive, sending)
+        except ClientDisconnect:
+            return  # the client left before its body arrived: nobody to answer, nothing went wrong here
         except Exception as exc:
             await self.failed(exc, started, scope, receive, send)
 

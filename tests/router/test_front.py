@@ -314,3 +314,35 @@ def test_the_front_claims_only_the_hot_routes(router_settings: Callable[..., Rou
         "/subscriptions/q/extend",
         "/subscriptions/q/stream",
     }
+
+
+@pytest.mark.parametrize("path", ["/events", "/subscriptions/q/ack", "/subscriptions/q/stream"])
+async def test_a_client_that_leaves_mid_body_is_let_go_without_an_error(
+    tmp_path: Path, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing to answer and nothing wrong on our side: no traceback logged (it was two, at ERROR), nothing sent,
+    nothing stored."""
+    app = create_app(RouterSettings(data_dir=tmp_path / "data"), exit_on_failure=False)
+    scope: Scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    arriving = [{"type": "http.request", "body": b'{"receipts": [', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return arriving.pop(0) if arriving else {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            assert (await client.put("/subscriptions/q", json=QUEUE)).status_code in (200, 201)
+            with caplog.at_level(logging.WARNING):
+                await app(scope, receive, send)
+            stats = (await client.get("/subscriptions/q/stats")).json()
+    assert sent == [] and [r.getMessage() for r in caplog.records] == []
+    assert (stats["backlog"], stats["in_flight"]) == (0, 0)
