@@ -16,7 +16,8 @@ plain-text 503. So each service runs this subclass of uvicorn's httptools protoc
   connection closes (only closes, when the service has begun to answer): bodies are bounded before tokens
   are checked, so without it anyone could hold connections up to the cap, and every other client got 503;
 - serves at most `max_connections` connections at once: a request on a connection beyond gets
-  503 problem+json with `Connection: close`.
+  503 problem+json with `Connection: close` (logged once, then once per period with a count: a
+  flood of them is not a flood of log lines).
 """
 
 from __future__ import annotations
@@ -35,6 +36,39 @@ log = logging.getLogger(__name__)
 
 LINGER_S = 2.0
 """How long a refused connection's remaining input is read and dropped before it is closed (see `_linger`)."""
+REFUSALS_LOGGED_EVERY_S = 10.0
+"""A flood of refusals past the connection cap is one WARNING at once, then one per this many seconds."""
+
+
+class RefusalLog:
+    """Logs the connection cap's refusals without letting a flood of them flood the log.
+
+    The first refusal is logged at once; those that follow within `every_s` are counted, and one line
+    says how many when the period ends (and the next period starts), so a flood of N refusals is
+    about one line per period, not N. A timer does it: nothing runs while nobody is refused.
+    """
+
+    def __init__(self, every_s: float = REFUSALS_LOGGED_EVERY_S) -> None:
+        self.every_s = every_s
+        self.unreported = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def refused(self, loop: asyncio.AbstractEventLoop, max_connections: int) -> None:
+        if self._timer is not None:
+            self.unreported += 1
+            return
+        log.warning("over %d open connections: answering 503", max_connections)
+        self._timer = loop.call_later(self.every_s, self._period_over, loop, max_connections)
+
+    def _period_over(self, loop: asyncio.AbstractEventLoop, max_connections: int) -> None:
+        self._timer = None
+        if self.unreported:
+            log.warning(
+                "over %d open connections: answered 503 to %d more request(s) in the last %g s",
+                max_connections, self.unreported, self.every_s,
+            )  # fmt: skip
+            self.unreported = 0
+            self._timer = loop.call_later(self.every_s, self._period_over, loop, max_connections)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +118,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with `limits` enforced; build one with `protocol_with`."""
 
     limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+    refusals: ClassVar[RefusalLog] = RefusalLog()  # one per server (`protocol_with`), shared by its connections
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -177,7 +212,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         over = len(self.connections) > self.limits.max_connections
         self.app = _over_capacity if over else self.config.loaded_app
         if over:
-            log.warning("over %d open connections: answering 503", self.limits.max_connections)
+            self.refusals.refused(self.loop, self.limits.max_connections)
         elif too_large:
             self.app = _headers_too_large(limit)
         self._reading_body = True  # until on_message_complete, in this very read for a request without a body
@@ -245,4 +280,4 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 def protocol_with(limits: ConnectionLimits) -> type[LimitedHttpToolsProtocol]:
     """The protocol class to hand uvicorn (`uvicorn.Config(http=...)`), enforcing `limits`."""
-    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"limits": limits})
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"limits": limits, "refusals": RefusalLog()})

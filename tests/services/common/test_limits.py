@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -18,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 
 from router.settings import RouterSettings
+from services.common.connections import RefusalLog
 from services.common.server import server_options
 from services.common.settings import CommonSettings
 from tests.loopback_server import uvicorn_on_loopback
@@ -163,7 +165,7 @@ async def test_a_body_that_arrives_is_served() -> None:
         writer.close()
 
 
-async def test_connections_beyond_the_cap_get_503_problem_json() -> None:
+async def test_connections_beyond_the_cap_get_503_problem_json(caplog: pytest.LogCaptureFixture) -> None:
     async with serving(tiny_app(), max_connections=2) as port:
         held = []
         for _ in range(2):  # two connections served, and kept open
@@ -179,8 +181,42 @@ async def test_connections_beyond_the_cap_get_503_problem_json() -> None:
         assert json.loads(body)["status"] == 503
         assert await closed(reader)
         writer.close()
+        with caplog.at_level(logging.WARNING, logger="services.common.connections"):
+            for _ in range(20):  # a flood of refusals is one line, not twenty (the period is 10 s)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await read_response(reader))[0] == 503
+                writer.close()
+        assert len([r for r in caplog.records if "open connections" in r.getMessage()]) <= 1
         for _, held_writer in held:
             held_writer.close()
+
+
+def test_refusals_are_logged_once_then_counted_once_per_period(caplog: pytest.LogCaptureFixture) -> None:
+    """Driven by hand: the period's timer is fired by the test, so no wall-clock wait decides anything."""
+    timers: list[tuple[Any, tuple[Any, ...]]] = []
+
+    class Loop:
+        def call_later(self, delay: float, callback: Any, *args: Any) -> object:
+            timers.append((callback, args))
+            return object()  # a handle: the log holds it while its period runs
+
+    refusals, loop = RefusalLog(every_s=10), cast(asyncio.AbstractEventLoop, Loop())
+    with caplog.at_level(logging.WARNING, logger="services.common.connections"):
+        for _ in range(5):
+            refusals.refused(loop, 2)
+        assert [r.getMessage() for r in caplog.records] == ["over 2 open connections: answering 503"]
+        callback, args = timers.pop()
+        callback(*args)  # the period ends: the other four are told, and a new period starts
+        assert (
+            caplog.records[-1].getMessage()
+            == "over 2 open connections: answered 503 to 4 more request(s) in the last 10 s"
+        )
+        callback, args = timers.pop()
+        callback(*args)  # a quiet period: nothing to tell, and the next refusal is logged at once
+        assert len(caplog.records) == 2 and timers == []
+        refusals.refused(loop, 2)
+        assert caplog.records[-1].getMessage() == "over 2 open connections: answering 503"
 
 
 # -- request bodies ---------------------------------------------------------------------------------
