@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -294,6 +294,33 @@ def _compile_stored(name: str, pattern: dict[str, Any]) -> Pattern:
     except (PatternError, RecursionError) as exc:
         log.error("subscription %s: its stored pattern cannot be compiled (%s); it matches nothing", name, exc)
         return Pattern((), ())
+
+
+class SpecCache:
+    """The parsed specs of a store's last full read of its subscriptions, to parse only what changed.
+
+    Every change to the catalog (any replica's) makes the bus and the fan-out read all subscriptions
+    again, and parsing a spec (its JSON, then compiling its pattern) costs ~15 us where reading its row
+    costs ~2 us: with 2,000 subscriptions, creating them one after another ran at 6.5 PUTs/s, most
+    of it re-parsing specs that had not changed. A spec is parsed again only when its stored text did
+    (specs are immutable: one object may serve every read that finds the same text). Each full read
+    keeps exactly the names it found, so the cache holds no more than the catalog does.
+    """
+
+    def __init__(self) -> None:
+        self._specs: dict[str, tuple[str, SubscriptionSpec]] = {}
+
+    def subscriptions(self, rows: Iterable[tuple[str, str, str, int, int]]) -> list[Subscription]:
+        """Rows of (name, spec JSON, secret, created_at, start_seq): every subscription there is."""
+        before, kept = self._specs, {}
+        subs = []
+        for name, text, secret, created_at, start_seq in rows:
+            known = before.get(name)
+            spec = known[1] if known is not None and known[0] == text else spec_from_json(name, text)
+            kept[name] = (text, spec)
+            subs.append(Subscription(spec, secret, created_at, start_seq))
+        self._specs = kept  # one swap: a read running alongside (another thread) started from the old dict
+        return subs
 
 
 def spec_from_json(name: str, text: str) -> SubscriptionSpec:

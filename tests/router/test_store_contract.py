@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from router import persistence
 from router.cloudevents import encoded
 from router.fanout import Fanout, Grant
 from router.notifier import Changes, InProcessNotifier
@@ -199,6 +200,32 @@ async def test_retention_keeps_what_a_queue_still_holds(store: EventStore) -> No
     # A purged id may be published again as new (the dedup window is the retention window).
     (again,) = await store.append([ev("free")], T0 + 2)
     assert not again.duplicate
+
+
+async def test_a_full_read_parses_only_the_specs_that_changed(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every change to the catalog has the bus read all of it again: an unchanged spec is not parsed again
+    (its JSON and its pattern), and the read still answers what is stored now."""
+    for name in ("a", "b", "c"):
+        await store.put_subscription(queue(name, {"type": [name]}), T0)
+    _, before = await store.load_subscriptions()
+    parsed: list[str] = []
+    real = persistence.spec_from_json
+
+    def counting(name: str, text: str) -> SubscriptionSpec:
+        parsed.append(name)
+        return real(name, text)
+
+    monkeypatch.setattr(persistence, "spec_from_json", counting)
+    _, again = await store.load_subscriptions()
+    assert parsed == [] and [s.spec for s in again] == [s.spec for s in before]
+    await store.put_subscription(queue("b", {"type": ["b2"]}), T0)
+    await store.delete_subscription("c")
+    _, now = await store.load_subscriptions()
+    assert parsed == ["b"]
+    assert [(s.spec.name, s.spec.pattern) for s in now] == [("a", {"type": ["a"]}), ("b", {"type": ["b2"]})]
+    assert now[0].spec is before[0].spec and now[1].spec.matches({"type": "b2"})
 
 
 async def test_delete_subscription_drops_its_messages(store: EventStore) -> None:

@@ -29,7 +29,7 @@ import asyncpg
 
 from router.fanout import Fanout, Handoffs
 from router.notifier import Changes, Notifier
-from router.persistence import Subscription, now_ms, spec_from_json
+from router.persistence import SpecCache, Subscription, now_ms
 from router.settings import Durability
 from router.stores.postgres.partitions import day_of, ensure_partitions, is_missing_partition
 from router.stores.postgres.schema import SCHEMA, SHARDS, migrate
@@ -161,6 +161,7 @@ class PostgresCore:
     def __init__(self, connection: Connection | str, *, replica_id: str | None = None) -> None:
         self.connection = Connection(connection) if isinstance(connection, str) else connection
         self.replica_id = replica_id or uuid.uuid4().hex[:16]
+        self._specs = SpecCache()
         self.write_failure: str | None = None
         self.unavailable: str | None = f"the router's database at {self.connection.where()} has not answered yet"
         """Why the database cannot be used now (None when the last call reached it)."""
@@ -376,11 +377,9 @@ class PostgresCore:
             "SELECT c.version, s.name, s.spec, s.secret, s.created_at, s.start_seq"
             " FROM catalog c LEFT JOIN subscriptions s ON true ORDER BY s.name"
         )
-        subs = [
-            Subscription(spec_from_json(r["name"], r["spec"]), r["secret"], r["created_at"], r["start_seq"])
-            for r in rows
-            if r["name"] is not None
-        ]
+        subs = self._specs.subscriptions(
+            (r["name"], r["spec"], r["secret"], r["created_at"], r["start_seq"]) for r in rows if r["name"] is not None
+        )
         return int(rows[0]["version"]), subs
 
     # -- the log ----------------------------------------------------------------------------------

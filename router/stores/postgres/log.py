@@ -11,7 +11,7 @@ from typing import Any
 
 from router.cloudevents import Encoded
 from router.fanout import Catalog, Grant, Handoffs
-from router.persistence import Appended, Message, Subscription, spec_from_json
+from router.persistence import Appended, Message
 from router.receipts import new_nonce, receipt_for
 from router.stores.postgres.core import PostgresCore, Tx, shard
 from router.stores.postgres.partitions import day_of
@@ -94,7 +94,11 @@ class PostgresLog(PostgresCore):
             if fresh:
                 version, subs = rows[0]["version"], rows[0]["subs"]
                 # The subscriptions as of this statement's snapshot: this replica's copy, or the ones read with it.
-                catalog = cached if subs is None else self._fanout.at(version, lambda: _subscriptions_from_json(subs))
+                catalog = (
+                    cached
+                    if subs is None
+                    else self._fanout.at(version, lambda: self._specs.subscriptions(_subscription_rows(subs)))
+                )
                 await self._enqueue_new(tx, catalog, fresh, now_ms)
         return results
 
@@ -318,13 +322,12 @@ FROM queued GROUP BY sub
 """Queue messages for live subscriptions; per subscription, how many, and which were leased for a hand-off."""
 
 
+def _subscription_rows(text: str | None) -> list[tuple[str, str, str, int, int]]:
+    """The subscriptions the append's statement read with its snapshot, as a JSON array of rows."""
+    rows: list[tuple[str, str, str, int, int]] = json.loads(text or "null") or []
+    return rows
+
+
 def _key(event: dict[str, Any]) -> str | None:
     key = event.get("partitionkey")
     return None if key is None else str(key)
-
-
-def _subscriptions_from_json(text: str | None) -> list[Subscription]:
-    return [
-        Subscription(spec_from_json(name, spec), secret, created_at, start_seq)
-        for name, spec, secret, created_at, start_seq in json.loads(text or "null") or []
-    ]

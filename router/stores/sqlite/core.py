@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from router.cloudevents import Encoded
 from router.fanout import Fanout, Handoffs
 from router.notifier import Changes, Notifier
-from router.persistence import Appended, Message, Subscription, spec_from_json
+from router.persistence import Appended, Message, SpecCache, Subscription
 from router.receipts import new_nonce, receipt_for
 from router.settings import Durability
 from router.stores.sqlite.durability import WalSync
@@ -60,6 +60,7 @@ class SQLiteCore:
     ) -> None:
         self.path = path
         self.replica_id = replica_id or uuid.uuid4().hex[:16]
+        self._specs = SpecCache()
         self.wal_limit_bytes = wal_limit_bytes
         self._wal = path.with_name(path.name + "-wal")
         self._wal_sync = WalSync(self._wal, durability)
@@ -262,12 +263,9 @@ class SQLiteCore:
         return None  # a full disk is `write_failure`'s to say; the file is always there to read
 
     def _read_subscriptions(self, conn: sqlite3.Connection) -> list[Subscription]:
-        return [
-            Subscription(spec_from_json(name, spec), secret, created_at, start_seq)
-            for name, spec, secret, created_at, start_seq in conn.execute(
-                "SELECT name, spec, secret, created_at, start_seq FROM subscriptions ORDER BY name"
-            )
-        ]
+        return self._specs.subscriptions(
+            conn.execute("SELECT name, spec, secret, created_at, start_seq FROM subscriptions ORDER BY name")
+        )
 
     def _catalog_version(self, conn: sqlite3.Connection) -> int:
         (version,) = conn.execute("SELECT version FROM catalog").fetchone()
