@@ -42,6 +42,7 @@ from router.settings import RouterSettings
 from services.common.auth import Access, AccessRules, granted_access
 from services.common.body import read_body
 from services.common.errors import Forbidden, InvalidInput, PayloadTooLarge
+from services.common.openapi import problems
 from services.common.timestamps import iso_utc
 
 
@@ -196,11 +197,12 @@ def _out(sub: Subscription) -> SubscriptionOut:
 @router.put(
     "/subscriptions/{name}",
     response_model=SubscriptionOut,
-    responses={201: {"model": SubscriptionOut, "description": "Created"}},
+    responses={201: {"model": SubscriptionOut, "description": "Created"}, **problems(409)},
     tags=["subscriptions"],
 )
 async def put_subscription(name: str, body: SubscriptionIn, bus: BusDep, request: Request) -> JSONResponse:
-    """Create or update a subscription (idempotent); 201 when created, 200 otherwise."""
+    """Create or update a subscription (idempotent); 201 when created, 200 otherwise; 409 when creating one
+    would pass `CATTUBE_MAX_SUBSCRIPTIONS` (10,000)."""
     _check_name(name)
     existing = await bus.find_subscription(name)
     spec = SubscriptionSpec(

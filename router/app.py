@@ -55,6 +55,7 @@ def create_app(
             push_policy=policy,
             notifier=notifier,
             max_streams=settings.max_streams,
+            max_subscriptions=settings.max_subscriptions,
         )
         await bus.start()
         app.state.bus = bus

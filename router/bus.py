@@ -56,8 +56,10 @@ class Bus:
         push_policy: PushPolicy | None = None,
         notifier: Notifier | None = None,
         max_streams: int = 100,
+        max_subscriptions: int | None = None,
     ) -> None:
         self.store = store
+        self.max_subscriptions = max_subscriptions
         self.retention_s = retention_s
         self.purge_interval_s = purge_interval_s
         self.notifier = notifier or InProcessNotifier()
@@ -224,7 +226,7 @@ class Bus:
     async def put_subscription(self, spec: SubscriptionSpec) -> tuple[Subscription, bool]:
         if not spec.is_queue:
             self.push_policy.check_url(spec.target["url"])
-        sub, created = await self.store.put_subscription(spec, now_ms())
+        sub, created = await self.store.put_subscription(spec, now_ms(), max_subscriptions=self.max_subscriptions)
         await self.dispatchers.sync(sub)
         return sub, created
 

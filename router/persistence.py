@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from router.cloudevents import Encoded
 from router.patterns import Pattern, PatternError, compile_pattern
+from services.common.errors import Conflict
 
 if TYPE_CHECKING:
     from router.fanout import Fanout
@@ -191,9 +192,13 @@ class EventStore(Protocol):
         stream; those messages go to `fanout.hand_off` after the commit, or to `fanout.rolled_back`)."""
         ...
 
-    async def put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
+    async def put_subscription(
+        self, spec: SubscriptionSpec, now_ms: int, *, max_subscriptions: int | None = None
+    ) -> tuple[Subscription, bool]:
         """Create or update; returns the subscription and whether it was created. On creation the
-        retained events from the start position are queued for it in the same transaction."""
+        retained events from the start position are queued for it in the same transaction. Creating one
+        when `max_subscriptions` exist already raises `Conflict` (checked in the creating transaction, so
+        concurrent creations on any replica never pass the bound together)."""
         ...
 
     async def get_subscription(self, name: str) -> Subscription | None:
@@ -321,6 +326,13 @@ class SpecCache:
             subs.append(Subscription(spec, secret, created_at, start_seq))
         self._specs = kept  # one swap: a read running alongside (another thread) started from the old dict
         return subs
+
+
+def over_subscription_limit(count: int, limit: int) -> Conflict:
+    return Conflict(
+        f"the router holds {count} subscriptions, its limit (CATTUBE_MAX_SUBSCRIPTIONS={limit}): "
+        "delete one first, or raise the limit"
+    )
 
 
 def spec_from_json(name: str, text: str) -> SubscriptionSpec:

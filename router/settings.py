@@ -58,6 +58,12 @@ class RouterSettings(CommonSettings):
     max_streams: int = Field(
         100, ge=1, description="Streaming receives served at once (POST /subscriptions/{name}/stream); 503 beyond."
     )
+    max_subscriptions: int = Field(
+        10_000,
+        ge=1,
+        description="Subscriptions the router holds at most (every one is read again whenever any changes);"
+        " creating one more gets 409.",
+    )
     max_event_bytes: int = Field(256 * 1024, gt=0, description="Largest event accepted (413 above).")
     max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest publish request body.")
     push_allowed_networks: str = Field(

@@ -7,6 +7,7 @@ the `db` fixture) for a replica id; two stores made from the same database are t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -226,6 +227,25 @@ async def test_a_full_read_parses_only_the_specs_that_changed(
     assert parsed == ["b"]
     assert [(s.spec.name, s.spec.pattern) for s in now] == [("a", {"type": ["a"]}), ("b", {"type": ["b2"]})]
     assert now[0].spec is before[0].spec and now[1].spec.matches({"type": "b2"})
+
+
+async def test_creating_past_the_subscription_limit_is_a_conflict_even_from_two_replicas_at_once(
+    make: StoreFactory, db: Database
+) -> None:
+    async with opened(make, db, "replica-a") as a, opened(make, db, "replica-b") as b:
+        await a.store.put_subscription(queue("first"), T0, max_subscriptions=3)
+        made = await asyncio.gather(
+            *((a, b)[n % 2].store.put_subscription(queue(f"s{n}"), T0, max_subscriptions=3) for n in range(6)),
+            return_exceptions=True,
+        )
+        refused = [r for r in made if isinstance(r, Conflict)]
+        assert len(refused) == 4 and all("CATTUBE_MAX_SUBSCRIPTIONS=3" in str(r) for r in refused), made
+        assert len((await a.store.load_subscriptions())[1]) == 3
+        # At the limit, a subscription that exists may still change; once one goes, another may come.
+        await b.store.put_subscription(queue("first", {"type": ["x"]}), T0, max_subscriptions=3)
+        assert await a.store.delete_subscription("first")
+        _, created = await a.store.put_subscription(queue("later"), T0, max_subscriptions=3)
+        assert created
 
 
 async def test_delete_subscription_drops_its_messages(store: EventStore) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
+from router.app import create_app
+from router.settings import RouterSettings
+from tests.conftest import running
 from tests.router.events import BATCH, event
 
 pytestmark = pytest.mark.engines  # CI runs these on PostgreSQL too (scripts/check)
@@ -29,6 +33,22 @@ async def test_put_creates_then_is_idempotent(router: httpx.AsyncClient) -> None
     changed = await put(router, "s", pattern={"type": ["b"]})
     assert changed.status_code == 200 and changed.json()["pattern"] == {"type": ["b"]}
     assert [s["name"] for s in (await router.get("/subscriptions")).json()["items"]] == ["s"]
+
+
+async def test_one_subscription_past_the_limit_is_409_naming_it(
+    router_settings: Callable[..., RouterSettings],
+) -> None:
+    app = create_app(router_settings(max_subscriptions=2), exit_on_failure=False)
+    async with running(app, base_url="http://router") as client:
+        assert [(await put(client, name)).status_code for name in ("a", "b")] == [201, 201]
+        refused = await put(client, "c")
+        assert refused.status_code == 409 and refused.headers["content-type"] == "application/problem+json"
+        assert "CATTUBE_MAX_SUBSCRIPTIONS=2" in refused.json()["detail"]
+        assert (await put(client, "b", pattern={"type": ["x"]})).status_code == 200  # a change is no new one
+        assert (await client.get("/subscriptions/c")).status_code == 404
+        assert (await client.delete("/subscriptions/a")).status_code == 204
+        assert (await put(client, "c")).status_code == 201
+        assert "409" in (await client.get("/openapi.json")).json()["paths"]["/subscriptions/{name}"]["put"]["responses"]
 
 
 async def test_push_subscriptions_carry_a_signing_secret(router: httpx.AsyncClient) -> None:

@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from router.persistence import Replay, Subscription, SubscriptionSpec, spec_from_json, spec_to_json
+from router.persistence import (
+    Replay,
+    Subscription,
+    SubscriptionSpec,
+    over_subscription_limit,
+    spec_from_json,
+    spec_to_json,
+)
 from router.stores.postgres.core import Tx
 from router.stores.postgres.queues import PostgresQueues
 from services.common.errors import Conflict, NotFound, Unavailable
@@ -81,10 +88,14 @@ class PostgresSubscriptions(PostgresQueues):
 
     # -- subscriptions ----------------------------------------------------------------------------
 
-    async def put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
+    async def put_subscription(
+        self, spec: SubscriptionSpec, now_ms: int, *, max_subscriptions: int | None = None
+    ) -> tuple[Subscription, bool]:
         for attempt in range(1, PUT_ATTEMPTS + 1):
             try:
-                sub, created = await self._write(now_ms, self._put_subscription, spec, now_ms, begin=LOCKED_CATALOG)
+                sub, created = await self._write(
+                    now_ms, self._put_subscription, spec, now_ms, max_subscriptions, begin=LOCKED_CATALOG
+                )
                 break
             except asyncpg.SerializationError:
                 # A row it changes was changed since its snapshot by what does not take the catalog lock: a
@@ -108,11 +119,18 @@ class PostgresSubscriptions(PostgresQueues):
             self._catch_up_soon()
         return sub, created
 
-    async def _put_subscription(self, tx: Tx, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
+    async def _put_subscription(
+        self, tx: Tx, spec: SubscriptionSpec, now_ms: int, max_subscriptions: int | None
+    ) -> tuple[Subscription, bool]:
         conn = tx.conn
         existing = await conn.fetchrow(
             "SELECT secret, created_at, start_seq FROM subscriptions WHERE name = $1", spec.name
         )
+        if existing is None and max_subscriptions is not None:
+            # Under the catalog lock (LOCKED_CATALOG), as every creation: two replicas never pass the bound together.
+            count = await conn.fetchval("SELECT count(*) FROM subscriptions")
+            if count >= max_subscriptions:
+                raise over_subscription_limit(count, max_subscriptions)
         version = await conn.fetchval("UPDATE catalog SET version = version + 1 RETURNING version")
         tx.effects.catalog = True
         if existing is not None:

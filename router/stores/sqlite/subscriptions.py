@@ -12,6 +12,7 @@ from router.persistence import (
     Replay,
     Subscription,
     SubscriptionSpec,
+    over_subscription_limit,
     spec_from_json,
     spec_to_json,
 )
@@ -31,14 +32,22 @@ class SQLiteEventStore(SQLiteQueues):
 
     # -- subscriptions ----------------------------------------------------------------------------
 
-    async def put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
-        return await self._run(self._put_subscription, spec, now_ms)
+    async def put_subscription(
+        self, spec: SubscriptionSpec, now_ms: int, *, max_subscriptions: int | None = None
+    ) -> tuple[Subscription, bool]:
+        return await self._run(self._put_subscription, spec, now_ms, max_subscriptions)
 
-    def _put_subscription(self, spec: SubscriptionSpec, now_ms: int) -> tuple[Subscription, bool]:
+    def _put_subscription(
+        self, spec: SubscriptionSpec, now_ms: int, max_subscriptions: int | None
+    ) -> tuple[Subscription, bool]:
         with self._transaction() as conn:
             existing = conn.execute(
                 "SELECT secret, created_at, start_seq FROM subscriptions WHERE name = ?", (spec.name,)
             ).fetchone()
+            if existing is None and max_subscriptions is not None:
+                (count,) = conn.execute("SELECT COUNT(*) FROM subscriptions").fetchone()
+                if count >= max_subscriptions:
+                    raise over_subscription_limit(count, max_subscriptions)
             if existing is not None:
                 sub = Subscription(spec, *existing)
                 conn.execute("UPDATE subscriptions SET spec = ? WHERE name = ?", (spec_to_json(spec), spec.name))
