@@ -324,7 +324,8 @@ class PostgresSubscriptions(PostgresQueues):
 
     async def _catch_up(self, tx: Tx, name: str) -> bool:
         row = await tx.conn.fetchrow(
-            "SELECT spec FROM subscriptions WHERE name = $1 AND catchup_snapshot IS NOT NULL"
+            "SELECT spec, created_version, catchup_snapshot::text AS snapshot, catchup_after::text AS after"
+            " FROM subscriptions WHERE name = $1 AND catchup_snapshot IS NOT NULL"
             " AND pg_snapshot_xmin(pg_current_snapshot()) >= catchup_after FOR UPDATE",
             name,
         )
@@ -337,8 +338,12 @@ class PostgresSubscriptions(PostgresQueues):
             " WHERE name = $1",
             name,
         )
-        if count:
-            log.info("subscription %s caught up with %d event(s) appended while it was created", name, count)
+        if count:  # with what bounded it (the creation's version and snapshot, the first transaction id after it)
+            log.info(
+                "subscription %s caught up with %d event(s) appended while it was created"
+                " (version %s, snapshot %s, before transaction %s)",
+                name, count, row["created_version"], row["snapshot"], row["after"],
+            )  # fmt: skip
         return True
 
     # -- replays ---------------------------------------------------------------------------------
