@@ -8,6 +8,7 @@ starting at once, the sessions' limits, and retention by whole days.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -55,6 +56,48 @@ async def test_an_event_committed_late_is_not_skipped_by_a_new_subscription(
         await a.catch_up()  # b has committed: q gets what b's append could not give it (here, or already)
         assert await a.catch_up() == []  # and only once
         assert sorted(m.sequence for m in await receive(a, "q", 10, 1000, T0)) == expected
+
+
+async def test_an_appender_that_began_after_the_creation_and_committed_after_it_is_not_skipped(
+    database_url: str,
+) -> None:
+    """The catch-up's bound must exceed every transaction id taken before the creation committed. An appender
+    that takes its id after the creation's and reads the catalog before the creation commits, and is still
+    running when the bound is set, has an id above the last completed one: `pg_snapshot_xmax` (the last
+    completed id + 1) did not bound it, and its event was lost (seen in CI as a whole batch never received)."""
+    async with opened(database_url, "a") as a, opened(database_url, "b") as b:
+        await a.append([ev("first")], T0)
+        blocker = await asyncpg.connect(database_url, server_settings={"search_path": "router"})
+        try:
+            # A row the creation deletes (what an earlier namesake left), locked: the creation stops there with
+            # its transaction id taken and the catalog's new version not yet committed.
+            await blocker.execute("INSERT INTO counters (sub, shard) VALUES ('q', 0)")
+            await blocker.execute("BEGIN; SELECT 1 FROM counters WHERE sub = 'q' FOR UPDATE")
+            creating = asyncio.create_task(a.put_subscription(queue("q", start="earliest"), T0))
+            await until_waiting_on_a_lock(blocker)
+            async with b._transaction() as held:  # a transaction id above the creation's
+                await b._append_in(held, [ev("late")], T0)  # reads the catalog without q
+                await blocker.execute("COMMIT")
+                await creating  # committed, and its catch-up bounded, while b's append still runs
+            await a.append([ev("after")], T0)
+        finally:
+            await blocker.close()
+        await a.catch_up()
+        assert sorted(json.loads(m.event)["id"] for m in await receive(a, "q", 10, 1000, T0)) == [
+            "after", "first", "late",
+        ]  # fmt: skip
+
+
+async def until_waiting_on_a_lock(conn: asyncpg.Connection) -> None:
+    """Until another session of this database waits for a lock (a test-only wait: asked every 10 ms, bounded)."""
+    for _ in range(1000):
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("nobody waited for the lock")
 
 
 async def test_the_catch_up_runs_by_itself_when_the_late_appender_commits(database_url: str) -> None:

@@ -10,8 +10,11 @@ in snapshot S:
 - an event whose appender read version V or later was queued for it by that appender;
 - an event with `catalog_version < V` that S sees is queued by the creating transaction itself;
 - an event with `catalog_version < V` that S does not see was in flight during the creation: its
-  appender took its transaction id before the creation committed, so it is below `catchup_after`, the
-  next transaction id once the creation had committed. When the horizon passes that id
+  appender took its transaction id before the creation committed, so it is below `catchup_after`, a
+  transaction id taken once the creation had committed (ids are handed out in order). Not
+  `pg_snapshot_xmax`: that is the last *completed* id + 1, and an appender that took its id after the
+  creation's and was still running may be above it (its event was lost so, once in CI). When the
+  horizon passes that id
   (`pg_snapshot_xmin(pg_current_snapshot()) >= catchup_after`) every such appender has ended, and the
   catch-up queues the ones S did not see (`pg_visible_in_snapshot`) in one transaction.
 
@@ -107,9 +110,9 @@ class PostgresSubscriptions(PostgresQueues):
             try:
                 async with self._connection() as conn:
                     # The bound of the catch-up: every appender that read an older catalog took its transaction id
-                    # before the creation committed, hence below the next one now.
+                    # before the creation committed, hence below the one this statement takes now.
                     await conn.execute(
-                        "UPDATE subscriptions SET catchup_after = pg_snapshot_xmax(pg_current_snapshot())"
+                        "UPDATE subscriptions SET catchup_after = pg_current_xact_id()"
                         " WHERE name = $1 AND catchup_snapshot IS NOT NULL AND catchup_after IS NULL",
                         spec.name,
                     )
@@ -313,7 +316,7 @@ class PostgresSubscriptions(PostgresQueues):
             for row in rows:
                 if row["unbounded"]:  # its creator stopped before bounding it: any later bound is as good
                     await conn.execute(
-                        "UPDATE subscriptions SET catchup_after = pg_snapshot_xmax(pg_current_snapshot())"
+                        "UPDATE subscriptions SET catchup_after = pg_current_xact_id()"
                         " WHERE name = $1 AND catchup_after IS NULL",
                         row["name"],
                     )
