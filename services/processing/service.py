@@ -55,6 +55,29 @@ QUEUE_CONNECTIONS = 8
 SINK_FLUSH_S = 2.0
 EVENTS_TIMEOUT_S = 5.0
 STOPPED = "the instance stopped"
+RESTARTED = "the instance restarted; its last run ended without saying it stopped"
+
+
+class AnnouncedWorkers:
+    """The worker count this instance last announced, kept in a file across runs (one process per data dir:
+    `lock_data_dir`). Written on every scaling, which is rare: a few bytes, replaced whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> int:
+        try:
+            return max(0, int(self.path.read_text()))
+        except (OSError, ValueError):  # none yet, or unreadable: nothing to correct
+            return 0
+
+    def write(self, workers: int) -> None:
+        try:
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text(str(workers))
+            partial.replace(self.path)
+        except OSError as exc:  # a full disk: the fleet chart may count these workers after a kill -9
+            log.warning("could not keep the announced worker count in %s: %s", self.path, exc)
 
 
 def lock_data_dir(path: Path) -> IO[bytes]:
@@ -89,6 +112,7 @@ class ProcessingService:
         self._router_transport = router_transport
         self._scalings = 0
         self._announced_workers = 0
+        self._announced = AnnouncedWorkers(settings.data_dir / "processing" / "announced-workers")
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self._store: BlobStore | None = None
@@ -200,6 +224,7 @@ class ProcessingService:
     def start(self, supervisor: Supervisor) -> None:
         assert self._sink is not None
         assert self._blob_check is not None
+        self._announce_left_over()
         supervisor.start("blob-check", self._blob_check.run())
         supervisor.start("events", self._sink.run())
         supervisor.start("outbox-relay", self._sink.run_relay())
@@ -306,6 +331,15 @@ class ProcessingService:
         if self._autoscaler is not None:
             self._autoscaler.reconcile()
 
+    def _announce_left_over(self) -> None:
+        """After a run that could not say it stopped (kill -9, a power cut): say it now, once, for its workers.
+
+        The store sums the last count each instance announced; without this, a killed instance's workers
+        counted in the fleet until the instance next scaled, and an idle one never does."""
+        left = self._announced.read()
+        if left > 0:
+            self._scaled(ScalingChange(time.time(), left, 0, 0, 0, 0, RESTARTED))
+
     def _announce_stopped(self) -> None:
         # The store sums the last count each instance announced: say this one runs none any more, or
         # its workers would count in the fleet for as long as it stays away.
@@ -318,6 +352,7 @@ class ProcessingService:
         self.metrics.scaled(change)
         self._scalings += 1
         self._announced_workers = change.to
+        self._announced.write(change.to)
         if self._sink is not None:
             self._sink.announce(
                 events.scaled(

@@ -307,6 +307,11 @@ async def test_a_job_survives_kill_9_of_the_service(tmp_path: Path, clips: dict[
         assert [r["name"] for r in completed["data"]["renditions"]] == ["720p", "360p"]
         assert await s.store.stat(video_key("slow", "720p.mp4")) is not None
         assert list(work.glob("*/out/.transcode-*")) == []
+        # The killed run could not say it stopped: the restart says it for it, or the store's fleet chart would
+        # count its worker for as long as this instance does not scale again.
+        scaled = [e["data"] for e in s.observer.of("cattube.processing.scaled")]
+        restarted = [(d["from"], d["to"]) for d in scaled if d["reason"].startswith("the instance restarted")]
+        assert restarted == [(1, 0)], scaled
 
 
 async def test_sigterm_hands_a_running_job_back_at_once(tmp_path: Path, clips: dict[str, Path]) -> None:
