@@ -344,5 +344,8 @@ async def test_a_client_that_leaves_mid_body_is_let_go_without_an_error(
             with caplog.at_level(logging.WARNING):
                 await app(scope, receive, send)
             stats = (await client.get("/subscriptions/q/stats")).json()
-    assert sent == [] and [r.getMessage() for r in caplog.records] == []
+    # Ours, and uvicorn's (asyncio's own records are the store's business: on PostgreSQL a background
+    # transaction of the PUT above may be reported there while this runs).
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith(("router", "services", "uvicorn"))]
+    assert sent == [] and logged == []
     assert (stats["backlog"], stats["in_flight"]) == (0, 0)
