@@ -23,7 +23,7 @@ from router.persistence import Settlement
 from router.receipts import message_id_of, nonce_of
 from router.stores.postgres import PostgresEventStore, queues
 from router.stores.postgres.partitions import DAY_MS, partition_name
-from router.stores.postgres.schema import MIGRATIONS
+from router.stores.postgres.schema import MIGRATIONS, SCHEMA
 from tests.router.test_store_contract import T0, ev, push, queue, receive
 
 
@@ -67,7 +67,7 @@ async def test_an_appender_that_began_after_the_creation_and_committed_after_it_
     completed id + 1) did not bound it, and its event was lost (seen in CI as a whole batch never received)."""
     async with opened(database_url, "a") as a, opened(database_url, "b") as b:
         await a.append([ev("first")], T0)
-        blocker = await asyncpg.connect(database_url, server_settings={"search_path": "router"})
+        blocker = await asyncpg.connect(database_url, server_settings={"search_path": SCHEMA})
         try:
             # A row the creation deletes (what an earlier namesake left), locked: the creation stops there with
             # its transaction id taken and the catalog's new version not yet committed.

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from router.client import ReceivedMessage, RouterClient, new_event
+from router.stores.postgres.schema import SCHEMA
 from tests.process import ServiceProcess, free_port
 from tests.router.receiver import Delivery, Receiver
 
@@ -275,7 +276,7 @@ async def test_an_earliest_subscription_made_while_both_publish_misses_nothing(p
 
 async def where_are(database_url: str, sub: str, event_ids: list[str]) -> str:
     """What the database holds of these events and of their messages for `sub`, and of `sub` itself."""
-    conn = await asyncpg.connect(database_url, server_settings={"search_path": "router"})
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": SCHEMA})
     try:
         events = await conn.fetch(
             "SELECT e.id, e.seq, e.txid::text, e.catalog_version, m.msg_id, m.visible_at, m.attempts, m.nonce"
