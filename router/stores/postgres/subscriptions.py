@@ -129,16 +129,16 @@ class PostgresSubscriptions(PostgresQueues):
         existing = await conn.fetchrow(
             "SELECT secret, created_at, start_seq FROM subscriptions WHERE name = $1", spec.name
         )
-        if existing is None and max_subscriptions is not None:
-            # Under the catalog lock (LOCKED_CATALOG), as every creation: two replicas never pass the bound together.
-            count = await conn.fetchval("SELECT count(*) FROM subscriptions")
-            if count >= max_subscriptions:
-                raise over_subscription_limit(count, max_subscriptions)
         version = await conn.fetchval("UPDATE catalog SET version = version + 1 RETURNING version")
         tx.effects.catalog = True
         if existing is not None:
             await conn.execute("UPDATE subscriptions SET spec = $2 WHERE name = $1", spec.name, spec_to_json(spec))
             return Subscription(spec, existing["secret"], existing["created_at"], existing["start_seq"]), False
+        if max_subscriptions is not None:
+            # Under the catalog lock (LOCKED_CATALOG), as every creation: two replicas never pass the bound together.
+            count = await conn.fetchval("SELECT count(*) FROM subscriptions")
+            if count >= max_subscriptions:
+                raise over_subscription_limit(count, max_subscriptions)
         # What an earlier subscription of that name left behind (a write racing its deletion) goes first.
         await conn.execute(
             "WITH m AS (DELETE FROM messages WHERE sub = $1), d AS (DELETE FROM dead_letters WHERE sub = $1)"

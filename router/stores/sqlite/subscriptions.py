@@ -44,15 +44,15 @@ class SQLiteEventStore(SQLiteQueues):
             existing = conn.execute(
                 "SELECT secret, created_at, start_seq FROM subscriptions WHERE name = ?", (spec.name,)
             ).fetchone()
-            if existing is None and max_subscriptions is not None:
-                (count,) = conn.execute("SELECT COUNT(*) FROM subscriptions").fetchone()
-                if count >= max_subscriptions:
-                    raise over_subscription_limit(count, max_subscriptions)
             if existing is not None:
                 sub = Subscription(spec, *existing)
                 conn.execute("UPDATE subscriptions SET spec = ? WHERE name = ?", (spec_to_json(spec), spec.name))
                 created = False
             else:
+                if max_subscriptions is not None:
+                    (count,) = conn.execute("SELECT COUNT(*) FROM subscriptions").fetchone()
+                    if count >= max_subscriptions:
+                        raise over_subscription_limit(count, max_subscriptions)
                 (last,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
                 start_seq = (
                     {"latest": last + 1, "earliest": 0}[spec.start] if isinstance(spec.start, str) else spec.start
